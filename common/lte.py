@@ -278,7 +278,10 @@ class LTELinear(nn.Module):
                 "weights (apply_updates) and load the new snapshot with set_base_weight"
             )
         weights = [self.scale / self.total_heads] * self.heads
-        factors = [(self.lora_B[i], self.lora_A[i], self.lora_B_prev[i], self.lora_A_prev[i]) for i in range(self.heads)]
+        factors = [
+            (self.lora_B[i], self.lora_A[i], self.lora_B_prev[i], self.lora_A_prev[i])
+            for i in range(self.heads)
+        ]
         merge_head_deltas(self.weight, factors, weights)
         self.commit()
 
@@ -420,13 +423,19 @@ def _module_path(param_name: str) -> str:
 
 def lte_layers(model: nn.Module) -> dict[str, LTELinear]:
     """Every LTE layer, keyed by the master name of its weight (``blocks.0.attn.qkv.weight``)."""
-    return {f"{name}.weight" if name else "weight": m for name, m in model.named_modules() if isinstance(m, LTELinear)}
+    return {
+        f"{name}.weight" if name else "weight": m
+        for name, m in model.named_modules()
+        if isinstance(m, LTELinear)
+    }
 
 
 def replica_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters outside the heads, under their plain-model names."""
     return {
-        name: p for name, p in model.named_parameters() if p.requires_grad and not name.endswith(("lora_A", "lora_B"))
+        name: p
+        for name, p in model.named_parameters()
+        if p.requires_grad and not name.endswith(("lora_A", "lora_B"))
     }
 
 
@@ -461,10 +470,14 @@ def load_master_weights(model: nn.Module, weights: Mapping[str, torch.Tensor | Q
     frozen = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     unexpected -= frozen  # frozen plain-model params may travel too; they load below
     if missing or unexpected:
-        raise KeyError(f"master weights do not match the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise KeyError(
+            f"master weights do not match the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
     for name, value in weights.items():
         if name in layers:
-            layers[name].set_base_weight(value if isinstance(value, QuantizedTensor) else value.to(layers[name].lora_A.dtype))
+            layers[name].set_base_weight(
+                value if isinstance(value, QuantizedTensor) else value.to(layers[name].lora_A.dtype)
+            )
         elif name in replicas:
             replicas[name].copy_(value)
         else:
@@ -485,7 +498,12 @@ def commit_merge(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_head_factors(model: nn.Module, local_index: int, factors: Mapping[str, Factors], prev: Mapping[str, Factors] | None = None) -> None:
+def load_head_factors(
+    model: nn.Module,
+    local_index: int,
+    factors: Mapping[str, Factors],
+    prev: Mapping[str, Factors] | None = None,
+) -> None:
     """Continue a head elsewhere: set its current factors (and its last-merged ones, default the same)."""
     prev = factors if prev is None else prev
     for name, layer in lte_layers(model).items():

@@ -25,21 +25,29 @@ def generate() -> dict[str, str]:
     from grpc_tools import protoc  # dev dependency only
 
     with tempfile.TemporaryDirectory() as out:
-        args = ["grpc_tools.protoc", f"-I{HERE}", f"--python_out={out}", f"--pyi_out={out}",
-                f"--grpc_python_out={out}", str(HERE / SOURCE)]
+        args = [
+            "grpc_tools.protoc",
+            f"-I{HERE}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            str(HERE / SOURCE),
+        ]
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on {SOURCE}")
         gen = Path(out) / "lte" / "v1"
         return {
-            name: (gen / name).read_text().replace(
-                "from lte.v1 import parameter_server_pb2", "from lte.proto import parameter_server_pb2"
-            )
+            name: (gen / name)
+            .read_text()
+            .replace("from lte.v1 import parameter_server_pb2", "from lte.proto import parameter_server_pb2")
             for name in OUTPUTS
         }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail if the committed modules differ")
     args = parser.parse_args()
     fresh = generate()
@@ -54,9 +62,20 @@ def main() -> int:
         old = path.read_text() if path.exists() else ""
         if old != text:
             stale += 1
-            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), text.splitlines(True), f"committed/{name}", f"regenerated/{name}", n=1))
+            sys.stdout.writelines(
+                difflib.unified_diff(
+                    old.splitlines(True),
+                    text.splitlines(True),
+                    f"committed/{name}",
+                    f"regenerated/{name}",
+                    n=1,
+                )
+            )
     if stale:
-        print(f"\n{stale} generated module(s) are stale: run `python proto/generate.py` and commit", file=sys.stderr)
+        print(
+            f"\n{stale} generated module(s) are stale: run `python proto/generate.py` and commit",
+            file=sys.stderr,
+        )
         return 1
     print("generated modules are up to date")
     return 0

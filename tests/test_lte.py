@@ -42,7 +42,9 @@ class MultiHeadLoRA(nn.Module):
         self.weight = linear.weight.detach().clone()
         self.bias = nn.Parameter(linear.bias.detach().clone())
         self.A = nn.Parameter(a_init.detach().clone())
-        self.B = nn.Parameter(torch.zeros(a_init.shape[0], linear.out_features, a_init.shape[1], dtype=a_init.dtype))
+        self.B = nn.Parameter(
+            torch.zeros(a_init.shape[0], linear.out_features, a_init.shape[1], dtype=a_init.dtype)
+        )
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,9 @@ def lte_and_reference(heads: int = 4, rank: int = 3, alpha: float = 6.0):
     cfg = LTEConfig(heads=heads, rank=rank, alpha=alpha, seed=7)
     lte = prepare_model(copy.deepcopy(plain), cfg)
     ref = nn.Sequential(
-        MultiHeadLoRA(plain[0], lte[0].lora_A, cfg.scale), nn.Tanh(), MultiHeadLoRA(plain[2], lte[2].lora_A, cfg.scale)
+        MultiHeadLoRA(plain[0], lte[0].lora_A, cfg.scale),
+        nn.Tanh(),
+        MultiHeadLoRA(plain[2], lte[2].lora_A, cfg.scale),
     )
     return lte, ref, cfg
 
@@ -120,7 +124,10 @@ def test_merge_of_k_heads_equals_explicit_formula():
     gen = torch.Generator().manual_seed(2)
     m, n, r, k = 9, 7, 3, 5
     w0 = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    factors = [tuple(torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((m, r), (r, n), (m, r), (r, n))) for _ in range(k)]
+    factors = [
+        tuple(torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((m, r), (r, n), (m, r), (r, n)))
+        for _ in range(k)
+    ]
     weights = [0.3, 1.0, -0.5, 2.0, 0.01]
     w = w0.clone()
     merge_head_deltas(w, factors, weights)
@@ -131,16 +138,32 @@ def test_merge_of_k_heads_equals_explicit_formula():
 def test_apply_updates_uses_and_replaces_previous_factors():
     gen = torch.Generator().manual_seed(3)
     m, n, r = 5, 4, 2
-    master = {"fc.weight": torch.randn(m, n, generator=gen, dtype=torch.float64), "fc.bias": torch.zeros(m, dtype=torch.float64)}
+    master = {
+        "fc.weight": torch.randn(m, n, generator=gen, dtype=torch.float64),
+        "fc.bias": torch.zeros(m, dtype=torch.float64),
+    }
     w0 = master["fc.weight"].clone()
     prev: dict = {}
-    f1 = {h: (torch.randn(m, r, generator=gen, dtype=torch.float64), torch.randn(r, n, generator=gen, dtype=torch.float64)) for h in (0, 1)}
+    f1 = {
+        h: (
+            torch.randn(m, r, generator=gen, dtype=torch.float64),
+            torch.randn(r, n, generator=gen, dtype=torch.float64),
+        )
+        for h in (0, 1)
+    }
     apply_updates(master, prev, [HeadUpdate(h, {"fc.weight": f1[h]}) for h in (0, 1)], [0.5, 0.5], scale=2.0)
     expected = w0 + 2.0 * 0.5 * sum(b @ a for b, a in f1.values())
     torch.testing.assert_close(master["fc.weight"], expected, **TOL)
-    f2 = {0: (torch.randn(m, r, generator=gen, dtype=torch.float64), torch.randn(r, n, generator=gen, dtype=torch.float64))}
-    reps = [(0.25, ReplicaUpdate(1, {"fc.bias": torch.ones(m, dtype=torch.float64)})),
-            (0.75, ReplicaUpdate(3, {"fc.bias": -torch.ones(m, dtype=torch.float64)}))]
+    f2 = {
+        0: (
+            torch.randn(m, r, generator=gen, dtype=torch.float64),
+            torch.randn(r, n, generator=gen, dtype=torch.float64),
+        )
+    }
+    reps = [
+        (0.25, ReplicaUpdate(1, {"fc.bias": torch.ones(m, dtype=torch.float64)})),
+        (0.75, ReplicaUpdate(3, {"fc.bias": -torch.ones(m, dtype=torch.float64)})),
+    ]
     apply_updates(master, prev, [HeadUpdate(0, {"fc.weight": f2[0]})], [0.5], reps, scale=2.0)
     expected = expected + 2.0 * 0.5 * (f2[0][0] @ f2[0][1] - f1[0][0] @ f1[0][1])
     torch.testing.assert_close(master["fc.weight"], expected, **TOL)
@@ -160,7 +183,9 @@ def test_reset_variant_zeroes_b_keeps_a_and_merges_only_new_progress():
         layer = lte[0]
         w_before = layer.weight.clone()
         a_before = layer.lora_A.detach().clone()
-        expected = w_before + (layer.scale / 2) * torch.einsum("hmr,hrn->mn", layer.lora_B, layer.lora_A).detach()
+        expected = (
+            w_before + (layer.scale / 2) * torch.einsum("hmr,hrn->mn", layer.lora_B, layer.lora_A).detach()
+        )
         for l in lte_layers(lte).values():
             l.merge()
         torch.testing.assert_close(layer.weight, expected, **TOL)  # B' was zero: only B A counts
@@ -232,7 +257,10 @@ def test_replica_deltas_average_with_head_weights():
         with torch.no_grad():
             for p in replica_parameters(w).values():
                 p.add_(float(i + 1))
-    reps = [(k / 4, ReplicaUpdate(k, export_replica_deltas(w, base))) for w, k in zip(workers, (1, 3), strict=True)]
+    reps = [
+        (k / 4, ReplicaUpdate(k, export_replica_deltas(w, base)))
+        for w, k in zip(workers, (1, 3), strict=True)
+    ]
     apply_updates(master, {}, [], [], reps, scale=1.0)
     for name in replica_parameters(workers[0]):
         torch.testing.assert_close(master[name], base[name] + (1 * 1 + 3 * 2) / 4, **TOL)
@@ -275,7 +303,9 @@ def test_quantized_layer_forward_backward_and_state_dict():
         w_q = quantize(lin.weight.detach(), kind).dequantize()
         y = layer(x)
         xh = x.reshape(2, 2, 64)
-        expected = x @ w_q.T + lin.bias + layer.scale * ((xh @ layer.lora_A.mT) @ layer.lora_B.mT).reshape(4, 32)
+        expected = (
+            x @ w_q.T + lin.bias + layer.scale * ((xh @ layer.lora_A.mT) @ layer.lora_B.mT).reshape(4, 32)
+        )
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
         (g,) = torch.autograd.grad(y.sum(), x)
         (g_ref,) = torch.autograd.grad(expected.sum(), x)
@@ -306,10 +336,14 @@ def test_low_rank_merges_recover_a_full_rank_target():
     def floor(rank: int) -> float:  # MSE of the best rank-`rank` matrix
         return float((sv[rank:] ** 2).sum() / d)
 
-    def train(heads: int, merge_every: int | None, reset: bool = False, lr: float = 2e-2, steps: int = 600) -> float:
+    def train(
+        heads: int, merge_every: int | None, reset: bool = False, lr: float = 2e-2, steps: int = 600
+    ) -> float:
         lin = nn.Linear(d, d, bias=False).double()
         nn.init.zeros_(lin.weight)
-        net = prepare_model(nn.Sequential(lin), LTEConfig(heads=heads, rank=r, alpha=2.0, seed=1, reset=reset))
+        net = prepare_model(
+            nn.Sequential(lin), LTEConfig(heads=heads, rank=r, alpha=2.0, seed=1, reset=reset)
+        )
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
         for step in range(steps):
             idx = torch.randint(0, 512, (32,), generator=gen)

@@ -1,0 +1,267 @@
+"""``lte-sim``: the single-process LTE emulator (and the full-training baseline).
+
+The emulator is the parameter server and its workers in one process, on the same code path:
+each simulated worker is a ``LocalTrainer`` over its heads, and every merge goes through
+``apply_updates`` on plain master weights, exactly as the server does it. With ``--workers 1``
+(the default) all ``N`` heads are one vectorised model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lte.common.config import JobConfig, add_job_arguments, load_toml, resolve_job
+from lte.common.data import DATASET_NAMES, HeadBatches, load_dataset, stacked_batch
+from lte.common.lte import apply_updates
+from lte.common.progress import Progress
+from lte.common.trainer import (
+    LocalTrainer,
+    build_job_model,
+    evaluate,
+    linear_weight_names,
+    loss_fn,
+    lr_at,
+    make_optimizer,
+    make_snapshot,
+)
+
+
+def partition_heads(total: int, workers: int) -> list[list[int]]:
+    """Contiguous blocks of head ids, as the server leases them to equal workers."""
+    if not 1 <= workers <= total:
+        raise ValueError(f"workers must be in [1, heads={total}], got {workers}")
+    base, extra = divmod(total, workers)
+    out, start = [], 0
+    for w in range(workers):
+        size = base + (1 if w < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+@dataclass
+class SimResult:
+    mode: str
+    test_accuracy: float | None
+    test_loss: float
+    samples: int
+    steps: int
+    rounds: int
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    master: dict[str, torch.Tensor] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+            "samples": self.samples,
+            "steps": self.steps,
+            "rounds": self.rounds,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def run_lte(
+    job: JobConfig,
+    dataset,
+    *,
+    workers: int = 1,
+    device: str = "cpu",
+    eval_every: int = 0,
+    progress: Progress | None = None,
+) -> SimResult:
+    """Sync-mode LTE: every round, each worker trains T steps, then all heads merge at once."""
+    start = time.perf_counter()
+    plain = build_job_model(job).to(device)
+    master = plain.state_dict(keep_vars=False)  # the plain model's tensors: eval reads them directly
+    layer_names = linear_weight_names(plain)
+    trainers = [LocalTrainer(job, ids, dataset, device=device) for ids in partition_heads(job.heads, workers)]
+    prev_factors: dict = {}
+    history: list[dict[str, Any]] = []
+    samples = 0
+    for round_index in range(job.rounds):
+        snapshot = make_snapshot(master, layer_names, job.quant)
+        stats = []
+        for t in trainers:
+            t.load_snapshot(snapshot)
+            stats.append(t.train_round())
+        heads, replicas = [], []
+        for t in trainers:
+            h, rep = t.export_update()
+            heads += h
+            replicas.append((rep.heads / job.heads, rep))
+        apply_updates(
+            master,
+            prev_factors,
+            heads,
+            [1.0 / job.heads] * len(heads),
+            replicas,
+            scale=job.scale,
+            reset=job.reset,
+        )
+        for t in trainers:
+            t.commit()
+        samples += sum(s.samples for s in stats)
+        loss = sum(s.train_loss * s.samples for s in stats) / sum(s.samples for s in stats)
+        record: dict[str, Any] = {"version": round_index + 1, "samples": samples, "train_loss": loss}
+        last = round_index + 1 == job.rounds
+        if last or (eval_every and (round_index + 1) % eval_every == 0):
+            record.update(evaluate(plain, dataset, device=device))
+        history.append(record)
+        if progress:
+            progress.update(round_index + 1, **_progress_fields(record, samples, start))
+    final = history[-1]
+    return SimResult(
+        "lte",
+        final.get("test_accuracy"),
+        final["test_loss"],
+        samples,
+        job.rounds * job.merge_every,
+        job.rounds,
+        time.perf_counter() - start,
+        history,
+        master,
+    )
+
+
+def run_full(
+    job: JobConfig, dataset, *, device: str = "cpu", eval_every: int = 0, progress: Progress | None = None
+) -> SimResult:
+    """Standard training of the same model on the same samples (all N heads' batches per step)."""
+    start = time.perf_counter()
+    model = build_job_model(job).to(device)
+    model.train()
+    optimizer = make_optimizer(model.parameters(), job)
+    streams = [
+        HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed)
+        for h in range(job.heads)
+    ]
+    steps = job.rounds * job.merge_every
+    history: list[dict[str, Any]] = []
+    samples, losses = 0, []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, job)
+        x, y = stacked_batch(streams, step)
+        loss = loss_fn(dataset.task, model(x.to(device, job.torch_dtype)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        samples += x.shape[0]
+        if (step + 1) % job.merge_every == 0:  # report on the same clock as LTE rounds
+            round_index = (step + 1) // job.merge_every
+            record: dict[str, Any] = {
+                "version": round_index,
+                "samples": samples,
+                "train_loss": sum(losses) / len(losses),
+            }
+            losses = []
+            if round_index == job.rounds or (eval_every and round_index % eval_every == 0):
+                record.update(evaluate(model, dataset, device=device))
+            history.append(record)
+            if progress:
+                progress.update(round_index, **_progress_fields(record, samples, start))
+    final = history[-1]
+    return SimResult(
+        "full",
+        final.get("test_accuracy"),
+        final["test_loss"],
+        samples,
+        steps,
+        job.rounds,
+        time.perf_counter() - start,
+        history,
+        model.state_dict(),
+    )
+
+
+def _progress_fields(record: dict[str, Any], samples: int, start: float) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "loss": record["train_loss"],
+        "samples/s": samples / max(1e-9, time.perf_counter() - start),
+    }
+    if "test_accuracy" in record:
+        out["acc"] = record["test_accuracy"]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lte-sim",
+        description="Train a model from scratch with LoRA-the-Explorer in one process (or, with --full, "
+        "with standard training on the same samples).",
+        epilog="example: lte-sim --model mlp --dataset digits --heads 8 --rank 16 --merge-every 10 --steps 400 --json",
+    )
+    add_job_arguments(parser)
+    parser.add_argument("--config", help="TOML file with any job flag (flags given here win)")
+    parser.add_argument("--data-dir", help="dataset folder (fashion-mnist IDX files, imagefolder root)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="simulated workers; heads split in contiguous blocks [1]"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="standard full training of the same model instead of LTE"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda:0 [cpu]")
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="evaluate every K merges (0: only at the end)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", action="store_true", help="print one final JSON line with the results")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        file_values = load_toml(args.config) if args.config else {}
+        job = resolve_job(args, file_values)
+        if job.dataset not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {job.dataset!r}; choose one of {DATASET_NAMES}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        dataset = load_dataset(job.dataset, args.data_dir or file_values.get("data_dir"), seed=job.seed)
+        job = job.with_dataset(dataset)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"lte-sim: error: {exc}", file=sys.stderr)
+        return 2
+    mode = "full" if args.full else f"lte N={job.heads} r={job.rank} T={job.merge_every} quant={job.quant}"
+    progress = None if args.quiet else Progress(job.rounds, f"{job.model}/{job.dataset} {mode}")
+    if args.full:
+        result = run_full(job, dataset, device=args.device, eval_every=args.eval_every, progress=progress)
+    else:
+        result = run_lte(
+            job,
+            dataset,
+            workers=args.workers,
+            device=args.device,
+            eval_every=args.eval_every,
+            progress=progress,
+        )
+    if progress:
+        progress.close()
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        acc = (
+            f"test accuracy {summary['test_accuracy']:.4f}, " if summary["test_accuracy"] is not None else ""
+        )
+        print(
+            f"{mode}: {acc}test loss {summary['test_loss']:.4f}, {summary['samples']} samples in {summary['seconds']:.1f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

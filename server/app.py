@@ -1,0 +1,98 @@
+"""The running parameter server: gRPC (with health and reflection), the lease reaper and the evaluator."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lte.common import grpc_options
+from lte.proto import parameter_server_pb2 as pb
+from lte.proto import parameter_server_pb2_grpc as pb_grpc
+from lte.server.coordinator import Coordinator
+from lte.server.service import ParameterServerService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class ParameterServer:
+    """Serves a ``Coordinator`` over gRPC on ``host:port`` (port 0: any free port, see ``.port``)."""
+
+    def __init__(
+        self, coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0, threads: int | None = None
+    ) -> None:
+        self.coordinator = coordinator
+        self.host, self.requested_port = host, port
+        self.threads = threads or grpc_options.SERVER_THREADS
+        self.port = 0
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    def start(self) -> ParameterServer:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lte-rpc"),
+            options=grpc_options.server_options(),
+            maximum_concurrent_rpcs=self.threads * 4,
+        )
+        pb_grpc.add_ParameterServerServicer_to_server(ParameterServerService(self.coordinator), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            self.port = server.add_insecure_port(format_address(self.host, self.requested_port))
+        except RuntimeError as exc:
+            raise OSError(
+                f"cannot listen on {format_address(self.host, self.requested_port)}: {exc}"
+            ) from None
+        if self.port == 0:
+            raise OSError(
+                f"cannot listen on {format_address(self.host, self.requested_port)}: address in use or not local"
+            )
+        server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._reaper = threading.Thread(target=self._reap, name="lte-lease-reaper", daemon=True)
+        self._reaper.start()
+        self.coordinator.start_evaluator()
+        return self
+
+    def _reap(self) -> None:
+        interval = max(0.05, self.coordinator.lease_timeout_s / 4)
+        while not self._stop.wait(interval):
+            self.coordinator.expire_leases()
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Block until the job has trained its last round (or the timeout)."""
+        c = self.coordinator
+        with c.changed:
+            return c.changed.wait_for(lambda: c.done, timeout)
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._stop.set()
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        self.coordinator.close()
+
+    def __enter__(self) -> ParameterServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

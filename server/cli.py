@@ -1,0 +1,335 @@
+"""``lte-server``: the parameter server of an LTE job (and, with --local-workers, a whole local cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lte.common.config import add_job_arguments, load_toml, resolve_job
+from lte.common.progress import Progress, format_bytes
+
+SERVER_KEYS = {
+    "host",
+    "port",
+    "device",
+    "heads_per_worker",
+    "lease_timeout",
+    "heartbeat_interval",
+    "max_staleness",
+    "buffer_size",
+    "eval_every",
+    "out",
+    "local_workers",
+    "worker_device",
+    "data_dir",
+    "threads",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lte-server",
+        description="Parameter server for LoRA-the-Explorer: holds the full-precision weights, leases LoRA heads "
+        "to workers, folds their low-rank updates into the model, evaluates and exports it.",
+        epilog="examples:\n"
+        "  lte-server --model mlp --dataset fashion-mnist --local-workers 3        # a whole local cluster\n"
+        "  lte-server --model vit-b --dataset fashion-mnist --heads 32 --rank 64 --alpha 4096 \\\n"
+        "             --merge-every 10 --mode async --host 0.0.0.0 --port 50051  # then lte-worker on each box",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_job_arguments(parser)
+    parser.add_argument("--config", help="TOML file with any flag (flags given here win)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration as TOML and exit"
+    )
+    s = parser.add_argument_group("server")
+    s.add_argument(
+        "--host", default=None, help="address to listen on; 0.0.0.0 or :: for other machines [127.0.0.1]"
+    )
+    s.add_argument("--port", type=int, default=None, help="gRPC port, 0 for any free one [50051]")
+    s.add_argument("--device", default=None, help="device of the master weights and merges [cpu]")
+    s.add_argument(
+        "--data-dir", default=None, help="dataset folder (Fashion-MNIST IDX files, imagefolder root)"
+    )
+    s.add_argument(
+        "--heads-per-worker",
+        type=int,
+        default=None,
+        help="most heads one worker may lease [N / local workers, or N]",
+    )
+    s.add_argument(
+        "--lease-timeout",
+        type=float,
+        default=None,
+        help="seconds without a heartbeat before a lease expires [30]",
+    )
+    s.add_argument(
+        "--heartbeat-interval", type=float, default=None, help="seconds between worker heartbeats [5]"
+    )
+    s.add_argument(
+        "--max-staleness", type=int, default=None, help="async/buffered: refuse pushes staler than this [8]"
+    )
+    s.add_argument("--buffer-size", type=int, default=None, help="buffered mode: pushes per merge [N/4]")
+    s.add_argument(
+        "--eval-every", type=int, default=None, help="evaluate every K versions, 0 for only at the end [auto]"
+    )
+    s.add_argument(
+        "--out", default=None, help="run folder for metrics.jsonl and model.safetensors [runs/<time>]"
+    )
+    s.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads of the server [torch default]"
+    )
+    s.add_argument(
+        "--local-workers",
+        type=int,
+        default=None,
+        help="start K worker processes on loopback and stop them at exit",
+    )
+    s.add_argument("--worker-device", default=None, help="device of the local workers [cpu]")
+    s.add_argument("--json", action="store_true", help="print one final JSON line with the results")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+SERVER_DEFAULTS = {
+    "host": "127.0.0.1",
+    "port": 50051,
+    "device": "cpu",
+    "heads_per_worker": 0,
+    "lease_timeout": 30.0,
+    "heartbeat_interval": 5.0,
+    "max_staleness": 8,
+    "buffer_size": 0,
+    "eval_every": -1,
+    "out": None,
+    "local_workers": 0,
+    "worker_device": "cpu",
+    "data_dir": None,
+    "threads": 0,
+}
+
+
+def resolve_server(args: argparse.Namespace, file_values: dict) -> dict:
+    """Server settings with the same precedence as the job: flags > file > defaults."""
+    out = dict(SERVER_DEFAULTS)
+    out.update({k: v for k, v in file_values.items() if k in SERVER_KEYS})
+    out.update({k: getattr(args, k) for k in SERVER_KEYS if getattr(args, k, None) is not None})
+    return out
+
+
+def check_config_keys(file_values: dict, job_keys: set[str]) -> None:
+    unknown = sorted(set(file_values) - job_keys - SERVER_KEYS)
+    if unknown:
+        raise ValueError(f"config file: unknown key(s) {unknown}")
+
+
+def to_toml(values: dict) -> str:
+    lines = []
+    for k, v in values.items():
+        if v is None:
+            continue
+        lines.append(f"{k} = {json.dumps(v)}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}")
+    return "\n".join(lines) + "\n"
+
+
+def start_local_workers(count: int, address: str, device: str, out_dir: Path) -> list[subprocess.Popen]:
+    """K real worker processes on loopback; their logs go to the run folder."""
+    procs = []
+    for i in range(count):
+        log = open(out_dir / f"worker-{i}.log", "w")  # noqa: SIM115 - closed with the process below
+        cmd = [
+            sys.executable,
+            "-m",
+            "lte.worker.cli",
+            "--server",
+            address,
+            "--device",
+            device,
+            "--name",
+            f"local-{i}",
+            "--parent-pid",
+            str(os.getpid()),
+            "--quiet",
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+        log.close()
+    return procs
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    """Terminate by pid, wait, then kill what is left: no orphan survives the server."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        file_values = load_toml(args.config) if args.config else {}
+        from dataclasses import fields
+
+        from lte.common.config import JobConfig
+
+        check_config_keys(file_values, {f.name for f in fields(JobConfig)} | {"data_dir"})
+        job = resolve_job(args, file_values)
+        srv = resolve_server(args, file_values)
+        if args.print_config:
+            print(to_toml({**job.to_dict(), **srv}), end="")
+            return 0
+        from lte.common.data import load_dataset
+
+        dataset = load_dataset(job.dataset, srv["data_dir"], seed=job.seed)
+        job = job.with_dataset(dataset)
+    except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
+        print(f"lte-server: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(job, dataset, srv, json_out=args.json, quiet=args.quiet)
+
+
+def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = False) -> int:
+    import torch
+
+    from lte.server.app import ParameterServer, format_address
+    from lte.server.coordinator import Coordinator
+
+    if srv["threads"]:
+        torch.set_num_threads(srv["threads"])
+    out_dir = Path(srv["out"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    local = int(srv["local_workers"] or 0)
+    heads_per_worker = srv["heads_per_worker"] or (-(-job.heads // local) if local else 0)
+    eval_every = srv["eval_every"] if srv["eval_every"] >= 0 else max(1, job.rounds // 10)
+    coordinator = Coordinator(
+        job,
+        dataset,
+        device=srv["device"],
+        heads_per_worker=heads_per_worker,
+        lease_timeout_s=srv["lease_timeout"],
+        heartbeat_interval_s=srv["heartbeat_interval"],
+        max_staleness=srv["max_staleness"],
+        buffer_size=srv["buffer_size"],
+        eval_every=eval_every,
+        metrics_path=out_dir / "metrics.jsonl",
+    )
+    (out_dir / "config.toml").write_text(to_toml({**job.to_dict(), **srv}))
+    server = ParameterServer(coordinator, host=srv["host"], port=srv["port"])
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"lte-server: error: {exc}", file=sys.stderr)
+        return 2
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say(
+        f"lte-server: {job.model} on {job.dataset}, N={job.heads} r={job.rank} T={job.merge_every} "
+        f"mode={job.mode} quant={job.quant}; {job.rounds} rounds"
+    )
+    say(f"lte-server: serving lte.v1.ParameterServer on {server.address}  (run folder {out_dir})")
+    if not local:
+        say(
+            f"lte-server: start workers with: lte-worker --server {format_address(_public_host(srv['host']), server.port)}"
+        )
+    signal.signal(signal.SIGTERM, _interrupt)
+    procs = (
+        start_local_workers(
+            local,
+            format_address(
+                "127.0.0.1" if srv["host"] in ("0.0.0.0", "127.0.0.1") else srv["host"], server.port
+            ),
+            srv["worker_device"],
+            out_dir,
+        )
+        if local
+        else []
+    )
+    started = time.perf_counter()
+    progress = None if quiet else Progress(job.rounds if job.mode == "sync" else None, "lte-server")
+    code = 0
+    try:
+        while not server.wait_done(timeout=1.0):
+            st = coordinator.status()
+            if progress:
+                fields = {
+                    "version": st["version"],
+                    "workers": sum(w["state"] not in ("left", "expired") for w in st["workers"]),
+                }
+                if st["history"]:
+                    fields["loss"] = st["history"][-1]["train_loss"]
+                if st["evals"] and "test_accuracy" in st["evals"][-1]:
+                    fields["acc"] = st["evals"][-1]["test_accuracy"]
+                fields.update(bytes_up=float(st["bytes_up"]), bytes_down=float(st["bytes_down"]))
+                progress.update(st["version"], **fields)
+            if procs and all(p.poll() is not None for p in procs):
+                codes = [p.returncode for p in procs]
+                raise RuntimeError(
+                    f"every local worker exited (codes {codes}) before the job finished; see {out_dir}/worker-*.log"
+                )
+        if progress:
+            progress.close()
+        final = coordinator.evaluate_now()
+        model_path = coordinator.export(out_dir / "model.safetensors")
+        summary = {
+            "test_accuracy": final.get("test_accuracy"),
+            "test_loss": final["test_loss"],
+            "version": coordinator.version,
+            "samples": coordinator.samples,
+            "bytes_up": coordinator.bytes_up,
+            "bytes_down": coordinator.bytes_down,
+            "seconds": round(time.perf_counter() - started, 3),
+            "model": str(model_path),
+            "run_dir": str(out_dir),
+        }
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        acc = (
+            f"test accuracy {summary['test_accuracy']:.4f}, " if summary["test_accuracy"] is not None else ""
+        )
+        say(
+            f"lte-server: done: version {summary['version']}, {acc}up {format_bytes(summary['bytes_up'])}, "
+            f"down {format_bytes(summary['bytes_down'])}, {summary['seconds']:.1f} s; model saved to {model_path}"
+        )
+        # let the workers see "done" on their next pull or heartbeat, then stop
+        deadline = time.monotonic() + 10
+        while procs and time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.1)
+        if json_out:
+            print(json.dumps(summary), flush=True)
+    except KeyboardInterrupt:
+        say("\nlte-server: interrupted; stopping workers and the server")
+        code = 130
+    except RuntimeError as exc:
+        print(f"lte-server: error: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        stop_processes(procs)
+        server.stop()
+    return code
+
+
+def _public_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", "[::]"):
+        import socket
+
+        return socket.gethostname()
+    return host
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""``lte-worker``: train LoRA heads for an lte-server."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lte-worker",
+        description="Join an lte-server job: train the LoRA heads it leases to this machine on a quantised "
+        "copy of the model, push the factors back, repeat until the job ends.",
+        epilog="example: lte-worker --server coordinator:50051 --device cuda:0 --max-heads 4",
+    )
+    parser.add_argument("--server", required=True, help="host:port of the lte-server gRPC endpoint")
+    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, mps [auto]")
+    parser.add_argument(
+        "--max-heads",
+        type=int,
+        default=0,
+        help="most heads to train at once (0: as many as the server gives)",
+    )
+    parser.add_argument(
+        "--data", help="train on this data instead of the job's dataset (image folder or IDX folder)"
+    )
+    parser.add_argument("--data-dir", help="where the job's dataset lives (e.g. the Fashion-MNIST IDX files)")
+    parser.add_argument("--name", default="", help="label shown on the dashboard [hostname:pid]")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--give-up-after",
+        type=float,
+        default=300.0,
+        help="seconds to keep retrying an unreachable server [300]",
+    )
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by lte-server --local-workers
+    parser.add_argument(
+        "--slow-down", type=float, default=0.0, help=argparse.SUPPRESS
+    )  # tests: a slow worker
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _interrupt)  # leave the job the same way as on Ctrl+C
+    from lte.worker.client import Worker
+
+    worker = Worker(
+        args.server,
+        device=pick_device(args.device),
+        max_heads=args.max_heads,
+        data=args.data,
+        data_dir=args.data_dir,
+        name=args.name,
+        quiet=args.quiet,
+        give_up_after_s=args.give_up_after,
+        parent_pid=args.parent_pid,
+        slow_down_s=args.slow_down,
+    )
+    try:
+        return worker.run()
+    except KeyboardInterrupt:
+        print("lte-worker: interrupted; left the job", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a clear last word instead of a bare traceback for network errors
+        import grpc
+
+        if isinstance(exc, grpc.RpcError):
+            print(f"lte-worker: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
