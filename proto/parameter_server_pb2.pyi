@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -24,56 +22,16 @@ class WorkerInfo(_message.Message):
     hostname: str
     pid: int
     lte_version: str
-    def __init__(
-        self,
-        name: str | None = ...,
-        device: str | None = ...,
-        free_memory_bytes: int | None = ...,
-        max_heads: int | None = ...,
-        hostname: str | None = ...,
-        pid: int | None = ...,
-        lte_version: str | None = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., max_heads: _Optional[int] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., lte_version: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker",)
     WORKER_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerInfo
-    def __init__(self, worker: WorkerInfo | _Mapping | None = ...) -> None: ...
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = (
-        "model",
-        "image_size",
-        "in_channels",
-        "num_classes",
-        "patch_size",
-        "dataset",
-        "task",
-        "total_heads",
-        "rank",
-        "alpha",
-        "merge_every",
-        "reset",
-        "a_init",
-        "a_init_gain",
-        "snapshot_codec",
-        "uplink_codec",
-        "lr",
-        "weight_decay",
-        "warmup_steps",
-        "total_steps",
-        "min_lr_ratio",
-        "batch_size",
-        "seed",
-        "mode",
-        "max_chunk_bytes",
-        "beta1",
-        "beta2",
-        "eps",
-        "compute_dtype",
-        "zstd_level",
-    )
+    __slots__ = ("model", "image_size", "in_channels", "num_classes", "patch_size", "dataset", "task", "total_heads", "rank", "alpha", "merge_every", "reset", "a_init", "a_init_gain", "snapshot_codec", "uplink_codec", "lr", "weight_decay", "warmup_steps", "total_steps", "min_lr_ratio", "batch_size", "seed", "mode", "max_chunk_bytes", "beta1", "beta2", "eps", "compute_dtype", "zstd_level")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     IN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -134,39 +92,7 @@ class JobConfig(_message.Message):
     eps: float
     compute_dtype: str
     zstd_level: int
-    def __init__(
-        self,
-        model: str | None = ...,
-        image_size: int | None = ...,
-        in_channels: int | None = ...,
-        num_classes: int | None = ...,
-        patch_size: int | None = ...,
-        dataset: str | None = ...,
-        task: str | None = ...,
-        total_heads: int | None = ...,
-        rank: int | None = ...,
-        alpha: float | None = ...,
-        merge_every: int | None = ...,
-        reset: bool | None = ...,
-        a_init: str | None = ...,
-        a_init_gain: float | None = ...,
-        snapshot_codec: str | None = ...,
-        uplink_codec: str | None = ...,
-        lr: float | None = ...,
-        weight_decay: float | None = ...,
-        warmup_steps: int | None = ...,
-        total_steps: int | None = ...,
-        min_lr_ratio: float | None = ...,
-        batch_size: int | None = ...,
-        seed: int | None = ...,
-        mode: str | None = ...,
-        max_chunk_bytes: int | None = ...,
-        beta1: float | None = ...,
-        beta2: float | None = ...,
-        eps: float | None = ...,
-        compute_dtype: str | None = ...,
-        zstd_level: int | None = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., image_size: _Optional[int] = ..., in_channels: _Optional[int] = ..., num_classes: _Optional[int] = ..., patch_size: _Optional[int] = ..., dataset: _Optional[str] = ..., task: _Optional[str] = ..., total_heads: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., merge_every: _Optional[int] = ..., reset: _Optional[bool] = ..., a_init: _Optional[str] = ..., a_init_gain: _Optional[float] = ..., snapshot_codec: _Optional[str] = ..., uplink_codec: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., compute_dtype: _Optional[str] = ..., zstd_level: _Optional[int] = ...) -> None: ...
 
 class HeadAssignment(_message.Message):
     __slots__ = ("head_id", "next_round", "steps_done", "has_factors")
@@ -178,24 +104,10 @@ class HeadAssignment(_message.Message):
     next_round: int
     steps_done: int
     has_factors: bool
-    def __init__(
-        self,
-        head_id: int | None = ...,
-        next_round: int | None = ...,
-        steps_done: int | None = ...,
-        has_factors: bool | None = ...,
-    ) -> None: ...
+    def __init__(self, head_id: _Optional[int] = ..., next_round: _Optional[int] = ..., steps_done: _Optional[int] = ..., has_factors: _Optional[bool] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = (
-        "worker_id",
-        "lease_id",
-        "heads",
-        "job",
-        "heartbeat_interval_s",
-        "lease_timeout_s",
-        "version",
-    )
+    __slots__ = ("worker_id", "lease_id", "heads", "job", "heartbeat_interval_s", "lease_timeout_s", "version")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -210,16 +122,7 @@ class RegisterReply(_message.Message):
     heartbeat_interval_s: float
     lease_timeout_s: float
     version: int
-    def __init__(
-        self,
-        worker_id: str | None = ...,
-        lease_id: str | None = ...,
-        heads: _Iterable[HeadAssignment | _Mapping] | None = ...,
-        job: JobConfig | _Mapping | None = ...,
-        heartbeat_interval_s: float | None = ...,
-        lease_timeout_s: float | None = ...,
-        version: int | None = ...,
-    ) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., job: _Optional[_Union[JobConfig, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors")
@@ -231,13 +134,7 @@ class PullRequest(_message.Message):
     have_version: int
     wait_newer_s: float
     head_factors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self,
-        lease_id: str | None = ...,
-        have_version: int | None = ...,
-        wait_newer_s: float | None = ...,
-        head_factors: _Iterable[int] | None = ...,
-    ) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_newer_s: _Optional[float] = ..., head_factors: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "codec", "zstd", "raw_nbytes", "payload_nbytes")
@@ -255,16 +152,7 @@ class TensorHeader(_message.Message):
     zstd: bool
     raw_nbytes: int
     payload_nbytes: int
-    def __init__(
-        self,
-        name: str | None = ...,
-        dtype: str | None = ...,
-        shape: _Iterable[int] | None = ...,
-        codec: str | None = ...,
-        zstd: bool | None = ...,
-        raw_nbytes: int | None = ...,
-        payload_nbytes: int | None = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., zstd: _Optional[bool] = ..., raw_nbytes: _Optional[int] = ..., payload_nbytes: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -272,7 +160,7 @@ class TensorChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     header: TensorHeader
     data: bytes
-    def __init__(self, header: TensorHeader | _Mapping | None = ..., data: bytes | None = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
     __slots__ = ("version", "current", "done", "num_tensors", "total_payload_bytes")
@@ -286,14 +174,7 @@ class ModelHeader(_message.Message):
     done: bool
     num_tensors: int
     total_payload_bytes: int
-    def __init__(
-        self,
-        version: int | None = ...,
-        current: bool | None = ...,
-        done: bool | None = ...,
-        num_tensors: int | None = ...,
-        total_payload_bytes: int | None = ...,
-    ) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., current: _Optional[bool] = ..., done: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., total_payload_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "tensor")
@@ -301,9 +182,7 @@ class ModelChunk(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     header: ModelHeader
     tensor: TensorChunk
-    def __init__(
-        self, header: ModelHeader | _Mapping | None = ..., tensor: TensorChunk | _Mapping | None = ...
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class HeadRound(_message.Message):
     __slots__ = ("head_id", "round")
@@ -311,19 +190,10 @@ class HeadRound(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     head_id: int
     round: int
-    def __init__(self, head_id: int | None = ..., round: int | None = ...) -> None: ...
+    def __init__(self, head_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = (
-        "lease_id",
-        "base_version",
-        "heads",
-        "steps",
-        "samples",
-        "train_loss",
-        "num_tensors",
-        "seconds",
-    )
+    __slots__ = ("lease_id", "base_version", "heads", "steps", "samples", "train_loss", "num_tensors", "seconds")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -340,17 +210,7 @@ class PushHeader(_message.Message):
     train_loss: float
     num_tensors: int
     seconds: float
-    def __init__(
-        self,
-        lease_id: str | None = ...,
-        base_version: int | None = ...,
-        heads: _Iterable[HeadRound | _Mapping] | None = ...,
-        steps: int | None = ...,
-        samples: int | None = ...,
-        train_loss: float | None = ...,
-        num_tensors: int | None = ...,
-        seconds: float | None = ...,
-    ) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., base_version: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadRound, _Mapping]]] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_tensors: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "tensor")
@@ -358,9 +218,7 @@ class UpdateChunk(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     tensor: TensorChunk
-    def __init__(
-        self, header: PushHeader | _Mapping | None = ..., tensor: TensorChunk | _Mapping | None = ...
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("applied", "duplicate", "version", "staleness", "weight")
@@ -374,14 +232,7 @@ class PushReply(_message.Message):
     version: int
     staleness: int
     weight: float
-    def __init__(
-        self,
-        applied: bool | None = ...,
-        duplicate: bool | None = ...,
-        version: int | None = ...,
-        staleness: int | None = ...,
-        weight: float | None = ...,
-    ) -> None: ...
+    def __init__(self, applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., staleness: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("lease_id", "version", "samples_per_s", "state")
@@ -393,13 +244,7 @@ class HeartbeatRequest(_message.Message):
     version: int
     samples_per_s: float
     state: str
-    def __init__(
-        self,
-        lease_id: str | None = ...,
-        version: int | None = ...,
-        samples_per_s: float | None = ...,
-        state: str | None = ...,
-    ) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., version: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("version", "done")
@@ -407,7 +252,7 @@ class HeartbeatReply(_message.Message):
     DONE_FIELD_NUMBER: _ClassVar[int]
     version: int
     done: bool
-    def __init__(self, version: int | None = ..., done: bool | None = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("lease_id", "reason")
@@ -415,7 +260,7 @@ class LeaveRequest(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     reason: str
-    def __init__(self, lease_id: str | None = ..., reason: str | None = ...) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ()
