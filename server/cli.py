@@ -14,23 +14,6 @@ from pathlib import Path
 from lte.common.config import add_job_arguments, load_toml, resolve_job
 from lte.common.progress import Progress, format_bytes
 
-SERVER_KEYS = {
-    "host",
-    "port",
-    "device",
-    "heads_per_worker",
-    "lease_timeout",
-    "heartbeat_interval",
-    "max_staleness",
-    "buffer_size",
-    "eval_every",
-    "out",
-    "local_workers",
-    "worker_device",
-    "data_dir",
-    "threads",
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -92,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start K worker processes on loopback and stop them at exit",
     )
     s.add_argument("--worker-device", default=None, help="device of the local workers [cpu]")
+    s.add_argument("--dashboard-host", default=None, help="address of the web dashboard [127.0.0.1]")
+    s.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=None,
+        help="dashboard port, 0 for any free one, -1 for none [8080]",
+    )
     s.add_argument("--json", action="store_true", help="print one final JSON line with the results")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
@@ -112,7 +102,10 @@ SERVER_DEFAULTS = {
     "worker_device": "cpu",
     "data_dir": None,
     "threads": 0,
+    "dashboard_host": "127.0.0.1",
+    "dashboard_port": 8080,
 }
+SERVER_KEYS = frozenset(SERVER_DEFAULTS)
 
 
 def resolve_server(args: argparse.Namespace, file_values: dict) -> dict:
@@ -238,6 +231,23 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    dashboard = None
+    if srv["dashboard_port"] >= 0:
+        from lte.server.dashboard import DashboardServer
+
+        try:
+            dashboard = DashboardServer(
+                coordinator.status, host=srv["dashboard_host"], port=srv["dashboard_port"]
+            ).start()
+        except OSError as exc:
+            server.stop()
+            print(
+                f"lte-server: error: dashboard: {exc} (pick another --dashboard-port, or -1 for none)",
+                file=sys.stderr,
+            )
+            return 2
+        # printed even with --quiet: it is the one line a user needs
+        print(f"lte-server: dashboard at {dashboard.url}", file=sys.stderr, flush=True)
     say(
         f"lte-server: {job.model} on {job.dataset}, N={job.heads} r={job.rank} T={job.merge_every} "
         f"mode={job.mode} quant={job.quant}; {job.rounds} rounds"
@@ -307,8 +317,11 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
         )
         # let the workers see "done" on their next pull or heartbeat, then stop
         deadline = time.monotonic() + 10
-        while procs and time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.1)
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break  # stop_processes below ends it
         if json_out:
             print(json.dumps(summary), flush=True)
     except KeyboardInterrupt:
@@ -319,6 +332,8 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
         code = 1
     finally:
         stop_processes(procs)
+        if dashboard is not None:
+            dashboard.stop()
         server.stop()
     return code
 

@@ -12,6 +12,7 @@ import math
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,7 @@ class Coordinator:
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.pushes_refused = 0
+        self.push_log: deque[dict[str, Any]] = deque(maxlen=10_000)  # accepted pushes: staleness and weight
         self._metrics_file = open(metrics_path, "a", buffering=1) if metrics_path else None  # noqa: SIM115
         self._snapshot_lock = threading.Lock()
         self._snapshot: tuple[int, list[pb.ModelChunk], int] | None = None
@@ -405,6 +407,14 @@ class Coordinator:
             p.replicas.append((weight * len(heads), replica))
             p.losses.append((header.train_loss, header.samples))
             p.pushes += 1
+            self.push_log.append(
+                {
+                    "worker_id": lease.worker_id,
+                    "base_version": header.base_version,
+                    "staleness": staleness,
+                    "weight": weight,
+                }
+            )
             lease.pushes += 1
             lease.samples += header.samples
             lease.last_loss = header.train_loss

@@ -1,0 +1,438 @@
+"""The dashboard: a read-only FastAPI app over ``Coordinator.status()``, served by uvicorn in a thread.
+
+Routes: ``/`` (a live page, assets from ``static/``), ``/api/status`` (JSON, schema in
+``/openapi.json``), ``/metrics`` (Prometheus text) and ``/healthz``. Every handler calls the status
+function once and works on the dict it returns; nothing here ever sees a tensor. Handlers are plain
+``def`` so FastAPI runs them in its thread pool: the status lock never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pydantic import BaseModel, Field
+
+STATIC_DIR = Path(__file__).parent / "static"
+RATE_WINDOW_S = 60.0  # merges per minute and samples/s are measured over this much recent time
+WORKER_STATES = ("starting", "registered", "pulling", "waiting", "training", "pushing", "left", "expired")
+GONE_STATES = ("left", "expired")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+StatusFn = Callable[[], dict[str, Any]]
+
+
+# -- the /api/status schema ------------------------------------------------------------------------
+class WorkerStatus(BaseModel):
+    """One lease: a worker process and the heads it trains."""
+
+    worker_id: str = Field(description="id the server gave the worker at registration")
+    name: str = Field("", description="label the worker chose (--name), hostname:pid by default")
+    device: str = Field("", description="torch device the worker trains on")
+    heads: list[int] = Field(description="ids of the LoRA heads leased to it")
+    last_seen_s: float = Field(description="seconds since its last RPC")
+    staleness: int | None = Field(
+        None, description="versions the server is ahead of the worker's snapshot; null before its first pull"
+    )
+    samples_per_s: float = Field(0.0, description="training throughput the worker reported")
+    samples: int = Field(0, description="samples in its applied pushes")
+    pushes: int = Field(0, description="pushes applied")
+    bytes_up: int = Field(0, description="bytes it sent (factors)")
+    bytes_down: int = Field(0, description="bytes it received (snapshots)")
+    state: str = Field(description="one of: " + ", ".join(WORKER_STATES))
+    train_loss: float | None = Field(None, description="training loss of its last push; null before one")
+
+
+class HistoryPoint(BaseModel):
+    """One merge: the version it produced and the job's counters right after it."""
+
+    version: int
+    time: float = Field(description="seconds since the server started")
+    samples: int = Field(description="samples trained in the whole job so far")
+    train_loss: float | None = Field(description="sample-weighted training loss of the merged pushes")
+    pushes: int = Field(description="pushes folded into this merge")
+    heads: int = Field(description="head updates folded into this merge")
+    bytes_up: int
+    bytes_down: int
+
+
+class EvalPoint(BaseModel):
+    """One evaluation of the master weights on the test split."""
+
+    version: int
+    samples: int
+    time: float = Field(description="seconds since the server started")
+    test_loss: float | None = None
+    test_accuracy: float | None = Field(None, description="absent for regression tasks")
+
+
+class JobStatus(BaseModel):
+    """A consistent snapshot of the job, plus rates derived from its merge history."""
+
+    job: dict[str, str | int | float | bool | None] = Field(description="the job's configuration (JobConfig)")
+    version: int = Field(description="merges applied to the master weights")
+    done: bool
+    samples: int = Field(description="samples trained in the whole job")
+    bytes_up: int = Field(description="bytes received from workers")
+    bytes_down: int = Field(description="bytes sent to workers")
+    head_rounds_applied: int = 0
+    target_head_rounds: int = 0
+    progress: float = Field(0.0, description="head rounds applied / target, in [0, 1]")
+    elapsed_s: float = Field(0.0, description="seconds since the server started")
+    merges_per_minute: float = Field(
+        description=f"over the last {RATE_WINDOW_S:g} s (the whole run once done)"
+    )
+    samples_per_s: float = Field(description=f"over the last {RATE_WINDOW_S:g} s (the whole run once done)")
+    workers_active: int = Field(description="workers not left or expired")
+    train_loss: float | None = Field(None, description="of the newest merge")
+    test_loss: float | None = Field(None, description="of the newest evaluation")
+    test_accuracy: float | None = Field(None, description="of the newest evaluation that has one")
+    workers: list[WorkerStatus]
+    free_heads: list[int] = Field(default_factory=list, description="heads no worker holds")
+    history: list[HistoryPoint] = Field(description="the newest merges, oldest first")
+    evals: list[EvalPoint]
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+# -- derived values ------------------------------------------------------------------------------
+def finite(value: Any) -> float | None:
+    """A float for JSON, or None for NaN, Inf and missing values."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def recent_rates(st: dict[str, Any], window_s: float = RATE_WINDOW_S) -> tuple[float, float]:
+    """(merges per minute, samples per second) over the last ``window_s`` seconds of the job.
+
+    Once the job is done the window is the whole run, so the page keeps the run's averages.
+    """
+    history = st.get("history") or []
+    if not history:
+        return 0.0, 0.0
+    end = float(history[-1]["time"]) if st.get("done") else float(st.get("elapsed_s", history[-1]["time"]))
+    start = 0.0 if st.get("done") else max(0.0, end - window_s)
+    before = [r for r in history if r["time"] < start]
+    if before:
+        base_t, base_version, base_samples = start, before[-1]["version"], before[-1]["samples"]
+    elif history[0]["version"] <= 1:  # the whole run is in view: it began at version 0
+        base_t, base_version, base_samples = start, 0, 0
+    else:  # the history was truncated inside the window: measure from its oldest record
+        base_t, base_version, base_samples = history[0]["time"], history[0]["version"], history[0]["samples"]
+    span = end - base_t
+    if span <= 0:
+        return 0.0, 0.0
+    merges = history[-1]["version"] - base_version
+    samples = history[-1]["samples"] if st.get("done") else st.get("samples", history[-1]["samples"])
+    return merges / span * 60.0, max(0, samples - base_samples) / span
+
+
+def job_status(st: dict[str, Any]) -> JobStatus:
+    """The /api/status document for one status() snapshot."""
+    merges_per_minute, samples_per_s = recent_rates(st)
+    history, evals = st.get("history") or [], st.get("evals") or []
+    accuracies = [e["test_accuracy"] for e in evals if e.get("test_accuracy") is not None]
+    target = int(st.get("target_head_rounds") or 0)
+    applied = int(st.get("head_rounds_applied") or 0)
+    return JobStatus(
+        job=st.get("job") or {},
+        version=st["version"],
+        done=bool(st.get("done")),
+        samples=st.get("samples", 0),
+        bytes_up=st.get("bytes_up", 0),
+        bytes_down=st.get("bytes_down", 0),
+        head_rounds_applied=applied,
+        target_head_rounds=target,
+        progress=min(1.0, applied / target) if target else 0.0,
+        elapsed_s=st.get("elapsed_s", 0.0),
+        merges_per_minute=round(merges_per_minute, 3),
+        samples_per_s=round(samples_per_s, 3),
+        workers_active=sum(w.get("state") not in GONE_STATES for w in st.get("workers", [])),
+        train_loss=finite(history[-1].get("train_loss")) if history else None,
+        test_loss=finite(evals[-1].get("test_loss")) if evals else None,
+        test_accuracy=finite(accuracies[-1]) if accuracies else None,
+        workers=[
+            WorkerStatus(
+                **{
+                    **w,
+                    "samples_per_s": finite(w.get("samples_per_s")) or 0.0,
+                    "train_loss": finite(w.get("train_loss")),
+                }
+            )
+            for w in st.get("workers", [])
+        ],
+        free_heads=st.get("free_heads", []),
+        history=[HistoryPoint(**{**r, "train_loss": finite(r.get("train_loss"))}) for r in history],
+        evals=[
+            EvalPoint(
+                version=e["version"],
+                samples=e["samples"],
+                time=e["time"],
+                test_loss=finite(e.get("test_loss")),
+                test_accuracy=finite(e.get("test_accuracy")),
+            )
+            for e in evals
+        ],
+    )
+
+
+# -- /metrics --------------------------------------------------------------------------------------
+class StatusCollector:
+    """Prometheus metrics computed from one status() call per scrape."""
+
+    def __init__(self, status: StatusFn) -> None:
+        self.status = status
+
+    def describe(self) -> list[Metric]:
+        return []  # names are not known before a scrape; registering must not call status()
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.status()
+        doc = job_status(st)
+        nan = float("nan")
+
+        def gauge(name: str, doc_: str, value: float | None) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc_, value=nan if value is None else value)
+
+        yield gauge("lte_version", "Merges applied to the master weights.", doc.version)
+        yield gauge("lte_done", "1 once the job has trained its last round.", float(doc.done))
+        yield gauge("lte_progress_ratio", "Head rounds applied over the job's target.", doc.progress)
+        yield gauge("lte_elapsed_seconds", "Seconds since the server started.", doc.elapsed_s)
+        yield CounterMetricFamily("lte_samples", "Samples trained in the whole job.", value=doc.samples)
+        yield CounterMetricFamily("lte_bytes_up", "Bytes received from workers.", value=doc.bytes_up)
+        yield CounterMetricFamily("lte_bytes_down", "Bytes sent to workers.", value=doc.bytes_down)
+        yield gauge(
+            "lte_merges_per_minute", "Merges per minute over the recent window.", doc.merges_per_minute
+        )
+        yield gauge("lte_samples_per_second", "Samples per second over the recent window.", doc.samples_per_s)
+        yield gauge("lte_train_loss", "Training loss of the newest merge.", doc.train_loss)
+        yield gauge("lte_test_loss", "Test loss of the newest evaluation.", doc.test_loss)
+        yield gauge("lte_test_accuracy", "Test accuracy of the newest evaluation.", doc.test_accuracy)
+        yield gauge("lte_free_heads", "Heads no worker holds.", len(doc.free_heads))
+
+        states = Counter(w.state for w in doc.workers)
+        workers = GaugeMetricFamily("lte_workers", "Workers by lease state.", labels=["state"])
+        for state in sorted(set(WORKER_STATES) | set(states)):
+            workers.add_metric([state], states.get(state, 0))
+        yield workers
+
+        labels = ["worker_id", "name", "device"]
+        per_worker = {
+            "heads": GaugeMetricFamily("lte_worker_heads", "Heads leased to the worker.", labels=labels),
+            "last_seen": GaugeMetricFamily(
+                "lte_worker_last_seen_seconds", "Seconds since the worker's last RPC.", labels=labels
+            ),
+            "staleness": GaugeMetricFamily(
+                "lte_worker_staleness",
+                "Versions the server is ahead of the worker's snapshot.",
+                labels=labels,
+            ),
+            "rate": GaugeMetricFamily(
+                "lte_worker_samples_per_second", "Throughput the worker reported.", labels=labels
+            ),
+            "loss": GaugeMetricFamily(
+                "lte_worker_train_loss", "Loss of the worker's last push.", labels=labels
+            ),
+            "up": GaugeMetricFamily("lte_worker_up", "1 while the worker holds a live lease.", labels=labels),
+            "samples": CounterMetricFamily("lte_worker_samples", "Samples in applied pushes.", labels=labels),
+            "pushes": CounterMetricFamily("lte_worker_pushes", "Pushes applied.", labels=labels),
+            "bytes_up": CounterMetricFamily("lte_worker_bytes_up", "Bytes the worker sent.", labels=labels),
+            "bytes_down": CounterMetricFamily(
+                "lte_worker_bytes_down", "Bytes the worker received.", labels=labels
+            ),
+        }
+        for w in doc.workers:
+            key = [w.worker_id, w.name, w.device]
+            values = {
+                "heads": len(w.heads),
+                "last_seen": w.last_seen_s,
+                "staleness": nan if w.staleness is None else w.staleness,
+                "rate": w.samples_per_s,
+                "loss": nan if w.train_loss is None else w.train_loss,
+                "up": float(w.state not in GONE_STATES),
+                "samples": w.samples,
+                "pushes": w.pushes,
+                "bytes_up": w.bytes_up,
+                "bytes_down": w.bytes_down,
+            }
+            for name, family in per_worker.items():
+                family.add_metric(key, values[name])
+        yield from per_worker.values()
+
+
+# -- the app ---------------------------------------------------------------------------------------
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.query_params.get("token")
+
+
+def create_app(status: StatusFn, *, token: str | None = None) -> FastAPI:
+    """The dashboard app over ``status`` (``Coordinator.status``); with ``token``, every route but
+    /healthz wants ``Authorization: Bearer <token>`` or ``?token=<token>``."""
+    app = FastAPI(
+        title="LTE parameter server dashboard",
+        description="Read-only view of an LTE training job: status, Prometheus metrics and a live page.",
+        version="1",
+        docs_url=None,  # Swagger UI and ReDoc load their assets from a CDN: /openapi.json is the doc
+        redoc_url=None,
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(status))
+    assets = {
+        name: (STATIC_DIR / name).read_text(encoding="utf-8")
+        for name in ("index.html", "dashboard.js", "dashboard.css")
+    }
+    expected = token.encode() if token else None
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if expected is not None and request.url.path != "/healthz":
+            given = _bearer(request)
+            if given is None or not hmac.compare_digest(given.encode(), expected):
+                return JSONResponse(
+                    {"detail": "a valid token is required: Authorization: Bearer <token> or ?token=<token>"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(request: Request) -> HTMLResponse:
+        given = _bearer(request) if expected is not None else None
+        query = f"?token={quote(given, safe='')}" if given else ""
+        html = assets["index.html"].replace("__ASSET_QUERY__", query)
+        return HTMLResponse(html, headers={"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer"})
+
+    @app.get("/static/dashboard.js", include_in_schema=False)
+    def script() -> Response:
+        return Response(assets["dashboard.js"], media_type="text/javascript; charset=utf-8")
+
+    @app.get("/static/dashboard.css", include_in_schema=False)
+    def stylesheet() -> Response:
+        return Response(assets["dashboard.css"], media_type="text/css; charset=utf-8")
+
+    @app.get("/api/status", response_model=JobStatus, summary="The job's status, workers and curves")
+    def api_status() -> JobStatus:
+        return job_status(status())
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", response_model=Health, summary="Liveness: always ok while the server runs")
+    def healthz() -> Health:
+        return Health()
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that tells a waiting thread when it is listening."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self.ready.set()
+
+
+class DashboardServer:
+    """Serves ``create_app(status)`` with uvicorn in a daemon thread on ``host:port`` (0: any free port)."""
+
+    def __init__(
+        self, status: StatusFn, host: str = "127.0.0.1", port: int = 0, token: str | None = None
+    ) -> None:
+        self.app = create_app(status, token=token)
+        self.host, self.requested_port, self.token = host, port, token
+        self.port = 0
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self, timeout: float = 30.0) -> DashboardServer:
+        # bind here, so a port in use is an OSError in the caller and not a sys.exit in the thread
+        family, kind, proto, _, address = socket.getaddrinfo(
+            self.host, self.requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"dashboard cannot listen on {self.host}:{self.requested_port}: {exc}") from None
+        sock.set_inheritable(False)
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,  # leave the process's logging configuration alone
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
+        self._server = server = _Server(config)
+        self._thread = threading.Thread(
+            target=self._run, args=(server, sock), name="lte-dashboard", daemon=True
+        )
+        self._thread.start()
+        if not server.ready.wait(timeout) or not server.started:
+            self.stop()
+            raise OSError(f"dashboard did not start on {self.host}:{self.requested_port}: {self._error!r}")
+        self.port = server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def _run(self, server: _Server, sock: socket.socket) -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # noqa: BLE001 - uvicorn exits with SystemExit on a failed start
+            self._error = exc
+        finally:
+            server.ready.set()
+            sock.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> DashboardServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,95 @@
+"""Helpers for tests that run a real parameter server and real worker processes on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from lte.common.config import JobConfig
+from lte.common.data import load_dataset
+from lte.server.app import ParameterServer
+from lte.server.coordinator import Coordinator
+
+DIGITS = load_dataset("digits", seed=0)
+
+
+def digits_job(**overrides) -> JobConfig:
+    base = dict(
+        model="mlp",
+        dataset="digits",
+        heads=6,
+        rank=16,
+        alpha=64.0,
+        lr=1e-2,
+        steps=200,
+        merge_every=10,
+        batch_size=16,
+    )
+    base.update(overrides)
+    return JobConfig(**base).with_dataset(DIGITS)
+
+
+@contextlib.contextmanager
+def running_server(job: JobConfig, **coordinator_kwargs) -> Iterator[ParameterServer]:
+    """A real gRPC server on 127.0.0.1, port 0, stopped on exit."""
+    coordinator = Coordinator(job, DIGITS, **coordinator_kwargs)
+    server = ParameterServer(coordinator, host="127.0.0.1", port=0).start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=0.5)
+
+
+@contextlib.contextmanager
+def worker_processes(
+    address: str, per_worker_args: list[list[str]], log_dir: Path | None = None
+) -> Iterator[list[subprocess.Popen]]:
+    """One real ``lte-worker`` process per entry (its extra flags); terminated, then killed, by pid on exit."""
+    procs: list[subprocess.Popen] = []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        for i, extra in enumerate(per_worker_args):
+            log = open(log_dir / f"worker-{i}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
+            cmd = [
+                sys.executable,
+                "-m",
+                "lte.worker.cli",
+                "--server",
+                address,
+                "--threads",
+                "1",
+                "--name",
+                f"t{i}",
+            ]
+            procs.append(subprocess.Popen(cmd + extra, stdout=log, stderr=subprocess.STDOUT, env=env))
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def run_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    """Run ``fn`` in a daemon thread; the dict receives its result or exception."""
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # surfaced by the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out

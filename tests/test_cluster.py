@@ -1,0 +1,107 @@
+"""A real parameter server and real worker processes on loopback (issue 3's tests)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from lte.common.codec import get_codec
+from lte.common.sim import run_lte
+from lte.worker.client import Worker
+from tests.cluster import DIGITS, digits_job, run_in_thread, running_server, worker_processes
+
+TIMEOUT_S = 240  # every wait below is bounded; CI machines are slow and shared
+
+
+def test_three_worker_processes_train_mlp_on_digits_from_scratch(tmp_path):
+    job = digits_job(heads=6, steps=200)
+    with running_server(job, eval_every=5, heads_per_worker=2) as server:
+        with worker_processes(server.address, [["--quiet"]] * 3, log_dir=tmp_path) as procs:
+            assert server.wait_done(timeout=TIMEOUT_S), "job did not finish in time; see worker logs"
+            for p in procs:
+                p.wait(timeout=60)  # workers see "done" and leave by themselves
+            assert [p.returncode for p in procs] == [0, 0, 0]
+        c = server.coordinator
+        result = c.evaluate_now()
+        assert c.version == job.rounds
+        assert result["test_accuracy"] >= 0.90, result
+        assert {w["state"] for w in c.status()["workers"]} == {"left"}
+        assert len(c.status()["workers"]) == 3
+
+
+def test_sync_over_the_network_reproduces_the_emulator(tmp_path):
+    job = digits_job(heads=4, steps=30, uplink="fp32", quant="none")
+    expected = run_lte(job, DIGITS, workers=2).master
+    with running_server(job, heads_per_worker=2) as server:
+        with worker_processes(server.address, [["--quiet", "--max-heads", "2"]] * 2, log_dir=tmp_path):
+            assert server.wait_done(timeout=TIMEOUT_S)
+        got = server.coordinator.plain_state()
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        err = (got[name] - value).norm() / value.norm().clamp_min(1e-12)
+        assert err <= 1e-5, f"{name}: relative error {float(err):.2e}"
+
+
+def test_async_with_a_slow_worker_converges_and_discounts_stale_pushes(tmp_path):
+    job = digits_job(heads=6, steps=200, mode="async")
+    with running_server(job, heads_per_worker=2, max_staleness=50) as server:
+        args = [["--quiet"], ["--quiet"], ["--quiet", "--slow-down", "0.3"]]
+        with worker_processes(server.address, args, log_dir=tmp_path):
+            assert server.wait_done(timeout=TIMEOUT_S)
+        c = server.coordinator
+        result = c.evaluate_now()
+    assert result["test_accuracy"] >= 0.85, result
+    stale = [p for p in c.push_log if p["staleness"] > 0]
+    assert stale, "the slow worker never pushed on an old version"
+    for p in stale:
+        assert p["weight"] == pytest.approx(1 / job.heads / (1 + p["staleness"]) ** 0.5)
+    assert max(p["weight"] for p in c.push_log) == pytest.approx(1 / job.heads)
+
+
+def test_bytes_counted_on_the_wire_match_what_the_codec_reports():
+    job = digits_job(heads=2, steps=30, uplink="fp16", zstd_level=-1)  # no zstd: payload sizes are exact
+    with running_server(job) as server:
+        worker = Worker(server.address, quiet=True)
+        thread, out = run_in_thread(worker.run)
+        assert server.wait_done(timeout=TIMEOUT_S)
+        thread.join(timeout=60)
+        assert out.get("result") == 0, out
+        c = server.coordinator
+    fp16, fp32 = get_codec("fp16"), get_codec("fp32")
+    per_push = sum(
+        fp16.encoded_nbytes(s) for n, s in c.expected_tensors([0, 1]).items() if n.startswith("head/")
+    )
+    per_push += sum(fp32.encoded_nbytes(tuple(c.master[n].shape)) for n in c.replica_names)
+    assert c.bytes_up == worker.bytes_up == per_push * job.rounds
+    assert c.bytes_down == worker.bytes_down > 0
+
+
+def test_health_and_reflection_answer():
+    with running_server(digits_job()) as server, grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="lte.v1.ParameterServer"), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert "lte.v1.ParameterServer" in names
+
+
+def test_exported_model_loads_into_the_plain_zoo_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from lte.common.trainer import build_job_model
+
+    job = digits_job(heads=2, steps=10)
+    with running_server(job) as server:
+        c = server.coordinator
+        path = c.export(tmp_path / "model.safetensors")
+    model = build_job_model(job, seed=123)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, c.master[name])
