@@ -196,3 +196,11 @@ class LocalTrainer:
 
     def commit(self) -> None:
         commit_merge(self.model)
+
+    @torch.no_grad()
+    def forget_merges(self, local_indices: Sequence[int]) -> None:
+        """The server holds no merge of these heads: their ``B', A'`` become zero, as on its side."""
+        for layer in lte_layers(self.model).values():
+            for i in local_indices:
+                layer.lora_A_prev[i].zero_()
+                layer.lora_B_prev[i].zero_()

@@ -10,9 +10,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lte.common import grpc_options
+from lte.common.auth import is_loopback
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.server.coordinator import Coordinator
+from lte.server.security import TokenAuthInterceptor
 from lte.server.service import ParameterServerService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
@@ -26,9 +28,22 @@ class ParameterServer:
     """Serves a ``Coordinator`` over gRPC on ``host:port`` (port 0: any free port, see ``.port``)."""
 
     def __init__(
-        self, coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0, threads: int | None = None
+        self,
+        coordinator: Coordinator,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        threads: int | None = None,
+        token: str | None = None,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
+        if not token and not is_loopback(host):
+            raise ValueError(
+                f"refusing to serve on {host} without a token: anyone who reaches the port could push updates; "
+                "pass --token (or set LTE_TOKEN), or bind 127.0.0.1"
+            )
         self.coordinator = coordinator
+        self.token, self.credentials = token, credentials
         self.host, self.requested_port = host, port
         self.threads = threads or grpc_options.SERVER_THREADS
         self.port = 0
@@ -46,6 +61,7 @@ class ParameterServer:
             futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lte-rpc"),
             options=grpc_options.server_options(),
             maximum_concurrent_rpcs=self.threads * 4,
+            interceptors=[TokenAuthInterceptor(self.token)] if self.token else [],
         )
         pb_grpc.add_ParameterServerServicer_to_server(ParameterServerService(self.coordinator), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -53,7 +69,11 @@ class ParameterServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            self.port = server.add_insecure_port(format_address(self.host, self.requested_port))
+            address = format_address(self.host, self.requested_port)
+            if self.credentials is not None:
+                self.port = server.add_secure_port(address, self.credentials)
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(
                 f"cannot listen on {format_address(self.host, self.requested_port)}: {exc}"

@@ -82,6 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="dashboard port, 0 for any free one, -1 for none [8080]",
     )
+    s.add_argument(
+        "--dashboard-auth", action="store_true", default=None, help="the dashboard requires the token too"
+    )
+    s.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="checkpoint every K versions, 0 for never [rounds/10]",
+    )
+    s.add_argument("--keep-checkpoints", type=int, default=None, help="newest checkpoints kept [3]")
+    s.add_argument(
+        "--resume", default=None, help="continue from a checkpoint folder or a run folder's newest one"
+    )
+    sec = parser.add_argument_group("security")
+    sec.add_argument(
+        "--token",
+        default=None,
+        help="shared secret workers must send (or set LTE_TOKEN); required off loopback",
+    )
+    sec.add_argument("--tls-cert", default=None, help="PEM certificate of the server (enables TLS)")
+    sec.add_argument("--tls-key", default=None, help="PEM private key of the server")
+    sec.add_argument(
+        "--tls-ca", default=None, help="PEM CA that client certificates must chain to (mutual TLS)"
+    )
     s.add_argument("--json", action="store_true", help="print one final JSON line with the results")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
@@ -104,6 +128,14 @@ SERVER_DEFAULTS = {
     "threads": 0,
     "dashboard_host": "127.0.0.1",
     "dashboard_port": 8080,
+    "dashboard_auth": False,
+    "checkpoint_every": -1,
+    "keep_checkpoints": 3,
+    "resume": None,
+    "token": None,
+    "tls_cert": None,
+    "tls_key": None,
+    "tls_ca": None,
 }
 SERVER_KEYS = frozenset(SERVER_DEFAULTS)
 
@@ -122,6 +154,14 @@ def check_config_keys(file_values: dict, job_keys: set[str]) -> None:
         raise ValueError(f"config file: unknown key(s) {unknown}")
 
 
+SECRETS = ("token",)
+
+
+def public_settings(values: dict) -> dict:
+    """Settings fit to print or write to disk: secrets masked."""
+    return {k: ("<set>" if k in SECRETS and v else v) for k, v in values.items()}
+
+
 def to_toml(values: dict) -> str:
     lines = []
     for k, v in values.items():
@@ -131,8 +171,13 @@ def to_toml(values: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_local_workers(count: int, address: str, device: str, out_dir: Path) -> list[subprocess.Popen]:
-    """K real worker processes on loopback; their logs go to the run folder."""
+def start_local_workers(
+    count: int, address: str, device: str, out_dir: Path, token: str | None = None, tls_ca: str | None = None
+) -> list[subprocess.Popen]:
+    """K real worker processes on loopback; their logs go to the run folder.
+
+    The token reaches them through the environment, never the command line (which ps shows).
+    """
     procs = []
     for i in range(count):
         log = open(out_dir / f"worker-{i}.log", "w")  # noqa: SIM115 - closed with the process below
@@ -149,8 +194,10 @@ def start_local_workers(count: int, address: str, device: str, out_dir: Path) ->
             "--parent-pid",
             str(os.getpid()),
             "--quiet",
-        ]
+        ] + (["--tls-ca", tls_ca] if tls_ca else [])
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        if token:
+            env["LTE_TOKEN"] = token
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         log.close()
     return procs
@@ -186,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         job = resolve_job(args, file_values)
         srv = resolve_server(args, file_values)
         if args.print_config:
-            print(to_toml({**job.to_dict(), **srv}), end="")
+            print(to_toml(public_settings({**job.to_dict(), **srv})), end="")
             return 0
         from lte.common.data import load_dataset
 
@@ -201,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
 def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = False) -> int:
     import torch
 
+    from lte.common.auth import token_from
     from lte.server.app import ParameterServer, format_address
+    from lte.server.checkpoint import load_checkpoint
     from lte.server.coordinator import Coordinator
+    from lte.server.security import server_credentials
 
     if srv["threads"]:
         torch.set_num_threads(srv["threads"])
@@ -211,6 +261,13 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
     local = int(srv["local_workers"] or 0)
     heads_per_worker = srv["heads_per_worker"] or (-(-job.heads // local) if local else 0)
     eval_every = srv["eval_every"] if srv["eval_every"] >= 0 else max(1, job.rounds // 10)
+    checkpoint_every = srv["checkpoint_every"] if srv["checkpoint_every"] >= 0 else max(1, job.rounds // 10)
+    try:
+        token = token_from(srv["token"])
+        credentials = server_credentials(srv["tls_cert"], srv["tls_key"], srv["tls_ca"])
+    except (ValueError, OSError) as exc:
+        print(f"lte-server: error: {exc}", file=sys.stderr)
+        return 2
     coordinator = Coordinator(
         job,
         dataset,
@@ -221,13 +278,26 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
         max_staleness=srv["max_staleness"],
         buffer_size=srv["buffer_size"],
         eval_every=eval_every,
+        checkpoint_dir=out_dir / "checkpoints",
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=srv["keep_checkpoints"],
         metrics_path=out_dir / "metrics.jsonl",
     )
-    (out_dir / "config.toml").write_text(to_toml({**job.to_dict(), **srv}))
-    server = ParameterServer(coordinator, host=srv["host"], port=srv["port"])
+    if srv["resume"]:
+        try:
+            state, tensors = load_checkpoint(srv["resume"])
+            coordinator.restore(state, tensors)
+        except (ValueError, OSError) as exc:
+            print(f"lte-server: error: cannot resume from {srv['resume']}: {exc}", file=sys.stderr)
+            return 2
+        print(f"lte-server: resumed at version {coordinator.version} from {srv['resume']}", file=sys.stderr)
+    (out_dir / "config.toml").write_text(to_toml(public_settings({**job.to_dict(), **srv})))
     try:
+        server = ParameterServer(
+            coordinator, host=srv["host"], port=srv["port"], token=token, credentials=credentials
+        )
         server.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -237,7 +307,10 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
 
         try:
             dashboard = DashboardServer(
-                coordinator.status, host=srv["dashboard_host"], port=srv["dashboard_port"]
+                coordinator.status,
+                host=srv["dashboard_host"],
+                port=srv["dashboard_port"],
+                token=token if srv["dashboard_auth"] else None,
             ).start()
         except OSError as exc:
             server.stop()
@@ -258,17 +331,17 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
             f"lte-server: start workers with: lte-worker --server {format_address(_public_host(srv['host']), server.port)}"
         )
     signal.signal(signal.SIGTERM, _interrupt)
-    procs = (
-        start_local_workers(
-            local,
-            format_address(
-                "127.0.0.1" if srv["host"] in ("0.0.0.0", "127.0.0.1") else srv["host"], server.port
-            ),
-            srv["worker_device"],
-            out_dir,
-        )
-        if local
-        else []
+    if credentials is not None:  # the certificate names the host; local workers reach it as localhost
+        local_host = "localhost"
+    else:
+        local_host = "127.0.0.1" if srv["host"] in ("0.0.0.0", "::", "127.0.0.1") else srv["host"]
+    procs = start_local_workers(
+        local,
+        format_address(local_host, server.port),
+        srv["worker_device"],
+        out_dir,
+        token=token,
+        tls_ca=srv["tls_ca"] or srv["tls_cert"] if credentials is not None else None,
     )
     started = time.perf_counter()
     progress = None if quiet else Progress(job.rounds if job.mode == "sync" else None, "lte-server")
@@ -325,7 +398,10 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
         if json_out:
             print(json.dumps(summary), flush=True)
     except KeyboardInterrupt:
-        say("\nlte-server: interrupted; stopping workers and the server")
+        say("\nlte-server: interrupted; saving a checkpoint, stopping workers and the server")
+        path = coordinator.save_checkpoint()
+        if path:
+            say(f"lte-server: checkpoint {path}; continue with --resume {out_dir}")
         code = 130
     except RuntimeError as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)

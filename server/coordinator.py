@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from lte.common.lte import HeadUpdate, ReplicaUpdate, apply_updates
 from lte.common.trainer import build_job_model, evaluate, linear_weight_names
 from lte.common.wire import tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
+from lte.server import checkpoint as ckpt
 
 
 class Refused(Exception):
@@ -76,12 +77,43 @@ class PushHeaderInfo:
 
 
 @dataclass
-class _Pending:
-    heads: list[HeadUpdate] = field(default_factory=list)
-    head_weights: list[float] = field(default_factory=list)
-    replicas: list[tuple[float, ReplicaUpdate]] = field(default_factory=list)
-    losses: list[tuple[float, int]] = field(default_factory=list)  # (loss, samples)
-    pushes: int = 0
+class _AcceptedPush:
+    """A push taken into the open round or buffer, kept whole so it can be merged or dropped."""
+
+    lease_id: str
+    heads: list[HeadUpdate]
+    weight: float  # per head, after the staleness discount
+    replica: ReplicaUpdate
+    steps: int
+    samples: int
+    train_loss: float
+
+
+class BackgroundTask:
+    """Runs ``fn`` in a daemon thread each time it is poked; pokes during a run coalesce into one more run."""
+
+    def __init__(self, name: str, fn) -> None:
+        self.fn = fn
+        self._poked = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._poked.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._poked.wait()
+            self._poked.clear()
+            if self._stopped:
+                return
+            self.fn()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopped = True
+        self._poked.set()
+        self._thread.join(timeout)
 
 
 def staleness_discount(staleness: int) -> float:
@@ -104,6 +136,9 @@ class Coordinator:
         max_staleness: int = 8,
         buffer_size: int = 0,
         eval_every: int = 0,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 0,
+        keep_checkpoints: int = 3,
         metrics_path: str | Path | None = None,
     ) -> None:
         self.job, self.dataset, self.device = job, dataset, device
@@ -123,7 +158,7 @@ class Coordinator:
         self.prev_factors: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.heads = {h: HeadState(h) for h in range(job.heads)}
         self.leases: dict[str, Lease] = {}
-        self.pending = _Pending()
+        self.pending: list[_AcceptedPush] = []  # sync: the open round; buffered: the buffer
         self.head_rounds_applied = 0
         self.samples = 0
         self.bytes_up = 0
@@ -139,8 +174,13 @@ class Coordinator:
         self._snapshot: tuple[int, list[pb.ModelChunk], int] | None = None
         self._expected = self._expected_push_shapes()
         self._eval_model = None
-        self._eval_wanted = threading.Event()
-        self._eval_thread: threading.Thread | None = None
+        self._evaluator: BackgroundTask | None = None
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
+        self._checkpoint_lock = threading.Lock()  # one writer at a time
+        self._checkpointer = (
+            BackgroundTask("lte-checkpoint", self.save_checkpoint) if self.checkpoint_dir else None
+        )
 
     # -- registration and leases ---------------------------------------------------------------
     def register(self, worker: dict[str, Any]) -> tuple[Lease, list[HeadState]]:
@@ -217,14 +257,31 @@ class Coordinator:
             return [l.lease_id for l in gone]
 
     def _release(self, lease: Lease, state: str) -> None:
+        self._drop_pending(lease.lease_id)
         lease.state = state
         for h in lease.head_ids:
             head = self.heads[h]
             if head.lease_id == lease.lease_id:
                 head.lease_id = None
                 head.returned += state == "expired"
-        # a half-collected sync round keeps what it has: the heads' next lease continues them
         self.changed.notify_all()
+
+    def _drop_pending(self, lease_id: str) -> None:
+        """Take a gone lease's unmerged pushes back out of the round, so its heads restart it cleanly.
+
+        The head's next holder continues from the last merged factors; keeping a dead worker's
+        half-round would leave the new holder's B', A' out of step with the server's.
+        """
+        dropped = [a for a in self.pending if a.lease_id == lease_id]
+        if not dropped:
+            return
+        self.pending = [a for a in self.pending if a.lease_id != lease_id]
+        for a in dropped:
+            self.samples -= a.samples
+            for update in a.heads:
+                head = self.heads[update.head_id]
+                head.next_round -= 1
+                head.steps_done -= a.steps
 
     # -- pulls ---------------------------------------------------------------------------------
     def wait_for_version(self, have_version: int, timeout_s: float) -> tuple[int, bool]:
@@ -401,12 +458,11 @@ class Coordinator:
                 head = self.heads[h]
                 head.next_round += 1
                 head.steps_done += header.steps
-            p = self.pending
-            p.heads += heads
-            p.head_weights += [weight] * len(heads)
-            p.replicas.append((weight * len(heads), replica))
-            p.losses.append((header.train_loss, header.samples))
-            p.pushes += 1
+            self.pending.append(
+                _AcceptedPush(
+                    lease.lease_id, heads, weight, replica, header.steps, header.samples, header.train_loss
+                )
+            )
             self.push_log.append(
                 {
                     "worker_id": lease.worker_id,
@@ -420,9 +476,9 @@ class Coordinator:
             lease.last_loss = header.train_loss
             self.samples += header.samples
             if self.job.mode == "sync":
-                ready = len(p.heads) == self.job.heads
+                ready = sum(len(a.heads) for a in self.pending) == self.job.heads
             elif self.job.mode == "buffered":
-                ready = p.pushes >= self.buffer_size
+                ready = len(self.pending) >= self.buffer_size
             else:
                 ready = True
             if ready:
@@ -436,27 +492,28 @@ class Coordinator:
             }
 
     def _merge_pending(self) -> None:
-        p, self.pending = self.pending, _Pending()
+        accepted, self.pending = self.pending, []
+        heads = [h for a in accepted for h in a.heads]
         apply_updates(
             self.master,
             self.prev_factors,
-            p.heads,
-            p.head_weights,
-            p.replicas,
+            heads,
+            [a.weight for a in accepted for _ in a.heads],
+            [(a.weight * len(a.heads), a.replica) for a in accepted],
             scale=self.job.scale,
             reset=self.job.reset,
         )
         self.version += 1
-        self.head_rounds_applied += len(p.heads)
-        samples = sum(s for _, s in p.losses)
-        loss = sum(l * s for l, s in p.losses) / samples if samples else float("nan")
+        self.head_rounds_applied += len(heads)
+        samples = sum(a.samples for a in accepted)
+        loss = sum(a.train_loss * a.samples for a in accepted) / samples if samples else float("nan")
         record = {
             "version": self.version,
             "time": round(time.time() - self.started_at, 3),
             "samples": self.samples,
             "train_loss": loss,
-            "pushes": p.pushes,
-            "heads": len(p.heads),
+            "pushes": len(accepted),
+            "heads": len(heads),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
         }
@@ -464,8 +521,10 @@ class Coordinator:
         self._log(record)
         if self.head_rounds_applied >= self.job.heads * self.job.rounds:
             self.done = True
-        if self.eval_every and self.version % self.eval_every == 0 and not self.done:
-            self._eval_wanted.set()
+        if self.eval_every and self.version % self.eval_every == 0 and not self.done and self._evaluator:
+            self._evaluator.poke()
+        if self._checkpointer and self.checkpoint_every and self.version % self.checkpoint_every == 0:
+            self._checkpointer.poke()
         self.changed.notify_all()
 
     # -- evaluation, metrics, export -----------------------------------------------------------
@@ -475,18 +534,8 @@ class Coordinator:
 
     def start_evaluator(self) -> None:
         """Evaluate in a background thread on a copy of W, so RPCs never wait for it."""
-        if self.dataset is None or self._eval_thread is not None:
-            return
-        self._eval_thread = threading.Thread(target=self._eval_loop, name="lte-eval", daemon=True)
-        self._eval_thread.start()
-
-    def _eval_loop(self) -> None:
-        while True:
-            self._eval_wanted.wait()
-            self._eval_wanted.clear()
-            if self.done:
-                return
-            self.evaluate_now()
+        if self.dataset is not None and self._evaluator is None:
+            self._evaluator = BackgroundTask("lte-eval", self.evaluate_now)
 
     def evaluate_now(self) -> dict[str, Any]:
         if self._eval_model is None:
@@ -506,8 +555,93 @@ class Coordinator:
             self._log({"eval": True, **record})
         return record
 
-    def stop_evaluator(self) -> None:
-        self._eval_wanted.set()
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write the state that lets a restarted server continue: atomic, pickle-free (server/checkpoint.py).
+
+        Unmerged pushes of an open round are not saved: their heads' round ids are rolled back
+        with them, so workers redo that round after a restart and nothing is applied twice.
+        """
+        if self.checkpoint_dir is None:
+            return None
+        with self._checkpoint_lock:
+            with self.lock:
+                pending_heads = {u.head_id: a.steps for a in self.pending for u in a.heads}
+                tensors = {f"master/{k}": v.detach().clone() for k, v in self.master.items()}
+                for h, layers in self.prev_factors.items():
+                    for layer, (b, a) in layers.items():
+                        tensors[f"factors/{h}/{layer}/B"] = b.clone()
+                        tensors[f"factors/{h}/{layer}/A"] = a.clone()
+                tensors["rng/torch"] = torch.get_rng_state()
+                state = {
+                    "format": 1,
+                    "version": self.version,
+                    "job": self.job.to_dict(),
+                    "heads": {
+                        str(h.head_id): {
+                            "next_round": h.next_round - (h.head_id in pending_heads),
+                            "steps_done": h.steps_done - pending_heads.get(h.head_id, 0),
+                        }
+                        for h in self.heads.values()
+                    },
+                    "samples": self.samples - sum(a.samples for a in self.pending),
+                    "bytes_up": self.bytes_up,
+                    "bytes_down": self.bytes_down,
+                    "head_rounds_applied": self.head_rounds_applied,
+                    "elapsed_s": time.time() - self.started_at,
+                    "history": self.history,
+                    "evals": self.evals,
+                    "done": self.done,
+                }
+                version = self.version
+            path = ckpt.save_checkpoint(self.checkpoint_dir, version, state, tensors, self.keep_checkpoints)
+        self._log({"checkpoint": str(path), "version": version})
+        return path
+
+    def restore(self, state: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint of the same job (a different job is refused, naming the differences)."""
+        saved = state.get("job", {})
+        diff = sorted(k for k, v in self.job.to_dict().items() if k in saved and saved[k] != v)
+        if diff:
+            raise ValueError(
+                "the checkpoint belongs to another job; differing settings: "
+                + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {getattr(self.job, k)!r})" for k in diff)
+            )
+        with self.lock:
+            for name in self.master:
+                key = f"master/{name}"
+                if key not in tensors:
+                    raise ValueError(f"checkpoint lacks {key}")
+                self.master[name].copy_(tensors[key])
+            self.prev_factors = {}
+            for key, value in tensors.items():
+                if key.startswith("factors/"):
+                    _, h, rest = key.split("/", 2)
+                    layer, part = rest.rsplit("/", 1)
+                    pair = self.prev_factors.setdefault(int(h), {}).setdefault(layer, [None, None])
+                    pair[part == "A"] = value.to(self.device)
+            self.prev_factors = {
+                h: {k: (v[0], v[1]) for k, v in layers.items()} for h, layers in self.prev_factors.items()
+            }
+            if "rng/torch" in tensors:
+                torch.set_rng_state(tensors["rng/torch"])
+            for h, values in state["heads"].items():
+                head = self.heads[int(h)]
+                head.next_round, head.steps_done = int(values["next_round"]), int(values["steps_done"])
+            self.version = int(state["version"])
+            self.samples = int(state["samples"])
+            self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
+            self.head_rounds_applied = int(state["head_rounds_applied"])
+            self.history, self.evals = list(state["history"]), list(state["evals"])
+            self.started_at = time.time() - float(state.get("elapsed_s", 0.0))
+            self.done = bool(state.get("done", False))
+            self._snapshot = None
+            self.changed.notify_all()
+
+    def stop_background(self) -> None:
+        for task in (self._evaluator, self._checkpointer):
+            if task is not None:
+                task.stop()
 
     def plain_state(self) -> dict[str, torch.Tensor]:
         with self.lock:
@@ -564,7 +698,7 @@ class Coordinator:
             }
 
     def close(self) -> None:
-        self.stop_evaluator()
+        self.stop_background()
         if self._metrics_file:
             self._metrics_file.close()
             self._metrics_file = None

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--slow-down", type=float, default=0.0, help=argparse.SUPPRESS
     )  # tests: a slow worker
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    sec = parser.add_argument_group("security")
+    sec.add_argument(
+        "--token", help="the server's shared token (default: the LTE_TOKEN environment variable)"
+    )
+    sec.add_argument("--tls-ca", help="PEM CA that the server's certificate must chain to (enables TLS)")
+    sec.add_argument("--tls-cert", help="PEM client certificate, for servers that require mutual TLS")
+    sec.add_argument("--tls-key", help="PEM private key of the client certificate")
     return parser
 
 
@@ -63,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _interrupt)  # leave the job the same way as on Ctrl+C
+    from lte.common.auth import bearer_metadata, channel_credentials, token_from
     from lte.worker.client import Worker
 
+    try:
+        metadata = bearer_metadata(token_from(args.token))
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except (ValueError, OSError) as exc:
+        print(f"lte-worker: error: {exc}", file=sys.stderr)
+        return 2
     worker = Worker(
         args.server,
         device=pick_device(args.device),
@@ -76,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         give_up_after_s=args.give_up_after,
         parent_pid=args.parent_pid,
         slow_down_s=args.slow_down,
+        credentials=credentials,
+        metadata=metadata,
     )
     try:
         return worker.run()

@@ -219,14 +219,16 @@ class Worker:
                 device=self.device,
                 steps_done=[h.steps_done for h in reply.heads],
             )
+        else:  # same heads again (a server restart, an expired lease): take the server's view of them
+            self.trainer.steps_done = [h.steps_done for h in reply.heads]
+            self.trainer.forget_merges([i for i, h in enumerate(reply.heads) if not h.has_factors])
         self.version = -1
         self.lease_lost.clear()
         self._say(
             f"registered: heads {head_ids} of {job.heads}, {job.model} on {self.device}, mode {job.mode}"
         )
-        self.pull(
-            wait_s=0.0, head_factors=[h.head_id for h in reply.heads if h.has_factors] if not same else []
-        )
+        # heads the server holds factors for continue from them exactly (current = last merged)
+        self.pull(wait_s=0.0, head_factors=[h.head_id for h in reply.heads if h.has_factors])
 
     def pull(self, wait_s: float, head_factors: list[int] | tuple[int, ...] = ()) -> bool:
         """Fetch a newer snapshot if there is one; returns whether the base changed. Raises JobDone."""

@@ -211,7 +211,8 @@
     setText("#stat-workers", `${st.workers_active} active / ${st.workers.length}`);
     setText("#stat-loss", fmtNum(st.train_loss, 4));
     setText("#stat-accuracy", fmtPercent(st.test_accuracy));
-    setText("#stat-bytes", `${fmtBytes(st.bytes_up)} / ${fmtBytes(st.bytes_down)}`);
+    setText("#stat-bytes-up", fmtBytes(st.bytes_up));
+    setText("#stat-bytes-down", fmtBytes(st.bytes_down));
     $("#stat-progress").value = st.progress || 0;
     setText("#stat-progress-text", `${Math.round(100 * (st.progress || 0))} % · ${fmtSeconds(st.elapsed_s)}`);
     setText("#free-heads", st.free_heads.length ? `· free heads: ${st.free_heads.join(", ")}` : "");
@@ -255,13 +256,15 @@
     const key = JSON.stringify(job);
     if (key === lastJobKey) return;
     lastJobKey = key;
-    const body = $("#job tbody");
-    body.replaceChildren(
+    $("#job").replaceChildren(
       ...Object.entries(job).map(([k, v]) => {
-        const tr = document.createElement("tr");
-        cell(tr, k, "mono");
-        cell(tr, v === null ? "–" : String(v), "mono");
-        return tr;
+        const item = document.createElement("div");
+        const dt = document.createElement("dt");
+        const dd = document.createElement("dd");
+        dt.textContent = k;
+        dd.textContent = v === null ? "–" : String(v);
+        item.append(dt, dd);
+        return item;
       })
     );
   }

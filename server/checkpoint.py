@@ -1,0 +1,87 @@
+"""Atomic, pickle-free checkpoints: a folder per version with ``tensors.safetensors`` and ``state.json``.
+
+A checkpoint is written into a hidden temporary folder, every file and the folder fsynced, then
+renamed into place (a rename is atomic on POSIX), and the parent fsynced. A process killed at any
+point leaves either the previous newest checkpoint or the new one, never a half-written one
+under a checkpoint name. Only the newest ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+NAME = re.compile(r"^ckpt-(\d{10})$")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    version: int,
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    keep: int = 3,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"ckpt-{version:010d}"
+    tmp = directory / f".tmp-ckpt-{version:010d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors")
+    )
+    (tmp / "state.json").write_text(json.dumps(state))
+    for f in tmp.iterdir():
+        _fsync_path(f)
+    _fsync_path(tmp)
+    if final.exists():  # the same version saved again (e.g. on SIGTERM right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_path(directory)
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [
+        p for p in directory.iterdir() if p.is_dir() and NAME.match(p.name) and (p / "state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint folder, or a run folder holding checkpoints (the newest is taken)."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        newest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+        if newest is None:
+            raise FileNotFoundError(f"no checkpoint in {path} (expected ckpt-<version>/state.json)")
+        path = newest
+    state = json.loads((path / "state.json").read_text())
+    return state, load_file(str(path / "tensors.safetensors"))
