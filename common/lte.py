@@ -116,13 +116,15 @@ class _QuantizedBaseMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.qweight = qweight
+        ctx.qweight, ctx.x_dtype = qweight, x.dtype
         return x @ qweight.dequantize(x.dtype).T
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        grad_x = grad_out @ ctx.qweight.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        grad_x = grad_out @ ctx.qweight.dequantize(grad_out.dtype)
+        return grad_x.to(ctx.x_dtype), None  # autocast may hand us a lower-precision gradient
 
 
 class LTELinear(nn.Module):

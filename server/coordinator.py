@@ -472,6 +472,9 @@ class Coordinator:
                 }
             )
             lease.pushes += 1
+            lease.state = "training"
+            if header.seconds > 0:
+                lease.samples_per_s = header.samples / header.seconds
             lease.samples += header.samples
             lease.last_loss = header.train_loss
             self.samples += header.samples

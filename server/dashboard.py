@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 STATIC_DIR = Path(__file__).parent / "static"
 RATE_WINDOW_S = 60.0  # merges per minute and samples/s are measured over this much recent time
+MAX_CURVE_POINTS = 500  # longer eval curves are thinned evenly, so a poll stays small in long runs
 WORKER_STATES = ("starting", "registered", "pulling", "waiting", "training", "pushing", "left", "expired")
 GONE_STATES = ("left", "expired")
 CSP = (
@@ -105,7 +106,9 @@ class JobStatus(BaseModel):
     workers: list[WorkerStatus]
     free_heads: list[int] = Field(default_factory=list, description="heads no worker holds")
     history: list[HistoryPoint] = Field(description="the newest merges, oldest first")
-    evals: list[EvalPoint]
+    evals: list[EvalPoint] = Field(
+        description=f"evaluations, oldest first; thinned evenly to {MAX_CURVE_POINTS}"
+    )
 
 
 class Health(BaseModel):
@@ -119,6 +122,14 @@ def finite(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def thin(points: list, limit: int = MAX_CURVE_POINTS) -> list:
+    """At most ``limit`` evenly spaced items of ``points``, always with the first and the last."""
+    if len(points) <= limit:
+        return list(points)
+    step = (len(points) - 1) / (limit - 1)
+    return [points[round(i * step)] for i in range(limit)]
 
 
 def recent_rates(st: dict[str, Any], window_s: float = RATE_WINDOW_S) -> tuple[float, float]:
@@ -190,7 +201,7 @@ def job_status(st: dict[str, Any]) -> JobStatus:
                 test_loss=finite(e.get("test_loss")),
                 test_accuracy=finite(e.get("test_accuracy")),
             )
-            for e in evals
+            for e in thin(evals)
         ],
     )
 
@@ -380,7 +391,9 @@ class DashboardServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """Where a browser on this machine finds the page (a wildcard address means loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/"
 
     def start(self, timeout: float = 30.0) -> DashboardServer:

@@ -1,0 +1,144 @@
+"""Worker memory and step time: an LTE worker (int8 / nf4 / fp32 base) against full fp32 AdamW training.
+
+    python bench/worker_cost.py --model vit-b --image-size 28 --patch-size 4 --batch-size 8   # CPU
+    python bench/worker_cost.py --model vit-b --device cuda --image-size 224 --batch-size 64  # GPU
+
+Each configuration runs in a fresh subprocess, so the process peak (RSS on CPU, the high-water
+mark of ``torch.cuda.max_memory_allocated`` on GPU) belongs to it alone. Model state is counted
+exactly: weights and buffers, gradients after a backward, optimiser state after a step.
+Step time is the median of ``--steps`` timed steps after ``--warmup``, same model, same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lte.common.config import JobConfig  # noqa: E402
+from lte.common.lte import prepare_model, trainable_parameters  # noqa: E402
+from lte.common.trainer import build_job_model, make_optimizer  # noqa: E402
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def measure(cfg: dict) -> dict:
+    device = torch.device(cfg["device"])
+    job = JobConfig(
+        model=cfg["model"], image_size=cfg["image_size"], patch_size=cfg["patch_size"], in_channels=3,
+        num_classes=1000 if cfg["image_size"] >= 64 else 10, heads=cfg["heads"], rank=cfg["rank"],
+        alpha=cfg["alpha"], quant=cfg["quant"] if cfg["mode"] == "lte" else "none", batch_size=cfg["batch_size"],
+    )
+    model = build_job_model(job)
+    if cfg["mode"] == "lte":
+        model = prepare_model(model, job.lte_config(list(range(cfg["heads"]))))
+    model = model.to(device).train()
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, job)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(0)
+    batch = cfg["batch_size"] * (cfg["heads"] if cfg["mode"] == "lte" else 1)
+    x = torch.randn(batch, 3, job.image_size, job.image_size, generator=gen).to(device)
+    y = torch.randint(0, job.num_classes, (batch,), generator=gen).to(device)
+    times = []
+    autocast = cfg.get("amp") and device.type == "cuda"
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= cfg["warmup"]:
+            times.append(time.perf_counter() - t)
+    state = {
+        "weights_and_buffers": tensor_bytes(list(model.parameters()) + list(model.buffers())),
+        "grads": tensor_bytes(p.grad for p in params),
+        "optimizer": tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+    }
+    out = {
+        **cfg,
+        "model_state_bytes": sum(state.values()),
+        **state,
+        "step_s_median": statistics.median(times),
+        "step_s_min": min(times),
+        "samples_per_step": batch,
+    }
+    if device.type == "cuda":
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["card"] = torch.cuda.get_device_name(device)
+    else:
+        out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit-b")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8, help="samples per head (and per full-training step)")
+    p.add_argument("--heads", type=int, default=1, help="LTE heads on the worker")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--alpha", type=float, default=4096)
+    p.add_argument("--quants", default="int8,nf4,none")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--json-out", help="also write the rows as JSON here")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config in this process
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one))))
+        return 0
+    base = {
+        "model": args.model, "device": args.device, "image_size": args.image_size, "patch_size": args.patch_size,
+        "batch_size": args.batch_size, "rank": args.rank, "alpha": args.alpha, "warmup": args.warmup,
+        "steps": args.steps, "amp": args.amp,
+    }
+    configs = [{**base, "mode": "full", "quant": "none", "heads": 1}]
+    configs += [{**base, "mode": "lte", "quant": q, "heads": args.heads} for q in args.quants.split(",")]
+    rows = []
+    for cfg in configs:
+        run = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True)
+        if run.returncode:
+            print(run.stderr, file=sys.stderr)
+            return run.returncode
+        rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    full = rows[0]
+    print(f"{args.model} on {args.device}" + (f" ({full['card']})" if "card" in full else "") +
+          f", image {args.image_size}/{args.patch_size}, batch {args.batch_size} per head, r {args.rank}, LTE heads {args.heads}")
+    print("| run | model state MB | weights MB | grads MB | optimiser MB | state / full | peak MB | step s | step / full |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        name = "full fp32 AdamW" if r["mode"] == "full" else f"LTE {r['quant']} base"
+        mb = 1 / 2**20
+        print(
+            f"| {name} | {r['model_state_bytes'] * mb:.0f} | {r['weights_and_buffers'] * mb:.0f} | {r['grads'] * mb:.0f} | "
+            f"{r['optimizer'] * mb:.0f} | {r['model_state_bytes'] / full['model_state_bytes']:.3f} | {r['peak_bytes'] * mb:.0f} | "
+            f"{r['step_s_median']:.3f} | {r['step_s_median'] / full['step_s_median']:.2f} |"
+        )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
