@@ -52,20 +52,35 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     device = torch.device(args.device)
-    job = JobConfig(model=args.model, image_size=args.image_size, in_channels=3, num_classes=1000, rank=args.rank)
+    job = JobConfig(
+        model=args.model, image_size=args.image_size, in_channels=3, num_classes=1000, rank=args.rank
+    )
     with torch.device("meta"):
         plain = build_job_model(job)
     shapes = [tuple(dict(plain.named_parameters())[n].shape) for n in linear_weight_names(plain)]
     weights = [torch.randn(m, n, device=device) for m, n in shapes]
     r = args.rank
     label = f"{args.model}, r {r}, {len(shapes)} layers, {sum(m * n for m, n in shapes) / 1e6:.1f}M merged weights"
-    print(f"merge per push vs plain GEMM on {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "") + f": {label}")
-    print("| heads per push | merge ms | plain GEMM ms | merge GFLOP/s | GEMM GFLOP/s | merge / GEMM throughput |")
+    print(
+        f"merge per push vs plain GEMM on {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f": {label}"
+    )
+    print(
+        "| heads per push | merge ms | plain GEMM ms | merge GFLOP/s | GEMM GFLOP/s | merge / GEMM throughput |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for k in (int(x) for x in args.heads_per_push.split(",")):
         factors = [
-            [(torch.randn(m, r, device=device), torch.randn(r, n, device=device), torch.randn(m, r, device=device),
-              torch.randn(r, n, device=device)) for _ in range(k)]
+            [
+                (
+                    torch.randn(m, r, device=device),
+                    torch.randn(r, n, device=device),
+                    torch.randn(m, r, device=device),
+                    torch.randn(r, n, device=device),
+                )
+                for _ in range(k)
+            ]
             for m, n in shapes
         ]
         lefts = [torch.randn(m, 2 * r * k, device=device) for m, _ in shapes]
@@ -82,7 +97,9 @@ def main() -> int:
 
         flops = sum(2 * m * n * 2 * r * k for m, n in shapes)
         t_merge, t_gemm = timed(merge, device, args.repeat), timed(gemm, device, args.repeat)
-        print(f"| {k} | {t_merge * 1e3:.1f} | {t_gemm * 1e3:.1f} | {flops / t_merge / 1e9:.0f} | {flops / t_gemm / 1e9:.0f} | {t_gemm / t_merge:.2f} |")
+        print(
+            f"| {k} | {t_merge * 1e3:.1f} | {t_gemm * 1e3:.1f} | {flops / t_merge / 1e9:.0f} | {flops / t_gemm / 1e9:.0f} | {t_gemm / t_merge:.2f} |"
+        )
     return 0
 
 

@@ -36,9 +36,16 @@ def tensor_bytes(tensors) -> int:
 def measure(cfg: dict) -> dict:
     device = torch.device(cfg["device"])
     job = JobConfig(
-        model=cfg["model"], image_size=cfg["image_size"], patch_size=cfg["patch_size"], in_channels=3,
-        num_classes=1000 if cfg["image_size"] >= 64 else 10, heads=cfg["heads"], rank=cfg["rank"],
-        alpha=cfg["alpha"], quant=cfg["quant"] if cfg["mode"] == "lte" else "none", batch_size=cfg["batch_size"],
+        model=cfg["model"],
+        image_size=cfg["image_size"],
+        patch_size=cfg["patch_size"],
+        in_channels=3,
+        num_classes=1000 if cfg["image_size"] >= 64 else 10,
+        heads=cfg["heads"],
+        rank=cfg["rank"],
+        alpha=cfg["alpha"],
+        quant=cfg["quant"] if cfg["mode"] == "lte" else "none",
+        batch_size=cfg["batch_size"],
     )
     model = build_job_model(job)
     if cfg["mode"] == "lte":
@@ -70,7 +77,9 @@ def measure(cfg: dict) -> dict:
     state = {
         "weights_and_buffers": tensor_bytes(list(model.parameters()) + list(model.buffers())),
         "grads": tensor_bytes(p.grad for p in params),
-        "optimizer": tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+        "optimizer": tensor_bytes(
+            v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+        ),
     }
     out = {
         **cfg,
@@ -109,23 +118,37 @@ def main() -> int:
         print(json.dumps(measure(json.loads(args.one))))
         return 0
     base = {
-        "model": args.model, "device": args.device, "image_size": args.image_size, "patch_size": args.patch_size,
-        "batch_size": args.batch_size, "rank": args.rank, "alpha": args.alpha, "warmup": args.warmup,
-        "steps": args.steps, "amp": args.amp,
+        "model": args.model,
+        "device": args.device,
+        "image_size": args.image_size,
+        "patch_size": args.patch_size,
+        "batch_size": args.batch_size,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "amp": args.amp,
     }
     configs = [{**base, "mode": "full", "quant": "none", "heads": 1}]
     configs += [{**base, "mode": "lte", "quant": q, "heads": args.heads} for q in args.quants.split(",")]
     rows = []
     for cfg in configs:
-        run = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True
+        )
         if run.returncode:
             print(run.stderr, file=sys.stderr)
             return run.returncode
         rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
     full = rows[0]
-    print(f"{args.model} on {args.device}" + (f" ({full['card']})" if "card" in full else "") +
-          f", image {args.image_size}/{args.patch_size}, batch {args.batch_size} per head, r {args.rank}, LTE heads {args.heads}")
-    print("| run | model state MB | weights MB | grads MB | optimiser MB | state / full | peak MB | step s | step / full |")
+    print(
+        f"{args.model} on {args.device}"
+        + (f" ({full['card']})" if "card" in full else "")
+        + f", image {args.image_size}/{args.patch_size}, batch {args.batch_size} per head, r {args.rank}, LTE heads {args.heads}"
+    )
+    print(
+        "| run | model state MB | weights MB | grads MB | optimiser MB | state / full | peak MB | step s | step / full |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         name = "full fp32 AdamW" if r["mode"] == "full" else f"LTE {r['quant']} base"
