@@ -12,4 +12,4 @@ run() { echo "### $*" | tee -a "$OUT/tables.md"; timeout 240 "$@" 2>&1 | tee -a 
 run python3 bench/worker_cost.py --model vit-b --device cuda --image-size 224 --patch-size 16 --batch-size 64 --warmup 3 --steps 10 --json-out "$OUT/worker_fp32.json"
 run python3 bench/worker_cost.py --model vit-b --device cuda --image-size 224 --patch-size 16 --batch-size 64 --warmup 3 --steps 10 --amp --json-out "$OUT/worker_bf16.json"
 run python3 bench/merge_cost.py --model vit-b --device cuda --repeat 20 --heads-per-push 1,4,32
-run python3 bench/merge_cost.py --model vit-b --device cpu --repeat 3 --heads-per-push 1,4
+run python3 bench/merge_cost.py --model vit-b --device cpu --repeat 3 --heads-per-push 1,4,32

@@ -49,7 +49,8 @@ def measure(cfg: dict) -> dict:
     )
     model = build_job_model(job)
     if cfg["mode"] == "lte":
-        model = prepare_model(model, job.lte_config(list(range(cfg["heads"]))))
+        # as a real worker holds it: B', A' in the uplink's dtype (fp16 by default)
+        model = prepare_model(model, job.lte_config(list(range(cfg["heads"])), wire_rounded=True))
     model = model.to(device).train()
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, job)

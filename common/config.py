@@ -102,8 +102,19 @@ class JobConfig:
     def snapshot_codec(self) -> str:
         return SNAPSHOT_CODEC[self.quant]
 
-    def lte_config(self, head_ids: list[int] | tuple[int, ...]) -> LTEConfig:
+    def lte_config(self, head_ids: list[int] | tuple[int, ...], *, wire_rounded: bool = False) -> LTEConfig:
+        """The conversion for a process holding ``head_ids``.
+
+        ``wire_rounded``: the process rounds its factors to the uplink codec before each merge
+        (a worker does), so ``B', A'`` can be stored in the uplink's dtype without loss.
+        """
+        import torch
+
+        prev_dtype = (
+            {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.uplink) if wire_rounded else None
+        )
         return LTEConfig(
+            prev_dtype=prev_dtype,
             heads=len(head_ids),
             total_heads=self.heads,
             rank=self.rank,

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lte.common.quant import QUANT_KINDS, QuantizedTensor, quantize
@@ -44,6 +43,9 @@ class LTEConfig:
     a_init: str = "semi-orthogonal"
     a_init_gain: float = 1.0  # extra factor on top of the init's own scale
     quant: str = "none"  # base weight storage: none | int8 | nf4
+    # storage of B', A': the uplink's dtype when a worker rounds its factors to it before a merge
+    # (then lossless, and half the bytes); None keeps the factors' own dtype
+    prev_dtype: torch.dtype | None = None
     strict: bool = True  # every trainable parameter must be covered by heads or replicas
     replicas: bool = True  # train non-Linear parameters as per-process replicas
     exclude: tuple[str, ...] = ()  # Linear module names kept as they are (must be frozen in strict mode)
@@ -107,24 +109,38 @@ def init_lora_a(a: torch.Tensor, kind: str, generator: torch.Generator, gain: fl
             raise ValueError(f"unknown A init {kind!r}; choose one of {A_INITS}")
 
 
-class _QuantizedBaseMatmul(torch.autograd.Function):
-    """y = x q(W)^T that keeps only the codes for backward (dequantises again there).
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on for x's device, else x's own."""
+    kind = x.device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    except TypeError:  # torch < 2.4: no per-device query; only CUDA autocast is common there
+        if kind == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return x.dtype
 
-    Plain F.linear would save the dequantised fp32 weight of every layer until backward,
-    which is exactly the memory a quantised base exists to avoid. W itself gets no gradient.
+
+class _FrozenBaseMatmul(torch.autograd.Function):
+    """Each head's frozen part ``y_i = (W - s B'_i A'_i) x_i`` (the fold optional), W dequantised on the fly.
+
+    Only x gets a gradient, and nothing of W is kept for backward: it is rebuilt there. Plain
+    F.linear would hold every layer's dequantised weight until backward, the very memory a
+    quantised base exists to save; and the weight gradient it skips is a third of a layer's work.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.qweight, ctx.x_dtype = qweight, x.dtype
-        return x @ qweight.dequantize(x.dtype).T
+    def forward(ctx, xh: torch.Tensor, layer: LTELinear, fold_prev: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer, ctx.fold_prev, ctx.x_dtype = layer, fold_prev, xh.dtype
+        dtype = _compute_dtype(xh)
+        return xh.to(dtype) @ layer.frozen_weight(dtype, fold_prev).mT
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
-            return None, None
-        grad_x = grad_out @ ctx.qweight.dequantize(grad_out.dtype)
-        return grad_x.to(ctx.x_dtype), None  # autocast may hand us a lower-precision gradient
+            return None, None, None
+        grad_x = grad_out @ ctx.layer.frozen_weight(grad_out.dtype, ctx.fold_prev)
+        return grad_x.to(ctx.x_dtype), None, None
 
 
 class LTELinear(nn.Module):
@@ -147,6 +163,7 @@ class LTELinear(nn.Module):
         alpha: float = 64.0,
         reset: bool = False,
         quant: str = "none",
+        prev_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -162,9 +179,12 @@ class LTELinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(heads, rank, in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(heads, out_features, rank, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        self.register_buffer("lora_A_prev", torch.zeros(heads, rank, in_features, **kw))
-        self.register_buffer("lora_B_prev", torch.zeros(heads, out_features, rank, **kw))
+        kw_prev = {**kw, "dtype": prev_dtype or kw["dtype"]}
+        self.register_buffer("lora_A_prev", torch.zeros(heads, rank, in_features, **kw_prev))
+        self.register_buffer("lora_B_prev", torch.zeros(heads, out_features, rank, **kw_prev))
         self.qweight: QuantizedTensor | None = None
+        # False only while B' A' is known to be zero (fresh, or reset variant): skips its work
+        self.has_prev = False
         if quant == "none":
             self.register_buffer("weight", torch.zeros(out_features, in_features, **kw))
         else:
@@ -184,6 +204,7 @@ class LTELinear(nn.Module):
             alpha=config.alpha,
             reset=config.reset,
             quant=config.quant,
+            prev_dtype=config.prev_dtype,
             device=w.device,
             dtype=w.dtype,
         )
@@ -209,6 +230,7 @@ class LTELinear(nn.Module):
             self.lora_B.zero_()
             self.lora_B_prev.zero_()
             self.lora_A_prev.zero_()
+            self.has_prev = False
             for local, head_id in enumerate(head_ids):
                 gen = torch.Generator().manual_seed(_seed_for(seed, head_id, layer_index))
                 a = torch.empty(self.rank, self.in_features, dtype=torch.float64)
@@ -234,6 +256,10 @@ class LTELinear(nn.Module):
         self.register_buffer("weight_codes", self.qweight.codes)
         self.register_buffer("weight_scale", self.qweight.scale)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.has_prev = True  # loaded factors: assume B' A' is not zero
+
     def _apply(self, fn, recurse=True):  # keep qweight pointing at the moved buffers
         super()._apply(fn, recurse)
         if self.qweight is not None:
@@ -253,23 +279,31 @@ class LTELinear(nn.Module):
         return self.qweight.dequantize(dtype or self.lora_A.dtype)
 
     # -- forward and merge -----------------------------------------------------------------
+    def frozen_weight(self, dtype: torch.dtype, fold_prev: bool) -> torch.Tensor:
+        """``W`` (``[m, n]``), or per head ``W - s B'_i A'_i`` (``[h, m, n]``), in ``dtype``."""
+        w = self.base_weight(dtype)
+        if not fold_prev:
+            return w
+        return w - self.scale * (self.lora_B_prev.to(dtype) @ self.lora_A_prev.to(dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is None:
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            y = _QuantizedBaseMatmul.apply(x, self.qweight)
-            if self.bias is not None:
-                y = y + self.bias
-        if not self.training:
-            return y  # eval: W alone
-        h = self.heads
+        m, n, h = self.out_features, self.in_features, self.heads
+        if not self.training:  # eval: W alone
+            y = _FrozenBaseMatmul.apply(x.reshape(1, -1, n), self, False).reshape(*x.shape[:-1], m)
+            return y if self.bias is None else y + self.bias
         if x.shape[0] % h:
             raise ValueError(f"batch of {x.shape[0]} does not split evenly across {h} LTE heads")
-        xh = x.reshape(h, -1, self.in_features)  # head i gets samples [i*B/h, (i+1)*B/h)
-        A, B, A_prev, B_prev = self.lora_A, self.lora_B, self.lora_A_prev, self.lora_B_prev
-        # y = W x + s * (B_i A_i x - B'_i A'_i x)
-        delta = (xh @ A.mT) @ B.mT - (xh @ A_prev.mT) @ B_prev.mT
-        return y + self.scale * delta.reshape(y.shape)
+        xh = x.reshape(h, -1, n)  # head i gets samples [i*B/h, (i+1)*B/h)
+        A, B, A_prev, B_prev, s = self.lora_A, self.lora_B, self.lora_A_prev, self.lora_B_prev, self.scale
+        # y = W x + s * (B_i A_i x - B'_i A'_i x). The last-merged term is folded into the weight
+        # when a head's rows outnumber m n / (m + n), where that is the cheaper way to compute it.
+        fold = self.has_prev and xh.shape[1] * (m + n) >= m * n
+        y = _FrozenBaseMatmul.apply(xh, self, fold)
+        if self.has_prev and not fold:
+            y = y - s * ((xh @ A_prev.mT.to(xh.dtype)) @ B_prev.mT.to(xh.dtype))
+        y = y + s * ((xh @ A.mT) @ B.mT)
+        y = y.reshape(*x.shape[:-1], m)
+        return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -294,6 +328,7 @@ class LTELinear(nn.Module):
             self.lora_B.zero_()
         self.lora_B_prev.copy_(self.lora_B)
         self.lora_A_prev.copy_(self.lora_A)
+        self.has_prev = not self.reset  # the reset variant's B' is zero: nothing to subtract
 
     def extra_repr(self) -> str:
         return (
@@ -308,20 +343,38 @@ class LTELinear(nn.Module):
 @torch.no_grad()
 def merge_head_deltas(
     weight: torch.Tensor,
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
     weights: Sequence[float],
 ) -> None:
-    """``W += sum_k w_k (B_k A_k - B'_k A'_k)`` in one GEMM: ``[w B | -w B'] @ [A ; A']``.
+    """``W += sum_k w_k (B_k A_k - B'_k A'_k)``; the weights already hold ``s / N``.
 
-    ``factors[k] = (B_k [m, r], A_k [r, n], B'_k, A'_k)``; the weights already hold ``s / N``.
+    ``factors[k] = (B_k [m, r], A_k [r, n], B'_k, A'_k)``, the last two ``None`` for a head never
+    merged. With one weight for every head (sync mode) this is two in-place GEMMs,
+    ``W += w [B_1 .. B_K] [A_1 ; .. ; A_K]`` and the same with ``-w`` for the primed factors, and no
+    elementwise work; otherwise each ``B`` is scaled by its own weight first.
     """
     if not factors:
         return
+    dt = weight.dtype
+
+    def cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)).to(dt)
+
+    if all(w == weights[0] for w in weights):
+        w = float(weights[0])
+        weight.addmm_(cat([f[0] for f in factors], 1), cat([f[1] for f in factors], 0), alpha=w)
+        merged = [f for f in factors if f[2] is not None]
+        if merged:
+            weight.addmm_(cat([f[2] for f in merged], 1), cat([f[3] for f in merged], 0), alpha=-w)
+        return
     lefts, rights = [], []
     for (b, a, b_prev, a_prev), w in zip(factors, weights, strict=True):
-        lefts += [b.to(weight.dtype) * w, b_prev.to(weight.dtype) * -w]
-        rights += [a.to(weight.dtype), a_prev.to(weight.dtype)]
-    weight.addmm_(torch.cat(lefts, dim=1), torch.cat(rights, dim=0))
+        lefts.append(b.to(dt) * w)
+        rights.append(a)
+        if b_prev is not None:
+            lefts.append(b_prev.to(dt) * -w)
+            rights.append(a_prev)
+    weight.addmm_(cat(lefts, 1), cat(rights, 0))
 
 
 @dataclass
@@ -363,10 +416,7 @@ def apply_updates(
     for update, w in zip(heads, head_weights, strict=True):
         prev = prev_factors.get(update.head_id, {})
         for name, (b, a) in update.factors.items():
-            if name in prev:
-                b_prev, a_prev = prev[name]
-            else:
-                b_prev, a_prev = torch.zeros_like(b), torch.zeros_like(a)
+            b_prev, a_prev = prev.get(name, (None, None))  # never merged: nothing to subtract
             per_layer.setdefault(name, []).append((b, a, b_prev, a_prev))
             per_layer_w.setdefault(name, []).append(scale * w)
     for name, factors in per_layer.items():
@@ -515,6 +565,7 @@ def load_head_factors(
         layer.lora_A[local_index].copy_(a)
         layer.lora_B_prev[local_index].copy_(bp)
         layer.lora_A_prev[local_index].copy_(ap)
+        layer.has_prev = True
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -156,7 +156,7 @@ def run_full(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         samples += x.shape[0]
         if (step + 1) % job.merge_every == 0:  # report on the same clock as LTE rounds
             round_index = (step + 1) // job.merge_every

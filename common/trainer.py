@@ -134,12 +134,14 @@ class LocalTrainer:
         *,
         device: str | torch.device = "cpu",
         steps_done: Sequence[int] | None = None,
+        wire_rounded: bool = False,
     ) -> None:
         if not head_ids:
             raise ValueError("a trainer needs at least one head")
         self.job, self.head_ids, self.device = job, list(head_ids), torch.device(device)
         self.task = dataset.task
-        self.model = prepare_model(build_job_model(job), job.lte_config(self.head_ids)).to(self.device)
+        lte = job.lte_config(self.head_ids, wire_rounded=wire_rounded)
+        self.model = prepare_model(build_job_model(job), lte).to(self.device)
         self.model.train()
         self.optimizer = make_optimizer(trainable_parameters(self.model), job)
         self.streams = [

@@ -362,3 +362,29 @@ def test_low_rank_merges_recover_a_full_rank_target():
     assert train(heads=1, merge_every=None) >= 0.99 * floor(r)  # one adapter: bounded by rank r
     assert train(heads=6, merge_every=5) < 1e-6 * floor(r)  # N r = d: exact recovery
     assert train(heads=2, merge_every=5, reset=True, lr=5e-2) < 0.75 * floor(2 * r)  # beyond rank N r
+
+
+@pytest.mark.parametrize("rows_per_head", [2, 200])  # below and above m n / (m + n) = 16: per-token vs folded
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_last_merge_term_is_exact_whether_folded_into_w_or_not(rows_per_head, quant):
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 32).double()
+    layer = LTELinear.from_linear(lin, LTEConfig(heads=3, rank=4, alpha=8.0, quant=quant))
+    layer.double()
+    with torch.no_grad():
+        for t in (layer.lora_A, layer.lora_B, layer.lora_A_prev, layer.lora_B_prev):
+            t.normal_()
+    layer.has_prev = True
+    x = torch.randn(3 * rows_per_head, 32, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    xh = x.reshape(3, -1, 32)
+    w = layer.base_weight(torch.float64)
+    ref = xh @ w.T + layer.scale * (
+        (xh @ layer.lora_A.mT) @ layer.lora_B.mT - (xh @ layer.lora_A_prev.mT) @ layer.lora_B_prev.mT
+    )
+    ref = ref.reshape(-1, 32) + layer.bias
+    torch.testing.assert_close(y, ref, **TOL)
+    grads = torch.autograd.grad(y.square().sum(), (x, layer.lora_A, layer.lora_B))
+    grads_ref = torch.autograd.grad(ref.square().sum(), (x, layer.lora_A, layer.lora_B))
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, **TOL)
