@@ -185,6 +185,82 @@ def run_full(
     )
 
 
+def run_diloco(
+    job: JobConfig,
+    dataset,
+    *,
+    workers: int = 4,
+    sync_every: int | None = None,
+    device: str = "cpu",
+    eval_every: int = 0,
+    progress: Progress | None = None,
+) -> SimResult:
+    """The DiLoCo-style baseline: ``workers`` full replicas, each with its own AdamW, train
+    ``sync_every`` (H, default T) steps on their heads' shards, then their weights are averaged.
+
+    Every replica sees the batches of its block of heads, so the samples per step equal LTE's and
+    full training's. Per sync each replica sends and receives the whole fp32 model.
+    """
+    start = time.perf_counter()
+    sync_every = sync_every or job.merge_every
+    master = build_job_model(job).to(device)
+    blocks = partition_heads(job.heads, workers)
+    replicas = [build_job_model(job).to(device) for _ in blocks]
+    for r in replicas:
+        r.load_state_dict(master.state_dict())
+        r.train()
+    optimizers = [make_optimizer(r.parameters(), job) for r in replicas]
+    streams = [
+        [HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed) for h in ids]
+        for ids in blocks
+    ]
+    steps = job.rounds * job.merge_every
+    history: list[dict[str, Any]] = []
+    samples, losses, syncs = 0, [], 0
+    for step in range(steps):
+        for model, opt, heads in zip(replicas, optimizers, streams, strict=True):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, job)
+            x, y = stacked_batch(heads, step)
+            loss = loss_fn(dataset.task, model(x.to(device, job.torch_dtype)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            samples += x.shape[0]
+        if (step + 1) % sync_every == 0 or step + 1 == steps:
+            syncs += 1
+            with torch.no_grad():
+                states = [r.state_dict() for r in replicas]
+                for name, value in master.state_dict().items():
+                    value.copy_(torch.stack([s[name] for s in states]).mean(dim=0))
+                for r in replicas:
+                    r.load_state_dict(master.state_dict())
+            record: dict[str, Any] = {
+                "version": syncs,
+                "samples": samples,
+                "train_loss": sum(losses) / len(losses),
+            }
+            losses = []
+            if step + 1 == steps or (eval_every and syncs % eval_every == 0):
+                record.update(evaluate(master, dataset, device=device))
+            history.append(record)
+            if progress:
+                progress.update(syncs, **_progress_fields(record, samples, start))
+    final = history[-1]
+    return SimResult(
+        "diloco",
+        final.get("test_accuracy"),
+        final["test_loss"],
+        samples,
+        steps,
+        syncs,
+        time.perf_counter() - start,
+        history,
+        master.state_dict(),
+    )
+
+
 def _progress_fields(record: dict[str, Any], samples: int, start: float) -> dict[str, Any]:
     out: dict[str, Any] = {
         "loss": record["train_loss"],
@@ -211,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--full", action="store_true", help="standard full training of the same model instead of LTE"
     )
+    parser.add_argument(
+        "--diloco",
+        action="store_true",
+        help="baseline: --workers full replicas averaged every --merge-every steps",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda:0 [cpu]")
     parser.add_argument(
         "--eval-every", type=int, default=0, help="evaluate every K merges (0: only at the end)"
@@ -235,10 +316,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"lte-sim: error: {exc}", file=sys.stderr)
         return 2
-    mode = "full" if args.full else f"lte N={job.heads} r={job.rank} T={job.merge_every} quant={job.quant}"
+    if args.full:
+        mode = "full"
+    elif args.diloco:
+        mode = f"diloco workers={args.workers} H={job.merge_every}"
+    else:
+        mode = f"lte N={job.heads} r={job.rank} T={job.merge_every} quant={job.quant}"
     progress = None if args.quiet else Progress(job.rounds, f"{job.model}/{job.dataset} {mode}")
     if args.full:
         result = run_full(job, dataset, device=args.device, eval_every=args.eval_every, progress=progress)
+    elif args.diloco:
+        result = run_diloco(
+            job,
+            dataset,
+            workers=args.workers,
+            device=args.device,
+            eval_every=args.eval_every,
+            progress=progress,
+        )
     else:
         result = run_lte(
             job,

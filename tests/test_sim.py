@@ -1,0 +1,51 @@
+"""The emulator and its baselines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lte.common.config import JobConfig
+from lte.common.data import load_dataset
+from lte.common.sim import main, partition_heads, run_diloco, run_full
+
+DIGITS = load_dataset("digits", seed=0)
+
+
+def test_partition_heads_is_contiguous_and_complete():
+    assert partition_heads(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="workers must be in"):
+        partition_heads(2, 3)
+
+
+def test_diloco_with_one_replica_is_full_training():
+    job = JobConfig(model="mlp", heads=4, steps=20, merge_every=5, dtype="float64").with_dataset(DIGITS)
+    full = run_full(job, DIGITS).master
+    diloco = run_diloco(job, DIGITS, workers=1).master
+    for name, value in full.items():
+        torch.testing.assert_close(diloco[name], value, rtol=1e-12, atol=1e-12)
+
+
+def test_diloco_averages_replicas():
+    job = JobConfig(model="mlp", heads=4, steps=10, merge_every=10).with_dataset(DIGITS)
+    result = run_diloco(job, DIGITS, workers=2)
+    assert result.rounds == 1 and result.samples == 10 * 4 * job.batch_size
+    assert 0.0 <= result.test_accuracy <= 1.0
+
+
+def test_cli_prints_one_json_line_with_the_results(capsys):
+    assert (
+        main(["--model", "mlp", "--dataset", "digits", "--heads", "2", "--steps", "20", "--json", "--quiet"])
+        == 0
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert {"test_accuracy", "test_loss", "samples", "steps", "seconds"} <= set(summary)
+    assert summary["samples"] == 20 * 2 * 16
+
+
+def test_cli_errors_say_what_to_do(capsys):
+    assert main(["--dataset", "fashion-mnist", "--data-dir", "/nonexistent", "--quiet"]) == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
