@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from lte.common.config import add_job_arguments, load_toml, resolve_job
+from lte.common.logs import setup_logging
 from lte.common.progress import Progress, format_bytes
 
 
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument(
         "--tls-ca", default=None, help="PEM CA that client certificates must chain to (mutual TLS)"
     )
+    s.add_argument("--log-format", choices=("text", "json"), default="text", help="stderr log lines [text]")
+    s.add_argument("--tensorboard", default=None, help="also write TensorBoard scalars to this folder")
     s.add_argument("--json", action="store_true", help="print one final JSON line with the results")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
@@ -242,10 +246,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
-    return serve(job, dataset, srv, json_out=args.json, quiet=args.quiet)
+    setup_logging(args.log_format, "WARNING" if args.quiet else "INFO", prog="lte-server")
+    return serve(
+        job,
+        dataset,
+        srv,
+        json_out=args.json,
+        quiet=args.quiet,
+        log_format=args.log_format,
+        tensorboard=args.tensorboard,
+    )
 
 
-def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = False) -> int:
+def serve(
+    job,
+    dataset,
+    srv: dict,
+    *,
+    json_out: bool = False,
+    quiet: bool = False,
+    log_format: str = "text",
+    tensorboard: str | None = None,
+) -> int:
     import torch
 
     from lte.common.auth import token_from
@@ -300,7 +322,17 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
     except (OSError, ValueError) as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    log = logging.getLogger("lte.server")
+    if tensorboard:
+        try:
+            coordinator.add_sink(tensorboard_sink(tensorboard))
+        except ImportError as exc:
+            server.stop()
+            print(
+                f"lte-server: error: --tensorboard needs the tensorboard package ({exc}); pip install tensorboard",
+                file=sys.stderr,
+            )
+            return 2
     dashboard = None
     if srv["dashboard_port"] >= 0:
         from lte.server.dashboard import DashboardServer
@@ -319,16 +351,31 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
                 file=sys.stderr,
             )
             return 2
-        # printed even with --quiet: it is the one line a user needs
-        print(f"lte-server: dashboard at {dashboard.url}", file=sys.stderr, flush=True)
-    say(
-        f"lte-server: {job.model} on {job.dataset}, N={job.heads} r={job.rank} T={job.merge_every} "
-        f"mode={job.mode} quant={job.quant}; {job.rounds} rounds"
+        if quiet and log_format == "text":  # printed even with --quiet: it is the one line a user needs
+            print(f"lte-server: dashboard at {dashboard.url}", file=sys.stderr, flush=True)
+        else:
+            log.info("dashboard at %s", dashboard.url, extra={"url": dashboard.url})
+    log.info(
+        "%s on %s, N=%d r=%d T=%d mode=%s quant=%s; %d rounds",
+        job.model,
+        job.dataset,
+        job.heads,
+        job.rank,
+        job.merge_every,
+        job.mode,
+        job.quant,
+        job.rounds,
     )
-    say(f"lte-server: serving lte.v1.ParameterServer on {server.address}  (run folder {out_dir})")
+    log.info(
+        "serving lte.v1.ParameterServer on %s  (run folder %s)",
+        server.address,
+        out_dir,
+        extra={"address": server.address, "run_dir": str(out_dir)},
+    )
     if not local:
-        say(
-            f"lte-server: start workers with: lte-worker --server {format_address(_public_host(srv['host']), server.port)}"
+        log.info(
+            "start workers with: lte-worker --server %s",
+            format_address(_public_host(srv["host"]), server.port),
         )
     signal.signal(signal.SIGTERM, _interrupt)
     if credentials is not None:  # the certificate names the host; local workers reach it as localhost
@@ -344,7 +391,10 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
         tls_ca=srv["tls_ca"] or srv["tls_cert"] if credentials is not None else None,
     )
     started = time.perf_counter()
-    progress = None if quiet else Progress(job.rounds if job.mode == "sync" else None, "lte-server")
+    progress = None
+    if not quiet and log_format == "text":
+        progress = Progress(job.rounds if job.mode == "sync" else None, "lte-server")
+    last_status_log = 0.0
     code = 0
     try:
         while not server.wait_done(timeout=1.0):
@@ -360,6 +410,11 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
                     fields["acc"] = st["evals"][-1]["test_accuracy"]
                 fields.update(bytes_up=float(st["bytes_up"]), bytes_down=float(st["bytes_down"]))
                 progress.update(st["version"], **fields)
+            elif log_format == "json" and time.monotonic() - last_status_log >= 10:
+                last_status_log = time.monotonic()
+                log.info(
+                    "progress", extra={k: st[k] for k in ("version", "samples", "bytes_up", "bytes_down")}
+                )
             if procs and all(p.poll() is not None for p in procs):
                 codes = [p.returncode for p in procs]
                 raise RuntimeError(
@@ -384,9 +439,15 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
         acc = (
             f"test accuracy {summary['test_accuracy']:.4f}, " if summary["test_accuracy"] is not None else ""
         )
-        say(
-            f"lte-server: done: version {summary['version']}, {acc}up {format_bytes(summary['bytes_up'])}, "
-            f"down {format_bytes(summary['bytes_down'])}, {summary['seconds']:.1f} s; model saved to {model_path}"
+        log.info(
+            "done: version %d, %sup %s, down %s, %.1f s; model saved to %s",
+            summary["version"],
+            acc,
+            format_bytes(summary["bytes_up"]),
+            format_bytes(summary["bytes_down"]),
+            summary["seconds"],
+            model_path,
+            extra={"summary": summary},
         )
         # let the workers see "done" on their next pull or heartbeat, then stop
         deadline = time.monotonic() + 10
@@ -398,10 +459,12 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
         if json_out:
             print(json.dumps(summary), flush=True)
     except KeyboardInterrupt:
-        say("\nlte-server: interrupted; saving a checkpoint, stopping workers and the server")
+        if progress:
+            progress.close()
+        log.warning("interrupted; saving a checkpoint, stopping workers and the server")
         path = coordinator.save_checkpoint()
         if path:
-            say(f"lte-server: checkpoint {path}; continue with --resume {out_dir}")
+            log.warning("checkpoint %s; continue with --resume %s", path, out_dir)
         code = 130
     except RuntimeError as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
@@ -412,6 +475,22 @@ def serve(job, dataset, srv: dict, *, json_out: bool = False, quiet: bool = Fals
             dashboard.stop()
         server.stop()
     return code
+
+
+def tensorboard_sink(directory: str):
+    """A metrics sink writing TensorBoard scalars (train loss, accuracy, bytes) per version."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(directory)
+
+    def write(record: dict) -> None:
+        step = int(record.get("version", 0))
+        for key in ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "samples"):
+            if isinstance(record.get(key), (int, float)):
+                writer.add_scalar(("eval/" if record.get("eval") else "train/") + key, record[key], step)
+        writer.flush()
+
+    return write
 
 
 def _public_host(host: str) -> str:

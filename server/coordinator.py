@@ -29,6 +29,8 @@ from lte.common.wire import tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.server import checkpoint as ckpt
 
+WORKER_STATES = ("training", "pushing", "pulling", "waiting")  # what a heartbeat may report
+
 
 class Refused(Exception):
     """A request the server will not act on: a gRPC status code and a message that says why."""
@@ -170,6 +172,7 @@ class Coordinator:
         self.pushes_refused = 0
         self.push_log: deque[dict[str, Any]] = deque(maxlen=10_000)  # accepted pushes: staleness and weight
         self._metrics_file = open(metrics_path, "a", buffering=1) if metrics_path else None  # noqa: SIM115
+        self._sinks: list = []
         self._snapshot_lock = threading.Lock()
         self._snapshot: tuple[int, list[pb.ModelChunk], int] | None = None
         self._expected = self._expected_push_shapes()
@@ -233,7 +236,9 @@ class Coordinator:
         with self.lock:
             lease = self.lease(lease_id)
             lease.version, lease.samples_per_s = version, samples_per_s
-            lease.state = state or lease.state
+            # only a worker's own activity: "left" or "expired" from a client would orphan its heads
+            if state in WORKER_STATES:
+                lease.state = state
             return self.version, self.done
 
     def leave(self, lease_id: str) -> None:
@@ -531,9 +536,15 @@ class Coordinator:
         self.changed.notify_all()
 
     # -- evaluation, metrics, export -----------------------------------------------------------
+    def add_sink(self, sink) -> None:
+        """Also hand every metrics record (versions, evaluations, checkpoints) to ``sink(record)``."""
+        self._sinks.append(sink)
+
     def _log(self, record: dict[str, Any]) -> None:
         if self._metrics_file:
             self._metrics_file.write(json.dumps(record) + "\n")
+        for sink in self._sinks:
+            sink(record)
 
     def start_evaluator(self) -> None:
         """Evaluate in a background thread on a copy of W, so RPCs never wait for it."""

@@ -1,0 +1,69 @@
+"""lte-server's configuration, logging and metrics sinks, through its real command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from lte.server.cli import main
+
+
+def print_config(capsys, *argv: str) -> dict:
+    assert main(["--print-config", *argv]) == 0
+    return tomllib.loads(capsys.readouterr().out)
+
+
+def test_print_config_shows_defaults_and_masks_the_token(capsys):
+    cfg = print_config(capsys, "--token", "a-secret-of-sufficient-length")
+    assert cfg["model"] == "mlp" and cfg["heads"] == 8 and cfg["port"] == 50051
+    assert cfg["token"] == "<set>"
+
+
+def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text('model = "vit-tiny"\nheads = 32\nrank = 8\n[server]\nport = 6000\n')
+    cfg = print_config(capsys, "--config", str(job), "--heads", "4")
+    assert (cfg["model"], cfg["heads"], cfg["rank"], cfg["port"]) == ("vit-tiny", 4, 8, 6000)
+    assert cfg["alpha"] == 64.0  # untouched default
+
+
+def test_unknown_config_keys_are_errors_that_name_them(tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text("heads = 4\nmerge_evry = 3\n")
+    assert main(["--config", str(job), "--print-config"]) == 2
+    assert "merge_evry" in capsys.readouterr().err
+
+
+def test_invalid_values_are_refused_with_the_reason(capsys):
+    assert main(["--heads", "0", "--print-config"]) == 2
+    assert "heads must be >= 1" in capsys.readouterr().err
+
+
+def test_json_logs_and_tensorboard_scalars_of_a_real_local_cluster(tmp_path):
+    pytest.importorskip("tensorboard")
+    cmd = [
+        sys.executable, "-m", "lte.server.cli", "--model", "mlp", "--dataset", "digits", "--heads", "2",
+        "--steps", "20", "--local-workers", "1", "--port", "0", "--dashboard-port", "-1", "--out", str(tmp_path / "run"),
+        "--log-format", "json", "--tensorboard", str(tmp_path / "tb"), "--eval-every", "1",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in run.stderr.splitlines() if line.strip()]
+    assert {r["level"] for r in records} <= {"info", "warning"}
+    assert any(r["msg"].startswith("serving lte.v1.ParameterServer") and "address" in r for r in records)
+    assert any("summary" in r for r in records)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/train_loss" in tags and "eval/test_accuracy" in tags
+    assert len(events.Scalars("train/train_loss")) == 2  # one per version: 20 steps / T 10
