@@ -70,6 +70,31 @@ class SimResult:
         }
 
 
+class _Recorder:
+    """Per-round records (evaluated every K rounds and at the last), progress, and the result."""
+
+    def __init__(self, mode: str, dataset, device: str, eval_every: int, last_round: int, progress) -> None:
+        self.mode, self.dataset, self.device = mode, dataset, device
+        self.eval_every, self.last_round, self.progress = eval_every, last_round, progress
+        self.history: list[dict[str, Any]] = []
+        self.start = time.perf_counter()
+
+    def round(self, version: int, samples: int, train_loss: float, model: torch.nn.Module) -> None:
+        record: dict[str, Any] = {"version": version, "samples": samples, "train_loss": train_loss}
+        if version == self.last_round or (self.eval_every and version % self.eval_every == 0):
+            record.update(evaluate(model, self.dataset, device=self.device))
+        self.history.append(record)
+        if self.progress:
+            self.progress.update(version, **_progress_fields(record, samples, self.start))
+
+    def result(self, steps: int, state: dict[str, torch.Tensor]) -> SimResult:
+        final = self.history[-1]
+        return SimResult(
+            self.mode, final.get("test_accuracy"), final["test_loss"], final["samples"], steps,
+            final["version"], time.perf_counter() - self.start, self.history, state,
+        )  # fmt: skip
+
+
 def run_lte(
     job: JobConfig,
     dataset,
@@ -80,13 +105,12 @@ def run_lte(
     progress: Progress | None = None,
 ) -> SimResult:
     """Sync-mode LTE: every round, each worker trains T steps, then all heads merge at once."""
-    start = time.perf_counter()
+    recorder = _Recorder("lte", dataset, device, eval_every, job.rounds, progress)
     plain = build_job_model(job).to(device)
     master = plain.state_dict(keep_vars=False)  # the plain model's tensors: eval reads them directly
     layer_names = linear_weight_names(plain)
     trainers = [LocalTrainer(job, ids, dataset, device=device) for ids in partition_heads(job.heads, workers)]
     prev_factors: dict = {}
-    history: list[dict[str, Any]] = []
     samples = 0
     for round_index in range(job.rounds):
         snapshot = make_snapshot(master, layer_names, job.quant)
@@ -112,32 +136,15 @@ def run_lte(
             t.commit()
         samples += sum(s.samples for s in stats)
         loss = sum(s.train_loss * s.samples for s in stats) / sum(s.samples for s in stats)
-        record: dict[str, Any] = {"version": round_index + 1, "samples": samples, "train_loss": loss}
-        last = round_index + 1 == job.rounds
-        if last or (eval_every and (round_index + 1) % eval_every == 0):
-            record.update(evaluate(plain, dataset, device=device))
-        history.append(record)
-        if progress:
-            progress.update(round_index + 1, **_progress_fields(record, samples, start))
-    final = history[-1]
-    return SimResult(
-        "lte",
-        final.get("test_accuracy"),
-        final["test_loss"],
-        samples,
-        job.rounds * job.merge_every,
-        job.rounds,
-        time.perf_counter() - start,
-        history,
-        master,
-    )
+        recorder.round(round_index + 1, samples, loss, plain)
+    return recorder.result(job.rounds * job.merge_every, master)
 
 
 def run_full(
     job: JobConfig, dataset, *, device: str = "cpu", eval_every: int = 0, progress: Progress | None = None
 ) -> SimResult:
     """Standard training of the same model on the same samples (all N heads' batches per step)."""
-    start = time.perf_counter()
+    recorder = _Recorder("full", dataset, device, eval_every, job.rounds, progress)
     model = build_job_model(job).to(device)
     model.train()
     optimizer = make_optimizer(model.parameters(), job)
@@ -146,7 +153,6 @@ def run_full(
         for h in range(job.heads)
     ]
     steps = job.rounds * job.merge_every
-    history: list[dict[str, Any]] = []
     samples, losses = 0, []
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -159,30 +165,9 @@ def run_full(
         losses.append(loss.item())
         samples += x.shape[0]
         if (step + 1) % job.merge_every == 0:  # report on the same clock as LTE rounds
-            round_index = (step + 1) // job.merge_every
-            record: dict[str, Any] = {
-                "version": round_index,
-                "samples": samples,
-                "train_loss": sum(losses) / len(losses),
-            }
+            recorder.round((step + 1) // job.merge_every, samples, sum(losses) / len(losses), model)
             losses = []
-            if round_index == job.rounds or (eval_every and round_index % eval_every == 0):
-                record.update(evaluate(model, dataset, device=device))
-            history.append(record)
-            if progress:
-                progress.update(round_index, **_progress_fields(record, samples, start))
-    final = history[-1]
-    return SimResult(
-        "full",
-        final.get("test_accuracy"),
-        final["test_loss"],
-        samples,
-        steps,
-        job.rounds,
-        time.perf_counter() - start,
-        history,
-        model.state_dict(),
-    )
+    return recorder.result(steps, model.state_dict())
 
 
 def run_diloco(
@@ -201,8 +186,9 @@ def run_diloco(
     Every replica sees the batches of its block of heads, so the samples per step equal LTE's and
     full training's. Per sync each replica sends and receives the whole fp32 model.
     """
-    start = time.perf_counter()
     sync_every = sync_every or job.merge_every
+    steps = job.rounds * job.merge_every
+    recorder = _Recorder("diloco", dataset, device, eval_every, -(-steps // sync_every), progress)
     master = build_job_model(job).to(device)
     blocks = partition_heads(job.heads, workers)
     replicas = [build_job_model(job).to(device) for _ in blocks]
@@ -214,8 +200,6 @@ def run_diloco(
         [HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed) for h in ids]
         for ids in blocks
     ]
-    steps = job.rounds * job.merge_every
-    history: list[dict[str, Any]] = []
     samples, losses, syncs = 0, [], 0
     for step in range(steps):
         for model, opt, heads in zip(replicas, optimizers, streams, strict=True):
@@ -236,29 +220,9 @@ def run_diloco(
                     value.copy_(torch.stack([s[name] for s in states]).mean(dim=0))
                 for r in replicas:
                     r.load_state_dict(master.state_dict())
-            record: dict[str, Any] = {
-                "version": syncs,
-                "samples": samples,
-                "train_loss": sum(losses) / len(losses),
-            }
+            recorder.round(syncs, samples, sum(losses) / len(losses), master)
             losses = []
-            if step + 1 == steps or (eval_every and syncs % eval_every == 0):
-                record.update(evaluate(master, dataset, device=device))
-            history.append(record)
-            if progress:
-                progress.update(syncs, **_progress_fields(record, samples, start))
-    final = history[-1]
-    return SimResult(
-        "diloco",
-        final.get("test_accuracy"),
-        final["test_loss"],
-        samples,
-        steps,
-        syncs,
-        time.perf_counter() - start,
-        history,
-        master.state_dict(),
-    )
+    return recorder.result(steps, master.state_dict())
 
 
 def _progress_fields(record: dict[str, Any], samples: int, start: float) -> dict[str, Any]:

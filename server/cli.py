@@ -175,35 +175,23 @@ def to_toml(values: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_local_workers(
-    count: int, address: str, device: str, out_dir: Path, token: str | None = None, tls_ca: str | None = None
+def start_worker_processes(
+    address: str, per_worker_args: list[list[str]], log_dir: Path | None = None, token: str | None = None
 ) -> list[subprocess.Popen]:
-    """K real worker processes on loopback; their logs go to the run folder.
+    """One real ``lte-worker`` process per entry (its extra flags), logging to ``log_dir/worker-<i>.log``.
 
     The token reaches them through the environment, never the command line (which ps shows).
     """
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if token:
+        env["LTE_TOKEN"] = token
     procs = []
-    for i in range(count):
-        log = open(out_dir / f"worker-{i}.log", "w")  # noqa: SIM115 - closed with the process below
-        cmd = [
-            sys.executable,
-            "-m",
-            "lte.worker.cli",
-            "--server",
-            address,
-            "--device",
-            device,
-            "--name",
-            f"local-{i}",
-            "--parent-pid",
-            str(os.getpid()),
-            "--quiet",
-        ] + (["--tls-ca", tls_ca] if tls_ca else [])
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        if token:
-            env["LTE_TOKEN"] = token
+    for i, extra in enumerate(per_worker_args):
+        log = open(log_dir / f"worker-{i}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
+        cmd = [sys.executable, "-m", "lte.worker.cli", "--server", address, *extra]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-        log.close()
+        if log_dir:
+            log.close()  # the child holds its own descriptor
     return procs
 
 
@@ -382,14 +370,21 @@ def serve(
         local_host = "localhost"
     else:
         local_host = "127.0.0.1" if srv["host"] in ("0.0.0.0", "::", "127.0.0.1") else srv["host"]
-    procs = start_local_workers(
-        local,
-        format_address(local_host, server.port),
-        srv["worker_device"],
-        out_dir,
-        token=token,
-        tls_ca=srv["tls_ca"] or srv["tls_cert"] if credentials is not None else None,
-    )
+    tls = ["--tls-ca", srv["tls_ca"] or srv["tls_cert"]] if credentials is not None else []
+    local_args = [
+        [
+            "--device",
+            srv["worker_device"],
+            "--name",
+            f"local-{i}",
+            "--parent-pid",
+            str(os.getpid()),
+            "--quiet",
+            *tls,
+        ]
+        for i in range(local)
+    ]
+    procs = start_worker_processes(format_address(local_host, server.port), local_args, out_dir, token=token)
     started = time.perf_counter()
     progress = None
     if not quiet and log_format == "text":

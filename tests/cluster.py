@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 from lte.common.config import JobConfig
 from lte.common.data import load_dataset
 from lte.server.app import ParameterServer
+from lte.server.cli import start_worker_processes, stop_processes
 from lte.server.coordinator import Coordinator
 
 DIGITS = load_dataset("digits", seed=0)
@@ -50,34 +49,12 @@ def worker_processes(
     address: str, per_worker_args: list[list[str]], log_dir: Path | None = None
 ) -> Iterator[list[subprocess.Popen]]:
     """One real ``lte-worker`` process per entry (its extra flags); terminated, then killed, by pid on exit."""
-    procs: list[subprocess.Popen] = []
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [["--threads", "1", "--name", f"t{i}", *extra] for i, extra in enumerate(per_worker_args)]
+    procs = start_worker_processes(address, args, log_dir)
     try:
-        for i, extra in enumerate(per_worker_args):
-            log = open(log_dir / f"worker-{i}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
-            cmd = [
-                sys.executable,
-                "-m",
-                "lte.worker.cli",
-                "--server",
-                address,
-                "--threads",
-                "1",
-                "--name",
-                f"t{i}",
-            ]
-            procs.append(subprocess.Popen(cmd + extra, stdout=log, stderr=subprocess.STDOUT, env=env))
         yield procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs)
 
 
 def run_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
