@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--slow-down", type=float, default=0.0, help=argparse.SUPPRESS
     )  # tests: a slow worker
+    parser.add_argument(
+        "--fail-at-round", type=int, default=None, help=argparse.SUPPRESS
+    )  # tests: SIGKILL itself after K pushes, before pushing again
+    parser.add_argument(
+        "--delay-push", type=float, default=0.0, help=argparse.SUPPRESS
+    )  # tests: hold every push back this many seconds
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     sec = parser.add_argument_group("security")
     sec.add_argument(
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         give_up_after_s=args.give_up_after,
         parent_pid=args.parent_pid,
         slow_down_s=args.slow_down,
+        fail_at_round=args.fail_at_round,
+        delay_push_s=args.delay_push,
         credentials=credentials,
         metadata=metadata,
     )

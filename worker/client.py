@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -36,6 +37,14 @@ RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 REREGISTER = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
+
+
+def lease_refused(err: grpc.RpcError) -> bool:
+    """The server no longer knows or honours this lease (a restart, an expiry): register again."""
+    code = err.code()
+    return code in REREGISTER or (
+        code == grpc.StatusCode.FAILED_PRECONDITION and "lease" in (err.details() or "")
+    )
 
 
 class LeaseLost(Exception):
@@ -127,6 +136,8 @@ class Worker:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: tuple[tuple[str, str], ...] = (),
         slow_down_s: float = 0.0,
+        fail_at_round: int | None = None,
+        delay_push_s: float = 0.0,
     ) -> None:
         self.server, self.device = server, torch.device(device)
         self.max_heads, self.data, self.data_dir = max_heads, data, data_dir
@@ -134,6 +145,8 @@ class Worker:
         self.quiet, self.give_up_after_s, self.parent_pid = quiet, give_up_after_s, parent_pid
         self.metadata = metadata
         self.slow_down_s = slow_down_s  # test hook: sleep per round to play a slow worker
+        self.fail_at_round = fail_at_round  # test hook: SIGKILL itself before pushing its round K
+        self.delay_push_s = delay_push_s  # test hook: hold every push back this long
         opts = grpc_options.channel_options()
         self.channel = (
             grpc.secure_channel(server, credentials, opts)
@@ -155,6 +168,8 @@ class Worker:
         self.samples_per_s = 0.0
         self._heartbeat: threading.Thread | None = None
         self.lease_lost = threading.Event()
+        self._pull_backoff = Backoff()
+        self._pull_failing_since: float | None = None
 
     # -- network plumbing ----------------------------------------------------------------------
     def _call(self, fn: Callable, *args, what: str, **kwargs):
@@ -167,9 +182,7 @@ class Worker:
                 return fn(*args, metadata=self.metadata, **kwargs)
             except grpc.RpcError as err:
                 code = err.code()
-                if code in REREGISTER or (
-                    code == grpc.StatusCode.FAILED_PRECONDITION and "lease" in (err.details() or "")
-                ):
+                if lease_refused(err):
                     raise LeaseLost(err.details()) from None
                 if code not in RETRYABLE or time.monotonic() > deadline or self.stop.is_set():
                     raise
@@ -218,6 +231,7 @@ class Worker:
                 self.dataset,
                 device=self.device,
                 steps_done=[h.steps_done for h in reply.heads],
+                wire_rounded=True,  # push() rounds the factors to the uplink codec before each commit
             )
         else:  # same heads again (a server restart, an expired lease): take the server's view of them
             self.trainer.steps_done = [h.steps_done for h in reply.heads]
@@ -228,7 +242,9 @@ class Worker:
             f"registered: heads {head_ids} of {job.heads}, {job.model} on {self.device}, mode {job.mode}"
         )
         # heads the server holds factors for continue from them exactly (current = last merged)
-        self.pull(wait_s=0.0, head_factors=[h.head_id for h in reply.heads if h.has_factors])
+        moved = [h.head_id for h in reply.heads if h.has_factors]
+        while not self.pull(wait_s=0.0, head_factors=moved):  # a failed pull backs off and gives up in time
+            self._check_parent()
 
     def pull(self, wait_s: float, head_factors: list[int] | tuple[int, ...] = ()) -> bool:
         """Fetch a newer snapshot if there is one; returns whether the base changed. Raises JobDone."""
@@ -270,9 +286,21 @@ class Worker:
                     weights[enc.name] = decode_tensor(enc).to(self.job.torch_dtype)
             assembler.finish()
         except grpc.RpcError as err:
-            if err.code() in RETRYABLE:
-                return False  # the next round's pull tries again
-            raise
+            # errors of a server stream surface here, not in _call: map them the same way
+            if lease_refused(err):
+                raise LeaseLost(err.details()) from None
+            if err.code() not in RETRYABLE:
+                raise
+            now = time.monotonic()
+            self._pull_failing_since = self._pull_failing_since or now
+            if now - self._pull_failing_since > self.give_up_after_s:
+                raise
+            delay = self._pull_backoff.next_delay()  # the server may be restarting: back off, never spin
+            self._say(f"pull: {err.code().name.lower()} ({err.details()}); retrying in {delay:.1f} s")
+            self.stop.wait(delay)
+            return False  # the caller's loop pulls again
+        self._pull_backoff.reset()
+        self._pull_failing_since = None
         if header is None:
             raise RuntimeError("server sent a pull reply without a header")
         if weights:
@@ -366,6 +394,9 @@ class Worker:
             while not self.stop.is_set():
                 try:
                     self.register()
+                except LeaseLost as exc:  # lost before its first heartbeat, e.g. a slow start
+                    self._say(f"lease lost while joining ({exc}); registering again")
+                    continue
                 except grpc.RpcError as err:
                     if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                         self._say(f"server refused registration: {err.details()}")
@@ -406,6 +437,10 @@ class Worker:
             samples += stats.samples
             self.samples_per_s = samples / max(1e-9, time.perf_counter() - started)
             base = self.version
+            if self.fail_at_round is not None and self.rounds >= self.fail_at_round:
+                os.kill(os.getpid(), signal.SIGKILL)  # die like a crashed machine: no Leave, no cleanup
+            if self.delay_push_s and self.stop.wait(self.delay_push_s):
+                return
             try:
                 reply = self.push(stats)
             except grpc.RpcError as err:
