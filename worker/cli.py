@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--delay-push", type=float, default=0.0, help=argparse.SUPPRESS
     )  # tests: hold every push back this many seconds
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="stderr log lines [text]"
+    )
     sec = parser.add_argument_group("security")
     sec.add_argument(
         "--token", help="the server's shared token (default: the LTE_TOKEN environment variable)"
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from lte.common.logs import setup_logging
+
+    setup_logging(args.log_format, "INFO", prog="lte-worker")
     signal.signal(signal.SIGTERM, _interrupt)  # leave the job the same way as on Ctrl+C
     from lte.common.auth import bearer_metadata, channel_credentials, token_from
     from lte.worker.client import Worker
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         delay_push_s=args.delay_push,
         credentials=credentials,
         metadata=metadata,
+        show_progress=args.log_format == "text",
     )
     try:
         return worker.run()

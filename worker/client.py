@@ -7,6 +7,7 @@ the server restarts or the lease expires, the worker registers again and carries
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -45,6 +46,9 @@ def lease_refused(err: grpc.RpcError) -> bool:
     return code in REREGISTER or (
         code == grpc.StatusCode.FAILED_PRECONDITION and "lease" in (err.details() or "")
     )
+
+
+_log = logging.getLogger("lte.worker")
 
 
 class LeaseLost(Exception):
@@ -138,7 +142,9 @@ class Worker:
         slow_down_s: float = 0.0,
         fail_at_round: int | None = None,
         delay_push_s: float = 0.0,
+        show_progress: bool = True,
     ) -> None:
+        self.show_progress = show_progress  # the one-line display; off when logs are JSON lines
         self.server, self.device = server, torch.device(device)
         self.max_heads, self.data, self.data_dir = max_heads, data, data_dir
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
@@ -197,7 +203,7 @@ class Worker:
 
     def _say(self, message: str) -> None:
         if not self.quiet:
-            print(f"lte-worker {self.worker_id or self.name}: {message}", flush=True)
+            _log.info("%s: %s", self.worker_id or self.name, message, extra={"worker_id": self.worker_id})
 
     # -- the protocol --------------------------------------------------------------------------
     def register(self) -> None:
@@ -389,7 +395,7 @@ class Worker:
 
     def run(self) -> int:
         """Train until the job ends. Returns a process exit code."""
-        progress = None if self.quiet else Progress(None, "lte-worker")
+        progress = None if self.quiet or not self.show_progress else Progress(None, "lte-worker")
         try:
             while not self.stop.is_set():
                 try:
