@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -76,7 +75,6 @@ def main() -> int:
         worker.register()  # includes the first pull of the snapshot
         first_pull_s = time.perf_counter() - t0
         first_down = worker.bytes_down
-        threading.Thread(target=worker._heartbeat_loop, daemon=True).start()
         rounds = []
         for _ in range(args.rounds):
             up0, down0 = worker.bytes_up, worker.bytes_down

@@ -402,6 +402,8 @@ class Coordinator:
 
     def apply_push(self, header: PushHeaderInfo, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Fold one validated push into the round (sync), the buffer, or W directly (async)."""
+        # decoded on the CPU; the merge runs where the master weights live (--device)
+        tensors = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
         heads = [
             HeadUpdate(
                 h,

@@ -105,3 +105,22 @@ def test_exported_model_loads_into_the_plain_zoo_model(tmp_path):
     model.load_state_dict(load_file(str(path)), strict=True)
     for name, value in model.state_dict().items():
         assert torch.equal(value, c.master[name])
+
+
+def test_a_push_decoded_on_the_cpu_merges_into_master_weights_on_another_device():
+    """--device puts W elsewhere (cuda on a GPU server; meta here): pushes must follow it there."""
+    from lte.server.coordinator import Coordinator, PushHeaderInfo
+
+    job = digits_job(heads=1, mode="async")
+    c = Coordinator(job, None, device="meta")
+    lease, _ = c.register({"max_heads": 1})
+    tensors = {name: torch.randn(shape) for name, shape in c.expected_tensors([0]).items()}
+    header = PushHeaderInfo(lease.lease_id, 0, {0: 0}, steps=10, samples=160, train_loss=1.0, seconds=1.0)
+    reply = c.apply_push(header, tensors)
+    assert reply["applied"] and c.version == 1
+    assert all(
+        t.device.type == "meta"
+        for layers in c.prev_factors.values()
+        for pair in layers.values()
+        for t in pair
+    )

@@ -222,6 +222,7 @@ class Worker:
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         self.next_rounds = {h.head_id: h.next_round for h in reply.heads}
+        self._start_heartbeat()  # now: building the model and the first pull can outlast the lease timeout
         if self.dataset is None or self.job is None or self.job.dataset != job.dataset:
             self.dataset = (
                 _user_data(self.data, job)
@@ -374,6 +375,11 @@ class Worker:
             self._push_messages(stats, heads, replica), metadata=metadata, timeout=600
         )
 
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="lte-heartbeat", daemon=True)
+            self._heartbeat.start()
+
     def _heartbeat_loop(self) -> None:
         while not self.stop.wait(self.heartbeat_interval_s):
             try:
@@ -408,11 +414,6 @@ class Worker:
                         self._say(f"server refused registration: {err.details()}")
                         return 0 if "finished" in (err.details() or "") else 1
                     raise
-                if self._heartbeat is None:
-                    self._heartbeat = threading.Thread(
-                        target=self._heartbeat_loop, name="lte-heartbeat", daemon=True
-                    )
-                    self._heartbeat.start()
                 try:
                     self._train_loop(progress)
                 except LeaseLost as exc:
