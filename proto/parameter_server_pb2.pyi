@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "device", "free_memory_bytes", "max_heads", "hostname", "pid", "lte_version")
+    __slots__ = ("name", "device", "free_memory_bytes", "max_heads", "hostname", "pid", "lte_version", "preferred_heads")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     FREE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class WorkerInfo(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     LTE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_HEADS_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     free_memory_bytes: int
@@ -22,7 +23,8 @@ class WorkerInfo(_message.Message):
     hostname: str
     pid: int
     lte_version: str
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., max_heads: _Optional[int] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., lte_version: _Optional[str] = ...) -> None: ...
+    preferred_heads: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., max_heads: _Optional[int] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., lte_version: _Optional[str] = ..., preferred_heads: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker",)

@@ -199,6 +199,9 @@ class Coordinator:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"all {self.job.heads} heads are leased; retry later (a head returns when its worker leaves or times out)",
                 )
+            # heads this worker trained before come back to it first: its optimiser state is theirs
+            preferred = set(worker.get("preferred_heads") or ())
+            free.sort(key=lambda h: (h.head_id not in preferred, h.head_id))
             take = free[: min(max_heads, self.heads_per_worker, len(free))]
             now = time.monotonic()
             lease = Lease(

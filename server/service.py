@@ -81,6 +81,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             "hostname": w.hostname[:200],
             "pid": w.pid,
             "lte_version": w.lte_version[:32],
+            "preferred_heads": [
+                h for h in w.preferred_heads[:MAX_HEADS_PER_PUSH] if 0 <= h < self.c.job.heads
+            ],
             "peer": context.peer(),
         }
         try:

@@ -124,3 +124,13 @@ def test_a_push_decoded_on_the_cpu_merges_into_master_weights_on_another_device(
         for pair in layers.values()
         for t in pair
     )
+
+
+def test_a_worker_registering_again_gets_back_the_heads_it_trained():
+    from lte.server.coordinator import Coordinator
+
+    c = Coordinator(digits_job(heads=4), None, heads_per_worker=2)
+    lease, heads = c.register({"preferred_heads": [2, 3]})
+    assert [h.head_id for h in heads] == [2, 3]
+    lease, heads = c.register({"preferred_heads": [9]})  # unknown or taken: the lowest free ones
+    assert [h.head_id for h in heads] == [0, 1]

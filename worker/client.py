@@ -215,6 +215,7 @@ class Worker:
             hostname=socket.gethostname(),
             pid=os.getpid(),
             lte_version=__version__,
+            preferred_heads=self.trainer.head_ids if self.trainer is not None else [],
         )
         reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
