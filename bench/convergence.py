@@ -149,6 +149,7 @@ def run_model(args: argparse.Namespace, model: str, dataset: Dataset) -> list[Ro
         merge_every=merge_every,
         batch_size=args.batch_size,
         weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
         patch_size=args.patch_size if model.startswith("vit") else 0,
         image_size=args.image_size if model.startswith("vit") else 0,
     )
@@ -411,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=28, help="vit-tiny input side")
     p.add_argument("--patch-size", type=int, default=7, help="vit-tiny patch (28/7: 16 tokens)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument(
+        "--warmup-steps", type=int, default=-1, help="warm-up steps of every run (-1: 5%% of its steps) [-1]"
+    )
     p.add_argument(
         "--repeats", **pm, type=per_model(int), default=[("mlp", 2), ("vit-tiny", 1)], help="PM: seeds"
     )

@@ -80,8 +80,16 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.warmup_steps < 0:
-            self.warmup_steps = max(1, self.steps // 20)
+        if self.warmup_steps < -1:
+            raise ValueError(f"warmup_steps must be >= 0, or -1 for 5% of steps; got {self.warmup_steps}")
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps in effect: ``warmup_steps``, or 5% of ``steps`` while it is -1.
+
+        Resolved on use, not stored, so ``dataclasses.replace(job, steps=...)`` keeps it 5%.
+        """
+        return self.warmup_steps if self.warmup_steps >= 0 else max(1, self.steps // 20)
 
     @property
     def scale(self) -> float:

@@ -62,9 +62,10 @@ def make_snapshot(
 
 def lr_at(step: int, job: JobConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``job.steps``."""
-    if step < job.warmup_steps:
-        return job.lr * (step + 1) / job.warmup_steps
-    progress = min(1.0, (step - job.warmup_steps) / max(1, job.steps - job.warmup_steps))
+    warmup = job.warmup
+    if step < warmup:
+        return job.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, job.steps - warmup))
     floor = job.min_lr_ratio
     return job.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 

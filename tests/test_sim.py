@@ -49,3 +49,14 @@ def test_cli_prints_one_json_line_with_the_results(capsys):
 def test_cli_errors_say_what_to_do(capsys):
     assert main(["--dataset", "fashion-mnist", "--data-dir", "/nonexistent", "--quiet"]) == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_default_warmup_follows_the_steps_of_a_replaced_job():
+    import dataclasses
+
+    job = JobConfig(steps=500)
+    assert job.warmup == 25
+    assert dataclasses.replace(job, steps=40).warmup == 2  # resolved on use, not frozen at 500 steps
+    assert JobConfig(steps=40, warmup_steps=0).warmup == 0
+    with pytest.raises(ValueError, match="warmup_steps"):
+        JobConfig(warmup_steps=-2)
