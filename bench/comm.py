@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
@@ -46,6 +45,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mdsections import write_section
 
 from lte.common.config import JobConfig  # noqa: E402
 from lte.common.data import HeadBatches, load_dataset  # noqa: E402
@@ -630,23 +631,6 @@ def merge_results(results: list[dict]) -> list[dict]:
 
 
 # -- BENCHMARKS.md -------------------------------------------------------------------------------
-def write_section(path: Path, lines: list[str]) -> None:
-    """Replace this script's marked section of ``path`` (or append it), keeping its hand-written notes.
-
-    Notes between ``<!-- SECTION:notes -->`` and ``<!-- /SECTION:notes -->`` inside the section are
-    carried over to the new section, after the generated tables.
-    """
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    notes_re = re.compile(rf"<!-- {SECTION}:notes -->\n.*?<!-- /{SECTION}:notes -->", re.DOTALL)
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    old = pattern.search(text)
-    notes = notes_re.search(old.group(0)) if old else None
-    block = "\n".join([start, *lines, *([notes.group(0), ""] if notes else []), end])
-    head, tail = (text[: old.start()], text[old.end() :]) if old else (text.rstrip("\n") + "\n\n", "\n")
-    path.write_text(head + block + tail)
-
-
 NETNS_ENV = "LTE_BENCH_PRIVATE_LO"
 
 
@@ -740,7 +724,7 @@ def main() -> int:
     lines = render(results, meta)
     print("\n".join(lines))
     if args.out:
-        write_section(Path(args.out), lines)
+        write_section(Path(args.out), SECTION, lines)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import shlex
 import statistics
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mdsections import write_model_blocks
 
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_dataset
@@ -41,10 +41,8 @@ from lte.common.sim import SimResult, run_full, run_lte
 
 MODELS = ("mlp", "vit-tiny")
 SCHEDULES = ("separate", "shared")
-SECTION_START = "<!-- convergence:start -->"
-SECTION_END = "<!-- convergence:end -->"
+SECTION = "convergence"
 SECTION_TITLE = "## Convergence: full training vs LTE on Fashion-MNIST"
-BLOCK = re.compile(r"<!-- convergence:(\S+) -->\n(.*?)\n<!-- /convergence:\1 -->", re.DOTALL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,30 +327,6 @@ def model_block(
     ]
 
 
-def write_section(path: Path, blocks: dict[str, list[str]]) -> None:
-    """Replace these models' blocks in the marked convergence section of ``path``.
-
-    Blocks of other models in the section, and everything outside it, are kept; a missing
-    section is appended.
-    """
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
-    if start < 0 or end < start:
-        text = (
-            (text.rstrip("\n") + "\n\n" if text.strip() else "") + SECTION_START + "\n" + SECTION_END + "\n"
-        )
-        start, end = text.find(SECTION_START), text.find(SECTION_END)
-    body = text[start + len(SECTION_START) : end]
-    found = {m: b for m, b in BLOCK.findall(body)}
-    found.update({m: "\n".join(lines) for m, lines in blocks.items()})
-    ordered = sorted(found, key=lambda m: (MODELS.index(m) if m in MODELS else len(MODELS), m))
-    parts = [SECTION_START, SECTION_TITLE, ""]
-    for m in ordered:
-        parts += [f"<!-- convergence:{m} -->", found[m], f"<!-- /convergence:{m} -->", ""]
-    parts.append(SECTION_END)
-    path.write_text(text[:start] + "\n".join(parts) + text[end + len(SECTION_END) :])
-
-
 # ---------------------------------------------------------------------------------------
 
 
@@ -447,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks[model] = model_block(args, argv, model, rows, time.perf_counter() - started)
         print("\n".join(blocks[model]) + "\n", flush=True)
     if args.out:
-        write_section(args.out, blocks)
+        write_model_blocks(args.out, SECTION, SECTION_TITLE, blocks, MODELS)
         log(f"wrote {', '.join(blocks)} into the convergence section of {args.out}")
     return 0
 

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mdsections import write_model_blocks
 
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_dataset
@@ -56,10 +56,8 @@ LABELS = {
     "diloco": "DiLoCo-style, H = T",
 }
 COLORS = {"full": "black", "lte-sync": "tab:blue", "lte-async": "tab:orange", "diloco": "tab:green"}
-SECTION_START = "<!-- convergence-curves:start -->"
-SECTION_END = "<!-- convergence-curves:end -->"
+SECTION = "convergence-curves"
 SECTION_TITLE = "## Convergence curves: accuracy against samples and bytes (issue 6, item 5)"
-BLOCK = re.compile(r"<!-- convergence-curves:(\S+) -->\n(.*?)\n<!-- /convergence-curves:\1 -->", re.DOTALL)
 
 # The tuned settings of BENCHMARKS.md's convergence notes, per model.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -409,26 +407,6 @@ def model_block(record: dict[str, Any], command: str, png: str) -> list[str]:
     return lines
 
 
-def write_section(path: Path, blocks: dict[str, list[str]]) -> None:
-    """Replace these models' blocks inside the marked section (others are kept; a missing section is appended)."""
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
-    if start < 0 or end < start:
-        text = (
-            (text.rstrip("\n") + "\n\n" if text.strip() else "") + SECTION_START + "\n" + SECTION_END + "\n"
-        )
-        start, end = text.find(SECTION_START), text.find(SECTION_END)
-    body = text[start + len(SECTION_START) : end]
-    found = {m: b for m, b in BLOCK.findall(body)}
-    found.update({m: "\n".join(lines) for m, lines in blocks.items()})
-    ordered = sorted(found, key=lambda m: (MODELS.index(m) if m in MODELS else len(MODELS), m))
-    parts = [SECTION_START, SECTION_TITLE, ""]
-    for m in ordered:
-        parts += [f"<!-- convergence-curves:{m} -->", found[m], f"<!-- /convergence-curves:{m} -->", ""]
-    parts.append(SECTION_END)
-    path.write_text(text[:start] + "\n".join(parts) + text[end + len(SECTION_END) :])
-
-
 # ---------------------------------------------------------------------------------------
 
 
@@ -490,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(block[2:]) + "\n")
         blocks[model] = block
     if args.out:
-        write_section(args.out, blocks)
+        write_model_blocks(args.out, SECTION, SECTION_TITLE, blocks, MODELS)
         log(f"convergence_curves: wrote the section to {args.out}")
     return 0
 

@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import pstats
-import re
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ import grpc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mdsections import write_section
 
 import lte.server.service as service_module  # noqa: E402
 from lte.common import grpc_options  # noqa: E402
@@ -793,23 +794,6 @@ def conclusions(res: dict) -> list[str]:
 
 
 # -- BENCHMARKS.md -------------------------------------------------------------------------------
-def write_section(path: Path, lines: list[str]) -> None:
-    """Replace this script's marked section of ``path`` (or append it), keeping its hand-written notes.
-
-    Notes between ``<!-- SECTION:notes -->`` and ``<!-- /SECTION:notes -->`` inside the section are
-    carried over to the new section, after the generated tables.
-    """
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    notes_re = re.compile(rf"<!-- {SECTION}:notes -->\n.*?<!-- /{SECTION}:notes -->", re.DOTALL)
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    old = pattern.search(text)
-    notes = notes_re.search(old.group(0)) if old else None
-    block = "\n".join([start, *lines, *([notes.group(0), ""] if notes else []), end])
-    head, tail = (text[: old.start()], text[old.end() :]) if old else (text.rstrip("\n") + "\n\n", "\n")
-    path.write_text(head + block + tail)
-
-
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -878,7 +862,7 @@ def main() -> int:
     lines = render(res, meta)
     print("\n".join(lines))
     if args.out:
-        write_section(Path(args.out), lines)
+        write_section(Path(args.out), SECTION, lines)
     return 0
 
 
