@@ -31,7 +31,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mdsections import write_section
+from mdsections import machine, write_section
 
 from lte.common.config import JobConfig  # noqa: E402
 from lte.common.data import HeadBatches, load_dataset  # noqa: E402
@@ -643,16 +642,6 @@ def enter_private_loopback() -> None:
         os.execvp("unshare", ["unshare", "-rn", "sh", "-c", script, "sh", *argv])
     except OSError as err:
         print(f"--private-lo: cannot unshare the network namespace ({err}); using the shared one")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 def main() -> int:

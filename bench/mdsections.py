@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,3 +49,14 @@ def write_model_blocks(
         parts += [f"<!-- {section}:{m} -->", found[m], f"<!-- /{section}:{m} -->", ""]
     parts.append(end)
     path.write_text(text[:i] + "\n".join(parts) + text[j + len(end) :])
+
+
+def machine() -> str:
+    """The CPU model, core count and Python version, for a table's header."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"

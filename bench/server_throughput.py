@@ -36,7 +36,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import pstats
 import statistics
 import subprocess
@@ -51,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mdsections import write_section
+from mdsections import machine, write_section
 
 import lte.server.service as service_module  # noqa: E402
 from lte.common import grpc_options  # noqa: E402
@@ -794,16 +793,6 @@ def conclusions(res: dict) -> list[str]:
 
 
 # -- BENCHMARKS.md -------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit-b")

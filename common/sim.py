@@ -140,6 +140,20 @@ def run_lte(
     return recorder.result(job.rounds * job.merge_every, master)
 
 
+def _full_step(
+    model, optimizer, streams, step: int, job: JobConfig, task: str, device: str
+) -> tuple[float, int]:
+    """One AdamW step of a full model on the stacked batches of ``streams``: (loss, samples)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, job)
+    x, y = stacked_batch(streams, step)
+    loss = loss_fn(task, model(x.to(device, job.torch_dtype)), y.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), x.shape[0]
+
+
 def run_full(
     job: JobConfig, dataset, *, device: str = "cpu", eval_every: int = 0, progress: Progress | None = None
 ) -> SimResult:
@@ -155,15 +169,9 @@ def run_full(
     steps = job.rounds * job.merge_every
     samples, losses = 0, []
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, job)
-        x, y = stacked_batch(streams, step)
-        loss = loss_fn(dataset.task, model(x.to(device, job.torch_dtype)), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        samples += x.shape[0]
+        loss, n = _full_step(model, optimizer, streams, step, job, dataset.task, device)
+        losses.append(loss)
+        samples += n
         if (step + 1) % job.merge_every == 0:  # report on the same clock as LTE rounds
             recorder.round((step + 1) // job.merge_every, samples, sum(losses) / len(losses), model)
             losses = []
@@ -203,15 +211,9 @@ def run_diloco(
     samples, losses, syncs = 0, [], 0
     for step in range(steps):
         for model, opt, heads in zip(replicas, optimizers, streams, strict=True):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, job)
-            x, y = stacked_batch(heads, step)
-            loss = loss_fn(dataset.task, model(x.to(device, job.torch_dtype)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            samples += x.shape[0]
+            loss, n = _full_step(model, opt, heads, step, job, dataset.task, device)
+            losses.append(loss)
+            samples += n
         if (step + 1) % sync_every == 0 or step + 1 == steps:
             syncs += 1
             with torch.no_grad():
