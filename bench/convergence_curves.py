@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from convergence import balanced_test_subset
 from mdsections import write_model_blocks
 
 from lte.common.config import JobConfig
@@ -72,18 +73,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def balanced_test_subset(dataset: Dataset, count: int) -> Dataset:
-    """The first ``count / classes`` test images of every class (all of them when count is 0)."""
-    if count <= 0 or count >= dataset.test_y.numel():
-        return dataset
-    per_class = count // dataset.num_classes
-    keep = torch.cat(
-        [torch.nonzero(dataset.test_y == c).squeeze(1)[:per_class] for c in range(dataset.num_classes)]
-    )
-    keep = keep.sort().values
-    return dataclasses.replace(dataset, test_x=dataset.test_x[keep], test_y=dataset.test_y[keep])
 
 
 def setting(args: argparse.Namespace, model: str, name: str) -> Any:

@@ -289,26 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         mode = f"lte N={job.heads} r={job.rank} T={job.merge_every} quant={job.quant}"
     progress = None if args.quiet else Progress(job.rounds, f"{job.model}/{job.dataset} {mode}")
+    common = {"device": args.device, "eval_every": args.eval_every, "progress": progress}
     if args.full:
-        result = run_full(job, dataset, device=args.device, eval_every=args.eval_every, progress=progress)
-    elif args.diloco:
-        result = run_diloco(
-            job,
-            dataset,
-            workers=args.workers,
-            device=args.device,
-            eval_every=args.eval_every,
-            progress=progress,
-        )
+        result = run_full(job, dataset, **common)
     else:
-        result = run_lte(
-            job,
-            dataset,
-            workers=args.workers,
-            device=args.device,
-            eval_every=args.eval_every,
-            progress=progress,
-        )
+        run = run_diloco if args.diloco else run_lte
+        result = run(job, dataset, workers=args.workers, **common)
     if progress:
         progress.close()
     summary = result.summary()
