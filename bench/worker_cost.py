@@ -25,12 +25,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lte.common.config import JobConfig  # noqa: E402
-from lte.common.lte import prepare_model, trainable_parameters  # noqa: E402
+from lte.common.lte import (  # noqa: E402
+    load_master_weights,
+    lte_layers,
+    prepare_model_on_device,
+    trainable_parameters,
+)
+from lte.common.quant import quantize  # noqa: E402
 from lte.common.trainer import build_job_model, make_optimizer  # noqa: E402
 
 
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def snapshot_like(shapes: dict, layers: set[str], quant: str, device) -> dict:
+    """A snapshot as a worker decodes it (layer weights quantised), made one tensor at a time."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, shape in shapes.items():
+        value = torch.randn(shape, generator=gen) * 0.02
+        out[name] = (
+            quantize(value, quant).to(device) if name in layers and quant != "none" else value.to(device)
+        )
+    return out
 
 
 def measure(cfg: dict) -> dict:
@@ -47,11 +65,18 @@ def measure(cfg: dict) -> dict:
         quant=cfg["quant"] if cfg["mode"] == "lte" else "none",
         batch_size=cfg["batch_size"],
     )
-    model = build_job_model(job)
     if cfg["mode"] == "lte":
-        # as a real worker holds it: B', A' in the uplink's dtype (fp16 by default)
-        model = prepare_model(model, job.lte_config(list(range(cfg["heads"])), wire_rounded=True))
-    model = model.to(device).train()
+        # as a real worker builds it: no fp32 model (meta device), B', A' in the uplink's dtype
+        # (fp16 by default), then the base loaded from a snapshot decoded one tensor at a time
+        with torch.device("meta"):
+            plain = build_job_model(job)
+        shapes = {name: t.shape for name, t in plain.state_dict().items()}
+        lte = job.lte_config(list(range(cfg["heads"])), wire_rounded=True)
+        model = prepare_model_on_device(plain, lte, device)
+        load_master_weights(model, snapshot_like(shapes, set(lte_layers(model)), job.quant, device))
+    else:
+        model = build_job_model(job).to(device)
+    model.train()
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, job)
     if device.type == "cuda":

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lte.common.quant import QUANT_KINDS, QuantizedTensor, quantize
+from lte.common.quant import QUANT_KINDS, QuantizedTensor, quantize, quantized_zeros
 
 A_INITS = ("semi-orthogonal", "kaiming", "xavier")
 
@@ -185,11 +185,12 @@ class LTELinear(nn.Module):
         self.qweight: QuantizedTensor | None = None
         # False only while B' A' is known to be zero (fresh, or reset variant): skips its work
         self.has_prev = False
+        self.layer_index = 0  # position among the model's Linears; set by from_linear
         if quant == "none":
             self.register_buffer("weight", torch.zeros(out_features, in_features, **kw))
         else:
             self.weight = None
-            self.set_base_weight(torch.zeros(out_features, in_features, **kw))
+            self.set_base_weight(quantized_zeros(quant, (out_features, in_features), device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: LTEConfig, layer_index: int = 0) -> LTELinear:
@@ -208,11 +209,15 @@ class LTELinear(nn.Module):
             device=w.device,
             dtype=w.dtype,
         )
+        layer.layer_index = layer_index  # seeds its heads' A: kept for re-initialising after to_empty
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        if w.is_meta:  # built without storage (prepare_model_on_device): nothing to copy yet
+            return layer
         with torch.no_grad():
             layer.set_base_weight(w.detach())
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
-                layer.bias.requires_grad_(linear.bias.requires_grad)
         layer.reset_parameters(config.head_ids, config.seed, layer_index, config.a_init, config.a_init_gain)
         return layer
 
@@ -465,6 +470,24 @@ def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
             "strict LTE conversion: these trainable parameters are covered by neither LoRA heads nor "
             f"replicas: {', '.join(sorted(set(uncovered)))}; freeze them (requires_grad=False), enable "
             "replicas, or pass strict=False"
+        )
+    return model
+
+
+def prepare_model_on_device(
+    meta_model: nn.Module, config: LTEConfig, device: torch.device | str
+) -> nn.Module:
+    """``prepare_model`` for a model built on the meta device, allocated on ``device`` without its base.
+
+    The heads' factors are initialised exactly as ``prepare_model`` does; the base weights (their
+    quantised codes), biases and replicas are allocated but left uninitialised, for
+    ``load_master_weights`` to fill. A worker, whose base always comes from the server, so never
+    holds a full-precision copy of the model (for vit-b, 340 MB of fp32 it would only discard).
+    """
+    model = prepare_model(meta_model, config).to_empty(device=device)
+    for layer in lte_layers(model).values():
+        layer.reset_parameters(
+            config.head_ids, config.seed, layer.layer_index, config.a_init, config.a_init_gain
         )
     return model
 

@@ -19,6 +19,7 @@ nf4:   the weight is flattened row-major and cut into blocks of ``block_size`` (
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -251,6 +252,31 @@ class QuantizedTensor:
         return QuantizedTensor(
             self.kind, self.codes.to(device), self.scale.to(device), self.shape, self.block_size
         )
+
+
+def quantized_zeros(
+    kind: str, shape: Sequence[int], device: torch.device | str | None = None, block_size: int = 64
+) -> QuantizedTensor:
+    """The quantised form of an all-zero weight of ``shape``, built without a float copy of it."""
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    if kind == "int8":
+        rows = shape[0] if shape else 1
+        return QuantizedTensor(
+            "int8",
+            torch.zeros(shape, dtype=torch.int8, device=device),
+            torch.zeros(rows, dtype=torch.float32, device=device),
+            shape,
+        )
+    if kind == "nf4":
+        _check_block_size(block_size)
+        zero_pair = 7 | (7 << 4)  # code 7 is level 0 in both nibbles; an odd tail's high nibble is 0
+        packed = torch.full(((numel + 1) // 2,), zero_pair, dtype=torch.uint8, device=device)
+        if numel % 2:
+            packed[-1:] = 7
+        absmax = torch.zeros(_num_blocks(numel, block_size), dtype=torch.float32, device=device)
+        return QuantizedTensor("nf4", packed, absmax, shape, block_size)
+    return quantize(torch.zeros(shape, device=device), kind, block_size)  # its error names the kinds
 
 
 def quantize(weight: torch.Tensor, kind: str, block_size: int = 64) -> QuantizedTensor:

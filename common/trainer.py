@@ -24,6 +24,7 @@ from lte.common.lte import (
     load_master_weights,
     lte_layers,
     prepare_model,
+    prepare_model_on_device,
     replica_parameters,
     trainable_parameters,
 )
@@ -136,13 +137,23 @@ class LocalTrainer:
         device: str | torch.device = "cpu",
         steps_done: Sequence[int] | None = None,
         wire_rounded: bool = False,
+        base_from_snapshot: bool = False,
     ) -> None:
+        """``base_from_snapshot``: build the model without initialising its base (on the meta
+        device, then allocated on ``device``), for a caller that loads a snapshot before training,
+        as a worker does; it never holds the full-precision model it would otherwise discard."""
         if not head_ids:
             raise ValueError("a trainer needs at least one head")
         self.job, self.head_ids, self.device = job, list(head_ids), torch.device(device)
         self.task = dataset.task
         lte = job.lte_config(self.head_ids, wire_rounded=wire_rounded)
-        self.model = prepare_model(build_job_model(job), lte).to(self.device)
+        if base_from_snapshot:
+            with torch.device("meta"):
+                plain = build_job_model(job)
+            self.model = prepare_model_on_device(plain, lte, self.device)
+        else:
+            self.model = prepare_model(build_job_model(job), lte).to(self.device)
+        self.has_base = not base_from_snapshot
         self.model.train()
         self.optimizer = make_optimizer(trainable_parameters(self.model), job)
         self.streams = [
@@ -151,6 +162,17 @@ class LocalTrainer:
         ]
         self.steps_done = list(steps_done) if steps_done is not None else [0] * len(self.head_ids)
         self.replica_base: dict[str, torch.Tensor] = {}
+        # Heads that continue mid-job (moved from a lost worker) start with empty AdamW moments, so
+        # their first updates are full-size sign steps at the current lr: ramp it up again over
+        # the job's warm-up, as at the start of the job.
+        self.rewarm = self.steps_done[0] > 0 and job.warmup > 0
+        self.optimizer_steps = 0
+
+    def lr_now(self) -> float:
+        lr = lr_at(self.steps_done[0], self.job)
+        if self.rewarm and self.optimizer_steps < self.job.warmup:
+            lr *= (self.optimizer_steps + 1) / self.job.warmup
+        return lr
 
     @property
     def layer_names(self) -> list[str]:
@@ -160,6 +182,7 @@ class LocalTrainer:
         """Adopt a new base version: layer weights and replica values (remembered for the deltas)."""
         moved = {k: v.to(self.device) for k, v in weights.items()}
         load_master_weights(self.model, moved)
+        self.has_base = True
         self.replica_base = {n: p.detach().clone() for n, p in replica_parameters(self.model).items()}
 
     def load_head(self, local_index: int, factors, prev=None) -> None:
@@ -175,11 +198,13 @@ class LocalTrainer:
 
     def train_round(self, steps: int | None = None) -> RoundStats:
         """``T`` local steps; every head sees its own shard's next batch each step."""
+        if not self.has_base:
+            raise RuntimeError("this trainer was built with base_from_snapshot: load_snapshot first")
         steps = self.job.merge_every if steps is None else steps
         start = time.perf_counter()
         losses = []
         for _ in range(steps):
-            lr = lr_at(self.steps_done[0], self.job)
+            lr = self.lr_now()
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = self._batch()
@@ -187,6 +212,7 @@ class LocalTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.optimizer_steps += 1
             losses.append(loss.detach())
             self.steps_done = [s + 1 for s in self.steps_done]
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")

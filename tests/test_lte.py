@@ -388,3 +388,51 @@ def test_last_merge_term_is_exact_whether_folded_into_w_or_not(rows_per_head, qu
     grads_ref = torch.autograd.grad(ref.square().sum(), (x, layer.lora_A, layer.lora_B))
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, **TOL)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "nf4"])
+def test_a_trainer_built_without_its_base_trains_exactly_as_one_built_with_it(quant):
+    """A worker builds on the meta device and takes its base from the snapshot: no fp32 model."""
+    from lte.common.config import JobConfig
+    from lte.common.data import load_dataset
+    from lte.common.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
+
+    data = load_dataset("digits", seed=0)
+    job = JobConfig(
+        model="vit-tiny", dataset="digits", patch_size=4, heads=4, rank=4, quant=quant, merge_every=2
+    ).with_dataset(data)
+    master = build_job_model(job, seed=7).state_dict()  # not the job seed's init: the snapshot decides
+    snapshot = make_snapshot(master, linear_weight_names(build_job_model(job)), quant)
+    built = LocalTrainer(job, [1, 3], data, wire_rounded=True)
+    lean = LocalTrainer(job, [1, 3], data, wire_rounded=True, base_from_snapshot=True)
+    with pytest.raises(RuntimeError, match="load_snapshot first"):
+        lean.train_round()
+    for trainer in (built, lean):
+        trainer.load_snapshot(snapshot)
+    for _ in range(2):
+        assert built.train_round().train_loss == lean.train_round().train_loss
+    a, b = built.model.state_dict(), lean.model.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_heads_that_continue_mid_job_ramp_their_lr_again_with_fresh_adamw_moments():
+    from lte.common.config import JobConfig
+    from lte.common.data import load_dataset
+    from lte.common.trainer import LocalTrainer, lr_at
+
+    data = load_dataset("digits", seed=0)
+    job = JobConfig(model="mlp", dataset="digits", heads=2, steps=200, warmup_steps=4, merge_every=2)
+    job = job.with_dataset(data)
+    fresh = LocalTrainer(job, [0, 1], data)
+    moved = LocalTrainer(job, [0, 1], data, steps_done=[100, 100])  # a lost worker's heads, taken over
+    seen = []
+    for _ in range(3):  # 6 steps: the ramp (4), then the schedule itself
+        seen += [moved.lr_now()]
+        moved.train_round(1)
+        seen += [moved.lr_now()]
+        moved.train_round(1)
+    schedule = [lr_at(100 + k, job) for k in range(6)]
+    assert seen == pytest.approx([s * min(1, (k + 1) / 4) for k, s in enumerate(schedule)], rel=1e-12)
+    assert moved.optimizer.param_groups[0]["lr"] == pytest.approx(schedule[5] * 1.0)
+    assert fresh.lr_now() == lr_at(0, job)  # a job's first steps already warm up: no second ramp

@@ -17,6 +17,7 @@ from lte.common.quant import (
     quantize,
     quantize_int8_rows,
     quantize_nf4,
+    quantized_zeros,
 )
 
 MAX_HALF_GAP = float(NF4_LEVELS.diff().max()) / 2
@@ -177,6 +178,16 @@ def test_nf4_zero_tensor_and_zero_blocks() -> None:
     q = quantize(weight, "nf4")
     assert q.scale.tolist() == [0.0, 2.0]
     assert torch.isfinite(q.dequantize()).all() and (q.dequantize()[0] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("shape", [(3, 5), (7,), (64, 129), (1, 1), (2, 64)])
+def test_quantized_zeros_equal_the_quantised_zero_weight(kind: str, shape: tuple[int, ...]) -> None:
+    made, reference = quantized_zeros(kind, shape), quantize(torch.zeros(shape), kind)
+    assert made.shape == reference.shape and made.kind == reference.kind
+    assert made.codes.dtype == reference.codes.dtype and torch.equal(made.codes, reference.codes)
+    assert torch.equal(made.scale, reference.scale)
+    assert quantized_zeros(kind, shape, device="meta").codes.is_meta  # no storage, as a meta build needs
 
 
 def test_nf4_empty_and_scalar() -> None:

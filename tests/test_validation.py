@@ -350,7 +350,7 @@ CASES = [
     ("data chunk with no tensor header", _headerless_chunk_first, INVALID, r"tensor chunk without a header"),
     ("unknown lease", _with_header(lease_id="f" * 32), grpc.StatusCode.NOT_FOUND, r"unknown lease 'ffffffffffff': register again"),
     ("empty lease id", _with_header(lease_id=""), grpc.StatusCode.NOT_FOUND, r"unknown lease ''"),
-    ("a head id the job does not have", _rounds(lambda l, r: {99: 0}), grpc.StatusCode.PERMISSION_DENIED, r"heads \[99\] are not leased to this worker"),
+    ("a head id the job does not have", _rounds(lambda l, r: {99: 0}), INVALID, r"heads \[99\] do not exist: this job has heads 0\.\.\d+"),
     ("negative round", _rounds(lambda l, r: {h: -1 for h in r}), INVALID, r"head \d+ has negative round -1"),
     ("round id from the future", _rounds(lambda l, r: {h: n + 1 for h, n in r.items()}), PRECONDITION, r"round ids out of step \(head: sent, expected\): \d+: \d+, \d+"),
     ("one head's round from the future", _rounds(lambda l, r: {h: n + (h == l.heads[1]) for h, n in r.items()}), PRECONDITION, r"round ids out of step"),
@@ -358,6 +358,7 @@ CASES = [
     ("no heads", _no_heads, INVALID, r"push names no heads"),
     ("base_version beyond the server's", _future_version, grpc.StatusCode.OUT_OF_RANGE, r"base_version \d+ is outside \[0, \d+\] \(the server's newest\)"),
     ("negative base_version", _with_header(base_version=-1), grpc.StatusCode.OUT_OF_RANGE, r"base_version -1 is outside"),
+    ("tensor count off by one", _with_header(num_tensors=1), INVALID, r"push header announces 1 tensors; 2 head\(s\) of this job need \d+ \(B and A per layer"),
     ("NaN train_loss", _with_header(train_loss=math.nan), INVALID, r"train_loss is nan"),
     ("Inf seconds", _with_header(seconds=math.inf), INVALID, r"seconds is inf"),
     ("negative samples", _with_header(samples=-5), INVALID, r"steps and samples must be >= 0"),
@@ -507,6 +508,18 @@ def test_other_rpcs_validate_their_fields(server, stub, lease):
             rf"head {foreign} is not leased to this worker",
         )
     )
+    cases.append(
+        (
+            lambda: list(
+                stub.PullModel(
+                    pb.PullRequest(lease_id=lease.lease_id, have_version=-1, head_factors=[-3]),
+                    timeout=10,
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"heads \[-3\] do not exist: this job has heads 0\.\.\d+",
+        )
+    )
     with weights_unchanged(server):
         for call, code, pattern in cases:
             refused(call, code, pattern)
@@ -530,3 +543,19 @@ def test_a_heartbeat_cannot_move_its_lease_into_a_server_state(state):
         with c.changed:
             assert c.changed.wait_for(lambda: c.leases[lease].state == "expired", 10)
         assert sorted(c.status()["free_heads"]) == [0, 1]
+
+
+def test_all_finite_is_exact_where_the_fast_sum_overflows():
+    from lte.server.coordinator import all_finite
+
+    big = torch.full((1000,), 3e38)  # every value finite, the float32 sum is not
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(64, 48)
+        t[17, 5] = bad
+        assert not all_finite(t)
+        big[999] = bad
+        assert not all_finite(big)
+        big[999] = 3e38
+    pair = torch.tensor([float("inf"), -float("inf")])  # a sum of NaN, not a cancellation
+    assert not all_finite(pair) and all_finite(torch.zeros(0))

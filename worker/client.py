@@ -240,6 +240,7 @@ class Worker:
                 device=self.device,
                 steps_done=[h.steps_done for h in reply.heads],
                 wire_rounded=True,  # push() rounds the factors to the uplink codec before each commit
+                base_from_snapshot=True,  # the pull below brings the base: never build an fp32 copy
             )
         else:  # same heads again (a server restart, an expired lease): take the server's view of them
             self.trainer.steps_done = [h.steps_done for h in reply.heads]
