@@ -17,7 +17,7 @@ In the same run, at each concurrency:
 - raw: the same serialised messages as plain bytes through a minimal stream-unary service
   (``grpc.method_handlers_generic_handler``, no (de)serialisers) on the same server options;
 - stage times inside the real run, from wrappers around ``decode_tensor`` (zstd + fp16 -> fp32),
-  ``Coordinator.validate_tensor`` (the ``isfinite`` check), ``Coordinator.apply_push`` (lock wait +
+  ``Coordinator.validate_tensor`` (names, shapes, codecs, the finite check), ``Coordinator.apply_push`` (lock wait +
   merge) and ``Coordinator._merge_pending`` (the merge), and each stage alone, uncontended;
 - a plain ``torch.mm`` of the merge's shapes (per layer ``[m, 2r] x [2r, n]``) on the server's device.
 
@@ -682,7 +682,7 @@ def render(res: dict, meta: dict) -> list[str]:
         "= waiting for and parsing chunks, assembling tensors. Alone: the same stage on its own right after the "
         f"level (median of {meta['repeat']}).",
         "",
-        "| pushers | handler | decode (zstd + fp16→fp32) | validate (isfinite) | apply: lock wait | merge | rest | "
+        "| pushers | handler | decode (zstd + fp16→fp32) | validate (shape, finite) | apply: lock wait | merge | rest | "
         + ("to device | " if moved else "")
         + "alone: decode / validate / merge |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if moved else "") + "---: |",

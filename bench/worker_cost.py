@@ -28,10 +28,11 @@ from lte.common.config import JobConfig  # noqa: E402
 from lte.common.lte import (  # noqa: E402
     load_master_weights,
     lte_layers,
+    prepare_model,
     prepare_model_on_device,
     trainable_parameters,
 )
-from lte.common.quant import quantize  # noqa: E402
+from lte.common.quant import quantized_zeros  # noqa: E402
 from lte.common.trainer import build_job_model, make_optimizer  # noqa: E402
 
 
@@ -40,14 +41,20 @@ def tensor_bytes(tensors) -> int:
 
 
 def snapshot_like(shapes: dict, layers: set[str], quant: str, device) -> dict:
-    """A snapshot as a worker decodes it (layer weights quantised), made one tensor at a time."""
+    """A snapshot as a worker decodes it: layer weights arrive as codes and scales (no float copy),
+    everything else as float32; random values, made one tensor at a time."""
     gen = torch.Generator().manual_seed(0)
     out = {}
     for name, shape in shapes.items():
-        value = torch.randn(shape, generator=gen) * 0.02
-        out[name] = (
-            quantize(value, quant).to(device) if name in layers and quant != "none" else value.to(device)
-        )
+        if name in layers and quant != "none":
+            q = quantized_zeros(quant, shape)
+            q.codes.copy_(
+                torch.randint(0, 256, q.codes.shape, generator=gen, dtype=torch.uint8).view(q.codes.dtype)
+            )
+            q.scale.uniform_(0.01, 0.03, generator=gen)
+            out[name] = q.to(device)
+        else:
+            out[name] = (torch.randn(shape, generator=gen) * 0.02).to(device)
     return out
 
 
@@ -67,15 +74,23 @@ def measure(cfg: dict) -> dict:
     )
     if cfg["mode"] == "lte":
         # as a real worker builds it: no fp32 model (meta device), B', A' in the uplink's dtype
-        # (fp16 by default), then the base loaded from a snapshot decoded one tensor at a time
-        with torch.device("meta"):
-            plain = build_job_model(job)
-        shapes = {name: t.shape for name, t in plain.state_dict().items()}
+        # (fp16 by default), then the base loaded from a snapshot decoded one tensor at a time;
+        # "eager" is the earlier build: the fp32 zoo model first, then converted
         lte = job.lte_config(list(range(cfg["heads"])), wire_rounded=True)
-        model = prepare_model_on_device(plain, lte, device)
+        if cfg.get("eager"):
+            plain = build_job_model(job)
+            shapes = {name: t.shape for name, t in plain.state_dict().items()}
+            model = prepare_model(plain, lte).to(device)
+        else:
+            with torch.device("meta"):
+                plain = build_job_model(job)
+            shapes = {name: t.shape for name, t in plain.state_dict().items()}
+            model = prepare_model_on_device(plain, lte, device)
+        del plain
         load_master_weights(model, snapshot_like(shapes, set(lte_layers(model)), job.quant, device))
     else:
         model = build_job_model(job).to(device)
+    build_peak = peak_bytes(device)
     model.train()
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, job)
@@ -115,12 +130,17 @@ def measure(cfg: dict) -> dict:
         "step_s_min": min(times),
         "samples_per_step": batch,
     }
+    out["peak_bytes"], out["build_peak_bytes"] = peak_bytes(device), build_peak
     if device.type == "cuda":
-        out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         out["card"] = torch.cuda.get_device_name(device)
-    else:
-        out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
+
+
+def peak_bytes(device: torch.device) -> int:
+    """The process's high-water mark so far: RSS on CPU, allocated memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> int:
@@ -137,6 +157,11 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument(
+        "--eager-build",
+        action="store_true",
+        help="add the first quant built the earlier way (fp32 zoo model first) for comparison",
+    )
     p.add_argument("--json-out", help="also write the rows as JSON here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config in this process
     args = p.parse_args()
@@ -157,6 +182,8 @@ def main() -> int:
     }
     configs = [{**base, "mode": "full", "quant": "none", "heads": 1}]
     configs += [{**base, "mode": "lte", "quant": q, "heads": args.heads} for q in args.quants.split(",")]
+    if args.eager_build:
+        configs.append({**configs[1], "eager": True})
     rows = []
     for cfg in configs:
         run = subprocess.run(
@@ -173,15 +200,16 @@ def main() -> int:
         + f", image {args.image_size}/{args.patch_size}, batch {args.batch_size} per head, r {args.rank}, LTE heads {args.heads}"
     )
     print(
-        "| run | model state MB | weights MB | grads MB | optimiser MB | state / full | peak MB | step s | step / full |"
+        "| run | model state MB | weights MB | grads MB | optimiser MB | state / full | build peak MB | peak MB | step s | step / full |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         name = "full fp32 AdamW" if r["mode"] == "full" else f"LTE {r['quant']} base"
+        name += ", eager build" if r.get("eager") else ""
         mb = 1 / 2**20
         print(
             f"| {name} | {r['model_state_bytes'] * mb:.0f} | {r['weights_and_buffers'] * mb:.0f} | {r['grads'] * mb:.0f} | "
-            f"{r['optimizer'] * mb:.0f} | {r['model_state_bytes'] / full['model_state_bytes']:.3f} | {r['peak_bytes'] * mb:.0f} | "
+            f"{r['optimizer'] * mb:.0f} | {r['model_state_bytes'] / full['model_state_bytes']:.3f} | {r['build_peak_bytes'] * mb:.0f} | {r['peak_bytes'] * mb:.0f} | "
             f"{r['step_s_median']:.3f} | {r['step_s_median'] / full['step_s_median']:.2f} |"
         )
     if args.json_out:

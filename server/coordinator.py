@@ -134,6 +134,11 @@ def staleness_discount(staleness: int) -> float:
 class Coordinator:
     """The job on the server side: it registers workers, hands out heads and folds pushes into W."""
 
+    # A job runs for days: ended leases (kept so a late push gets a precise "expired" or "given
+    # back") and per-version records (all of them are in metrics.jsonl) are bounded in memory.
+    max_ended_leases = 1_000
+    max_history = 10_000
+
     def __init__(
         self,
         job: JobConfig,
@@ -167,7 +172,8 @@ class Coordinator:
         self.version = 0
         self.prev_factors: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.heads = {h: HeadState(h) for h in range(job.heads)}
-        self.leases: dict[str, Lease] = {}
+        self.leases: dict[str, Lease] = {}  # insertion order = registration order
+        self.registrations = 0
         self.pending: list[_AcceptedPush] = []  # sync: the open round; buffered: the buffer
         self.head_rounds_applied = 0
         self.samples = 0
@@ -214,7 +220,7 @@ class Coordinator:
             now = time.monotonic()
             lease = Lease(
                 lease_id=uuid.uuid4().hex,
-                worker_id=f"w{len(self.leases) + 1}-{uuid.uuid4().hex[:6]}",
+                worker_id=f"w{self.registrations + 1}-{uuid.uuid4().hex[:6]}",
                 worker=dict(worker),
                 head_ids=[h.head_id for h in take],
                 registered_at=now,
@@ -223,6 +229,7 @@ class Coordinator:
             for h in take:
                 h.lease_id = lease.lease_id
             self.leases[lease.lease_id] = lease
+            self.registrations += 1
             return lease, [HeadState(**vars(h)) for h in take]
 
     def lease(self, lease_id: str) -> Lease:
@@ -280,6 +287,9 @@ class Coordinator:
             if head.lease_id == lease.lease_id:
                 head.lease_id = None
                 head.returned += state == "expired"
+        ended = [l.lease_id for l in self.leases.values() if l.state in ("left", "expired")]
+        for lease_id in ended[: max(0, len(ended) - self.max_ended_leases)]:  # the oldest first
+            del self.leases[lease_id]
         self.changed.notify_all()
 
     def _drop_pending(self, lease_id: str) -> None:
@@ -550,6 +560,8 @@ class Coordinator:
             "bytes_down": self.bytes_down,
         }
         self.history.append(record)
+        if len(self.history) > 2 * self.max_history:  # trimmed in batches: amortised O(1) per version
+            del self.history[: -self.max_history]
         self._log(record)
         if self.head_rounds_applied >= self.job.heads * self.job.rounds:
             self.done = True

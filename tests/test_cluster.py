@@ -134,3 +134,29 @@ def test_a_worker_registering_again_gets_back_the_heads_it_trained():
     assert [h.head_id for h in heads] == [2, 3]
     lease, heads = c.register({"preferred_heads": [9]})  # unknown or taken: the lowest free ones
     assert [h.head_id for h in heads] == [0, 1]
+
+
+def test_ended_leases_and_version_records_stay_bounded_in_memory():
+    from lte.server.coordinator import Coordinator, PushHeaderInfo, Refused
+
+    c = Coordinator(digits_job(heads=1, mode="async"), None)
+    c.max_ended_leases, c.max_history = 3, 4
+    ended = []
+    for _ in range(10):  # workers that come and go for days
+        lease, _ = c.register({})
+        c.leave(lease.lease_id)
+        ended.append(lease.lease_id)
+    lease, _ = c.register({})
+    assert list(c.leases) == [*ended[-3:], lease.lease_id]  # the newest ended ones, and the live one
+    with pytest.raises(Refused) as recent:
+        c.lease(ended[-1])
+    assert recent.value.code == grpc.StatusCode.FAILED_PRECONDITION  # still told precisely
+    with pytest.raises(Refused) as forgotten:
+        c.lease(ended[0])
+    assert forgotten.value.code == grpc.StatusCode.NOT_FOUND  # "register again" all the same
+    tensors = {name: torch.zeros(shape) for name, shape in c.expected_tensors([0]).items()}
+    for r in range(11):
+        header = PushHeaderInfo(lease.lease_id, c.version, {0: r}, 10, 160, 1.0, 1.0)
+        assert c.apply_push(header, tensors)["applied"]
+    assert c.version == 11 and 4 <= len(c.history) <= 8
+    assert c.history[-1]["version"] == 11
