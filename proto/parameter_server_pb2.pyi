@@ -165,18 +165,20 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("version", "current", "done", "num_tensors", "total_payload_bytes")
+    __slots__ = ("version", "current", "done", "num_tensors", "total_payload_bytes", "retry_after_s")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     version: int
     current: bool
     done: bool
     num_tensors: int
     total_payload_bytes: int
-    def __init__(self, version: _Optional[int] = ..., current: _Optional[bool] = ..., done: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., total_payload_bytes: _Optional[int] = ...) -> None: ...
+    retry_after_s: float
+    def __init__(self, version: _Optional[int] = ..., current: _Optional[bool] = ..., done: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., total_payload_bytes: _Optional[int] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "tensor")

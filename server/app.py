@@ -48,6 +48,7 @@ class ParameterServer:
         self.threads = threads or grpc_options.SERVER_THREADS
         self.port = 0
         self._server: grpc.Server | None = None
+        self.service: ParameterServerService | None = None
         self._health = health.HealthServicer()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -63,7 +64,11 @@ class ParameterServer:
             maximum_concurrent_rpcs=self.threads * 4,
             interceptors=[TokenAuthInterceptor(self.token)] if self.token else [],
         )
-        pb_grpc.add_ParameterServerServicer_to_server(ParameterServerService(self.coordinator), server)
+        # a quarter of the threads (at least 2) stay free of long-polls, for pushes and heartbeats
+        self.service = ParameterServerService(
+            self.coordinator, max_waiting_pulls=max(1, self.threads - max(2, self.threads // 4))
+        )
+        pb_grpc.add_ParameterServerServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

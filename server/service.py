@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -15,6 +16,7 @@ from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.server.coordinator import Coordinator, PushHeaderInfo, Refused
 
 MAX_WAIT_S = 60.0  # longest long-poll a pull may ask for
+PULL_RETRY_AFTER_S = 1.0  # what a pull turned away from a long-poll is told to wait
 MAX_HEADS_PER_PUSH = 4096
 
 
@@ -59,8 +61,18 @@ def _peer_host(context: grpc.ServicerContext) -> str:
 
 
 class ParameterServerService(pb_grpc.ParameterServerServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, max_waiting_pulls: int = 0) -> None:
+        """``max_waiting_pulls``: long-polls that may block a handler thread at once (0: no limit).
+
+        The sync server runs every RPC on a fixed thread pool. A long-poll holds its thread until
+        the round closes; with as many waiting workers as threads, the pushes that close the round
+        and the heartbeats that keep leases alive queue behind them until a poll times out (a
+        6-worker job on 4 threads took 12x longer). Pulls past the limit are answered at once with
+        ``retry_after_s``, and the worker polls again after that.
+        """
         self.c = coordinator
+        self._waiting = threading.BoundedSemaphore(max_waiting_pulls) if max_waiting_pulls > 0 else None
+        self.pulls_turned_away = 0
 
     # Each handler turns a Refused into its status; anything else is a server bug and says so.
     def _abort(self, context: grpc.ServicerContext, exc: Refused) -> None:
@@ -126,9 +138,20 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             )
         except Refused as exc:
             self._abort(context, exc)
-        version, done = self.c.wait_for_version(request.have_version, min(request.wait_newer_s, MAX_WAIT_S))
+        wait_s, retry_after_s = min(request.wait_newer_s, MAX_WAIT_S), 0.0
+        slot = wait_s > 0 and self._waiting is not None
+        if slot and not self._waiting.acquire(blocking=False):
+            slot, wait_s, retry_after_s = False, 0.0, PULL_RETRY_AFTER_S
+            with self.c.lock:
+                self.pulls_turned_away += 1
+        try:
+            version, done = self.c.wait_for_version(request.have_version, wait_s)
+        finally:
+            if slot:
+                self._waiting.release()
         if version <= request.have_version and not factor_msgs:
-            yield pb.ModelChunk(header=pb.ModelHeader(version=version, current=True, done=done))
+            header = pb.ModelHeader(version=version, current=True, done=done, retry_after_s=retry_after_s)
+            yield pb.ModelChunk(header=header)
             return
         version, messages, payload = self.c.snapshot_messages()
         if version <= request.have_version:

@@ -160,3 +160,29 @@ def test_ended_leases_and_version_records_stay_bounded_in_memory():
         assert c.apply_push(header, tensors)["applied"]
     assert c.version == 11 and 4 <= len(c.history) <= 8
     assert c.history[-1]["version"] == 11
+
+
+def test_more_waiting_workers_than_server_threads_do_not_starve_pushes_or_heartbeats():
+    """Sync long-polls hold a handler thread each; past the limit a pull is answered at once."""
+    from lte.server.app import ParameterServer
+    from lte.server.coordinator import Coordinator
+
+    job = digits_job(heads=6, steps=100)  # 10 sync rounds, one head per worker
+    coordinator = Coordinator(job, DIGITS, heads_per_worker=1, lease_timeout_s=10.0, heartbeat_interval_s=0.5)
+    server = ParameterServer(coordinator, host="127.0.0.1", port=0, threads=4).start()
+    try:
+        workers = [Worker(server.address, quiet=True) for _ in range(6)]
+        threads = [run_in_thread(w.run) for w in workers]
+        # Unbounded, 4 of the 6 workers' long-polls took every thread and each round waited for
+        # one to time out: 65 s for 5 rounds here, against 8 s bounded. 60 s is far above the latter.
+        assert server.wait_done(timeout=60), f"version {coordinator.version} of {job.rounds} after 60 s"
+        for thread, out in threads:
+            thread.join(timeout=30)
+            assert out.get("result") == 0, out
+    finally:
+        server.stop(grace=0.5)
+    assert server.service.pulls_turned_away > 0  # the limit (4 threads - 2 kept free) was reached
+    assert all(
+        h.returned == 0 for h in coordinator.heads.values()
+    )  # no lease expired: heartbeats got through
+    assert coordinator.version == job.rounds

@@ -312,6 +312,9 @@ class Worker:
         self._pull_failing_since = None
         if header is None:
             raise RuntimeError("server sent a pull reply without a header")
+        if header.retry_after_s > 0 and not weights and not header.done:
+            # the server had no thread to spare for a long-poll: ask again later, not at once
+            self.stop.wait(min(header.retry_after_s, 30.0) * random.uniform(0.5, 1.5))
         if weights:
             self.trainer.load_snapshot(weights)
             self.version = header.version
