@@ -80,7 +80,7 @@ def test_there_are_manifests_for_every_part():
             "ConfigMap",
             "PersistentVolumeClaim",
             "PersistentVolumeClaim",
-            "Deployment",
+            "Job",
             "Service",
             "Job",
         ]
@@ -95,7 +95,7 @@ def test_manifest_is_valid_kubernetes(name_doc):
 
 
 def test_the_validator_is_strict_and_knows_the_kinds():
-    deployment = copy.deepcopy(k8s_object("Deployment", "lte-server"))
+    deployment = copy.deepcopy(k8s_object("Job", "lte-server"))
     deployment["spec"]["template"]["spec"]["contianers"] = deployment["spec"]["template"]["spec"].pop(
         "containers"
     )
@@ -119,8 +119,11 @@ def test_the_configmap_job_is_accepted_by_lte_server_and_matches_the_pods(tmp_pa
     config = effective_config(job_toml, tmp_path, capsys)
     assert config["heads"] >= 1 and config["host"] == "0.0.0.0" and config["dashboard_host"] == "0.0.0.0"
 
-    server = k8s_object("Deployment", "lte-server")
+    server = k8s_object("Job", "lte-server")
     pod = server["spec"]["template"]["spec"]
+    # one server at a time; restarted when it fails (it resumes), never once it has finished
+    assert server["spec"]["parallelism"] == server["spec"]["completions"] == 1
+    assert pod["restartPolicy"] == "OnFailure" and server["spec"]["podReplacementPolicy"] == "Failed"
     (container,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": config["port"], "http": config["dashboard_port"]}
@@ -133,7 +136,7 @@ def test_the_configmap_job_is_accepted_by_lte_server_and_matches_the_pods(tmp_pa
 
     # the Service forwards both named ports; the workers dial it on the config's port
     service = k8s_object("Service", "lte-server")
-    assert service["spec"]["selector"] == server["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"].items() <= server["spec"]["template"]["metadata"]["labels"].items()
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
     assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
     worker = k8s_object("Job", "lte-workers")["spec"]["template"]["spec"]["containers"][0]
@@ -143,7 +146,7 @@ def test_the_configmap_job_is_accepted_by_lte_server_and_matches_the_pods(tmp_pa
 
 
 def test_server_probes_use_grpc_health_and_healthz():
-    (container,) = k8s_object("Deployment", "lte-server")["spec"]["template"]["spec"]["containers"]
+    (container,) = k8s_object("Job", "lte-server")["spec"]["template"]["spec"]["containers"]
     grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
     assert container["readinessProbe"]["grpc"]["port"] == grpc_port
     assert container["startupProbe"]["grpc"]["port"] == grpc_port
@@ -151,7 +154,7 @@ def test_server_probes_use_grpc_health_and_healthz():
 
 
 def test_server_start_script_is_valid_shell():
-    (container,) = k8s_object("Deployment", "lte-server")["spec"]["template"]["spec"]["containers"]
+    (container,) = k8s_object("Job", "lte-server")["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["sh", "-c"]
     script = container["args"][0]
     assert "$(" not in script  # Kubernetes would try to expand $(...) as a variable reference
@@ -168,7 +171,7 @@ def test_workers_request_a_gpu_each_and_share_the_token_secret():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert job["spec"]["parallelism"] >= 1
     assert "completions" not in job["spec"]  # work queue: parallelism stays mutable, done when one succeeds
-    (server,) = k8s_object("Deployment", "lte-server")["spec"]["template"]["spec"]["containers"]
+    (server,) = k8s_object("Job", "lte-server")["spec"]["template"]["spec"]["containers"]
 
     def token_ref(c: dict) -> dict:
         return next(e["valueFrom"]["secretKeyRef"] for e in c["env"] if e["name"] == "LTE_TOKEN")
@@ -178,7 +181,7 @@ def test_workers_request_a_gpu_each_and_share_the_token_secret():
 
 def test_every_claim_a_pod_mounts_is_declared():
     claims = {d["metadata"]["name"] for _, d in k8s_documents() if d["kind"] == "PersistentVolumeClaim"}
-    for kind, name in (("Deployment", "lte-server"), ("Job", "lte-workers")):
+    for kind, name in (("Job", "lte-server"), ("Job", "lte-workers")):
         pod = k8s_object(kind, name)["spec"]["template"]["spec"]
         used = {
             v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
