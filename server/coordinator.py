@@ -361,7 +361,9 @@ class Coordinator:
         for h, layers in wanted.items():
             for layer, (b, a) in layers.items():
                 for part, t in (("B", b), ("A", a)):
-                    enc = encode_tensor(f"head/{h}/{layer}/{part}", t.float().cpu(), "fp32", SNAPSHOT_ZSTD_LEVEL)
+                    enc = encode_tensor(
+                        f"head/{h}/{layer}/{part}", t.float().cpu(), "fp32", SNAPSHOT_ZSTD_LEVEL
+                    )
                     out += [pb.ModelChunk(tensor=c) for c in tensor_chunks(enc, self.job.max_chunk_bytes)]
         return out
 
