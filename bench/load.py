@@ -86,6 +86,7 @@ def serve(args: argparse.Namespace) -> int:
                 "version": c.version,
                 "head_rounds": c.head_rounds_applied,
                 "refused": c.pushes_refused,
+                "snapshot_builds": c.snapshot_builds,
                 "live_leases": sum(l.state not in ("left", "expired") for l in c.leases.values()),
                 "leases": len(c.leases),
                 "history": len(c.history),
@@ -240,6 +241,10 @@ def print_report(
         print(
             f"totals: {pushes} pushes acknowledged in {wall:.1f} s ({pushes / wall:.1f}/s), "
             f"{s['head_rounds']} heads merged, up {s['bytes_up'] / 1e6:.1f} MB, down {s['bytes_down'] / 1e6:.1f} MB"
+        )
+        print(
+            f"snapshots built: {s['snapshot_builds']} for {s['version']} versions "
+            f"({s['snapshot_builds'] / max(1, s['version']):.2f} per version)"
         )
     print(
         "errors: " + ", ".join(f"{k} {errors[k]}" for k in sorted(errors)) + f"; total {sum(errors.values())}"

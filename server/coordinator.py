@@ -195,6 +195,7 @@ class Coordinator:
         self._sinks: list = []
         self._snapshot_lock = threading.Lock()
         self._snapshot: tuple[int, list[pb.ModelChunk], int] | None = None
+        self.snapshot_builds = 0
         self._expected = self._expected_push_shapes()
         self._eval_model = None
         self._evaluator: BackgroundTask | None = None
@@ -328,11 +329,19 @@ class Coordinator:
             return self.version, self.done
 
     def snapshot_messages(self) -> tuple[int, list[pb.ModelChunk], int]:
-        """(version, chunk messages, payload bytes) of the newest snapshot, built once per version."""
+        """(version, chunk messages, payload bytes) of a snapshot at least as new as the version at
+        the call, built once per version.
+
+        Builds are single-flight: pullers that arrive while a build runs wait for it and share a
+        build started after they asked, instead of each building the version that the pushes
+        (async mode: one per push) made meanwhile, back to back.
+        """
+        with self.lock:
+            asked = self.version
         with self._snapshot_lock:
             with self.lock:
                 version = self.version
-                if self._snapshot is not None and self._snapshot[0] == version:
+                if self._snapshot is not None and self._snapshot[0] >= asked:
                     return self._snapshot
                 master = {
                     name: t.detach().clone() for name, t in self.master.items()
@@ -346,6 +355,7 @@ class Coordinator:
                 total += len(enc.payload)
                 messages += [pb.ModelChunk(tensor=c) for c in tensor_chunks(enc, self.job.max_chunk_bytes)]
             self._snapshot = (version, messages, total)
+            self.snapshot_builds += 1
             return self._snapshot
 
     def head_factor_messages(self, lease: Lease, head_ids: Sequence[int]) -> list[pb.ModelChunk]:

@@ -12,6 +12,7 @@ from lte.common.codec import get_codec
 from lte.common.sim import run_lte
 from lte.worker.client import Worker
 from tests.cluster import DIGITS, digits_job, run_in_thread, running_server, worker_processes
+from tests.faults import wait_until
 
 TIMEOUT_S = 240  # every wait below is bounded; CI machines are slow and shared
 
@@ -186,3 +187,47 @@ def test_more_waiting_workers_than_server_threads_do_not_starve_pushes_or_heartb
         h.returned == 0 for h in coordinator.heads.values()
     )  # no lease expired: heartbeats got through
     assert coordinator.version == job.rounds
+
+
+def test_pullers_waiting_on_a_snapshot_build_share_it_when_versions_move_on(monkeypatch):
+    """Async pushes make versions faster than a big model's snapshot builds: single-flight builds."""
+    import threading
+
+    from lte.server import coordinator as coordinator_module
+    from lte.server.coordinator import Coordinator
+
+    c = Coordinator(digits_job(heads=2, mode="async"), None)
+    encode, building, release = coordinator_module.encode_tensor, threading.Event(), threading.Event()
+
+    def held_encode(*args, **kwargs):
+        if not release.is_set():  # the first build waits until the test lets it go
+            building.set()
+            assert release.wait(30)
+        return encode(*args, **kwargs)
+
+    class CountingLock:  # the build lock, counting who has asked for it
+        def __init__(self) -> None:
+            self.lock, self.counting, self.asked = threading.Lock(), threading.Lock(), 0
+
+        def __enter__(self):
+            with self.counting:
+                self.asked += 1
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    monkeypatch.setattr(coordinator_module, "encode_tensor", held_encode)
+    c._snapshot_lock = CountingLock()
+    first = run_in_thread(c.snapshot_messages)
+    assert building.wait(30)
+    waiting = [run_in_thread(c.snapshot_messages) for _ in range(2)]
+    wait_until(lambda: c._snapshot_lock.asked == 3, 30, "both pullers waiting on the build")  # at version 0
+    with c.lock:
+        c.version += 1  # a push lands during the build
+    release.set()
+    for thread, out in [first, *waiting]:
+        thread.join(30)
+        assert out["result"][0] == 0  # a snapshot at least as new as the version they asked at
+    assert c.snapshot_builds == 1  # shared, not rebuilt for version 1 by each of them
+    assert c.snapshot_messages()[0] == 1 and c.snapshot_builds == 2  # a new puller gets the newest
