@@ -190,6 +190,7 @@ class Coordinator:
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.pushes_refused = 0
+        self.pulls_turned_away = 0  # long-polls answered at once: no handler thread to spare
         self.push_log: deque[dict[str, Any]] = deque(maxlen=10_000)  # accepted pushes: staleness and weight
         self._metrics_file = open(metrics_path, "a", buffering=1) if metrics_path else None  # noqa: SIM115
         self._sinks: list = []
@@ -742,6 +743,9 @@ class Coordinator:
                 "head_rounds_applied": self.head_rounds_applied,
                 "target_head_rounds": self.job.heads * self.job.rounds,
                 "elapsed_s": round(time.time() - self.started_at, 3),
+                "pushes_refused": self.pushes_refused,
+                "snapshot_builds": self.snapshot_builds,
+                "pulls_turned_away": self.pulls_turned_away,
                 "workers": [
                     {
                         "worker_id": l.worker_id,

@@ -95,6 +95,13 @@ class JobStatus(BaseModel):
     target_head_rounds: int = 0
     progress: float = Field(0.0, description="head rounds applied / target, in [0, 1]")
     elapsed_s: float = Field(0.0, description="seconds since the server started")
+    pushes_refused: int = Field(0, description="async pushes refused as staler than the bound")
+    snapshot_builds: int = Field(
+        0, description="snapshots quantised and compressed (one per version pulled, at most)"
+    )
+    pulls_turned_away: int = Field(
+        0, description="long-polls answered at once because no handler thread was free for them"
+    )
     merges_per_minute: float = Field(
         description=f"over the last {RATE_WINDOW_S:g} s (the whole run once done)"
     )
@@ -175,6 +182,9 @@ def job_status(st: dict[str, Any]) -> JobStatus:
         target_head_rounds=target,
         progress=min(1.0, applied / target) if target else 0.0,
         elapsed_s=st.get("elapsed_s", 0.0),
+        pushes_refused=st.get("pushes_refused", 0),
+        snapshot_builds=st.get("snapshot_builds", 0),
+        pulls_turned_away=st.get("pulls_turned_away", 0),
         merges_per_minute=round(merges_per_minute, 3),
         samples_per_s=round(samples_per_s, 3),
         workers_active=sum(w.get("state") not in GONE_STATES for w in st.get("workers", [])),
@@ -231,6 +241,17 @@ class StatusCollector:
         yield CounterMetricFamily("lte_samples", "Samples trained in the whole job.", value=doc.samples)
         yield CounterMetricFamily("lte_bytes_up", "Bytes received from workers.", value=doc.bytes_up)
         yield CounterMetricFamily("lte_bytes_down", "Bytes sent to workers.", value=doc.bytes_down)
+        yield CounterMetricFamily(
+            "lte_pushes_refused", "Async pushes refused as staler than the bound.", value=doc.pushes_refused
+        )
+        yield CounterMetricFamily(
+            "lte_snapshot_builds", "Snapshots quantised and compressed for pulls.", value=doc.snapshot_builds
+        )
+        yield CounterMetricFamily(
+            "lte_pulls_turned_away",
+            "Long-polls answered at once: no thread free.",
+            value=doc.pulls_turned_away,
+        )
         yield gauge(
             "lte_merges_per_minute", "Merges per minute over the recent window.", doc.merges_per_minute
         )

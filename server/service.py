@@ -72,7 +72,6 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         """
         self.c = coordinator
         self._waiting = threading.BoundedSemaphore(max_waiting_pulls) if max_waiting_pulls > 0 else None
-        self.pulls_turned_away = 0
 
     # Each handler turns a Refused into its status; anything else is a server bug and says so.
     def _abort(self, context: grpc.ServicerContext, exc: Refused) -> None:
@@ -143,7 +142,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if slot and not self._waiting.acquire(blocking=False):
             slot, wait_s, retry_after_s = False, 0.0, PULL_RETRY_AFTER_S
             with self.c.lock:
-                self.pulls_turned_away += 1
+                self.c.pulls_turned_away += 1
         try:
             version, done = self.c.wait_for_version(request.have_version, wait_s)
         finally:

@@ -182,7 +182,7 @@ def test_more_waiting_workers_than_server_threads_do_not_starve_pushes_or_heartb
             assert out.get("result") == 0, out
     finally:
         server.stop(grace=0.5)
-    assert server.service.pulls_turned_away > 0  # the limit (4 threads - 2 kept free) was reached
+    assert coordinator.pulls_turned_away > 0  # the limit (4 threads - 2 kept free) was reached
     assert all(
         h.returned == 0 for h in coordinator.heads.values()
     )  # no lease expired: heartbeats got through

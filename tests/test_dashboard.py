@@ -102,6 +102,9 @@ def fake_status(**overrides) -> dict:
         "samples": 3300,
         "bytes_up": 500_000,
         "bytes_down": 2_000_000,
+        "pushes_refused": 2,
+        "snapshot_builds": 9,
+        "pulls_turned_away": 5,
         "head_rounds_applied": 40,
         "target_head_rounds": 160,
         "elapsed_s": 21.0,
@@ -239,6 +242,12 @@ def test_metrics_parse_as_prometheus_text(client):
     assert families["lte_samples"].samples[0].name == "lte_samples_total"
     assert value["lte_samples"] == 3300
     assert value["lte_bytes_up"] == 500_000 and value["lte_bytes_down"] == 2_000_000
+    assert (value["lte_pushes_refused"], value["lte_snapshot_builds"], value["lte_pulls_turned_away"]) == (
+        2,
+        9,
+        5,
+    )
+    assert families["lte_snapshot_builds"].samples[0].name == "lte_snapshot_builds_total"
     assert value["lte_train_loss"] == pytest.approx(0.23)
     assert value["lte_test_accuracy"] == pytest.approx(0.9)
     states = {s.labels["state"]: s.value for s in families["lte_workers"].samples}
