@@ -554,6 +554,9 @@ class Coordinator:
 
     def _merge_pending(self) -> None:
         accepted, self.pending = self.pending, []
+        # in head order, not arrival order: float sums are not associative, and a round must merge
+        # to the same bits however the network ordered its pushes (the emulator merges so too)
+        accepted.sort(key=lambda a: min(u.head_id for u in a.heads))
         heads = [h for a in accepted for h in a.heads]
         apply_updates(
             self.master,
