@@ -209,6 +209,7 @@ def test_page_shows_workers_and_curves_of_a_live_local_cluster(browser, tmp_path
                 assert page.locator(f"#chart-{chart} svg path.line").count() >= 1, chart
             assert int(page.get_attribute("#chart-accuracy-samples", "data-points")) >= 1
             assert page.inner_text("#stat-version") not in ("", "–", "0")
+            assert "snapshots built" in page.inner_text("#server-counters")  # every pull needs one
             assert "mlp on digits" in page.inner_text("#job-title")
             assert page.locator("#job dt", has_text="merge_every").count() == 1
             assert errors == [], errors  # CSP violations and script errors show up here

@@ -216,6 +216,12 @@
     $("#stat-progress").value = st.progress || 0;
     setText("#stat-progress-text", `${Math.round(100 * (st.progress || 0))} % · ${fmtSeconds(st.elapsed_s)}`);
     setText("#free-heads", st.free_heads.length ? `· free heads: ${st.free_heads.join(", ")}` : "");
+    const counters = [
+      [st.snapshot_builds, "snapshots built"],
+      [st.pushes_refused, "stale pushes refused"],
+      [st.pulls_turned_away, "long-polls turned away"],
+    ].filter(([n]) => n > 0);
+    setText("#server-counters", counters.map(([n, what]) => `· ${fmtCount(n)} ${what}`).join(" "));
     document.title = `LTE v${st.version}${st.done ? " (done)" : ""}`;
   }
 
