@@ -88,6 +88,8 @@ def measure(cfg: dict) -> dict:
             model = prepare_model_on_device(plain, lte, device)
         del plain
         load_master_weights(model, snapshot_like(shapes, set(lte_layers(model)), job.quant, device))
+        for layer in lte_layers(model).values():
+            layer.cache_frozen = bool(cfg.get("cache"))
     else:
         model = build_job_model(job).to(device)
     build_peak = peak_bytes(device)
@@ -115,8 +117,11 @@ def measure(cfg: dict) -> dict:
             torch.cuda.synchronize(device)
         if step >= cfg["warmup"]:
             times.append(time.perf_counter() - t)
+    cached = (
+        sum(layer.frozen_cache_nbytes for layer in lte_layers(model).values()) if cfg["mode"] == "lte" else 0
+    )
     state = {
-        "weights_and_buffers": tensor_bytes(list(model.parameters()) + list(model.buffers())),
+        "weights_and_buffers": tensor_bytes(list(model.parameters()) + list(model.buffers())) + cached,
         "grads": tensor_bytes(p.grad for p in params),
         "optimizer": tensor_bytes(
             v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
@@ -162,6 +167,11 @@ def main() -> int:
         action="store_true",
         help="add the first quant built the earlier way (fp32 zoo model first) for comparison",
     )
+    p.add_argument(
+        "--cache-frozen",
+        action="store_true",
+        help="add the first quant with each layer's frozen weight kept for the round (counted as state)",
+    )
     p.add_argument("--json-out", help="also write the rows as JSON here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config in this process
     args = p.parse_args()
@@ -184,6 +194,8 @@ def main() -> int:
     configs += [{**base, "mode": "lte", "quant": q, "heads": args.heads} for q in args.quants.split(",")]
     if args.eager_build:
         configs.append({**configs[1], "eager": True})
+    if args.cache_frozen:
+        configs.append({**configs[1], "cache": True})
     rows = []
     for cfg in configs:
         run = subprocess.run(
@@ -206,6 +218,7 @@ def main() -> int:
     for r in rows:
         name = "full fp32 AdamW" if r["mode"] == "full" else f"LTE {r['quant']} base"
         name += ", eager build" if r.get("eager") else ""
+        name += ", frozen weight cached" if r.get("cache") else ""
         mb = 1 / 2**20
         print(
             f"| {name} | {r['model_state_bytes'] * mb:.0f} | {r['weights_and_buffers'] * mb:.0f} | {r['grads'] * mb:.0f} | "

@@ -186,6 +186,11 @@ class LTELinear(nn.Module):
         # False only while B' A' is known to be zero (fresh, or reset variant): skips its work
         self.has_prev = False
         self.layer_index = 0  # position among the model's Linears; set by from_linear
+        # Opt-in: keep the frozen weight (dequantised, B'A' folded) between steps, in the compute
+        # dtype. It only changes with the base or B', A', which change between rounds: every
+        # mutator below clears it. Costs one [m, n] (per head when folded) per layer.
+        self.cache_frozen = False
+        self._frozen_cache: dict[tuple[torch.dtype, bool], torch.Tensor] = {}
         if quant == "none":
             self.register_buffer("weight", torch.zeros(out_features, in_features, **kw))
         else:
@@ -231,6 +236,7 @@ class LTELinear(nn.Module):
     ) -> None:
         """``B = 0``; each head's ``A`` drawn from its own generator seeded by (seed, head id, layer)."""
         head_ids = range(self.heads) if head_ids is None else head_ids
+        self.invalidate_frozen()
         with torch.no_grad():
             self.lora_B.zero_()
             self.lora_B_prev.zero_()
@@ -245,6 +251,7 @@ class LTELinear(nn.Module):
     # -- the base weight -------------------------------------------------------------------
     def set_base_weight(self, weight: torch.Tensor | QuantizedTensor) -> None:
         """Load a new base ``W`` (full precision, or already quantised by the server)."""
+        self.invalidate_frozen()
         if self.quant == "none":
             if isinstance(weight, QuantizedTensor):
                 raise ValueError("this layer holds W unquantised; got a quantised snapshot")
@@ -263,10 +270,12 @@ class LTELinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
+        self.invalidate_frozen()
         self.has_prev = True  # loaded factors: assume B' A' is not zero
 
     def _apply(self, fn, recurse=True):  # keep qweight pointing at the moved buffers
         super()._apply(fn, recurse)
+        self.invalidate_frozen()
         if self.qweight is not None:
             self.qweight = QuantizedTensor(
                 self.qweight.kind,
@@ -286,10 +295,22 @@ class LTELinear(nn.Module):
     # -- forward and merge -----------------------------------------------------------------
     def frozen_weight(self, dtype: torch.dtype, fold_prev: bool) -> torch.Tensor:
         """``W`` (``[m, n]``), or per head ``W - s B'_i A'_i`` (``[h, m, n]``), in ``dtype``."""
+        if self.cache_frozen and (dtype, fold_prev) in self._frozen_cache:
+            return self._frozen_cache[dtype, fold_prev]
         w = self.base_weight(dtype)
-        if not fold_prev:
-            return w
-        return w - self.scale * (self.lora_B_prev.to(dtype) @ self.lora_A_prev.to(dtype))
+        if fold_prev:
+            w = w - self.scale * (self.lora_B_prev.to(dtype) @ self.lora_A_prev.to(dtype))
+        if self.cache_frozen:
+            self._frozen_cache[dtype, fold_prev] = w.detach()
+        return w
+
+    def invalidate_frozen(self) -> None:
+        """Drop the cached frozen weight: the base or ``B', A'`` changed."""
+        self._frozen_cache.clear()
+
+    @property
+    def frozen_cache_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._frozen_cache.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, n, h = self.out_features, self.in_features, self.heads
@@ -329,6 +350,7 @@ class LTELinear(nn.Module):
     @torch.no_grad()
     def commit(self) -> None:
         """After a merge: ``(B', A') <- (B, A)``; the reset variant zeroes ``B`` (and so ``B'``)."""
+        self.invalidate_frozen()
         if self.reset:
             self.lora_B.zero_()
         self.lora_B_prev.copy_(self.lora_B)
@@ -589,6 +611,7 @@ def load_head_factors(
         layer.lora_B_prev[local_index].copy_(bp)
         layer.lora_A_prev[local_index].copy_(ap)
         layer.has_prev = True
+        layer.invalidate_frozen()
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

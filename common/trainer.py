@@ -138,10 +138,14 @@ class LocalTrainer:
         steps_done: Sequence[int] | None = None,
         wire_rounded: bool = False,
         base_from_snapshot: bool = False,
+        cache_frozen: bool = False,
     ) -> None:
         """``base_from_snapshot``: build the model without initialising its base (on the meta
         device, then allocated on ``device``), for a caller that loads a snapshot before training,
-        as a worker does; it never holds the full-precision model it would otherwise discard."""
+        as a worker does; it never holds the full-precision model it would otherwise discard.
+        ``cache_frozen``: keep each layer's frozen weight (dequantised, ``B'A'`` folded) in the
+        compute dtype for the round instead of rebuilding it twice per step: faster, for one
+        ``[m, n]`` per layer (per head where folded) of memory."""
         if not head_ids:
             raise ValueError("a trainer needs at least one head")
         self.job, self.head_ids, self.device = job, list(head_ids), torch.device(device)
@@ -154,6 +158,8 @@ class LocalTrainer:
         else:
             self.model = prepare_model(build_job_model(job), lte).to(self.device)
         self.has_base = not base_from_snapshot
+        for layer in lte_layers(self.model).values():
+            layer.cache_frozen = cache_frozen
         self.model.train()
         self.optimizer = make_optimizer(trainable_parameters(self.model), job)
         self.streams = [
@@ -233,3 +239,4 @@ class LocalTrainer:
             for i in local_indices:
                 layer.lora_A_prev[i].zero_()
                 layer.lora_B_prev[i].zero_()
+            layer.invalidate_frozen()

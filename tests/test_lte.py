@@ -436,3 +436,36 @@ def test_heads_that_continue_mid_job_ramp_their_lr_again_with_fresh_adamw_moment
     assert seen == pytest.approx([s * min(1, (k + 1) / 4) for k, s in enumerate(schedule)], rel=1e-12)
     assert moved.optimizer.param_groups[0]["lr"] == pytest.approx(schedule[5] * 1.0)
     assert fresh.lr_now() == lr_at(0, job)  # a job's first steps already warm up: no second ramp
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_a_cached_frozen_weight_trains_exactly_as_the_rebuilt_one_across_commits(quant):
+    """The cache lives for a round: every change of the base or of B', A' must drop it."""
+    from lte.common.config import JobConfig
+    from lte.common.data import load_dataset
+    from lte.common.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
+
+    data = load_dataset("digits", seed=0)
+    job = JobConfig(model="mlp", dataset="digits", heads=2, rank=4, quant=quant, merge_every=3, batch_size=64)
+    job = job.with_dataset(data)
+    plain = build_job_model(job, seed=3)
+    names = linear_weight_names(plain)
+    rebuilt = LocalTrainer(job, [0, 1], data)
+    cached = LocalTrainer(job, [0, 1], data, cache_frozen=True)
+    for round_ in range(4):  # a base; a commit alone (B', A' change); a new base (W changes); ...
+        if round_ % 2 == 0:
+            with torch.no_grad():
+                for t in plain.state_dict().values():
+                    t.add_(0.01 * round_)
+            for trainer in (rebuilt, cached):
+                trainer.load_snapshot(make_snapshot(plain.state_dict(), names, quant))
+        assert rebuilt.train_round().train_loss == cached.train_round().train_loss
+        for trainer in (rebuilt, cached):
+            trainer.commit()
+    assert rebuilt.train_round().train_loss == cached.train_round().train_loss  # the cache is full
+    cached.forget_merges([1])  # a head the server holds no merge of: its B', A' become zero
+    rebuilt.forget_merges([1])
+    assert rebuilt.train_round().train_loss == cached.train_round().train_loss
+    a, b = rebuilt.model.state_dict(), cached.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(layer.frozen_cache_nbytes for layer in lte_layers(cached.model).values()) > 0
