@@ -46,6 +46,10 @@ class ParameterServer:
         self.token, self.credentials = token, credentials
         self.host, self.requested_port = host, port
         self.threads = threads or grpc_options.SERVER_THREADS
+        if self.threads < 2:
+            raise ValueError(
+                f"the gRPC server needs at least 2 handler threads (a long-poll and a push), got {self.threads}"
+            )
         self.port = 0
         self._server: grpc.Server | None = None
         self.service: ParameterServerService | None = None

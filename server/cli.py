@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch CPU threads of the server [torch default]"
     )
     s.add_argument(
+        "--rpc-threads",
+        type=int,
+        default=None,
+        help="gRPC handler threads; long-polls never take the last quarter of them "
+        "[LTE_SERVER_THREADS or 64]",
+    )
+    s.add_argument(
         "--local-workers",
         type=int,
         default=None,
@@ -130,6 +137,7 @@ SERVER_DEFAULTS = {
     "worker_device": "cpu",
     "data_dir": None,
     "threads": 0,
+    "rpc_threads": 0,
     "dashboard_host": "127.0.0.1",
     "dashboard_port": 8080,
     "dashboard_auth": False,
@@ -304,7 +312,12 @@ def serve(
     (out_dir / "config.toml").write_text(to_toml(public_settings({**job.to_dict(), **srv})))
     try:
         server = ParameterServer(
-            coordinator, host=srv["host"], port=srv["port"], token=token, credentials=credentials
+            coordinator,
+            host=srv["host"],
+            port=srv["port"],
+            token=token,
+            credentials=credentials,
+            threads=srv["rpc_threads"],
         )
         server.start()
     except (OSError, ValueError) as exc:

@@ -42,6 +42,13 @@ def test_unknown_config_keys_are_errors_that_name_them(tmp_path, capsys):
     assert "merge_evry" in capsys.readouterr().err
 
 
+def test_rpc_threads_reach_the_server_and_too_few_are_refused(tmp_path, capsys):
+    assert print_config(capsys, "--rpc-threads", "16")["rpc_threads"] == 16
+    code = main(["--rpc-threads", "1", "--dashboard-port", "-1", "--port", "0", "--out", str(tmp_path)])
+    assert code == 2
+    assert "at least 2 handler threads" in capsys.readouterr().err
+
+
 def test_invalid_values_are_refused_with_the_reason(capsys):
     assert main(["--heads", "0", "--print-config"]) == 2
     assert "heads must be >= 1" in capsys.readouterr().err
