@@ -276,7 +276,7 @@ def quantized_zeros(
             packed[-1:] = 7
         absmax = torch.zeros(_num_blocks(numel, block_size), dtype=torch.float32, device=device)
         return QuantizedTensor("nf4", packed, absmax, shape, block_size)
-    return quantize(torch.zeros(shape, device=device), kind, block_size)  # its error names the kinds
+    raise ValueError(f"unknown quantization kind {kind!r}; expected one of 'int8', 'nf4'")
 
 
 def quantize(weight: torch.Tensor, kind: str, block_size: int = 64) -> QuantizedTensor:

@@ -52,7 +52,6 @@ class ParameterServer:
             )
         self.port = 0
         self._server: grpc.Server | None = None
-        self.service: ParameterServerService | None = None
         self._health = health.HealthServicer()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -69,10 +68,10 @@ class ParameterServer:
             interceptors=[TokenAuthInterceptor(self.token)] if self.token else [],
         )
         # a quarter of the threads (at least 2) stay free of long-polls, for pushes and heartbeats
-        self.service = ParameterServerService(
+        service = ParameterServerService(
             self.coordinator, max_waiting_pulls=max(1, self.threads - max(2, self.threads // 4))
         )
-        pb_grpc.add_ParameterServerServicer_to_server(self.service, server)
+        pb_grpc.add_ParameterServerServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

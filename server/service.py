@@ -66,8 +66,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
         The sync server runs every RPC on a fixed thread pool. A long-poll holds its thread until
         the round closes; with as many waiting workers as threads, the pushes that close the round
-        and the heartbeats that keep leases alive queue behind them until a poll times out (a
-        6-worker job on 4 threads took 12x longer). Pulls past the limit are answered at once with
+        and the heartbeats that keep leases alive queue behind them until a poll times out
+        (tests/test_cluster.py, ``-k starve``). Pulls past the limit are answered at once with
         ``retry_after_s``, and the worker polls again after that.
         """
         self.c = coordinator

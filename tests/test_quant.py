@@ -190,6 +190,12 @@ def test_quantized_zeros_equal_the_quantised_zero_weight(kind: str, shape: tuple
     assert quantized_zeros(kind, shape, device="meta").codes.is_meta  # no storage, as a meta build needs
 
 
+@pytest.mark.parametrize("kind", ["none", "fp8"])
+def test_quantized_zeros_names_the_kinds_it_knows(kind: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown quantization kind .*'int8', 'nf4'"):
+        quantized_zeros(kind, (4, 4))
+
+
 def test_nf4_empty_and_scalar() -> None:
     for shape in [(0,), (0, 5), ()]:
         weight = _random_weight(shape, seed=2)
