@@ -584,7 +584,7 @@ def run(args) -> dict:
                 t = time.perf_counter()
                 version, messages, payload = c.snapshot_messages()
                 build_s = time.perf_counter() - t  # quantise + zstd of the new version, once
-                c._snapshot = None  # drop it again: the timed pull below builds it, as a real one does
+                c.snapshots.invalidate()  # drop it again: the timed pull below builds it, as a real one does
                 new_wall, new_bytes = pull_pass(server.address, puller.lease_id, count)
                 cached_wall, cached_bytes = pull_pass(server.address, puller.lease_id, count)
                 version, messages, payload = c.snapshot_messages()

@@ -31,7 +31,7 @@ def build_seconds(c: coord.Coordinator, level: int, repeat: int) -> tuple[float,
     coord.SNAPSHOT_ZSTD_LEVEL = level
     times = []
     for _ in range(repeat):
-        c._snapshot = None  # the next pull of a new version
+        c.snapshots.invalidate()  # the next pull of a new version
         started = time.perf_counter()
         _, _, payload = c.snapshot_messages()
         times.append(time.perf_counter() - started)
@@ -52,9 +52,10 @@ def pull_storm(quant: str, pullers: int, duration: float, version_every: float, 
         def exact() -> tuple:
             with gate:  # builds were serialised, and each checked the version when its turn came
                 with c.lock:
-                    if c._snapshot is not None and c._snapshot[0] == c.version:
-                        return c._snapshot
-                    c._snapshot = None
+                    built = c.snapshots._snapshot
+                    if built is not None and built[0] == c.version:
+                        return built
+                    c.snapshots.invalidate()
                 return original()
 
         c.snapshot_messages = exact
@@ -135,7 +136,7 @@ def main() -> int:
                 with torch.no_grad():
                     for name in c.layer_names:
                         c.master[name].copy_(gen.sample(c.master[name].shape) * 0.02)
-            c._snapshot = None
+            c.snapshots.invalidate()
             coord.SNAPSHOT_ZSTD_LEVEL = None  # encode_tensor: no zstd
             _, _, raw = c.snapshot_messages()
             for level in args.levels:

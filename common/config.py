@@ -97,8 +97,13 @@ class JobConfig:
 
     @property
     def rounds(self) -> int:
-        """Merges over the job: ``steps // merge_every`` (at least one)."""
-        return max(1, self.steps // self.merge_every)
+        """Rounds each head trains: ``ceil(steps / merge_every)``; the last is shorter when T does not
+        divide ``steps`` (``round_steps``), so every head trains exactly ``steps`` local steps."""
+        return -(-self.steps // self.merge_every)
+
+    def round_steps(self, steps_done: int) -> int:
+        """Local steps of the round a head starts at ``steps_done``: T, or what is left of ``steps``."""
+        return max(0, min(self.merge_every, self.steps - steps_done))
 
     @property
     def torch_dtype(self):

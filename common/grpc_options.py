@@ -56,3 +56,26 @@ def channel_options() -> list[tuple[str, int]]:
         ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
+
+
+def make_server(threads: int, interceptors: list | None = None):
+    """A gRPC server with these options, ``threads`` handler threads and a bounded queue of RPCs."""
+    from concurrent import futures
+
+    import grpc
+
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lte-rpc"),
+        options=server_options(),
+        maximum_concurrent_rpcs=threads * 4,
+        interceptors=interceptors or [],
+    )
+
+
+def make_channel(address: str, credentials=None):
+    """A channel to ``address`` with these options; TLS when ``credentials`` are given."""
+    import grpc
+
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, channel_options())
+    return grpc.insecure_channel(address, channel_options())

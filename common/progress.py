@@ -25,9 +25,14 @@ def _fmt(key: str, value: Any) -> str:
 
 class Progress:
     def __init__(
-        self, total: int | None, label: str, stream: TextIO | None = None, every_s: float = 5.0
+        self,
+        total: int | None,
+        label: str,
+        stream: TextIO | None = None,
+        every_s: float = 5.0,
+        unit: str = "head-rounds",
     ) -> None:
-        self.total, self.label = total, label
+        self.total, self.label, self.unit = total, label, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every_s = every_s
@@ -41,7 +46,11 @@ class Progress:
         if not self.tty and not final and now - self._last < self.every_s:
             return
         self._last = now
-        head = f"{self.label} [{done}/{self.total}]" if self.total else f"{self.label} [{done}]"
+        head = (
+            f"{self.label} [{done}/{self.total} {self.unit}]"
+            if self.total
+            else f"{self.label} [{done} {self.unit}]"
+        )
         line = "  ".join([head, *(_fmt(k, v) for k, v in fields.items()), f"{now - self._start:.0f}s"])
         if self.tty:
             self.stream.write("\r" + line.ljust(self._width))

@@ -73,8 +73,10 @@ class SimResult:
 class _Recorder:
     """Per-round records (evaluated every K rounds and at the last), progress, and the result."""
 
-    def __init__(self, mode: str, dataset, device: str, eval_every: int, last_round: int, progress) -> None:
-        self.mode, self.dataset, self.device = mode, dataset, device
+    def __init__(
+        self, mode: str, dataset, device: str, eval_every: int, last_round: int, progress, heads: int = 1
+    ) -> None:
+        self.mode, self.dataset, self.device, self.heads = mode, dataset, device, heads
         self.eval_every, self.last_round, self.progress = eval_every, last_round, progress
         self.history: list[dict[str, Any]] = []
         self.start = time.perf_counter()
@@ -85,7 +87,8 @@ class _Recorder:
             record.update(evaluate(model, self.dataset, device=self.device))
         self.history.append(record)
         if self.progress:
-            self.progress.update(version, **_progress_fields(record, samples, self.start))
+            # head-rounds, the unit of lte-server's progress: every head trains every round here
+            self.progress.update(version * self.heads, **_progress_fields(record, samples, self.start))
 
     def result(self, steps: int, state: dict[str, torch.Tensor]) -> SimResult:
         final = self.history[-1]
@@ -105,7 +108,7 @@ def run_lte(
     progress: Progress | None = None,
 ) -> SimResult:
     """Sync-mode LTE: every round, each worker trains T steps, then all heads merge at once."""
-    recorder = _Recorder("lte", dataset, device, eval_every, job.rounds, progress)
+    recorder = _Recorder("lte", dataset, device, eval_every, job.rounds, progress, job.heads)
     plain = build_job_model(job).to(device)
     master = plain.state_dict(keep_vars=False)  # the plain model's tensors: eval reads them directly
     layer_names = linear_weight_names(plain)
@@ -137,7 +140,7 @@ def run_lte(
         samples += sum(s.samples for s in stats)
         loss = sum(s.train_loss * s.samples for s in stats) / sum(s.samples for s in stats)
         recorder.round(round_index + 1, samples, loss, plain)
-    return recorder.result(job.rounds * job.merge_every, master)
+    return recorder.result(job.steps, master)
 
 
 def _full_step(
@@ -158,7 +161,7 @@ def run_full(
     job: JobConfig, dataset, *, device: str = "cpu", eval_every: int = 0, progress: Progress | None = None
 ) -> SimResult:
     """Standard training of the same model on the same samples (all N heads' batches per step)."""
-    recorder = _Recorder("full", dataset, device, eval_every, job.rounds, progress)
+    recorder = _Recorder("full", dataset, device, eval_every, job.rounds, progress, job.heads)
     model = build_job_model(job).to(device)
     model.train()
     optimizer = make_optimizer(model.parameters(), job)
@@ -166,14 +169,14 @@ def run_full(
         HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed)
         for h in range(job.heads)
     ]
-    steps = job.rounds * job.merge_every
+    steps = job.steps
     samples, losses = 0, []
     for step in range(steps):
         loss, n = _full_step(model, optimizer, streams, step, job, dataset.task, device)
         losses.append(loss)
         samples += n
-        if (step + 1) % job.merge_every == 0:  # report on the same clock as LTE rounds
-            recorder.round((step + 1) // job.merge_every, samples, sum(losses) / len(losses), model)
+        if (step + 1) % job.merge_every == 0 or step + 1 == steps:  # the same clock as LTE rounds
+            recorder.round(-(-(step + 1) // job.merge_every), samples, sum(losses) / len(losses), model)
             losses = []
     return recorder.result(steps, model.state_dict())
 
@@ -195,8 +198,8 @@ def run_diloco(
     full training's. Per sync each replica sends and receives the whole fp32 model.
     """
     sync_every = sync_every or job.merge_every
-    steps = job.rounds * job.merge_every
-    recorder = _Recorder("diloco", dataset, device, eval_every, -(-steps // sync_every), progress)
+    steps = job.steps
+    recorder = _Recorder("diloco", dataset, device, eval_every, -(-steps // sync_every), progress, job.heads)
     master = build_job_model(job).to(device)
     blocks = partition_heads(job.heads, workers)
     replicas = [build_job_model(job).to(device) for _ in blocks]
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         mode = f"diloco workers={args.workers} H={job.merge_every}"
     else:
         mode = f"lte N={job.heads} r={job.rank} T={job.merge_every} quant={job.quant}"
-    progress = None if args.quiet else Progress(job.rounds, f"{job.model}/{job.dataset} {mode}")
+    progress = None if args.quiet else Progress(job.heads * job.rounds, f"{job.model}/{job.dataset} {mode}")
     common = {"device": args.device, "eval_every": args.eval_every, "progress": progress}
     if args.full:
         result = run_full(job, dataset, **common)

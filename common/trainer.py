@@ -206,7 +206,7 @@ class LocalTrainer:
         """``T`` local steps; every head sees its own shard's next batch each step."""
         if not self.has_base:
             raise RuntimeError("this trainer was built with base_from_snapshot: load_snapshot first")
-        steps = self.job.merge_every if steps is None else steps
+        steps = self.job.round_steps(self.steps_done[0]) if steps is None else steps
         start = time.perf_counter()
         losses = []
         for _ in range(steps):
@@ -231,6 +231,42 @@ class LocalTrainer:
 
     def commit(self) -> None:
         commit_merge(self.model)
+
+    @torch.no_grad()
+    def keep_heads(self, keep: Sequence[int]) -> None:
+        """Train only the local heads ``keep`` (local indices) from now on: their factors, last-merged
+        factors, data streams and AdamW moments carry over exactly; the others are dropped (moved away)."""
+        if (
+            not keep
+            or sorted(set(keep)) != sorted(keep)
+            or not all(0 <= i < len(self.head_ids) for i in keep)
+        ):
+            raise ValueError(f"keep must name distinct local heads of {len(self.head_ids)}, got {list(keep)}")
+        index = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        replaced: dict[nn.Parameter, nn.Parameter] = {}
+        for layer in lte_layers(self.model).values():
+            for name in ("lora_A", "lora_B"):
+                old = getattr(layer, name)
+                replaced[old] = nn.Parameter(old.detach()[index].clone(), requires_grad=old.requires_grad)
+                setattr(layer, name, replaced[old])
+            layer.lora_A_prev = layer.lora_A_prev[index].clone()
+            layer.lora_B_prev = layer.lora_B_prev[index].clone()
+            layer.heads = len(keep)
+            layer.invalidate_frozen()
+        old_state = self.optimizer.state
+        self.optimizer = make_optimizer(trainable_parameters(self.model), self.job)
+        originals = {new: old for old, new in replaced.items()}
+        for p in trainable_parameters(self.model):
+            old = originals.get(p, p)
+            if old not in old_state:
+                continue
+            self.optimizer.state[p] = {
+                k: v[index].clone() if old is not p and torch.is_tensor(v) and v.dim() > 0 else v
+                for k, v in old_state[old].items()
+            }
+        self.head_ids = [self.head_ids[i] for i in keep]
+        self.streams = [self.streams[i] for i in keep]
+        self.steps_done = [self.steps_done[i] for i in keep]
 
     @torch.no_grad()
     def forget_merges(self, local_indices: Sequence[int]) -> None:

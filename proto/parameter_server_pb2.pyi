@@ -109,7 +109,7 @@ class HeadAssignment(_message.Message):
     def __init__(self, head_id: _Optional[int] = ..., next_round: _Optional[int] = ..., steps_done: _Optional[int] = ..., has_factors: _Optional[bool] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "lease_id", "heads", "job", "heartbeat_interval_s", "lease_timeout_s", "version")
+    __slots__ = ("worker_id", "lease_id", "heads", "job", "heartbeat_interval_s", "lease_timeout_s", "version", "room", "lease_epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,8 @@ class RegisterReply(_message.Message):
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     lease_id: str
     heads: _containers.RepeatedCompositeFieldContainer[HeadAssignment]
@@ -124,19 +126,23 @@ class RegisterReply(_message.Message):
     heartbeat_interval_s: float
     lease_timeout_s: float
     version: int
-    def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., job: _Optional[_Union[JobConfig, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
+    room: int
+    lease_epoch: int
+    def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., job: _Optional[_Union[JobConfig, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., version: _Optional[int] = ..., room: _Optional[int] = ..., lease_epoch: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors")
+    __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors", "lease_epoch")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_NEWER_S_FIELD_NUMBER: _ClassVar[int]
     HEAD_FACTORS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     have_version: int
     wait_newer_s: float
     head_factors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, lease_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_newer_s: _Optional[float] = ..., head_factors: _Optional[_Iterable[int]] = ...) -> None: ...
+    lease_epoch: int
+    def __init__(self, lease_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_newer_s: _Optional[float] = ..., head_factors: _Optional[_Iterable[int]] = ..., lease_epoch: _Optional[int] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "codec", "zstd", "raw_nbytes", "payload_nbytes")
@@ -165,20 +171,22 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("version", "current", "done", "num_tensors", "total_payload_bytes", "retry_after_s")
+    __slots__ = ("version", "current", "done", "num_tensors", "total_payload_bytes", "retry_after_s", "lease_epoch")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     version: int
     current: bool
     done: bool
     num_tensors: int
     total_payload_bytes: int
     retry_after_s: float
-    def __init__(self, version: _Optional[int] = ..., current: _Optional[bool] = ..., done: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., total_payload_bytes: _Optional[int] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+    lease_epoch: int
+    def __init__(self, version: _Optional[int] = ..., current: _Optional[bool] = ..., done: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., total_payload_bytes: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., lease_epoch: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "tensor")
@@ -251,12 +259,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., version: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("version", "done")
+    __slots__ = ("version", "done", "lease_epoch", "heads", "room")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    ROOM_FIELD_NUMBER: _ClassVar[int]
     version: int
     done: bool
-    def __init__(self, version: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+    lease_epoch: int
+    heads: _containers.RepeatedCompositeFieldContainer[HeadAssignment]
+    room: int
+    def __init__(self, version: _Optional[int] = ..., done: _Optional[bool] = ..., lease_epoch: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., room: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("lease_id", "reason")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -61,11 +60,8 @@ class ParameterServer:
         return format_address(self.host, self.port)
 
     def start(self) -> ParameterServer:
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lte-rpc"),
-            options=grpc_options.server_options(),
-            maximum_concurrent_rpcs=self.threads * 4,
-            interceptors=[TokenAuthInterceptor(self.token)] if self.token else [],
+        server = grpc_options.make_server(
+            self.threads, [TokenAuthInterceptor(self.token)] if self.token else []
         )
         # a quarter of the threads (at least 2) stay free of long-polls, for pushes and heartbeats
         service = ParameterServerService(
@@ -100,9 +96,11 @@ class ParameterServer:
         return self
 
     def _reap(self) -> None:
-        interval = max(0.05, self.coordinator.lease_timeout_s / 4)
+        # the scheduler's clock: lease expiry, stragglers and free heads are looked at this often
+        c = self.coordinator
+        interval = max(0.05, min(c.lease_timeout_s / 4, c.heartbeat_interval_s / 2))
         while not self._stop.wait(interval):
-            self.coordinator.expire_leases()
+            c.expire_leases()
 
     def wait_done(self, timeout: float | None = None) -> bool:
         """Block until the job has trained its last round (or the timeout)."""

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 from lte.common.config import add_job_arguments, load_toml, resolve_job
 from lte.common.logs import setup_logging
-from lte.common.progress import Progress, format_bytes
+from lte.server.run import ServerRun, StartError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--heartbeat-interval", type=float, default=None, help="seconds between worker heartbeats [5]"
+    )
+    s.add_argument(
+        "--straggler-factor",
+        type=float,
+        default=None,
+        help="move a live worker's heads once it has not pushed for K x the job's median round time "
+        "(and at least 2 heartbeats); 0 for never [4]",
     )
     s.add_argument(
         "--max-staleness", type=int, default=None, help="async/buffered: refuse pushes staler than this [8]"
@@ -129,6 +130,7 @@ SERVER_DEFAULTS = {
     "heads_per_worker": 0,
     "lease_timeout": 30.0,
     "heartbeat_interval": 5.0,
+    "straggler_factor": 4.0,
     "max_staleness": 8,
     "buffer_size": 0,
     "eval_every": -1,
@@ -183,44 +185,6 @@ def to_toml(values: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_worker_processes(
-    address: str, per_worker_args: list[list[str]], log_dir: Path | None = None, token: str | None = None
-) -> list[subprocess.Popen]:
-    """One real ``lte-worker`` process per entry (its extra flags), logging to ``log_dir/worker-<i>.log``.
-
-    The token reaches them through the environment, never the command line (which ps shows).
-    """
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    if token:
-        env["LTE_TOKEN"] = token
-    procs = []
-    for i, extra in enumerate(per_worker_args):
-        log = open(log_dir / f"worker-{i}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
-        cmd = [sys.executable, "-m", "lte.worker.cli", "--server", address, *extra]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-        if log_dir:
-            log.close()  # the child holds its own descriptor
-    return procs
-
-
-def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
-    """Terminate by pid, wait, then kill what is left: no orphan survives the server."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -243,270 +207,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_format, "WARNING" if args.quiet else "INFO", prog="lte-server")
-    return serve(
-        job,
-        dataset,
-        srv,
-        json_out=args.json,
-        quiet=args.quiet,
-        log_format=args.log_format,
-        tensorboard=args.tensorboard,
-    )
-
-
-def serve(
-    job,
-    dataset,
-    srv: dict,
-    *,
-    json_out: bool = False,
-    quiet: bool = False,
-    log_format: str = "text",
-    tensorboard: str | None = None,
-) -> int:
-    import torch
-
-    from lte.common.auth import token_from
-    from lte.server.app import ParameterServer, format_address
-    from lte.server.checkpoint import load_checkpoint
-    from lte.server.coordinator import Coordinator
-    from lte.server.security import server_credentials
-
-    if srv["threads"]:
-        torch.set_num_threads(srv["threads"])
-    out_dir = Path(srv["out"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    local = int(srv["local_workers"] or 0)
-    heads_per_worker = srv["heads_per_worker"] or (-(-job.heads // local) if local else 0)
-    eval_every = srv["eval_every"] if srv["eval_every"] >= 0 else max(1, job.rounds // 10)
-    checkpoint_every = srv["checkpoint_every"] if srv["checkpoint_every"] >= 0 else max(1, job.rounds // 10)
     try:
-        token = token_from(srv["token"])
-        credentials = server_credentials(srv["tls_cert"], srv["tls_key"], srv["tls_ca"])
-    except (ValueError, OSError) as exc:
+        run = ServerRun(
+            job,
+            dataset,
+            srv,
+            json_out=args.json,
+            quiet=args.quiet,
+            log_format=args.log_format,
+            tensorboard=args.tensorboard,
+            config_text=to_toml(public_settings({**job.to_dict(), **srv})),
+        ).start()
+    except StartError as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
-    coordinator = Coordinator(
-        job,
-        dataset,
-        device=srv["device"],
-        heads_per_worker=heads_per_worker,
-        lease_timeout_s=srv["lease_timeout"],
-        heartbeat_interval_s=srv["heartbeat_interval"],
-        max_staleness=srv["max_staleness"],
-        buffer_size=srv["buffer_size"],
-        eval_every=eval_every,
-        checkpoint_dir=out_dir / "checkpoints",
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=srv["keep_checkpoints"],
-        metrics_path=out_dir / "metrics.jsonl",
-    )
-    if srv["resume"]:
-        try:
-            state, tensors = load_checkpoint(srv["resume"])
-            coordinator.restore(state, tensors)
-        except (ValueError, OSError) as exc:
-            print(f"lte-server: error: cannot resume from {srv['resume']}: {exc}", file=sys.stderr)
-            return 2
-        print(f"lte-server: resumed at version {coordinator.version} from {srv['resume']}", file=sys.stderr)
-    (out_dir / "config.toml").write_text(to_toml(public_settings({**job.to_dict(), **srv})))
     try:
-        server = ParameterServer(
-            coordinator,
-            host=srv["host"],
-            port=srv["port"],
-            token=token,
-            credentials=credentials,
-            threads=srv["rpc_threads"],
-        )
-        server.start()
-    except (OSError, ValueError) as exc:
-        print(f"lte-server: error: {exc}", file=sys.stderr)
-        return 2
-    log = logging.getLogger("lte.server")
-    if tensorboard:
-        try:
-            coordinator.add_sink(tensorboard_sink(tensorboard))
-        except ImportError as exc:
-            server.stop()
-            print(
-                f"lte-server: error: --tensorboard needs the tensorboard package ({exc}); pip install tensorboard",
-                file=sys.stderr,
-            )
-            return 2
-    dashboard = None
-    if srv["dashboard_port"] >= 0:
-        from lte.server.dashboard import DashboardServer
-
-        try:
-            dashboard = DashboardServer(
-                coordinator.status,
-                host=srv["dashboard_host"],
-                port=srv["dashboard_port"],
-                token=token if srv["dashboard_auth"] else None,
-            ).start()
-        except OSError as exc:
-            server.stop()
-            print(
-                f"lte-server: error: dashboard: {exc} (pick another --dashboard-port, or -1 for none)",
-                file=sys.stderr,
-            )
-            return 2
-        if quiet and log_format == "text":  # printed even with --quiet: it is the one line a user needs
-            print(f"lte-server: dashboard at {dashboard.url}", file=sys.stderr, flush=True)
-        else:
-            log.info("dashboard at %s", dashboard.url, extra={"url": dashboard.url})
-    log.info(
-        "%s on %s, N=%d r=%d T=%d mode=%s quant=%s; %d rounds",
-        job.model,
-        job.dataset,
-        job.heads,
-        job.rank,
-        job.merge_every,
-        job.mode,
-        job.quant,
-        job.rounds,
-    )
-    log.info(
-        "serving lte.v1.ParameterServer on %s  (run folder %s)",
-        server.address,
-        out_dir,
-        extra={"address": server.address, "run_dir": str(out_dir)},
-    )
-    if not local:
-        log.info(
-            "start workers with: lte-worker --server %s",
-            format_address(_public_host(srv["host"]), server.port),
-        )
-    signal.signal(signal.SIGTERM, _interrupt)
-    if credentials is not None:  # the certificate names the host; local workers reach it as localhost
-        local_host = "localhost"
-    else:
-        local_host = "127.0.0.1" if srv["host"] in ("0.0.0.0", "::", "127.0.0.1") else srv["host"]
-    tls = ["--tls-ca", srv["tls_ca"] or srv["tls_cert"]] if credentials is not None else []
-    local_args = [
-        [
-            "--device",
-            srv["worker_device"],
-            "--name",
-            f"local-{i}",
-            "--parent-pid",
-            str(os.getpid()),
-            "--quiet",
-            *tls,
-        ]
-        for i in range(local)
-    ]
-    procs = start_worker_processes(format_address(local_host, server.port), local_args, out_dir, token=token)
-    started = time.perf_counter()
-    progress = None
-    if not quiet and log_format == "text":
-        progress = Progress(job.rounds if job.mode == "sync" else None, "lte-server")
-    last_status_log = 0.0
-    code = 0
-    try:
-        while not server.wait_done(timeout=1.0):
-            st = coordinator.status()
-            if progress:
-                fields = {
-                    "version": st["version"],
-                    "workers": sum(w["state"] not in ("left", "expired") for w in st["workers"]),
-                }
-                if st["history"]:
-                    fields["loss"] = st["history"][-1]["train_loss"]
-                if st["evals"] and "test_accuracy" in st["evals"][-1]:
-                    fields["acc"] = st["evals"][-1]["test_accuracy"]
-                fields.update(bytes_up=float(st["bytes_up"]), bytes_down=float(st["bytes_down"]))
-                progress.update(st["version"], **fields)
-            elif log_format == "json" and time.monotonic() - last_status_log >= 10:
-                last_status_log = time.monotonic()
-                log.info(
-                    "progress", extra={k: st[k] for k in ("version", "samples", "bytes_up", "bytes_down")}
-                )
-            if procs and all(p.poll() is not None for p in procs):
-                codes = [p.returncode for p in procs]
-                raise RuntimeError(
-                    f"every local worker exited (codes {codes}) before the job finished; see {out_dir}/worker-*.log"
-                )
-        if progress:
-            progress.close()
-        final = coordinator.evaluate_now()
-        model_path = coordinator.export(out_dir / "model.safetensors")
-        summary = {
-            "test_accuracy": final.get("test_accuracy"),
-            "test_loss": final["test_loss"],
-            "version": coordinator.version,
-            "samples": coordinator.samples,
-            "bytes_up": coordinator.bytes_up,
-            "bytes_down": coordinator.bytes_down,
-            "seconds": round(time.perf_counter() - started, 3),
-            "model": str(model_path),
-            "run_dir": str(out_dir),
-        }
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        acc = (
-            f"test accuracy {summary['test_accuracy']:.4f}, " if summary["test_accuracy"] is not None else ""
-        )
-        log.info(
-            "done: version %d, %sup %s, down %s, %.1f s; model saved to %s",
-            summary["version"],
-            acc,
-            format_bytes(summary["bytes_up"]),
-            format_bytes(summary["bytes_down"]),
-            summary["seconds"],
-            model_path,
-            extra={"summary": summary},
-        )
-        # let the workers see "done" on their next pull or heartbeat, then stop
-        deadline = time.monotonic() + 10
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                break  # stop_processes below ends it
-        if json_out:
-            print(json.dumps(summary), flush=True)
-    except KeyboardInterrupt:
-        if progress:
-            progress.close()
-        log.warning("interrupted; saving a checkpoint, stopping workers and the server")
-        path = coordinator.save_checkpoint()
-        if path:
-            log.warning("checkpoint %s; continue with --resume %s", path, out_dir)
-        code = 130
-    except RuntimeError as exc:
-        print(f"lte-server: error: {exc}", file=sys.stderr)
-        code = 1
+        return run.run()
     finally:
-        stop_processes(procs)
-        if dashboard is not None:
-            dashboard.stop()
-        server.stop()
-    return code
-
-
-def tensorboard_sink(directory: str):
-    """A metrics sink writing TensorBoard scalars (train loss, accuracy, bytes) per version."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(directory)
-
-    def write(record: dict) -> None:
-        step = int(record.get("version", 0))
-        for key in ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "samples"):
-            if isinstance(record.get(key), (int, float)):
-                writer.add_scalar(("eval/" if record.get("eval") else "train/") + key, record[key], step)
-        writer.flush()
-
-    return write
-
-
-def _public_host(host: str) -> str:
-    if host in ("0.0.0.0", "::", "[::]"):
-        import socket
-
-        return socket.gethostname()
-    return host
+        run.stop()
 
 
 if __name__ == "__main__":

@@ -1,144 +1,66 @@
-"""The parameter server's state: master weights, versions, head leases and the aggregator.
+"""The parameter server's state and its one lock: the core that the gRPC service, the CLI, tests and
+benchmarks drive. No gRPC here: a request the server will not act on raises ``Refused`` with a
+domain ``Refusal`` (``lte.common.protocol``), which the service maps to a status code.
 
-Everything here is plain Python over tensors (no gRPC), so it can be driven by the service, by
-tests, or by a benchmark. One lock guards the state; decoding and validation of a push happen
-before it is taken, and snapshot encoding and evaluation happen outside it.
+The work is split by job, each in its own module: head leases and scheduling (``scheduler``, a pure
+function of state and ``now``), aggregation (``aggregation``), snapshots (``snapshots``),
+evaluation (``evaluation``) and checkpoint files (``checkpoint``). Time comes from ``clock``
+(``time.monotonic`` unless a test passes a fake one). Decoding and validation of a push happen
+before the lock is taken; snapshot encoding and evaluation happen outside it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 
-from lte.common.codec import encode_tensor
 from lte.common.config import UPLINK_CODECS, JobConfig
-from lte.common.lte import HeadUpdate, ReplicaUpdate, apply_updates
-from lte.common.trainer import build_job_model, evaluate, linear_weight_names
-from lte.common.wire import tensor_chunks
-from lte.proto import parameter_server_pb2 as pb
+from lte.common.protocol import (
+    HEAD_PREFIX,
+    PushMeta,
+    Refusal,
+    Refused,
+    decode_update,
+    factor_tensors,
+    group_head_factors,
+    head_tensor_name,
+    replica_tensor_name,
+)
+from lte.common.trainer import build_job_model, linear_weight_names, lr_at
 from lte.server import checkpoint as ckpt
+from lte.server import scheduler
+from lte.server.aggregation import AcceptedPush, Aggregator, all_finite, staleness_discount
+from lte.server.evaluation import BackgroundTask, Evaluator
+from lte.server.scheduler import HeadState, Lease, Policy, RoundTimes
+from lte.server.snapshots import SNAPSHOT_ZSTD_LEVEL, Snapshot, SnapshotBuilder
+
+__all__ = [
+    "SNAPSHOT_ZSTD_LEVEL",
+    "Coordinator",
+    "HeadState",
+    "Lease",
+    "PushMeta",
+    "Refused",
+    "all_finite",
+    "staleness_discount",
+]
 
 WORKER_STATES = ("training", "pushing", "pulling", "waiting")  # what a heartbeat may report
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in ``tensor``. A NaN or Inf anywhere makes the sum non-finite (Inf - Inf is NaN),
-    so a finite sum settles it in one reduction without a bool temporary: 4-6x faster than
-    ``isfinite(t).all()`` on a vit-b push (bench/finite_check.py). Only a sum that overflowed,
-    or a tensor that really is non-finite, takes the exact check."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
-
-
-# zstd level of what the server sends. Level 1 compresses fp32, int8 and nf4 snapshots as well as
-# level 3 (within 0.003 of the ratio, at init and with heavy-tailed weights) and builds fp32 and
-# int8 snapshots 27-39 % faster; every new version's snapshot pays it (bench/snapshot_build.py).
-SNAPSHOT_ZSTD_LEVEL = 1
-
-
-class Refused(Exception):
-    """A request the server will not act on: a gRPC status code and a message that says why."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-@dataclass
-class HeadState:
-    head_id: int
-    lease_id: str | None = None
-    next_round: int = 0  # the round id its next push must carry
-    steps_done: int = 0  # local steps merged so far (the data position of a resumed head)
-    returned: int = 0  # times it came back to the pool from a lost lease
-
-
-@dataclass
-class Lease:
-    lease_id: str
-    worker_id: str
-    worker: dict[str, Any]
-    head_ids: list[int]
-    registered_at: float
-    last_seen: float
-    version: int = -1
-    state: str = "registered"
-    pushes: int = 0
-    samples: int = 0
-    samples_per_s: float = 0.0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    last_loss: float = float("nan")
-
-
-@dataclass
-class PushHeaderInfo:
-    lease_id: str
-    base_version: int
-    head_rounds: dict[int, int]
-    steps: int
-    samples: int
-    train_loss: float
-    seconds: float
-
-
-@dataclass
-class _AcceptedPush:
-    """A push taken into the open round or buffer, kept whole so it can be merged or dropped."""
-
-    lease_id: str
-    heads: list[HeadUpdate]
-    weight: float  # per head, after the staleness discount
-    replica: ReplicaUpdate
-    steps: int
-    samples: int
-    train_loss: float
-
-
-class BackgroundTask:
-    """Runs ``fn`` in a daemon thread each time it is poked; pokes during a run coalesce into one more run."""
-
-    def __init__(self, name: str, fn) -> None:
-        self.fn = fn
-        self._poked = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def poke(self) -> None:
-        self._poked.set()
-
-    def _loop(self) -> None:
-        while True:
-            self._poked.wait()
-            self._poked.clear()
-            if self._stopped:
-                return
-            self.fn()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stopped = True
-        self._poked.set()
-        self._thread.join(timeout)
-
-
-def staleness_discount(staleness: int) -> float:
-    """Async weight factor for a push trained ``staleness`` versions ago: 1 / sqrt(1 + staleness)."""
-    return 1.0 / math.sqrt(1.0 + staleness)
+_log = logging.getLogger("lte.server")
 
 
 class Coordinator:
-    """The job on the server side: it registers workers, hands out heads and folds pushes into W."""
+    """The job on the server side: it leases heads to workers and folds their pushes into W."""
 
     # A job runs for days: ended leases (kept so a late push gets a precise "expired" or "given
     # back") and per-version records (all of them are in metrics.jsonl) are bounded in memory.
@@ -154,6 +76,8 @@ class Coordinator:
         heads_per_worker: int = 0,
         lease_timeout_s: float = 30.0,
         heartbeat_interval_s: float = 5.0,
+        straggler_factor: float = 4.0,
+        turn_grace_s: float | None = None,
         max_staleness: int = 8,
         buffer_size: int = 0,
         eval_every: int = 0,
@@ -161,8 +85,10 @@ class Coordinator:
         checkpoint_every: int = 0,
         keep_checkpoints: int = 3,
         metrics_path: str | Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job, self.dataset, self.device = job, dataset, device
+        self.clock = clock
         self.model = build_job_model(job).to(device)  # the master: a plain zoo model
         self.model.requires_grad_(False)
         self.master: dict[str, torch.Tensor] = dict(self.model.state_dict())
@@ -170,17 +96,28 @@ class Coordinator:
         self.replica_names = [n for n in self.master if n not in set(self.layer_names)]
         self.heads_per_worker = heads_per_worker or job.heads
         self.lease_timeout_s, self.heartbeat_interval_s = lease_timeout_s, heartbeat_interval_s
-        self.max_staleness = max_staleness
-        self.buffer_size = buffer_size or max(1, job.heads // 4)
+        # A straggler is never called so before two missed heartbeats' worth of time. A free head
+        # waits for a worker with room as long as a lease waits for a heartbeat, then goes to turns.
+        self.policy = Policy(
+            rounds_planned=job.rounds,
+            lease_timeout_s=lease_timeout_s,
+            straggler_factor=straggler_factor,
+            straggler_floor_s=2 * heartbeat_interval_s,
+            turn_grace_s=lease_timeout_s if turn_grace_s is None else turn_grace_s,
+            mode=job.mode,
+        )
         self.eval_every = eval_every
         self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)  # notified on every new version and at the end
+        self.changed = threading.Condition(
+            self.lock
+        )  # notified on every new version, lease change and the end
         self.version = 0
-        self.prev_factors: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.heads = {h: HeadState(h) for h in range(job.heads)}
+        self.aggregator = Aggregator(job, self.master, max_staleness=max_staleness, buffer_size=buffer_size)
+        self.heads = {h: HeadState(h, free_since=clock()) for h in range(job.heads)}
         self.leases: dict[str, Lease] = {}  # insertion order = registration order
+        self.round_times = RoundTimes()
+        self.waiting: dict[int, str] = {}  # heads not training now, and why (log and dashboard)
         self.registrations = 0
-        self.pending: list[_AcceptedPush] = []  # sync: the open round; buffered: the buffer
         self.head_rounds_applied = 0
         self.samples = 0
         self.bytes_up = 0
@@ -191,14 +128,14 @@ class Coordinator:
         self.evals: list[dict[str, Any]] = []
         self.pushes_refused = 0
         self.pulls_turned_away = 0  # long-polls answered at once: no handler thread to spare
+        self.heads_moved = 0  # heads taken from stragglers or moved to balance the load
+        self.late_pushes_refused = 0  # pushes of heads moved away from their worker meanwhile
         self.push_log: deque[dict[str, Any]] = deque(maxlen=10_000)  # accepted pushes: staleness and weight
         self._metrics_file = open(metrics_path, "a", buffering=1) if metrics_path else None  # noqa: SIM115
         self._sinks: list = []
-        self._snapshot_lock = threading.Lock()
-        self._snapshot: tuple[int, list[pb.ModelChunk], int] | None = None
-        self.snapshot_builds = 0
+        self.snapshots = SnapshotBuilder(job, self.layer_names)
         self._expected = self._expected_push_shapes()
-        self._eval_model = None
+        self._evaluation = Evaluator(job, dataset, device) if dataset is not None else None
         self._evaluator: BackgroundTask | None = None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
@@ -207,55 +144,71 @@ class Coordinator:
             BackgroundTask("lte-checkpoint", self.save_checkpoint) if self.checkpoint_dir else None
         )
 
-    # -- registration and leases ---------------------------------------------------------------
+    # -- the aggregator's state, read by tests, benchmarks and the service --------------------------
+    @property
+    def max_staleness(self) -> int:
+        return self.aggregator.max_staleness
+
+    @property
+    def buffer_size(self) -> int:
+        return self.aggregator.buffer_size
+
+    @property
+    def pending(self) -> list[AcceptedPush]:
+        return self.aggregator.pending
+
+    @property
+    def prev_factors(self) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        return self.aggregator.prev_factors
+
+    @property
+    def snapshot_builds(self) -> int:
+        return self.snapshots.builds
+
+    @property
+    def rounds_planned(self) -> int:
+        return self.policy.rounds_planned
+
+    # -- leases and the head scheduler ------------------------------------------------------------
     def register(self, worker: dict[str, Any]) -> tuple[Lease, list[HeadState]]:
-        max_heads = int(worker.get("max_heads") or 0) or self.heads_per_worker
+        """A new lease; the scheduler gives it free heads (maybe none yet: it stands by for them)."""
+        room = min(int(worker.get("max_heads") or 0) or self.heads_per_worker, self.heads_per_worker)
         with self.lock:
             if self.done:
-                raise Refused(
-                    grpc.StatusCode.FAILED_PRECONDITION, "the job has finished; nothing left to train"
-                )
-            free = [h for h in self.heads.values() if h.lease_id is None]
-            if not free:
-                raise Refused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"all {self.job.heads} heads are leased; retry later (a head returns when its worker leaves or times out)",
-                )
-            # heads this worker trained before come back to it first: its optimiser state is theirs
-            preferred = set(worker.get("preferred_heads") or ())
-            free.sort(key=lambda h: (h.head_id not in preferred, h.head_id))
-            take = free[: min(max_heads, self.heads_per_worker, len(free))]
-            now = time.monotonic()
+                raise Refused(Refusal.JOB_DONE, "the job has finished; nothing left to train")
+            now = self.clock()
             lease = Lease(
                 lease_id=uuid.uuid4().hex,
                 worker_id=f"w{self.registrations + 1}-{uuid.uuid4().hex[:6]}",
                 worker=dict(worker),
-                head_ids=[h.head_id for h in take],
+                head_ids=[],
                 registered_at=now,
                 last_seen=now,
+                room=max(1, room),
             )
-            for h in take:
-                h.lease_id = lease.lease_id
             self.leases[lease.lease_id] = lease
             self.registrations += 1
-            return lease, [HeadState(**vars(h)) for h in take]
+            self._schedule(now)
+            return lease, self.lease_heads(lease)
+
+    def lease_heads(self, lease: Lease) -> list[HeadState]:
+        """Copies of the heads ``lease`` holds, in its order (under the lock)."""
+        return [HeadState(**vars(self.heads[h])) for h in lease.head_ids]
 
     def lease(self, lease_id: str) -> Lease:
         """The live lease ``lease_id`` (touched), or a precise refusal."""
         lease = self.leases.get(lease_id)
         if lease is None:
-            raise Refused(grpc.StatusCode.NOT_FOUND, f"unknown lease {lease_id[:12]!r}: register again")
+            raise Refused(Refusal.UNKNOWN_LEASE, f"unknown lease {lease_id[:12]!r}: register again")
         if lease.state == "expired":
             raise Refused(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                Refusal.LEASE_EXPIRED,
                 f"lease {lease_id[:12]!r} expired after {self.lease_timeout_s:g} s without a heartbeat; "
                 "its heads went back to the pool: register again",
             )
-        if lease.state == "left":
-            raise Refused(
-                grpc.StatusCode.FAILED_PRECONDITION, f"lease {lease_id[:12]!r} was given back: register again"
-            )
-        lease.last_seen = time.monotonic()
+        if lease.state in ("left", "failed"):
+            raise Refused(Refusal.LEASE_ENDED, f"lease {lease_id[:12]!r} was given back: register again")
+        lease.last_seen = self.clock()
         return lease
 
     def heartbeat(self, lease_id: str, version: int, samples_per_s: float, state: str) -> tuple[int, bool]:
@@ -265,37 +218,71 @@ class Coordinator:
             # only a worker's own activity: "left" or "expired" from a client would orphan its heads
             if state in WORKER_STATES:
                 lease.state = state
+            self._schedule(lease.last_seen)
             return self.version, self.done
 
-    def leave(self, lease_id: str) -> None:
+    def leave(self, lease_id: str, reason: str = "") -> None:
+        """Give a lease back. A reason starting with "failed" marks the worker failed (shown on the dashboard)."""
         with self.lock:
             lease = self.leases.get(lease_id)
-            if lease is None or lease.state in ("left", "expired"):
+            if lease is None or not lease.live:
                 return
-            self._release(lease, "left")
+            failed = reason.startswith("failed")
+            if failed:
+                lease.reason = reason[:500]
+                _log.warning("worker %s gave up its lease: %s", lease.worker_id, lease.reason)
+            self._release(lease, "failed" if failed else "left")
+            self._schedule(self.clock())
 
     def expire_leases(self) -> list[str]:
-        """Return the heads of leases silent for longer than the timeout to the pool."""
-        now = time.monotonic()
+        """Run the scheduler now: expire silent leases, move stragglers' heads, hand out free heads.
+        Returns the leases that expired."""
         with self.lock:
-            gone = [
-                l
-                for l in self.leases.values()
-                if l.state not in ("left", "expired") and now - l.last_seen > self.lease_timeout_s
-            ]
-            for lease in gone:
-                self._release(lease, "expired")
-            return [l.lease_id for l in gone]
+            return self._schedule(self.clock())
+
+    def _schedule(self, now: float) -> list[str]:
+        """Apply the scheduler's plan (under the lock); returns the leases it expired."""
+        plan = scheduler.plan(self.heads, self.leases, now, self.policy, self.round_times.median)
+        for lease_id in plan.expire:
+            self._release(self.leases[lease_id], "expired")
+        for lease_id, h, why in plan.revoke:
+            lease = self.leases[lease_id]
+            lease.head_ids.remove(h)
+            lease.epoch += 1
+            self.heads[h].lease_id = None
+            self.heads[h].free_since = now
+            self.heads[h].moved += 1
+            self.heads_moved += 1
+            _log.warning("head %d taken from %s: %s", h, lease.worker_id, why)
+        for lease_id, h in plan.assign:
+            lease = self.leases[lease_id]
+            lease.head_ids.append(h)
+            lease.held_before.add(h)
+            lease.epoch += 1
+            self.heads[h].lease_id = lease_id
+            self.heads[h].waiting_since = now
+        if plan.waiting != self.waiting:
+            for h, why in sorted(plan.waiting.items()):
+                if self.waiting.get(h) != why:
+                    _log.info("head %d waits: %s", h, why)
+            self.waiting = plan.waiting
+        if plan:
+            self.changed.notify_all()
+        return plan.expire
 
     def _release(self, lease: Lease, state: str) -> None:
         self._drop_pending(lease.lease_id)
         lease.state = state
+        now = self.clock()
         for h in lease.head_ids:
             head = self.heads[h]
             if head.lease_id == lease.lease_id:
                 head.lease_id = None
+                head.free_since = now
                 head.returned += state == "expired"
-        ended = [l.lease_id for l in self.leases.values() if l.state in ("left", "expired")]
+        # an ended lease keeps its head ids: what it held when it ended (the dashboard shows it)
+        lease.epoch += 1
+        ended = [l.lease_id for l in self.leases.values() if not l.live]
         for lease_id in ended[: max(0, len(ended) - self.max_ended_leases)]:  # the oldest first
             del self.leases[lease_id]
         self.changed.notify_all()
@@ -306,81 +293,80 @@ class Coordinator:
         The head's next holder continues from the last merged factors; keeping a dead worker's
         half-round would leave the new holder's B', A' out of step with the server's.
         """
-        dropped = [a for a in self.pending if a.lease_id == lease_id]
-        if not dropped:
-            return
-        self.pending = [a for a in self.pending if a.lease_id != lease_id]
-        for a in dropped:
+        for a in self.aggregator.drop(lease_id):
             self.samples -= a.samples
             for update in a.heads:
                 head = self.heads[update.head_id]
                 head.next_round -= 1
                 head.steps_done -= a.steps
+                head.pending = False
+
+    def lease_view(self, lease_id: str) -> tuple[Lease, list[HeadState], dict[int, bool]]:
+        """The lease, copies of its heads, and which of them the server holds merged factors for."""
+        with self.lock:
+            lease = self.lease(lease_id)
+            return lease, self.lease_heads(lease), {h: h in self.prev_factors for h in lease.head_ids}
 
     # -- pulls ---------------------------------------------------------------------------------
-    def wait_for_version(self, have_version: int, timeout_s: float) -> tuple[int, bool]:
-        """Block until the version passes ``have_version`` (or the job ends, or the timeout)."""
+    def wait_for_version(
+        self, have_version: int, timeout_s: float, lease: Lease | None = None, epoch: int = -1
+    ) -> tuple[int, bool]:
+        """Block until the version passes ``have_version``, the job ends, ``lease``'s epoch differs
+        from ``epoch`` (when given), or the timeout."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         with self.changed:
             while self.version <= have_version and not self.done:
+                if lease is not None and epoch >= 0 and lease.epoch != epoch:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.changed.wait(left)
             return self.version, self.done
 
-    def snapshot_messages(self) -> tuple[int, list[pb.ModelChunk], int]:
+    def snapshot_messages(self) -> Snapshot:
         """(version, chunk messages, payload bytes) of a snapshot at least as new as the version at
-        the call, built once per version.
+        the call, built once per version (``SnapshotBuilder``)."""
 
-        Builds are single-flight: pullers that arrive while a build runs wait for it and share a
-        build started after they asked, instead of each building the version that the pushes
-        (async mode: one per push) made meanwhile, back to back.
-        """
-        with self.lock:
-            asked = self.version
-        with self._snapshot_lock:
+        def version_now() -> int:
             with self.lock:
-                version = self.version
-                if self._snapshot is not None and self._snapshot[0] >= asked:
-                    return self._snapshot
-                master = {
-                    name: t.detach().clone() for name, t in self.master.items()
-                }  # memcpy under the lock
-            layers = set(self.layer_names)
-            messages: list[pb.ModelChunk] = []
-            total = 0
-            for name, tensor in master.items():  # quantise and compress outside the state lock
-                codec = self.job.snapshot_codec if name in layers else "fp32"
-                enc = encode_tensor(name, tensor.float().cpu(), codec, SNAPSHOT_ZSTD_LEVEL)
-                total += len(enc.payload)
-                messages += [pb.ModelChunk(tensor=c) for c in tensor_chunks(enc, self.job.max_chunk_bytes)]
-            self._snapshot = (version, messages, total)
-            self.snapshot_builds += 1
-            return self._snapshot
+                return self.version
 
-    def head_factor_messages(self, lease: Lease, head_ids: Sequence[int]) -> list[pb.ModelChunk]:
+        def copy_master() -> tuple[int, dict[str, torch.Tensor]]:
+            with self.lock:
+                return self.version, {name: t.detach().clone() for name, t in self.master.items()}
+
+        return self.snapshots.get(version_now, copy_master)
+
+    def head_factor_messages(self, lease: Lease, head_ids: Sequence[int]) -> list:
         """The last merged factors of heads this lease holds, so a moved head continues exactly."""
         with self.lock:
-            wanted = {}
             self._check_head_ids(head_ids)
+            wanted = {}
             for h in head_ids:
                 if h not in lease.head_ids:
-                    raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"head {h} is not leased to this worker")
+                    raise Refused(Refusal.HEAD_NOT_LEASED, f"head {h} is not leased to this worker")
                 wanted[h] = {k: (b.clone(), a.clone()) for k, (b, a) in self.prev_factors.get(h, {}).items()}
-        out = []
-        for h, layers in wanted.items():
-            for layer, (b, a) in layers.items():
-                for part, t in (("B", b), ("A", a)):
-                    enc = encode_tensor(
-                        f"head/{h}/{layer}/{part}", t.float().cpu(), "fp32", SNAPSHOT_ZSTD_LEVEL
-                    )
-                    out += [pb.ModelChunk(tensor=c) for c in tensor_chunks(enc, self.job.max_chunk_bytes)]
-        return out
+        return self.snapshots.factor_messages(wanted)
+
+    def count_sent(self, lease: Lease, nbytes: int, version: int) -> None:
+        with self.lock:
+            self.bytes_down += nbytes
+            lease.bytes_down += nbytes
+            lease.version = version
+
+    def count_received(self, lease: Lease, nbytes: int) -> None:
+        with self.lock:
+            self.bytes_up += nbytes
+            lease.bytes_up += nbytes
+
+    def count_turned_away(self) -> None:
+        with self.lock:
+            self.pulls_turned_away += 1
 
     # -- pushes --------------------------------------------------------------------------------
     def _expected_push_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-head layer shapes (B: m x r, A: r x n) and replica shapes a push must carry."""
+        """Per-head layer shapes (B: m x r, A: r x n), keyed ``<layer>/<B|A>``."""
         r = self.job.rank
         shapes: dict[str, tuple[int, ...]] = {}
         for name in self.layer_names:
@@ -390,8 +376,14 @@ class Coordinator:
         return shapes
 
     def expected_tensors(self, head_ids: Sequence[int]) -> dict[str, tuple[int, ...]]:
-        out = {f"head/{h}/{k}": s for h in head_ids for k, s in self._expected.items()}
-        out.update({f"replica/{n}": tuple(self.master[n].shape) for n in self.replica_names})
+        """Wire name -> shape of every tensor a push of ``head_ids`` carries."""
+        out = {}
+        for h in head_ids:
+            for layer in self.layer_names:
+                m, n = self.master[layer].shape
+                out[head_tensor_name(h, layer, "B")] = (m, self.job.rank)
+                out[head_tensor_name(h, layer, "A")] = (self.job.rank, n)
+        out.update({replica_tensor_name(n): tuple(self.master[n].shape) for n in self.replica_names})
         return out
 
     def max_push_bytes(self, num_heads: int) -> int:
@@ -405,73 +397,70 @@ class Coordinator:
         unknown = sorted(h for h in head_ids if not 0 <= h < self.job.heads)
         if unknown:
             raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"heads {unknown} do not exist: this job has heads 0..{self.job.heads - 1}",
+                Refusal.MALFORMED, f"heads {unknown} do not exist: this job has heads 0..{self.job.heads - 1}"
             )
 
-    def check_push_header(self, header: PushHeaderInfo) -> Lease:
+    def check_push_header(self, header: PushMeta) -> Lease:
         """Cheap checks before any tensor is read: lease, heads, rounds, version bounds."""
         with self.lock:
             lease = self.lease(header.lease_id)
             if not header.head_rounds:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "push names no heads")
+                raise Refused(Refusal.MALFORMED, "push names no heads")
             self._check_head_ids(header.head_rounds)
-            foreign = sorted(set(header.head_rounds) - set(lease.head_ids))
-            if foreign:
-                raise Refused(
-                    grpc.StatusCode.PERMISSION_DENIED, f"heads {foreign} are not leased to this worker"
-                )
+            self._check_holds(lease, header.head_rounds)
             if header.base_version < 0 or header.base_version > self.version:
                 raise Refused(
-                    grpc.StatusCode.OUT_OF_RANGE,
+                    Refusal.VERSION_OUT_OF_RANGE,
                     f"base_version {header.base_version} is outside [0, {self.version}] (the server's newest)",
                 )
             for value, what in ((header.train_loss, "train_loss"), (header.seconds, "seconds")):
                 if not math.isfinite(value):
-                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is {value}")
+                    raise Refused(Refusal.MALFORMED, f"{what} is {value}")
             if header.steps < 0 or header.samples < 0:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "steps and samples must be >= 0")
+                raise Refused(Refusal.MALFORMED, "steps and samples must be >= 0")
             return lease
+
+    def _check_holds(self, lease: Lease, head_ids: Iterable[int]) -> None:
+        """Each head is this lease's now: one it held before was moved away (HEAD_MOVED), one it never
+        held is not its business (HEAD_NOT_LEASED)."""
+        other = sorted(h for h in head_ids if self.heads[h].lease_id != lease.lease_id)
+        moved = [h for h in other if h in lease.held_before]
+        if moved:
+            self.late_pushes_refused += 1
+            raise Refused(
+                Refusal.HEAD_MOVED, f"heads {moved} were moved to another worker; this push is not applied"
+            )
+        if other:
+            raise Refused(Refusal.HEAD_NOT_LEASED, f"heads {other} are not leased to this worker")
 
     def validate_tensor(
         self, name: str, tensor: torch.Tensor, codec: str, expected: Mapping[str, tuple[int, ...]]
     ) -> None:
         if name not in expected:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected tensor {name!r} in this push")
+            raise Refused(Refusal.MALFORMED, f"unexpected tensor {name!r} in this push")
         if tuple(tensor.shape) != expected[name]:
             raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Refusal.MALFORMED,
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, the job expects {expected[name]}",
             )
         if codec not in UPLINK_CODECS:
             raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"tensor {name!r} uses codec {codec!r}; uplink codecs: {UPLINK_CODECS}",
+                Refusal.MALFORMED, f"tensor {name!r} uses codec {codec!r}; uplink codecs: {UPLINK_CODECS}"
             )
         if not all_finite(tensor):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"tensor {name!r} holds NaN or Inf")
+            raise Refused(Refusal.MALFORMED, f"tensor {name!r} holds NaN or Inf")
 
-    def apply_push(self, header: PushHeaderInfo, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def apply_push(self, header: PushMeta, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Fold one validated push into the round (sync), the buffer, or W directly (async)."""
         # decoded on the CPU; the merge runs where the master weights live (--device)
         tensors = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
-        heads = [
-            HeadUpdate(
-                h,
-                {
-                    layer: (tensors[f"head/{h}/{layer}/B"], tensors[f"head/{h}/{layer}/A"])
-                    for layer in self.layer_names
-                },
-            )
-            for h in sorted(header.head_rounds)
-        ]
-        replica = ReplicaUpdate(len(heads), {n: tensors[f"replica/{n}"] for n in self.replica_names})
+        heads, replica = decode_update(
+            tensors, sorted(header.head_rounds), self.layer_names, self.replica_names
+        )
         with self.lock:
             lease = self.lease(header.lease_id)
             if self.done:
-                raise Refused(
-                    grpc.StatusCode.FAILED_PRECONDITION, "the job has finished; the push was not applied"
-                )
+                raise Refused(Refusal.JOB_DONE, "the job has finished; the push was not applied")
             rounds = {h: self.heads[h].next_round for h in header.head_rounds}
             if all(header.head_rounds[h] < rounds[h] for h in rounds):
                 return {
@@ -481,44 +470,47 @@ class Coordinator:
                     "staleness": 0,
                     "weight": 0.0,
                 }
+            self._check_holds(lease, header.head_rounds)
             wrong = {
                 h: (header.head_rounds[h], rounds[h]) for h in rounds if header.head_rounds[h] != rounds[h]
             }
             if wrong:
                 raise Refused(
-                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Refusal.OUT_OF_STEP,
                     "round ids out of step (head: sent, expected): "
                     + ", ".join(f"{h}: {s}, {e}" for h, (s, e) in wrong.items()),
                 )
-            for h in header.head_rounds:
-                if self.heads[h].lease_id != lease.lease_id:
-                    raise Refused(
-                        grpc.StatusCode.FAILED_PRECONDITION, f"head {h} is no longer leased to this worker"
-                    )
+            finished = sorted(h for h in header.head_rounds if rounds[h] >= self.rounds_planned)
+            if finished:
+                raise Refused(
+                    Refusal.HEAD_FINISHED,
+                    f"heads {finished} have trained all {self.rounds_planned} of their rounds",
+                )
             staleness = self.version - header.base_version
-            if self.job.mode == "sync":
-                if staleness:
-                    raise Refused(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"sync round {self.version} is open; this push trained on version {header.base_version}: pull and retrain",
-                    )
-                weight = 1.0 / self.job.heads
-            else:
-                if staleness > self.max_staleness:
-                    self.pushes_refused += 1
-                    raise Refused(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"push trained on version {header.base_version} is {staleness} versions stale "
-                        f"(limit {self.max_staleness}): pull the newest snapshot and push again",
-                    )
-                weight = staleness_discount(staleness) / self.job.heads
+            try:
+                weight = self.aggregator.weight(staleness, self.version, header.base_version)
+            except Refused:
+                self.pushes_refused += 1
+                raise
+            now = self.clock()
+            lr_start = min(lr_at(self.heads[h].steps_done, self.job) for h in header.head_rounds)
             for h in header.head_rounds:
                 head = self.heads[h]
+                self.round_times.add(now - head.waiting_since)
                 head.next_round += 1
                 head.steps_done += header.steps
-            self.pending.append(
-                _AcceptedPush(
-                    lease.lease_id, heads, weight, replica, header.steps, header.samples, header.train_loss
+                head.pending = True
+                head.waiting_since = now
+            ready = self.aggregator.add(
+                AcceptedPush(
+                    lease.lease_id,
+                    heads,
+                    weight,
+                    replica,
+                    header.steps,
+                    header.samples,
+                    header.train_loss,
+                    lr_start,
                 )
             )
             self.push_log.append(
@@ -536,14 +528,10 @@ class Coordinator:
             lease.samples += header.samples
             lease.last_loss = header.train_loss
             self.samples += header.samples
-            if self.job.mode == "sync":
-                ready = sum(len(a.heads) for a in self.pending) == self.job.heads
-            elif self.job.mode == "buffered":
-                ready = len(self.pending) >= self.buffer_size
-            else:
-                ready = True
-            if ready:
+            # the last pushes of a job merge even when a buffer is not full
+            if ready or all(h.next_round >= self.rounds_planned for h in self.heads.values()):
                 self._merge_pending()
+            self._schedule(now)
             return {
                 "applied": True,
                 "duplicate": False,
@@ -553,31 +541,26 @@ class Coordinator:
             }
 
     def _merge_pending(self) -> None:
-        accepted, self.pending = self.pending, []
-        # in head order, not arrival order: float sums are not associative, and a round must merge
-        # to the same bits however the network ordered its pushes (the emulator merges so too)
-        accepted.sort(key=lambda a: min(u.head_id for u in a.heads))
-        heads = [h for a in accepted for h in a.heads]
-        apply_updates(
-            self.master,
-            self.prev_factors,
-            heads,
-            [a.weight for a in accepted for _ in a.heads],
-            [(a.weight * len(a.heads), a.replica) for a in accepted],
-            scale=self.job.scale,
-            reset=self.job.reset,
-        )
+        now = self.clock()
+        merged_heads = [u.head_id for a in self.pending for u in a.heads]
+        merged = self.aggregator.merge()
+        for h in merged_heads:
+            self.heads[h].pending = False
+            self.heads[h].waiting_since = now  # the server now waits for this head's next round
+        if self.job.mode == "sync":  # the round closed: every head's next wait starts now
+            for head in self.heads.values():
+                head.waiting_since = now
         self.version += 1
-        self.head_rounds_applied += len(heads)
-        samples = sum(a.samples for a in accepted)
-        loss = sum(a.train_loss * a.samples for a in accepted) / samples if samples else float("nan")
+        self.head_rounds_applied += merged.heads
         record = {
             "version": self.version,
             "time": round(time.time() - self.started_at, 3),
             "samples": self.samples,
-            "train_loss": loss,
-            "pushes": len(accepted),
-            "heads": len(heads),
+            "train_loss": merged.train_loss,
+            "pushes": merged.pushes,
+            "heads": merged.heads,
+            "head_rounds": self.head_rounds_applied,
+            "lr": merged.lr_start,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
         }
@@ -585,7 +568,7 @@ class Coordinator:
         if len(self.history) > 2 * self.max_history:  # trimmed in batches: amortised O(1) per version
             del self.history[: -self.max_history]
         self._log(record)
-        if self.head_rounds_applied >= self.job.heads * self.job.rounds:
+        if all(h.next_round >= self.rounds_planned and not h.pending for h in self.heads.values()):
             self.done = True
         if self.eval_every and self.version % self.eval_every == 0 and not self.done and self._evaluator:
             self._evaluator.poke()
@@ -606,16 +589,19 @@ class Coordinator:
 
     def start_evaluator(self) -> None:
         """Evaluate in a background thread on a copy of W, so RPCs never wait for it."""
-        if self.dataset is not None and self._evaluator is None:
+        if self._evaluation is not None and self._evaluator is None:
             self._evaluator = BackgroundTask("lte-eval", self.evaluate_now)
 
     def evaluate_now(self) -> dict[str, Any]:
-        if self._eval_model is None:
-            self._eval_model = build_job_model(self.job).to(self.device)
-        with self.lock:
-            version, samples = self.version, self.samples
-            self._eval_model.load_state_dict(self.master)  # a copy: training goes on meanwhile
-        result = evaluate(self._eval_model, self.dataset, device=self.device)
+        if self._evaluation is None:
+            raise RuntimeError("this coordinator has no dataset to evaluate on")
+
+        def load(model) -> tuple[int, int]:
+            with self.lock:
+                model.load_state_dict(self.master)  # a copy: training goes on meanwhile
+                return self.version, self.samples
+
+        version, samples, result = self._evaluation.run(load)
         record = {
             "version": version,
             "samples": samples,
@@ -640,10 +626,7 @@ class Coordinator:
             with self.lock:
                 pending_heads = {u.head_id: a.steps for a in self.pending for u in a.heads}
                 tensors = {f"master/{k}": v.detach().clone() for k, v in self.master.items()}
-                for h, layers in self.prev_factors.items():
-                    for layer, (b, a) in layers.items():
-                        tensors[f"factors/{h}/{layer}/B"] = b.clone()
-                        tensors[f"factors/{h}/{layer}/A"] = a.clone()
+                tensors.update({name: t.clone() for name, t in factor_tensors(self.prev_factors).items()})
                 tensors["rng/torch"] = torch.get_rng_state()
                 state = {
                     "format": 1,
@@ -685,16 +668,17 @@ class Coordinator:
                 if key not in tensors:
                     raise ValueError(f"checkpoint lacks {key}")
                 self.master[name].copy_(tensors[key])
-            self.prev_factors = {}
-            for key, value in tensors.items():
-                if key.startswith("factors/"):
-                    _, h, rest = key.split("/", 2)
-                    layer, part = rest.rsplit("/", 1)
-                    pair = self.prev_factors.setdefault(int(h), {}).setdefault(layer, [None, None])
-                    pair[part == "A"] = value.to(self.device)
-            self.prev_factors = {
-                h: {k: (v[0], v[1]) for k, v in layers.items()} for h, layers in self.prev_factors.items()
-            }
+            factors = group_head_factors(
+                {
+                    HEAD_PREFIX + k[len("factors/") :] if k.startswith("factors/") else k: v
+                    for k, v in tensors.items()
+                }
+            )  # checkpoints before the protocol module named factors "factors/<head>/<layer>/<B|A>"
+            self.prev_factors.clear()
+            for h, layers in factors.items():
+                self.prev_factors[h] = {
+                    k: (b.to(self.device), a.to(self.device)) for k, (b, a) in layers.items()
+                }
             if "rng/torch" in tensors:
                 torch.set_rng_state(tensors["rng/torch"])
             for h, values in state["heads"].items():
@@ -707,7 +691,7 @@ class Coordinator:
             self.history, self.evals = list(state["history"]), list(state["evals"])
             self.started_at = time.time() - float(state.get("elapsed_s", 0.0))
             self.done = bool(state.get("done", False))
-            self._snapshot = None
+            self.snapshots.invalidate()
             self.changed.notify_all()
 
     def stop_background(self) -> None:
@@ -732,10 +716,17 @@ class Coordinator:
         )
         return path
 
+    def progress(self) -> tuple[int, int]:
+        """(head-rounds done, head-rounds planned): the job's progress in one unit everywhere."""
+        with self.lock:
+            done = sum(min(h.next_round - h.pending, self.rounds_planned) for h in self.heads.values())
+            return done, self.job.heads * self.rounds_planned
+
     def status(self) -> dict[str, Any]:
         """A consistent snapshot of the job for the dashboard and the CLI (no tensors)."""
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
+            done, planned = self.progress()
             return {
                 "job": self.job.to_dict(),
                 "version": self.version,
@@ -744,17 +735,32 @@ class Coordinator:
                 "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down,
                 "head_rounds_applied": self.head_rounds_applied,
-                "target_head_rounds": self.job.heads * self.job.rounds,
+                "target_head_rounds": planned,
+                "head_rounds_done": done,
+                "rounds_planned": self.rounds_planned,
                 "elapsed_s": round(time.time() - self.started_at, 3),
                 "pushes_refused": self.pushes_refused,
                 "snapshot_builds": self.snapshot_builds,
                 "pulls_turned_away": self.pulls_turned_away,
+                "heads_moved": self.heads_moved,
+                "late_pushes_refused": self.late_pushes_refused,
+                "heads": [
+                    {
+                        "head_id": h.head_id,
+                        "rounds_done": h.next_round - h.pending,
+                        "steps_done": h.steps_done,
+                        "worker_id": self.leases[h.lease_id].worker_id if h.lease_id in self.leases else None,
+                        "waiting": self.waiting.get(h.head_id),
+                    }
+                    for h in self.heads.values()
+                ],
                 "workers": [
                     {
                         "worker_id": l.worker_id,
                         "name": l.worker.get("name", ""),
                         "device": l.worker.get("device", ""),
                         "heads": list(l.head_ids),
+                        "room": l.room,
                         "last_seen_s": round(now - l.last_seen, 3),
                         "staleness": max(0, self.version - l.version) if l.version >= 0 else None,
                         "samples_per_s": l.samples_per_s,
@@ -763,11 +769,13 @@ class Coordinator:
                         "bytes_up": l.bytes_up,
                         "bytes_down": l.bytes_down,
                         "state": l.state,
+                        "reason": l.reason,
                         "train_loss": l.last_loss,
                     }
                     for l in self.leases.values()
                 ],
                 "free_heads": [h.head_id for h in self.heads.values() if h.lease_id is None],
+                "waiting_heads": {str(h): why for h, why in sorted(self.waiting.items())},
                 "history": list(self.history[-500:]),
                 "evals": list(self.evals),
             }

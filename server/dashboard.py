@@ -29,7 +29,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 RATE_WINDOW_S = 60.0  # merges per minute and samples/s are measured over this much recent time
 MAX_CURVE_POINTS = 500  # longer eval curves are thinned evenly, so a poll stays small in long runs
 WORKER_STATES = ("starting", "registered", "pulling", "waiting", "training", "pushing", "left", "expired")
-GONE_STATES = ("left", "expired")
+GONE_STATES = ("left", "expired", "failed")
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -46,6 +46,7 @@ class WorkerStatus(BaseModel):
     name: str = Field("", description="label the worker chose (--name), hostname:pid by default")
     device: str = Field("", description="torch device the worker trains on")
     heads: list[int] = Field(description="ids of the LoRA heads leased to it")
+    room: int = Field(1, description="heads it trains at once; it trains more than this in turns")
     last_seen_s: float = Field(description="seconds since its last RPC")
     staleness: int | None = Field(
         None, description="versions the server is ahead of the worker's snapshot; null before its first pull"
@@ -57,6 +58,7 @@ class WorkerStatus(BaseModel):
     bytes_down: int = Field(0, description="bytes it received (snapshots)")
     state: str = Field(description="one of: " + ", ".join(WORKER_STATES))
     train_loss: float | None = Field(None, description="training loss of its last push; null before one")
+    reason: str = Field("", description="why it failed, when it gave its lease back as failed")
 
 
 class HistoryPoint(BaseModel):
@@ -91,9 +93,15 @@ class JobStatus(BaseModel):
     samples: int = Field(description="samples trained in the whole job")
     bytes_up: int = Field(description="bytes received from workers")
     bytes_down: int = Field(description="bytes sent to workers")
-    head_rounds_applied: int = 0
-    target_head_rounds: int = 0
-    progress: float = Field(0.0, description="head rounds applied / target, in [0, 1]")
+    head_rounds_applied: int = Field(0, description="head rounds merged into the master weights")
+    head_rounds_done: int = Field(0, description="per-head rounds done, summed over heads (the progress)")
+    target_head_rounds: int = Field(0, description="heads x rounds planned per head")
+    rounds_planned: int = Field(0, description="rounds each head trains: ceil(steps / T)")
+    progress: float = Field(0.0, description="head rounds done / planned, in [0, 1]")
+    heads_moved: int = Field(0, description="heads taken from stragglers or moved to balance the load")
+    waiting_heads: dict[str, str] = Field(
+        default_factory=dict, description="heads not training now (by id), and why"
+    )
     elapsed_s: float = Field(0.0, description="seconds since the server started")
     pushes_refused: int = Field(0, description="async pushes refused as staler than the bound")
     snapshot_builds: int = Field(
@@ -171,6 +179,7 @@ def job_status(st: dict[str, Any]) -> JobStatus:
     accuracies = [e["test_accuracy"] for e in evals if e.get("test_accuracy") is not None]
     target = int(st.get("target_head_rounds") or 0)
     applied = int(st.get("head_rounds_applied") or 0)
+    done_rounds = int(st.get("head_rounds_done", applied) or 0)
     return JobStatus(
         job=st.get("job") or {},
         version=st["version"],
@@ -179,8 +188,12 @@ def job_status(st: dict[str, Any]) -> JobStatus:
         bytes_up=st.get("bytes_up", 0),
         bytes_down=st.get("bytes_down", 0),
         head_rounds_applied=applied,
+        head_rounds_done=done_rounds,
         target_head_rounds=target,
-        progress=min(1.0, applied / target) if target else 0.0,
+        rounds_planned=int(st.get("rounds_planned") or 0),
+        progress=min(1.0, done_rounds / target) if target else 0.0,
+        heads_moved=st.get("heads_moved", 0),
+        waiting_heads=dict(st.get("waiting_heads") or {}),
         elapsed_s=st.get("elapsed_s", 0.0),
         pushes_refused=st.get("pushes_refused", 0),
         snapshot_builds=st.get("snapshot_builds", 0),
@@ -236,7 +249,7 @@ class StatusCollector:
 
         yield gauge("lte_version", "Merges applied to the master weights.", doc.version)
         yield gauge("lte_done", "1 once the job has trained its last round.", float(doc.done))
-        yield gauge("lte_progress_ratio", "Head rounds applied over the job's target.", doc.progress)
+        yield gauge("lte_progress_ratio", "Per-head rounds done over rounds planned.", doc.progress)
         yield gauge("lte_elapsed_seconds", "Seconds since the server started.", doc.elapsed_s)
         yield CounterMetricFamily("lte_samples", "Samples trained in the whole job.", value=doc.samples)
         yield CounterMetricFamily("lte_bytes_up", "Bytes received from workers.", value=doc.bytes_up)

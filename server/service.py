@@ -9,50 +9,44 @@ from collections.abc import Iterator
 import grpc
 
 from lte.common.codec import CodecError, decode_tensor
-from lte.common.config import JobConfig
+from lte.common.protocol import REFUSAL_KEY, PushMeta, Refusal, Refused, job_to_proto
 from lte.common.wire import TensorAssembler, WireError
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
-from lte.server.coordinator import Coordinator, PushHeaderInfo, Refused
+from lte.server.coordinator import Coordinator
+from lte.server.scheduler import HeadState
 
 MAX_WAIT_S = 60.0  # longest long-poll a pull may ask for
 PULL_RETRY_AFTER_S = 1.0  # what a pull turned away from a long-poll is told to wait
 MAX_HEADS_PER_PUSH = 4096
 
+# The one table from a domain refusal to a gRPC status; the reason itself travels as trailing
+# metadata (REFUSAL_KEY), and that is what a worker acts on.
+STATUS_OF = {
+    Refusal.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.UNKNOWN_LEASE: grpc.StatusCode.NOT_FOUND,
+    Refusal.LEASE_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.LEASE_ENDED: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.HEAD_NOT_LEASED: grpc.StatusCode.PERMISSION_DENIED,
+    Refusal.HEAD_MOVED: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.HEAD_FINISHED: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.OUT_OF_STEP: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.STALE: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.VERSION_OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+    Refusal.JOB_DONE: grpc.StatusCode.FAILED_PRECONDITION,
+}
 
-def job_to_proto(job: JobConfig) -> pb.JobConfig:
-    return pb.JobConfig(
-        model=job.model,
-        image_size=job.image_size,
-        in_channels=job.in_channels,
-        num_classes=job.num_classes,
-        patch_size=job.patch_size,
-        dataset=job.dataset,
-        task=job.task,
-        total_heads=job.heads,
-        rank=job.rank,
-        alpha=job.alpha,
-        merge_every=job.merge_every,
-        reset=job.reset,
-        a_init=job.a_init,
-        a_init_gain=job.a_init_gain,
-        snapshot_codec=job.snapshot_codec,
-        uplink_codec=job.uplink,
-        lr=job.lr,
-        weight_decay=job.weight_decay,
-        warmup_steps=job.warmup_steps,
-        total_steps=job.steps,
-        min_lr_ratio=job.min_lr_ratio,
-        batch_size=job.batch_size,
-        seed=job.seed,
-        mode=job.mode,
-        max_chunk_bytes=job.max_chunk_bytes,
-        beta1=job.beta1,
-        beta2=job.beta2,
-        eps=job.eps,
-        compute_dtype=job.dtype,
-        zstd_level=job.zstd_level,
-    )
+
+def head_assignments(heads: list[HeadState], has_factors: dict[int, bool]) -> list[pb.HeadAssignment]:
+    return [
+        pb.HeadAssignment(
+            head_id=h.head_id,
+            next_round=h.next_round,
+            steps_done=h.steps_done,
+            has_factors=has_factors.get(h.head_id, False),
+        )
+        for h in heads
+    ]
 
 
 def _peer_host(context: grpc.ServicerContext) -> str:
@@ -73,17 +67,18 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.c = coordinator
         self._waiting = threading.BoundedSemaphore(max_waiting_pulls) if max_waiting_pulls > 0 else None
 
-    # Each handler turns a Refused into its status; anything else is a server bug and says so.
+    # Each handler turns a Refused into its status and reason; anything else is a server bug and says so.
     def _abort(self, context: grpc.ServicerContext, exc: Refused) -> None:
-        context.abort(exc.code, exc.message)
+        context.set_trailing_metadata(((REFUSAL_KEY, exc.reason.value),))
+        context.abort(STATUS_OF[exc.reason], exc.message)
+
+    def _malformed(self, context: grpc.ServicerContext, message: str) -> None:
+        self._abort(context, Refused(Refusal.MALFORMED, message))
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
         w = request.worker
         if not 0 <= w.max_heads <= MAX_HEADS_PER_PUSH:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"max_heads must be in [0, {MAX_HEADS_PER_PUSH}], got {w.max_heads}",
-            )
+            self._malformed(context, f"max_heads must be in [0, {MAX_HEADS_PER_PUSH}], got {w.max_heads}")
         info = {
             "name": w.name[:200] or w.hostname[:200] or _peer_host(context),
             "device": w.device[:64],
@@ -99,39 +94,28 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         }
         try:
             lease, heads = self.c.register(info)
+            _, heads, has_factors = self.c.lease_view(lease.lease_id)
         except Refused as exc:
             self._abort(context, exc)
         return pb.RegisterReply(
             worker_id=lease.worker_id,
             lease_id=lease.lease_id,
-            heads=[
-                pb.HeadAssignment(
-                    head_id=h.head_id,
-                    next_round=h.next_round,
-                    steps_done=h.steps_done,
-                    has_factors=h.head_id in self.c.prev_factors,
-                )
-                for h in heads
-            ],
+            heads=head_assignments(heads, has_factors),
             job=job_to_proto(self.c.job),
             heartbeat_interval_s=self.c.heartbeat_interval_s,
             lease_timeout_s=self.c.lease_timeout_s,
             version=self.c.version,
+            room=lease.room,
+            lease_epoch=lease.epoch,
         )
 
     def PullModel(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
         if not math.isfinite(request.wait_newer_s) or request.wait_newer_s < 0:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"wait_newer_s must be finite and >= 0, got {request.wait_newer_s}",
-            )
+            self._malformed(context, f"wait_newer_s must be finite and >= 0, got {request.wait_newer_s}")
         if request.have_version < -1:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"have_version must be >= -1, got {request.have_version}"
-            )
+            self._malformed(context, f"have_version must be >= -1, got {request.have_version}")
         try:
-            with self.c.lock:
-                lease = self.c.lease(request.lease_id)
+            lease, _, _ = self.c.lease_view(request.lease_id)
             factor_msgs = (
                 self.c.head_factor_messages(lease, list(request.head_factors)) if request.head_factors else []
             )
@@ -141,15 +125,16 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         slot = wait_s > 0 and self._waiting is not None
         if slot and not self._waiting.acquire(blocking=False):
             slot, wait_s, retry_after_s = False, 0.0, PULL_RETRY_AFTER_S
-            with self.c.lock:
-                self.c.pulls_turned_away += 1
+            self.c.count_turned_away()
         try:
-            version, done = self.c.wait_for_version(request.have_version, wait_s)
+            version, done = self.c.wait_for_version(request.have_version, wait_s, lease, request.lease_epoch)
         finally:
             if slot:
                 self._waiting.release()
         if version <= request.have_version and not factor_msgs:
-            header = pb.ModelHeader(version=version, current=True, done=done, retry_after_s=retry_after_s)
+            header = pb.ModelHeader(
+                version=version, current=True, done=done, retry_after_s=retry_after_s, lease_epoch=lease.epoch
+            )
             yield pb.ModelChunk(header=header)
             return
         version, messages, payload = self.c.snapshot_messages()
@@ -164,15 +149,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 done=done,
                 num_tensors=sum(m.tensor.HasField("header") for m in messages),
                 total_payload_bytes=payload,
+                lease_epoch=lease.epoch,
             )
         )
         for m in messages:
             sent += len(m.tensor.data)
             yield m
-        with self.c.lock:
-            self.c.bytes_down += sent
-            lease.bytes_down += sent
-            lease.version = version
+        self.c.count_sent(lease, sent, version)
 
     def PushUpdate(
         self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
@@ -180,24 +163,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         try:
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with its PushHeader")
-            h = first.header
-            if len(h.heads) > MAX_HEADS_PER_PUSH:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"push names {len(h.heads)} heads")
-            rounds: dict[int, int] = {}
-            for hr in h.heads:
-                if hr.head_id in rounds:
-                    raise Refused(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"head {hr.head_id} named twice in one push"
-                    )
-                if hr.round < 0:
-                    raise Refused(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"head {hr.head_id} has negative round {hr.round}"
-                    )
-                rounds[hr.head_id] = hr.round
-            header = PushHeaderInfo(
-                h.lease_id, h.base_version, rounds, h.steps, h.samples, h.train_loss, h.seconds
-            )
+                raise Refused(Refusal.MALFORMED, "a push must start with its PushHeader")
+            try:
+                header = PushMeta.from_proto(first.header, MAX_HEADS_PER_PUSH)
+            except ValueError as exc:
+                raise Refused(Refusal.MALFORMED, str(exc)) from None
+            rounds = header.head_rounds
             lease = self.c.check_push_header(header)
             expected = self.c.expected_tensors(sorted(rounds))
             assembler = TensorAssembler(
@@ -209,16 +180,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             tensors = {}
             for msg in request_iterator:
                 if not msg.HasField("tensor"):
-                    raise Refused(
-                        grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks may follow the PushHeader"
-                    )
+                    raise Refused(Refusal.MALFORMED, "only tensor chunks may follow the PushHeader")
                 enc = assembler.add(msg.tensor)
                 if enc is None:
                     continue
                 if enc.name not in expected:
-                    raise Refused(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"unexpected tensor {enc.name!r} in this push"
-                    )
+                    raise Refused(Refusal.MALFORMED, f"unexpected tensor {enc.name!r} in this push")
                 tensor = decode_tensor(enc, max_elements=max(1, math.prod(expected[enc.name]))).float()
                 self.c.validate_tensor(enc.name, tensor, enc.codec, expected)
                 tensors[enc.name] = tensor
@@ -226,39 +193,39 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             missing = sorted(set(expected) - set(tensors))
             if missing:
                 more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+                raise Refused(Refusal.MALFORMED, f"push is missing tensors {missing[:3]}{more}")
+            if header.num_tensors != len(expected):
                 raise Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"push is missing tensors {missing[:3]}{more}"
-                )
-            if h.num_tensors != len(expected):
-                raise Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"push header announces {h.num_tensors} tensors; {len(rounds)} head(s) of this job "
+                    Refusal.MALFORMED,
+                    f"push header announces {header.num_tensors} tensors; {len(rounds)} head(s) of this job "
                     f"need {len(expected)} (B and A per layer and head, and the replicas)",
                 )
-            with self.c.lock:
-                self.c.bytes_up += assembler.total_bytes
-                lease.bytes_up += assembler.total_bytes
+            self.c.count_received(lease, assembler.total_bytes)
             result = self.c.apply_push(header, tensors)
         except Refused as exc:
             self._abort(context, exc)
         except (WireError, CodecError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._malformed(context, str(exc))
         return pb.PushReply(**result)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         if not math.isfinite(request.samples_per_s) or request.samples_per_s < 0:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"samples_per_s must be finite and >= 0, got {request.samples_per_s}",
-            )
+            self._malformed(context, f"samples_per_s must be finite and >= 0, got {request.samples_per_s}")
         try:
             version, done = self.c.heartbeat(
                 request.lease_id, request.version, request.samples_per_s, request.state[:32]
             )
+            lease, heads, has_factors = self.c.lease_view(request.lease_id)
         except Refused as exc:
             self._abort(context, exc)
-        return pb.HeartbeatReply(version=version, done=done)
+        return pb.HeartbeatReply(
+            version=version,
+            done=done,
+            lease_epoch=lease.epoch,
+            heads=head_assignments(heads, has_factors),
+            room=lease.room,
+        )
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
-        self.c.leave(request.lease_id)
+        self.c.leave(request.lease_id, request.reason[:500])
         return pb.LeaveReply()

@@ -11,8 +11,8 @@ from pathlib import Path
 from lte.common.config import JobConfig
 from lte.common.data import load_dataset
 from lte.server.app import ParameterServer
-from lte.server.cli import start_worker_processes, stop_processes
 from lte.server.coordinator import Coordinator
+from lte.server.run import start_worker_processes, stop_processes
 
 DIGITS = load_dataset("digits", seed=0)
 
@@ -34,9 +34,9 @@ def digits_job(**overrides) -> JobConfig:
 
 
 @contextlib.contextmanager
-def running_server(job: JobConfig, **coordinator_kwargs) -> Iterator[ParameterServer]:
-    """A real gRPC server on 127.0.0.1, port 0, stopped on exit."""
-    coordinator = Coordinator(job, DIGITS, **coordinator_kwargs)
+def running_server(job: JobConfig, dataset=None, **coordinator_kwargs) -> Iterator[ParameterServer]:
+    """A real gRPC server on 127.0.0.1, port 0, stopped on exit (evaluating on ``dataset``, digits by default)."""
+    coordinator = Coordinator(job, DIGITS if dataset is None else dataset, **coordinator_kwargs)
     server = ParameterServer(coordinator, host="127.0.0.1", port=0).start()
     try:
         yield server

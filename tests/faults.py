@@ -277,3 +277,16 @@ def push_messages(
         enc = encode_tensor(name, tensor, codec, zstd_level)
         out += [pb.UpdateChunk(tensor=c) for c in tensor_chunks(enc, max_chunk_bytes)]
     return out
+
+
+class FakeClock:
+    """A monotonic clock a test moves by hand: lease and straggler rules run without real waiting."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

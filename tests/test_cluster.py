@@ -112,13 +112,13 @@ def test_exported_model_loads_into_the_plain_zoo_model(tmp_path):
 
 def test_a_push_decoded_on_the_cpu_merges_into_master_weights_on_another_device():
     """--device puts W elsewhere (cuda on a GPU server; meta here): pushes must follow it there."""
-    from lte.server.coordinator import Coordinator, PushHeaderInfo
+    from lte.server.coordinator import Coordinator, PushMeta
 
     job = digits_job(heads=1, mode="async")
     c = Coordinator(job, None, device="meta")
     lease, _ = c.register({"max_heads": 1})
     tensors = {name: torch.randn(shape) for name, shape in c.expected_tensors([0]).items()}
-    header = PushHeaderInfo(lease.lease_id, 0, {0: 0}, steps=10, samples=160, train_loss=1.0, seconds=1.0)
+    header = PushMeta(lease.lease_id, 0, {0: 0}, steps=10, samples=160, train_loss=1.0, seconds=1.0)
     reply = c.apply_push(header, tensors)
     assert reply["applied"] and c.version == 1
     assert all(
@@ -140,7 +140,8 @@ def test_a_worker_registering_again_gets_back_the_heads_it_trained():
 
 
 def test_ended_leases_and_version_records_stay_bounded_in_memory():
-    from lte.server.coordinator import Coordinator, PushHeaderInfo, Refused
+    from lte.common.protocol import Refusal
+    from lte.server.coordinator import Coordinator, PushMeta, Refused
 
     c = Coordinator(digits_job(heads=1, mode="async"), None)
     c.max_ended_leases, c.max_history = 3, 4
@@ -153,13 +154,13 @@ def test_ended_leases_and_version_records_stay_bounded_in_memory():
     assert list(c.leases) == [*ended[-3:], lease.lease_id]  # the newest ended ones, and the live one
     with pytest.raises(Refused) as recent:
         c.lease(ended[-1])
-    assert recent.value.code == grpc.StatusCode.FAILED_PRECONDITION  # still told precisely
+    assert recent.value.reason is Refusal.LEASE_ENDED  # still told precisely
     with pytest.raises(Refused) as forgotten:
         c.lease(ended[0])
-    assert forgotten.value.code == grpc.StatusCode.NOT_FOUND  # "register again" all the same
+    assert forgotten.value.reason is Refusal.UNKNOWN_LEASE  # "register again" all the same
     tensors = {name: torch.zeros(shape) for name, shape in c.expected_tensors([0]).items()}
     for r in range(11):
-        header = PushHeaderInfo(lease.lease_id, c.version, {0: r}, 10, 160, 1.0, 1.0)
+        header = PushMeta(lease.lease_id, c.version, {0: r}, 10, 160, 1.0, 1.0)
         assert c.apply_push(header, tensors)["applied"]
     assert c.version == 11 and 4 <= len(c.history) <= 8
     assert c.history[-1]["version"] == 11
@@ -195,11 +196,11 @@ def test_pullers_waiting_on_a_snapshot_build_share_it_when_versions_move_on(monk
     """Async pushes make versions faster than a big model's snapshot builds: single-flight builds."""
     import threading
 
-    from lte.server import coordinator as coordinator_module
+    from lte.server import snapshots as snapshots_module
     from lte.server.coordinator import Coordinator
 
     c = Coordinator(digits_job(heads=2, mode="async"), None)
-    encode, building, release = coordinator_module.encode_tensor, threading.Event(), threading.Event()
+    encode, building, release = snapshots_module.encode_tensor, threading.Event(), threading.Event()
 
     def held_encode(*args, **kwargs):
         if not release.is_set():  # the first build waits until the test lets it go
@@ -219,12 +220,12 @@ def test_pullers_waiting_on_a_snapshot_build_share_it_when_versions_move_on(monk
         def __exit__(self, *exc):
             return self.lock.__exit__(*exc)
 
-    monkeypatch.setattr(coordinator_module, "encode_tensor", held_encode)
-    c._snapshot_lock = CountingLock()
+    monkeypatch.setattr(snapshots_module, "encode_tensor", held_encode)
+    c.snapshots._lock = CountingLock()
     first = run_in_thread(c.snapshot_messages)
     assert building.wait(30)
     waiting = [run_in_thread(c.snapshot_messages) for _ in range(2)]
-    wait_until(lambda: c._snapshot_lock.asked == 3, 30, "both pullers waiting on the build")  # at version 0
+    wait_until(lambda: c.snapshots._lock.asked == 3, 30, "both pullers waiting on the build")  # at version 0
     with c.lock:
         c.version += 1  # a push lands during the build
     release.set()
@@ -237,7 +238,7 @@ def test_pullers_waiting_on_a_snapshot_build_share_it_when_versions_move_on(monk
 
 def test_a_sync_round_merges_the_same_whatever_order_its_pushes_arrived_in():
     """Float addition is not associative: the round is merged in head order, not arrival order."""
-    from lte.server.coordinator import Coordinator, PushHeaderInfo
+    from lte.server.coordinator import Coordinator, PushMeta
 
     job = digits_job(heads=3)
     gen = torch.Generator().manual_seed(0)
@@ -253,7 +254,7 @@ def test_a_sync_round_merges_the_same_whatever_order_its_pushes_arrived_in():
         leases = [c.register({})[0] for _ in range(3)]  # lease i holds head i
         for i in order:
             tensors = {n.replace("head/0/", f"head/{i}/"): t for n, t in pushes[i].items()}
-            header = PushHeaderInfo(leases[i].lease_id, 0, {i: 0}, 10, 160, 1.0, 1.0)
+            header = PushMeta(leases[i].lease_id, 0, {i: 0}, 10, 160, 1.0, 1.0)
             c.apply_push(header, tensors)
         assert c.version == 1
         masters.append({k: v.clone() for k, v in c.master.items()})

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--delay-push", type=float, default=0.0, help=argparse.SUPPRESS
     )  # tests: hold every push back this many seconds
+    parser.add_argument(
+        "--slow-factor", type=float, default=1.0, help=argparse.SUPPRESS
+    )  # tests: take this many times as long per round (sleeps the difference)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="stderr log lines [text]"
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # leave the job the same way as on Ctrl+C
     from lte.common.auth import bearer_metadata, channel_credentials, token_from
     from lte.worker.client import Worker
+    from lte.worker.hooks import FaultInjection
 
     try:
         metadata = bearer_metadata(token_from(args.token))
@@ -101,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet=args.quiet,
         give_up_after_s=args.give_up_after,
         parent_pid=args.parent_pid,
-        slow_down_s=args.slow_down,
-        fail_at_round=args.fail_at_round,
-        delay_push_s=args.delay_push,
+        hooks=FaultInjection(args.slow_down, args.fail_at_round, args.delay_push, args.slow_factor),
         credentials=credentials,
         metadata=metadata,
         show_progress=args.log_format == "text",

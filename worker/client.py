@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import socket
 import threading
 import time
@@ -22,30 +21,44 @@ import torch
 
 from lte import __version__
 from lte.common import grpc_options
-from lte.common.codec import decode_tensor, decode_tensor_quantized, encode_tensor, get_codec
+from lte.common.codec import decode_tensor, decode_tensor_quantized, get_codec
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_dataset
 from lte.common.lte import lte_layers
-from lte.common.progress import Progress
+from lte.common.progress import Progress, format_bytes
+from lte.common.protocol import (
+    HEAD_PREFIX,
+    QUANTIZED_SNAPSHOT_CODECS,
+    REREGISTER,
+    RESYNC,
+    PushMeta,
+    Refusal,
+    Role,
+    codec_for,
+    encode_update,
+    group_head_factors,
+    job_from_proto,
+    refusal_of,
+)
 from lte.common.trainer import LocalTrainer
 from lte.common.wire import TensorAssembler, tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
+from lte.worker.hooks import RoundHooks
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-REREGISTER = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
 
 
-def lease_refused(err: grpc.RpcError) -> bool:
-    """The server no longer knows or honours this lease (a restart, an expiry): register again."""
-    code = err.code()
-    return code in REREGISTER or (
-        code == grpc.StatusCode.FAILED_PRECONDITION and "lease" in (err.details() or "")
-    )
+def refusal(err: grpc.RpcError) -> Refusal | None:
+    """The server's domain reason for refusing a call (trailing metadata), if it gave one."""
+    try:
+        return refusal_of(err.trailing_metadata())
+    except Exception:  # a channel-level error (no server answered) has no metadata to read
+        return None
 
 
 _log = logging.getLogger("lte.worker")
@@ -59,42 +72,8 @@ class JobDone(Exception):
     """The server says the job has ended."""
 
 
-def job_from_proto(j: pb.JobConfig) -> JobConfig:
-    quant = {"fp32": "none", "int8-row": "int8", "nf4": "nf4"}.get(j.snapshot_codec)
-    if quant is None:
-        raise ValueError(f"server sent unknown snapshot codec {j.snapshot_codec!r}")
-    return JobConfig(
-        model=j.model,
-        dataset=j.dataset,
-        image_size=j.image_size,
-        in_channels=j.in_channels,
-        num_classes=j.num_classes,
-        patch_size=j.patch_size,
-        task=j.task,
-        heads=j.total_heads,
-        rank=j.rank,
-        alpha=j.alpha,
-        merge_every=j.merge_every,
-        reset=j.reset,
-        a_init=j.a_init,
-        a_init_gain=j.a_init_gain,
-        quant=quant,
-        uplink=j.uplink_codec,
-        zstd_level=j.zstd_level,
-        lr=j.lr,
-        weight_decay=j.weight_decay,
-        warmup_steps=j.warmup_steps,
-        steps=j.total_steps,
-        min_lr_ratio=j.min_lr_ratio,
-        batch_size=j.batch_size,
-        seed=j.seed,
-        mode=j.mode,
-        beta1=j.beta1,
-        beta2=j.beta2,
-        eps=j.eps,
-        dtype=j.compute_dtype,
-        max_chunk_bytes=j.max_chunk_bytes,
-    )
+class Resync(Exception):
+    """The server moved or finished some of this worker's heads: adopt its view of the lease."""
 
 
 @dataclass
@@ -124,6 +103,27 @@ def free_memory_bytes(device: torch.device) -> int:
         return 0
 
 
+def turn_groups(head_ids: list[int], room: int) -> list[list[int]]:
+    """Heads in groups of at most ``room``, trained one group after the other."""
+    return [head_ids[i : i + room] for i in range(0, len(head_ids), max(1, room))]
+
+
+@dataclass
+class Turn:
+    """Heads this worker trains together (at most its room), vectorised in one ``LocalTrainer``.
+    A worker holding more heads than its room trains its turns one after the other."""
+
+    trainer: LocalTrainer
+    last_base: int = -1  # the version its last accepted push trained on (sync: one push per version)
+
+    @property
+    def head_ids(self) -> list[int]:
+        return self.trainer.head_ids
+
+    def unfinished(self, job: JobConfig) -> bool:
+        return job.round_steps(self.trainer.steps_done[0]) > 0
+
+
 class Worker:
     def __init__(
         self,
@@ -139,9 +139,7 @@ class Worker:
         parent_pid: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: tuple[tuple[str, str], ...] = (),
-        slow_down_s: float = 0.0,
-        fail_at_round: int | None = None,
-        delay_push_s: float = 0.0,
+        hooks: RoundHooks | None = None,
         show_progress: bool = True,
     ) -> None:
         self.show_progress = show_progress  # the one-line display; off when logs are JSON lines
@@ -150,32 +148,39 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.quiet, self.give_up_after_s, self.parent_pid = quiet, give_up_after_s, parent_pid
         self.metadata = metadata
-        self.slow_down_s = slow_down_s  # test hook: sleep per round to play a slow worker
-        self.fail_at_round = fail_at_round  # test hook: SIGKILL itself before pushing its round K
-        self.delay_push_s = delay_push_s  # test hook: hold every push back this long
-        opts = grpc_options.channel_options()
-        self.channel = (
-            grpc.secure_channel(server, credentials, opts)
-            if credentials
-            else grpc.insecure_channel(server, opts)
-        )
+        self.hooks = hooks or RoundHooks()
+        self.channel = grpc_options.make_channel(server, credentials)
         self.stub = pb_grpc.ParameterServerStub(self.channel)
         self.stop = threading.Event()
         self.lease_id = ""
         self.worker_id = ""
         self.job: JobConfig | None = None
-        self.trainer: LocalTrainer | None = None
+        self.turns: list[Turn] = []
         self.dataset: Dataset | None = None
         self.version = -1
+        self.epoch = -1  # the lease epoch whose heads the turns hold
+        self.room = 1
         self.next_rounds: dict[int, int] = {}
         self.bytes_up = self.bytes_down = 0
-        self.rounds = 0
+        self.rounds = 0  # pushes acknowledged
+        self.head_rounds = 0  # rounds of heads acknowledged (a push of k heads counts k)
         self.state = "starting"
         self.samples_per_s = 0.0
+        self.heartbeat_interval_s = 5.0
         self._heartbeat: threading.Thread | None = None
         self.lease_lost = threading.Event()
+        self._view: pb.HeartbeatReply | None = None  # the newest lease view a heartbeat brought
         self._pull_backoff = Backoff()
         self._pull_failing_since: float | None = None
+
+    @property
+    def trainer(self) -> LocalTrainer | None:
+        """The first turn's trainer (the only one unless the worker trains heads in turns)."""
+        return self.turns[0].trainer if self.turns else None
+
+    @property
+    def head_ids(self) -> list[int]:
+        return [h for t in self.turns for h in t.head_ids]
 
     # -- network plumbing ----------------------------------------------------------------------
     def _call(self, fn: Callable, *args, what: str, **kwargs):
@@ -187,15 +192,25 @@ class Worker:
             try:
                 return fn(*args, metadata=self.metadata, **kwargs)
             except grpc.RpcError as err:
+                self._raise_refusal(err)
                 code = err.code()
-                if lease_refused(err):
-                    raise LeaseLost(err.details()) from None
                 if code not in RETRYABLE or time.monotonic() > deadline or self.stop.is_set():
                     raise
                 delay = backoff.next_delay()
                 self._say(f"{what}: {code.name.lower()} ({err.details()}); retrying in {delay:.1f} s")
                 if self.stop.wait(delay):
                     raise
+
+    @staticmethod
+    def _raise_refusal(err: grpc.RpcError) -> None:
+        """Turn the server's reason into what the worker does next; other errors pass through."""
+        reason = refusal(err)
+        if reason in REREGISTER:
+            raise LeaseLost(err.details()) from None
+        if reason in RESYNC:
+            raise Resync(err.details()) from None
+        if reason is Refusal.JOB_DONE:
+            raise JobDone() from None
 
     def _check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -215,14 +230,13 @@ class Worker:
             hostname=socket.gethostname(),
             pid=os.getpid(),
             lte_version=__version__,
-            preferred_heads=self.trainer.head_ids if self.trainer is not None else [],
+            preferred_heads=self.head_ids,
         )
         reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
-        head_ids = [h.head_id for h in reply.heads]
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
         self.heartbeat_interval_s = reply.heartbeat_interval_s
-        self.next_rounds = {h.head_id: h.next_round for h in reply.heads}
+        self._view = None
         self._start_heartbeat()  # now: building the model and the first pull can outlast the lease timeout
         if self.dataset is None or self.job is None or self.job.dataset != job.dataset:
             self.dataset = (
@@ -230,30 +244,93 @@ class Worker:
                 if self.data
                 else load_dataset(job.dataset, self.data_dir, seed=job.seed)
             )
-        same = self.trainer is not None and self.trainer.head_ids == head_ids and self.job == job
+        if self.job != job:
+            self.turns = []
         self.job = job
-        if not same:
-            self.trainer = LocalTrainer(
-                job,
-                head_ids,
-                self.dataset,
-                device=self.device,
-                steps_done=[h.steps_done for h in reply.heads],
-                wire_rounded=True,  # push() rounds the factors to the uplink codec before each commit
-                base_from_snapshot=True,  # the pull below brings the base: never build an fp32 copy
-            )
-        else:  # same heads again (a server restart, an expired lease): take the server's view of them
-            self.trainer.steps_done = [h.steps_done for h in reply.heads]
-            self.trainer.forget_merges([i for i, h in enumerate(reply.heads) if not h.has_factors])
-        self.version = -1
         self.lease_lost.clear()
+        self.epoch = -1
+        self._adopt(list(reply.heads), reply.room, reply.lease_epoch, fresh=True)
+        ids = self.head_ids
         self._say(
-            f"registered: heads {head_ids} of {job.heads}, {job.model} on {self.device}, mode {job.mode}"
+            f"registered: heads {ids} of {job.heads}, {job.model} on {self.device}, mode {job.mode}"
+            + (f", in {len(self.turns)} turns of at most {self.room}" if len(self.turns) > 1 else "")
+            if ids
+            else f"registered: standing by (all {job.heads} heads are leased; heads that free up come here)"
         )
-        # heads the server holds factors for continue from them exactly (current = last merged)
-        moved = [h.head_id for h in reply.heads if h.has_factors]
-        while not self.pull(wait_s=0.0, head_factors=moved):  # a failed pull backs off and gives up in time
-            self._check_parent()
+
+    def _adopt(self, heads: list[pb.HeadAssignment], room: int, epoch: int, *, fresh: bool = False) -> None:
+        """Make the turns hold exactly the lease's ``heads``: drop the heads moved away (the others
+        keep their state exactly), add turns for new ones, and fetch what they need."""
+        self.room = max(1, room)
+        held = {h.head_id: h for h in heads}
+        self.next_rounds = {h.head_id: h.next_round for h in heads}
+        kept: list[Turn] = []
+        for turn in self.turns:
+            stay = [i for i, h in enumerate(turn.head_ids) if h in held]
+            if not stay:
+                continue
+            if len(stay) < len(turn.head_ids):
+                turn.trainer.keep_heads(stay)
+            if fresh:  # a new lease on the same heads (server restart, expiry): the server's view wins
+                turn.trainer.steps_done = [held[h].steps_done for h in turn.head_ids]
+                turn.trainer.forget_merges(
+                    [i for i, h in enumerate(turn.head_ids) if not held[h].has_factors]
+                )
+                turn.last_base = -1
+            kept.append(turn)
+        known = {h for t in kept for h in t.head_ids}
+        new = [h for h in heads if h.head_id not in known]
+        # heads at the same step train together (one lr schedule per turn), at most `room` at a time
+        by_step: dict[int, list[pb.HeadAssignment]] = {}
+        for h in new:
+            by_step.setdefault(h.steps_done, []).append(h)
+        for group in by_step.values():
+            for ids in turn_groups([h.head_id for h in group], self.room):
+                trainer = LocalTrainer(
+                    self.job,
+                    ids,
+                    self.dataset,
+                    device=self.device,
+                    steps_done=[held[h].steps_done for h in ids],
+                    wire_rounded=True,  # push() rounds the factors to the uplink codec before each commit
+                    base_from_snapshot=True,  # the pull below brings the base: never build an fp32 copy
+                )
+                kept.append(Turn(trainer))
+        self.turns = kept
+        self.epoch = epoch
+        if new or fresh:
+            self.version = -1  # new turns need the base: pull it whole, with moved heads' factors
+            moved = [h.head_id for h in new if h.has_factors] + (
+                [h for h in known if held[h].has_factors] if fresh else []
+            )
+            while not self.pull(wait_s=0.0, head_factors=moved):  # a failed pull backs off, gives up in time
+                self._check_parent()
+
+    def _sync_lease(self, force: bool = False) -> None:
+        """Adopt the lease's heads as the server sees them now, when they changed (between turns only)."""
+        view = self._view
+        if force or view is None or view.lease_epoch != self.epoch:
+            view = self._call(
+                self.stub.Heartbeat,
+                pb.HeartbeatRequest(
+                    lease_id=self.lease_id,
+                    version=self.version,
+                    samples_per_s=self.samples_per_s,
+                    state=self.state,
+                ),
+                what="heartbeat",
+                timeout=30,
+            )
+        if view.done:
+            raise JobDone()
+        if view.lease_epoch != self.epoch:
+            before = set(self.head_ids)
+            self._adopt(list(view.heads), view.room, view.lease_epoch)
+            after = set(self.head_ids)
+            if before != after:
+                self._say(
+                    f"heads now {sorted(after)} (gained {sorted(after - before)}, lost {sorted(before - after)})"
+                )
 
     def pull(self, wait_s: float, head_factors: list[int] | tuple[int, ...] = ()) -> bool:
         """Fetch a newer snapshot if there is one; returns whether the base changed. Raises JobDone."""
@@ -263,11 +340,12 @@ class Worker:
             have_version=self.version,
             wait_newer_s=wait_s,
             head_factors=list(head_factors),
+            lease_epoch=self.epoch,
         )
         stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + 300)
         header = None
         weights: dict[str, object] = {}
-        factors: dict[int, dict[str, list]] = {}
+        factors: dict[str, torch.Tensor] = {}
         assembler = TensorAssembler(
             max_chunk_bytes=grpc_options.MAX_CHUNK_BYTES,
             max_tensor_bytes=grpc_options.MAX_PUSH_BYTES,
@@ -283,21 +361,16 @@ class Worker:
                 self.bytes_down += len(msg.tensor.data)
                 if enc is None:
                     continue
-                if enc.name.startswith("head/"):
-                    _, h, rest = enc.name.split("/", 2)
-                    layer, part = rest.rsplit("/", 1)
-                    factors.setdefault(int(h), {}).setdefault(layer, [None, None])[part == "A"] = (
-                        decode_tensor(enc)
-                    )
-                elif enc.codec in ("int8-row", "nf4"):
+                if enc.name.startswith(HEAD_PREFIX):
+                    factors[enc.name] = decode_tensor(enc)
+                elif enc.codec in QUANTIZED_SNAPSHOT_CODECS:
                     weights[enc.name] = decode_tensor_quantized(enc)
                 else:
                     weights[enc.name] = decode_tensor(enc).to(self.job.torch_dtype)
             assembler.finish()
         except grpc.RpcError as err:
             # errors of a server stream surface here, not in _call: map them the same way
-            if lease_refused(err):
-                raise LeaseLost(err.details()) from None
+            self._raise_refusal(err)
             if err.code() not in RETRYABLE:
                 raise
             now = time.monotonic()
@@ -316,69 +389,60 @@ class Worker:
             # the server had no thread to spare for a long-poll: ask again later, not at once
             self.stop.wait(min(header.retry_after_s, 30.0) * random.uniform(0.5, 1.5))
         if weights:
-            self.trainer.load_snapshot(weights)
+            for turn in self.turns:
+                turn.trainer.load_snapshot(weights)
             self.version = header.version
-        for h, layers in factors.items():
-            local = self.trainer.head_ids.index(h)
-            self.trainer.load_head(local, {k: (v[0], v[1]) for k, v in layers.items()})
+        for h, layers in group_head_factors(factors).items():
+            for turn in self.turns:
+                if h in turn.head_ids:
+                    turn.trainer.load_head(turn.head_ids.index(h), layers)
         if header.done:
             raise JobDone()
+        if header.lease_epoch != self.epoch and self._view is not None:
+            self._view = None  # the lease changed: ask for its heads before the next turn
         return bool(weights)
 
-    def _push_messages(self, stats, heads, replica) -> Iterator[pb.UpdateChunk]:
-        job = self.job
-        names = []
-        for update in heads:
-            for layer, (b, a) in update.factors.items():
-                names += [
-                    (f"head/{update.head_id}/{layer}/B", b, job.uplink),
-                    (f"head/{update.head_id}/{layer}/A", a, job.uplink),
-                ]
-        names += [(f"replica/{n}", d, "fp32") for n, d in replica.deltas.items()]  # small: keep them exact
-        yield pb.UpdateChunk(
-            header=pb.PushHeader(
-                lease_id=self.lease_id,
-                base_version=self.version,
-                heads=[pb.HeadRound(head_id=u.head_id, round=self.next_rounds[u.head_id]) for u in heads],
-                steps=stats.steps,
-                samples=stats.samples,
-                train_loss=stats.train_loss,
-                num_tensors=len(names),
-                seconds=stats.seconds,
-            )
-        )
-        level = None if job.zstd_level < 0 else job.zstd_level
-        for name, tensor, codec in names:
-            enc = encode_tensor(name, tensor.float().cpu(), codec, level)
-            self._push_bytes += len(enc.payload)
-            for chunk in tensor_chunks(enc, job.max_chunk_bytes):
-                yield pb.UpdateChunk(tensor=chunk)
-
-    def _round_factors_to_wire(self) -> None:
+    def _round_factors_to_wire(self, trainer: LocalTrainer) -> None:
         """Make the live factors exactly what the server will hold, so both sides agree on B', A'."""
-        codec = get_codec(self.job.uplink)
+        codec = get_codec(codec_for(Role.HEAD_FACTOR, self.job))
         if self.job.uplink == "fp32" and self.job.dtype == "float32":
             return
         with torch.no_grad():
-            for layer in lte_layers(self.trainer.model).values():
+            for layer in lte_layers(trainer.model).values():
                 for p in (layer.lora_A, layer.lora_B):
                     sent = codec.decode(codec.encode(p.detach().float().cpu()), tuple(p.shape))
                     p.copy_(sent.to(p.device, p.dtype))
 
-    def push(self, stats) -> pb.PushReply:
-        self.state = "pushing"
-        self._round_factors_to_wire()
-        heads, replica = self.trainer.export_update()
-        self._push_bytes = 0  # the retry loop re-sends the whole stream; count the one that landed
-        reply = self._call(self._push_once, heads, replica, stats, what="push")
-        self.bytes_up += self._push_bytes
-        return reply
+    def _push_messages(self, meta: PushMeta, encoded: list) -> Iterator[pb.UpdateChunk]:
+        yield pb.UpdateChunk(header=meta.to_proto())
+        for enc in encoded:
+            for chunk in tensor_chunks(enc, self.job.max_chunk_bytes):
+                yield pb.UpdateChunk(tensor=chunk)
 
-    def _push_once(self, heads, replica, stats, metadata=()) -> pb.PushReply:
-        self._push_bytes = 0
-        return self.stub.PushUpdate(
-            self._push_messages(stats, heads, replica), metadata=metadata, timeout=600
+    def push(self, turn: Turn, stats) -> pb.PushReply:
+        """Push one turn's factors and replica deltas (idempotent: each head carries its round id)."""
+        self.state = "pushing"
+        self._round_factors_to_wire(turn.trainer)
+        heads, replica = turn.trainer.export_update()
+        encoded = list(encode_update(heads, replica, self.job))
+        meta = PushMeta(
+            lease_id=self.lease_id,
+            base_version=self.version,
+            head_rounds={u.head_id: self.next_rounds[u.head_id] for u in heads},
+            steps=stats.steps,
+            samples=stats.samples,
+            train_loss=stats.train_loss,
+            seconds=stats.seconds,
+            num_tensors=len(encoded),
         )
+        reply = self._call(
+            lambda metadata: self.stub.PushUpdate(
+                self._push_messages(meta, encoded), metadata=metadata, timeout=600
+            ),
+            what="push",
+        )
+        self.bytes_up += sum(len(e.payload) for e in encoded)
+        return reply
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None:
@@ -398,10 +462,11 @@ class Worker:
                     metadata=self.metadata,
                     timeout=max(1.0, self.heartbeat_interval_s),
                 )
+                self._view = reply
                 if reply.done:
                     self.stop.set()
             except grpc.RpcError as err:
-                if err.code() in REREGISTER or err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                if refusal(err) in REREGISTER:
                     self.lease_lost.set()
 
     def run(self) -> int:
@@ -414,11 +479,6 @@ class Worker:
                 except LeaseLost as exc:  # lost before its first heartbeat, e.g. a slow start
                     self._say(f"lease lost while joining ({exc}); registering again")
                     continue
-                except grpc.RpcError as err:
-                    if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                        self._say(f"server refused registration: {err.details()}")
-                        return 0 if "finished" in (err.details() or "") else 1
-                    raise
                 try:
                     self._train_loop(progress)
                 except LeaseLost as exc:
@@ -427,7 +487,8 @@ class Worker:
             return 0
         except JobDone:
             self._say(
-                f"job finished after {self.rounds} rounds; up {self.bytes_up} B, down {self.bytes_down} B"
+                f"job finished: {self.head_rounds} head-rounds in {self.rounds} pushes; "
+                f"up {format_bytes(self.bytes_up)}, down {format_bytes(self.bytes_down)}"
             )
             return 0
         finally:
@@ -439,57 +500,79 @@ class Worker:
     def _train_loop(self, progress: Progress | None) -> None:
         started = time.perf_counter()
         samples = 0
+        sync = self.job.mode == "sync"
         while not self.stop.is_set():
             if self.lease_lost.is_set():
                 raise LeaseLost("heartbeat refused")
-            self.state = "training"
-            stats = self.trainer.train_round()
-            if self.slow_down_s:
-                time.sleep(self.slow_down_s)
-            samples += stats.samples
-            self.samples_per_s = samples / max(1e-9, time.perf_counter() - started)
-            base = self.version
-            if self.fail_at_round is not None and self.rounds >= self.fail_at_round:
-                os.kill(os.getpid(), signal.SIGKILL)  # die like a crashed machine: no Leave, no cleanup
-            if self.delay_push_s and self.stop.wait(self.delay_push_s):
-                return
-            try:
-                reply = self.push(stats)
-            except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    if "finished" in (err.details() or ""):
-                        raise JobDone() from None
-                    self._say(
-                        f"push not applied: {err.details()}"
-                    )  # stale: keep the factors, take the newest base
-                    self.pull(wait_s=0.0)
-                    continue
-                raise
-            if reply.applied or reply.duplicate:
-                self.trainer.commit()
-                for h in self.next_rounds:
-                    self.next_rounds[h] += 1
-                self.rounds += 1
-            if progress:
-                progress.update(
-                    self.rounds,
-                    version=reply.version,
-                    loss=stats.train_loss,
-                    **{"samples/s": self.samples_per_s},
-                    bytes_up=float(self.bytes_up),
-                    bytes_down=float(self.bytes_down),
-                )
-            wait = 30.0 if self.job.mode == "sync" else 0.0
-            while not self.pull(wait_s=wait) and self.job.mode == "sync" and self.version <= base:
+            self._sync_lease()
+            due = [
+                t for t in self.turns if t.unfinished(self.job) and (not sync or t.last_base < self.version)
+            ]
+            if not due:  # every head pushed this version (sync), finished, or none held: wait for news
+                self.pull(wait_s=30.0)
+                continue
+            for turn in due:
                 if self.stop.is_set():
                     return
+                self.state = "training"
+                stats = turn.trainer.train_round()
+                self.hooks.after_training(self.rounds, stats.seconds)
+                samples += stats.samples
+                self.samples_per_s = samples / max(1e-9, time.perf_counter() - started)
+                if not self.hooks.before_push(self.rounds, self.stop):
+                    return
+                base = self.version
+                reply = self._push_turn(turn, stats)
+                if reply is None:
+                    continue
+                turn.last_base = base
+                if progress:
+                    progress.update(
+                        self.head_rounds,
+                        version=reply.version,
+                        loss=stats.train_loss,
+                        **{"samples/s": self.samples_per_s},
+                        bytes_up=float(self.bytes_up),
+                        bytes_down=float(self.bytes_down),
+                    )
+            if not sync:
+                self.pull(wait_s=0.0)
 
-    def leave(self) -> None:
+    def _push_turn(self, turn: Turn, stats) -> pb.PushReply | None:
+        """Push a trained turn; adopt the server's view when it moved or finished some of its heads
+        and push the rest. None when nothing of the turn was applied."""
+        while True:
+            try:
+                reply = self.push(turn, stats)
+            except Resync as exc:
+                self._say(
+                    f"push of heads {turn.head_ids} refused ({exc}); taking the server's view of the lease"
+                )
+                self._sync_lease(force=True)
+                if turn not in self.turns:
+                    return None
+                continue
+            except grpc.RpcError as err:
+                if refusal(err) is Refusal.STALE:  # keep the factors, take the newest base
+                    self._say(f"push not applied: {err.details()}")
+                    self.pull(wait_s=0.0)
+                    return None
+                raise
+            if reply.applied or reply.duplicate:
+                turn.trainer.commit()
+                for h in turn.head_ids:
+                    self.next_rounds[h] += 1
+                self.rounds += 1
+                self.head_rounds += len(turn.head_ids)
+                return reply
+            return None
+
+    def leave(self, reason: str = "done") -> None:
         if not self.lease_id:
             return
         try:
             self.stub.Leave(
-                pb.LeaveRequest(lease_id=self.lease_id, reason="done"), metadata=self.metadata, timeout=2
+                pb.LeaveRequest(lease_id=self.lease_id, reason=reason), metadata=self.metadata, timeout=2
             )
         except grpc.RpcError:
             pass  # the server may already be gone; its reaper returns the heads

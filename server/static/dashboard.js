@@ -214,8 +214,15 @@
     setText("#stat-bytes-up", fmtBytes(st.bytes_up));
     setText("#stat-bytes-down", fmtBytes(st.bytes_down));
     $("#stat-progress").value = st.progress || 0;
-    setText("#stat-progress-text", `${Math.round(100 * (st.progress || 0))} % · ${fmtSeconds(st.elapsed_s)}`);
-    setText("#free-heads", st.free_heads.length ? `· free heads: ${st.free_heads.join(", ")}` : "");
+    setText(
+      "#stat-progress-text",
+      `${st.head_rounds_done}/${st.target_head_rounds} head-rounds · ${fmtSeconds(st.elapsed_s)}`
+    );
+    const waiting = Object.entries(st.waiting_heads || {});
+    setText(
+      "#free-heads",
+      waiting.length ? `· waiting: ${waiting.map(([h, why]) => `head ${h} (${why})`).join("; ")}` : ""
+    );
     const counters = [
       [st.snapshot_builds, "snapshots built"],
       [st.pushes_refused, "stale pushes refused"],
@@ -227,7 +234,7 @@
 
   function renderWorkers(workers) {
     const body = $("#workers tbody");
-    const rank = (w) => (w.state === "left" || w.state === "expired" ? 1 : 0);
+    const rank = (w) => (w.state === "left" || w.state === "expired" || w.state === "failed" ? 1 : 0);
     const rows = [...workers].sort((a, b) => rank(a) - rank(b) || a.worker_id.localeCompare(b.worker_id, undefined, { numeric: true }));
     const fragment = document.createDocumentFragment();
     for (const w of rows) {

@@ -1,0 +1,122 @@
+"""Folding pushes into the master weights: sync rounds, async staleness, buffered merges (DESIGN.md section 5).
+
+``Aggregator`` holds the open round (sync) or buffer (buffered) and each head's last merged factors
+``(B'_i, A'_i)``. It is plain Python over tensors: the coordinator calls it under its lock, after the
+push was validated. The merge itself is ``lte.common.lte.apply_updates`` (DESIGN.md section 2):
+
+    W <- W + sum_i w_i * s * (B_i A_i - B'_i A'_i),    w_i = 1/N  (sync)  or  1/N * 1/sqrt(1 + staleness)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lte.common.config import JobConfig
+from lte.common.lte import Factors, HeadUpdate, ReplicaUpdate, apply_updates
+from lte.common.protocol import Refusal, Refused
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``. A NaN or Inf anywhere makes the sum non-finite (Inf - Inf is NaN),
+    so a finite sum settles it in one reduction without a bool temporary: 4-6x faster than
+    ``isfinite(t).all()`` on a vit-b push (bench/finite_check.py). Only a sum that overflowed,
+    or a tensor that really is non-finite, takes the exact check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def staleness_discount(staleness: int) -> float:
+    """Async weight factor for a push trained ``staleness`` versions ago: 1 / sqrt(1 + staleness)."""
+    return 1.0 / math.sqrt(1.0 + staleness)
+
+
+@dataclass
+class AcceptedPush:
+    """A push taken into the open round or buffer, kept whole so it can be merged or dropped."""
+
+    lease_id: str
+    heads: list[HeadUpdate]
+    weight: float  # per head, after the staleness discount
+    replica: ReplicaUpdate
+    steps: int
+    samples: int
+    train_loss: float
+    lr_start: float = float("nan")  # learning rate at the round's first step (the schedule's, per head)
+
+
+@dataclass
+class Merged:
+    pushes: int
+    heads: int
+    samples: int
+    train_loss: float
+    lr_start: float  # the smallest over the merged pushes: > 0 unless a round ran past its schedule
+
+
+class Aggregator:
+    """The open round or buffer, and the merge of it into ``master`` (shared with the coordinator)."""
+
+    def __init__(
+        self, job: JobConfig, master: dict[str, torch.Tensor], *, max_staleness: int, buffer_size: int
+    ) -> None:
+        self.job, self.master = job, master
+        self.max_staleness = max_staleness
+        self.buffer_size = buffer_size or max(1, job.heads // 4)
+        self.pending: list[AcceptedPush] = []
+        self.prev_factors: dict[int, dict[str, Factors]] = {}
+
+    def weight(self, staleness: int, version: int, base_version: int) -> float:
+        """The merge weight per head of a push ``staleness`` versions old, or a STALE refusal."""
+        if self.job.mode == "sync":
+            if staleness:
+                raise Refused(
+                    Refusal.STALE,
+                    f"sync round {version} is open; this push trained on version {base_version}: pull and retrain",
+                )
+            return 1.0 / self.job.heads
+        if staleness > self.max_staleness:
+            raise Refused(
+                Refusal.STALE,
+                f"push trained on version {base_version} is {staleness} versions stale "
+                f"(limit {self.max_staleness}): pull the newest snapshot and push again",
+            )
+        return staleness_discount(staleness) / self.job.heads
+
+    def add(self, push: AcceptedPush) -> bool:
+        """Take ``push`` in; whether the round or buffer is now ready to merge."""
+        self.pending.append(push)
+        if self.job.mode == "sync":
+            return sum(len(a.heads) for a in self.pending) == self.job.heads
+        if self.job.mode == "buffered":
+            return len(self.pending) >= self.buffer_size
+        return True
+
+    def drop(self, lease_id: str) -> list[AcceptedPush]:
+        """Take a gone lease's unmerged pushes back out (their heads restart the round elsewhere)."""
+        dropped = [a for a in self.pending if a.lease_id == lease_id]
+        self.pending = [a for a in self.pending if a.lease_id != lease_id]
+        return dropped
+
+    def merge(self) -> Merged:
+        """Fold everything pending into ``master``. In head order, not arrival order: float sums are not
+        associative, and a round must merge to the same bits however the network ordered its pushes
+        (the emulator merges so too)."""
+        accepted, self.pending = self.pending, []
+        accepted.sort(key=lambda a: min(u.head_id for u in a.heads))
+        heads = [h for a in accepted for h in a.heads]
+        apply_updates(
+            self.master,
+            self.prev_factors,
+            heads,
+            [a.weight for a in accepted for _ in a.heads],
+            [(a.weight * len(a.heads), a.replica) for a in accepted],
+            scale=self.job.scale,
+            reset=self.job.reset,
+        )
+        samples = sum(a.samples for a in accepted)
+        loss = sum(a.train_loss * a.samples for a in accepted) / samples if samples else float("nan")
+        return Merged(
+            len(accepted), len(heads), samples, loss, min((a.lr_start for a in accepted), default=0.0)
+        )

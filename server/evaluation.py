@@ -1,0 +1,54 @@
+"""Evaluation of the master weights, in a background thread on a copy, so merges never wait for it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from lte.common.config import JobConfig
+from lte.common.trainer import build_job_model, evaluate
+
+
+class BackgroundTask:
+    """Runs ``fn`` in a daemon thread each time it is poked; pokes during a run coalesce into one more run."""
+
+    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self._poked = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._poked.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._poked.wait()
+            self._poked.clear()
+            if self._stopped:
+                return
+            self.fn()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopped = True
+        self._poked.set()
+        self._thread.join(timeout)
+
+
+class Evaluator:
+    """Evaluates a copy of the master on the job's test split. ``load(model)`` copies the weights in
+    under the caller's lock and returns (version, samples) of that copy."""
+
+    def __init__(self, job: JobConfig, dataset, device: str) -> None:
+        self.job, self.dataset, self.device = job, dataset, device
+        self._model = None
+        self._lock = threading.Lock()  # one evaluation at a time: the model copy is shared
+
+    def run(self, load: Callable[[Any], tuple[int, int]]) -> tuple[int, int, dict[str, float]]:
+        with self._lock:
+            if self._model is None:
+                self._model = build_job_model(self.job).to(self.device)
+            version, samples = load(self._model)
+            return version, samples, evaluate(self._model, self.dataset, device=self.device)

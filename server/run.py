@@ -1,0 +1,368 @@
+"""One ``lte-server`` run as an object: ``start()`` (run folder, coordinator, gRPC, dashboard, local
+workers), ``run()`` (progress until the job ends, final evaluation, export, summary) and ``stop()``.
+The CLI and the tests share it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lte.common.progress import Progress, format_bytes
+
+_log = logging.getLogger("lte.server")
+
+
+class StartError(Exception):
+    """The server cannot start as configured; the message says why and what to do."""
+
+
+def start_worker_processes(
+    address: str, per_worker_args: list[list[str]], log_dir: Path | None = None, token: str | None = None
+) -> list[subprocess.Popen]:
+    """One real ``lte-worker`` process per entry (its extra flags), logging to ``log_dir/worker-<i>.log``.
+
+    The token reaches them through the environment, never the command line (which ps shows).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if token:
+        env["LTE_TOKEN"] = token
+    procs = []
+    for i, extra in enumerate(per_worker_args):
+        log = open(log_dir / f"worker-{i}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
+        cmd = [sys.executable, "-m", "lte.worker.cli", "--server", address, *extra]
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+        if log_dir:
+            log.close()  # the child holds its own descriptor
+    return procs
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    """Terminate by pid, wait, then kill what is left: no orphan survives the server."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def public_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", "[::]"):
+        import socket
+
+        return socket.gethostname()
+    return host
+
+
+def tensorboard_sink(directory: str):
+    """A metrics sink writing TensorBoard scalars (train loss, accuracy, bytes) per version."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(directory)
+
+    def write(record: dict) -> None:
+        step = int(record.get("version", 0))
+        for key in ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "samples"):
+            if isinstance(record.get(key), (int, float)):
+                writer.add_scalar(("eval/" if record.get("eval") else "train/") + key, record[key], step)
+        writer.flush()
+
+    return write
+
+
+class ServerRun:
+    """A whole server run. ``srv`` holds the server settings (``server.cli.SERVER_DEFAULTS``' keys)."""
+
+    def __init__(
+        self,
+        job,
+        dataset,
+        srv: dict[str, Any],
+        *,
+        json_out: bool = False,
+        quiet: bool = False,
+        log_format: str = "text",
+        tensorboard: str | None = None,
+        config_text: str = "",
+    ) -> None:
+        self.job, self.dataset, self.srv = job, dataset, srv
+        self.json_out, self.quiet, self.log_format, self.tensorboard = (
+            json_out,
+            quiet,
+            log_format,
+            tensorboard,
+        )
+        self.config_text = config_text
+        self.out_dir = Path(srv["out"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        self.coordinator = None
+        self.server = None
+        self.dashboard = None
+        self.procs: list[subprocess.Popen] = []
+        self.summary: dict[str, Any] | None = None
+
+    # -- start ------------------------------------------------------------------------------------
+    def start(self) -> ServerRun:
+        """Everything up to serving; ``StartError`` (nothing left running) when it cannot start."""
+        import torch
+
+        from lte.common.auth import token_from
+        from lte.server.app import ParameterServer, format_address
+        from lte.server.checkpoint import load_checkpoint
+        from lte.server.coordinator import Coordinator
+        from lte.server.security import server_credentials
+
+        job, srv = self.job, self.srv
+        if srv["threads"]:
+            torch.set_num_threads(srv["threads"])
+        try:
+            token = token_from(srv["token"])
+            credentials = server_credentials(srv["tls_cert"], srv["tls_key"], srv["tls_ca"])
+        except (ValueError, OSError) as exc:
+            raise StartError(str(exc)) from None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        local = int(srv["local_workers"] or 0)
+        heads_per_worker = srv["heads_per_worker"] or (-(-job.heads // local) if local else 0)
+        eval_every = srv["eval_every"] if srv["eval_every"] >= 0 else max(1, job.rounds // 10)
+        checkpoint_every = (
+            srv["checkpoint_every"] if srv["checkpoint_every"] >= 0 else max(1, job.rounds // 10)
+        )
+        c = self.coordinator = Coordinator(
+            job,
+            self.dataset,
+            device=srv["device"],
+            heads_per_worker=heads_per_worker,
+            lease_timeout_s=srv["lease_timeout"],
+            heartbeat_interval_s=srv["heartbeat_interval"],
+            straggler_factor=srv["straggler_factor"],
+            max_staleness=srv["max_staleness"],
+            buffer_size=srv["buffer_size"],
+            eval_every=eval_every,
+            checkpoint_dir=self.out_dir / "checkpoints",
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=srv["keep_checkpoints"],
+            metrics_path=self.out_dir / "metrics.jsonl",
+        )
+        if srv["resume"]:
+            try:
+                state, tensors = load_checkpoint(srv["resume"])
+                c.restore(state, tensors)
+            except (ValueError, OSError) as exc:
+                c.close()
+                raise StartError(f"cannot resume from {srv['resume']}: {exc}") from None
+            print(f"lte-server: resumed at version {c.version} from {srv['resume']}", file=sys.stderr)
+        (self.out_dir / "config.toml").write_text(self.config_text)
+        try:
+            self.server = ParameterServer(
+                c,
+                host=srv["host"],
+                port=srv["port"],
+                token=token,
+                credentials=credentials,
+                threads=srv["rpc_threads"],
+            ).start()
+        except (OSError, ValueError) as exc:
+            c.close()
+            raise StartError(str(exc)) from None
+        if self.tensorboard:
+            try:
+                c.add_sink(tensorboard_sink(self.tensorboard))
+            except ImportError as exc:
+                self.stop()
+                raise StartError(
+                    f"--tensorboard needs the tensorboard package ({exc}); pip install tensorboard"
+                ) from None
+        if srv["dashboard_port"] >= 0:
+            from lte.server.dashboard import DashboardServer
+
+            try:
+                self.dashboard = DashboardServer(
+                    c.status,
+                    host=srv["dashboard_host"],
+                    port=srv["dashboard_port"],
+                    token=token if srv["dashboard_auth"] else None,
+                ).start()
+            except OSError as exc:
+                self.stop()
+                raise StartError(
+                    f"dashboard: {exc} (pick another --dashboard-port, or -1 for none)"
+                ) from None
+            if self.quiet and self.log_format == "text":  # even with --quiet: the one line a user needs
+                print(f"lte-server: dashboard at {self.dashboard.url}", file=sys.stderr, flush=True)
+            else:
+                _log.info("dashboard at %s", self.dashboard.url, extra={"url": self.dashboard.url})
+        _log.info(
+            "%s on %s, N=%d r=%d T=%d mode=%s quant=%s; %d rounds per head",
+            job.model,
+            job.dataset,
+            job.heads,
+            job.rank,
+            job.merge_every,
+            job.mode,
+            job.quant,
+            job.rounds,
+        )
+        _log.info(
+            "serving lte.v1.ParameterServer on %s  (run folder %s)",
+            self.server.address,
+            self.out_dir,
+            extra={"address": self.server.address, "run_dir": str(self.out_dir)},
+        )
+        if not local:
+            _log.info(
+                "start workers with: lte-worker --server %s",
+                format_address(public_host(srv["host"]), self.server.port),
+            )
+        if credentials is not None:  # the certificate names the host; local workers reach it as localhost
+            local_host = "localhost"
+        else:
+            local_host = "127.0.0.1" if srv["host"] in ("0.0.0.0", "::", "127.0.0.1") else srv["host"]
+        tls = ["--tls-ca", srv["tls_ca"] or srv["tls_cert"]] if credentials is not None else []
+        local_args = [
+            [
+                "--device",
+                srv["worker_device"],
+                "--name",
+                f"local-{i}",
+                "--parent-pid",
+                str(os.getpid()),
+                "--quiet",
+                *tls,
+            ]
+            for i in range(local)
+        ]
+        self.procs = start_worker_processes(
+            format_address(local_host, self.server.port), local_args, self.out_dir, token=token
+        )
+        return self
+
+    # -- run --------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Progress until the job is done; RuntimeError when every local worker died first."""
+        c = self.coordinator
+        progress = None
+        if not self.quiet and self.log_format == "text":
+            progress = Progress(c.progress()[1], "lte-server")
+        last_status_log = 0.0
+        try:
+            while not self.server.wait_done(timeout=1.0):
+                st = c.status()
+                if progress:
+                    fields = {
+                        "version": st["version"],
+                        "workers": sum(
+                            w["state"] not in ("left", "expired", "failed") for w in st["workers"]
+                        ),
+                    }
+                    if st["waiting_heads"]:
+                        fields["waiting"] = len(st["waiting_heads"])
+                    if st["history"]:
+                        fields["loss"] = st["history"][-1]["train_loss"]
+                    if st["evals"] and "test_accuracy" in st["evals"][-1]:
+                        fields["acc"] = st["evals"][-1]["test_accuracy"]
+                    fields.update(bytes_up=float(st["bytes_up"]), bytes_down=float(st["bytes_down"]))
+                    progress.update(st["head_rounds_done"], **fields)
+                elif self.log_format == "json" and time.monotonic() - last_status_log >= 10:
+                    last_status_log = time.monotonic()
+                    keys = (
+                        "version",
+                        "head_rounds_done",
+                        "target_head_rounds",
+                        "samples",
+                        "bytes_up",
+                        "bytes_down",
+                    )
+                    _log.info("progress", extra={k: st[k] for k in keys})
+                if self.procs and all(p.poll() is not None for p in self.procs):
+                    codes = [p.returncode for p in self.procs]
+                    raise RuntimeError(
+                        f"every local worker exited (codes {codes}) before the job finished; "
+                        f"see {self.out_dir}/worker-*.log"
+                    )
+        finally:
+            if progress:
+                progress.close()
+
+    def run(self) -> int:
+        """Serve until the job ends, evaluate, export, write the summary. Returns the exit code."""
+        c = self.coordinator
+        started = time.perf_counter()
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            self._watch()
+            final = c.evaluate_now()
+            model_path = c.export(self.out_dir / "model.safetensors")
+            self.summary = summary = {
+                "test_accuracy": final.get("test_accuracy"),
+                "test_loss": final["test_loss"],
+                "version": c.version,
+                "samples": c.samples,
+                "bytes_up": c.bytes_up,
+                "bytes_down": c.bytes_down,
+                "seconds": round(time.perf_counter() - started, 3),
+                "model": str(model_path),
+                "run_dir": str(self.out_dir),
+            }
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            acc = (
+                f"test accuracy {summary['test_accuracy']:.4f}, "
+                if summary["test_accuracy"] is not None
+                else ""
+            )
+            _log.info(
+                "done: version %d, %sup %s, down %s, %.1f s; model saved to %s",
+                summary["version"],
+                acc,
+                format_bytes(summary["bytes_up"]),
+                format_bytes(summary["bytes_down"]),
+                summary["seconds"],
+                model_path,
+                extra={"summary": summary},
+            )
+            # let the workers see "done" on their next pull or heartbeat, then stop
+            deadline = time.monotonic() + 10
+            for p in self.procs:
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    break  # stop() ends it
+            if self.json_out:
+                print(json.dumps(summary), flush=True)
+            return 0
+        except KeyboardInterrupt:
+            _log.warning("interrupted; saving a checkpoint, stopping workers and the server")
+            path = c.save_checkpoint()
+            if path:
+                _log.warning("checkpoint %s; continue with --resume %s", path, self.out_dir)
+            return 130
+        except RuntimeError as exc:
+            print(f"lte-server: error: {exc}", file=sys.stderr)
+            return 1
+
+    # -- stop ---------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop the local workers (by pid), the dashboard and the server; safe to call twice."""
+        stop_processes(self.procs)
+        self.procs = []
+        if self.dashboard is not None:
+            self.dashboard.stop()
+            self.dashboard = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        elif self.coordinator is not None:
+            self.coordinator.close()
