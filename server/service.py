@@ -52,6 +52,7 @@ def job_to_proto(job: JobConfig) -> pb.JobConfig:
         eps=job.eps,
         compute_dtype=job.dtype,
         zstd_level=job.zstd_level,
+        precision=job.precision,
     )
 
 

@@ -94,6 +94,7 @@ def job_from_proto(j: pb.JobConfig) -> JobConfig:
         eps=j.eps,
         dtype=j.compute_dtype,
         max_chunk_bytes=j.max_chunk_bytes,
+        precision=j.precision or "auto",
     )
 
 
@@ -143,7 +144,10 @@ class Worker:
         fail_at_round: int | None = None,
         delay_push_s: float = 0.0,
         show_progress: bool = True,
+        precision: str | None = None,
+        cache_frozen: bool | None = None,
     ) -> None:
+        self.precision, self.cache_frozen = precision, cache_frozen  # None: the job's / CUDA only
         self.show_progress = show_progress  # the one-line display; off when logs are JSON lines
         self.server, self.device = server, torch.device(device)
         self.max_heads, self.data, self.data_dir = max_heads, data, data_dir
@@ -241,6 +245,8 @@ class Worker:
                 steps_done=[h.steps_done for h in reply.heads],
                 wire_rounded=True,  # push() rounds the factors to the uplink codec before each commit
                 base_from_snapshot=True,  # the pull below brings the base: never build an fp32 copy
+                precision=self.precision,
+                cache_frozen=self.cache_frozen,
             )
         else:  # same heads again (a server restart, an expired lease): take the server's view of them
             self.trainer.steps_done = [h.steps_done for h in reply.heads]
@@ -248,7 +254,8 @@ class Worker:
         self.version = -1
         self.lease_lost.clear()
         self._say(
-            f"registered: heads {head_ids} of {job.heads}, {job.model} on {self.device}, mode {job.mode}"
+            f"registered: heads {head_ids} of {job.heads}, {job.model} on {self.device}, mode {job.mode}, "
+            f"precision {self.trainer.precision.precision}"
         )
         # heads the server holds factors for continue from them exactly (current = last merged)
         moved = [h.head_id for h in reply.heads if h.has_factors]
@@ -444,6 +451,10 @@ class Worker:
                 raise LeaseLost("heartbeat refused")
             self.state = "training"
             stats = self.trainer.train_round()
+            if self.rounds == 0 and stats.frozen_cache_bytes:
+                self._say(
+                    f"frozen-weight cache: {stats.frozen_cache_bytes / 2**20:.1f} MiB (--no-frozen-cache)"
+                )
             if self.slow_down_s:
                 time.sleep(self.slow_down_s)
             samples += stats.samples
