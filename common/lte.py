@@ -321,14 +321,35 @@ class LTELinear(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} does not split evenly across {h} LTE heads")
         xh = x.reshape(h, -1, n)  # head i gets samples [i*B/h, (i+1)*B/h)
         A, B, A_prev, B_prev, s = self.lora_A, self.lora_B, self.lora_A_prev, self.lora_B_prev, self.scale
-        # y = W x + s * (B_i A_i x - B'_i A'_i x). The last-merged term is folded into the weight
-        # when a head's rows outnumber m n / (m + n), where that is the cheaper way to compute it.
+        # y = W x + s * (B_i A_i x - B'_i A'_i x), all heads at once (reference_forward is the same
+        # equation head by head). The last-merged term is folded into the weight when a head's rows
+        # outnumber m n / (m + n), where that is the cheaper way to compute it.
         fold = self.has_prev and xh.shape[1] * (m + n) >= m * n
-        y = _FrozenBaseMatmul.apply(xh, self, fold)
-        if self.has_prev and not fold:
-            y = y - s * ((xh @ A_prev.mT.to(xh.dtype)) @ B_prev.mT.to(xh.dtype))
-        y = y + s * ((xh @ A.mT) @ B.mT)
+        y = _FrozenBaseMatmul.apply(xh, self, fold)  # one GEMM over all heads' rows (a bmm if folded)
+        if self.has_prev and not fold:  # both low-rank terms as one: x [A_i; A'_i]^T [B_i, -B'_i]^T
+            A = torch.cat([A, A_prev.to(A.dtype)], dim=1)  # [h, 2r, n]
+            B = torch.cat([B, -B_prev.to(B.dtype)], dim=2)  # [h, m, 2r]
+        y = torch.baddbmm(y, xh @ A.mT, B.mT, alpha=s)  # two batched GEMMs, the add fused in the second
         y = y.reshape(*x.shape[:-1], m)
+        return y if self.bias is None else y + self.bias
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DESIGN section 2 as written, one head at a time (the check on ``forward``; slow).
+
+        Training: ``y_i = W x_i + s (B_i A_i x_i - B'_i A'_i x_i) (+ b)`` on head i's slice of the
+        batch; eval: ``W x + b``. ``x [batch, ..., n]`` -> ``[batch, ..., m]``.
+        """
+        m, n, h, s = self.out_features, self.in_features, self.heads, self.scale
+        w = self.base_weight(x.dtype)
+        if not self.training:
+            y = x @ w.T
+        else:
+            ys = []
+            for i, xi in enumerate(x.reshape(h, -1, n)):
+                b_prev, a_prev = self.lora_B_prev[i].to(x.dtype), self.lora_A_prev[i].to(x.dtype)
+                low_rank = self.lora_B[i] @ (self.lora_A[i] @ xi.T) - b_prev @ (a_prev @ xi.T)
+                ys.append(xi @ w.T + s * low_rank.T)
+            y = torch.stack(ys).reshape(*x.shape[:-1], m)
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
