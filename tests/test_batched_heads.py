@@ -61,3 +61,73 @@ def test_eval_and_a_sequence_batch_equal_the_reference():
     torch.testing.assert_close(layer(x), layer.reference_forward(x), **F64)
     layer.eval()
     torch.testing.assert_close(layer(x), layer.reference_forward(x), **F64)
+
+
+@pytest.mark.parametrize("heads_per_push", [1, 3])
+@pytest.mark.parametrize("chunk_bytes", [1 << 28, 700])  # 700 B: one layer per chunk
+def test_the_grouped_merge_equals_the_per_layer_merge_in_float64(heads_per_push, chunk_bytes):
+    from lte.common.lte import merge_head_deltas, merge_layers_grouped
+
+    torch.manual_seed(2)
+    shapes = [(6, 5), (5, 6), (6, 5), (4, 4), (6, 5), (5, 6)]  # groups of 3, 2 and 1 layers
+    r = 2
+    weights = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    factors, head_weights = [], []
+    for m, n in shapes:
+        terms = []
+        for k in range(heads_per_push):
+            merged = k != 1  # head 1 never merged: no primed factors
+            terms.append(
+                (
+                    torch.randn(m, r, dtype=torch.float64),
+                    torch.randn(r, n, dtype=torch.float64),
+                    torch.randn(m, r, dtype=torch.float64) if merged else None,
+                    torch.randn(r, n, dtype=torch.float64) if merged else None,
+                )
+            )
+        factors.append(terms)
+        head_weights.append([0.25 / (k + 1) for k in range(heads_per_push)])  # per-head weights (async)
+    per_layer = [w.clone() for w in weights]
+    for w, terms, hw in zip(per_layer, factors, head_weights, strict=True):
+        merge_head_deltas(w, terms, hw)
+    grouped = [w.clone() for w in weights]
+    merge_layers_grouped(grouped, factors, head_weights, max_delta_bytes=chunk_bytes)
+    for g, p, w in zip(grouped, per_layer, weights, strict=True):
+        torch.testing.assert_close(g, p, **F64)
+        assert not torch.allclose(g, w)  # it did merge something
+    # the sync case (one weight for all heads) too, where merge_head_deltas takes its GEMM-only path
+    same = [[0.125] * heads_per_push for _ in shapes]
+    per_layer, grouped = [w.clone() for w in weights], [w.clone() for w in weights]
+    for w, terms, hw in zip(per_layer, factors, same, strict=True):
+        merge_head_deltas(w, terms, hw)
+    merge_layers_grouped(grouped, factors, same, max_delta_bytes=chunk_bytes)
+    for g, p in zip(grouped, per_layer, strict=True):
+        torch.testing.assert_close(g, p, **F64)
+
+
+def test_apply_updates_grouped_or_per_layer_give_the_same_master_over_rounds():
+    from lte.common.lte import HeadUpdate, apply_updates
+
+    torch.manual_seed(3)
+    shapes = {"a.weight": (6, 5), "b.weight": (6, 5), "c.weight": (5, 6)}
+    start = {name: torch.randn(s, dtype=torch.float64) for name, s in shapes.items()}
+    masters = {g: {n: t.clone() for n, t in start.items()} for g in (False, True)}
+    prevs: dict[bool, dict] = {False: {}, True: {}}
+    for round_ in range(3):
+        updates = [
+            HeadUpdate(
+                h,
+                {
+                    n: (torch.randn(m, 2, dtype=torch.float64), torch.randn(2, k, dtype=torch.float64))
+                    for n, (m, k) in shapes.items()
+                },
+            )
+            for h in range(2 if round_ else 1)  # head 1 joins in round 1: no primed factors yet
+        ]
+        for grouped in (False, True):
+            apply_updates(
+                masters[grouped], prevs[grouped], updates, [0.5] * len(updates), scale=3.0, grouped=grouped
+            )
+    for name in shapes:
+        torch.testing.assert_close(masters[True][name], masters[False][name], **F64)
+        assert not torch.allclose(masters[True][name], start[name])
