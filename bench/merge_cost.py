@@ -5,7 +5,8 @@
 A push of k heads folds ``W += (s/N) sum_i (B_i A_i - B'_i A'_i)`` into every LTE layer: one
 ``[m, 2rk] x [2rk, n]`` product per layer, added in place. Two merges are timed: per layer
 (``merge_head_deltas``, two or more launches per layer) and grouped over layers of one shape
-(``merge_layers_grouped``, one batched GEMM and one multi-tensor add per shape). The baseline
+(``merge_layers_grouped``): ``bmm``, one batched GEMM and one multi-tensor add per shape, and
+``addmm``, factors stacked per shape then one in-place GEMM per layer. The baseline
 is ``torch.mm`` of exactly those shapes into a preallocated output, on the same device, in the
 same run, so the ratio isolates what the merge adds (scaling, concatenation, the in-place add).
 """
@@ -73,10 +74,10 @@ def main() -> int:
         + f": {label}, {args.dtype}"
     )
     print(
-        "| heads per push | per-layer merge ms | grouped merge ms | plain GEMM ms | GEMM GFLOP/s "
-        "| per-layer / GEMM throughput | grouped / GEMM throughput |"
+        "| heads per push | plain GEMM ms | GEMM GFLOP/s | per-layer merge ms | grouped bmm ms "
+        "| grouped addmm ms | merge / GEMM throughput: per-layer | grouped bmm | grouped addmm |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     for k in (int(x) for x in args.heads_per_push.split(",")):
         factors = [
@@ -99,28 +100,27 @@ def main() -> int:
             for w, f in zip(weights, factors, strict=True):
                 merge_head_deltas(w, f, [1e-3] * k)
 
-        def grouped(factors=factors, k=k) -> None:
-            merge_layers_grouped(weights, factors, [[1e-3] * k] * len(weights))
+        def grouped_bmm(factors=factors, k=k) -> None:
+            merge_layers_grouped(weights, factors, [[1e-3] * k] * len(weights), add="bmm")
+
+        def grouped_addmm(factors=factors, k=k) -> None:
+            merge_layers_grouped(weights, factors, [[1e-3] * k] * len(weights), add="addmm")
 
         def gemm(lefts=lefts, rights=rights, outs=outs) -> None:
             for a, b, o in zip(lefts, rights, outs, strict=True):
                 torch.mm(a, b, out=o)
 
         flops = sum(2 * m * n * 2 * r * k for m, n in shapes)
-        t_merge, t_grouped = timed(merge, device, args.repeat), timed(grouped, device, args.repeat)
-        t_gemm = timed(gemm, device, args.repeat)
-        rows.append(
-            {
-                "heads_per_push": k,
-                "per_layer_s": t_merge,
-                "grouped_s": t_grouped,
-                "gemm_s": t_gemm,
-                "flops": flops,
-            }
-        )
+        t = {name: timed(fn, device, args.repeat) for name, fn in
+             (("gemm", gemm), ("per_layer", merge), ("grouped_bmm", grouped_bmm), ("grouped_addmm", grouped_addmm))}  # fmt: skip
+        rows.append({"heads_per_push": k, **{f"{name}_s": v for name, v in t.items()}, "flops": flops})
+        merges = ("per_layer", "grouped_bmm", "grouped_addmm")
         print(
-            f"| {k} | {t_merge * 1e3:.1f} | {t_grouped * 1e3:.1f} | {t_gemm * 1e3:.1f} | {flops / t_gemm / 1e9:.0f} "
-            f"| {t_gemm / t_merge:.2f} | {t_gemm / t_grouped:.2f} |"
+            f"| {k} | {t['gemm'] * 1e3:.1f} | {flops / t['gemm'] / 1e9:.0f} | "
+            + " | ".join(f"{t[m] * 1e3:.1f}" for m in merges)
+            + " | "
+            + " | ".join(f"{t['gemm'] / t[m]:.2f}" for m in merges)
+            + " |"
         )
     if args.json_out:
         meta = {"model": args.model, "rank": r, "device": str(device), "dtype": args.dtype}

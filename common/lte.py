@@ -431,6 +431,7 @@ def merge_layers_grouped(
     factors: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]],
     head_weights: Sequence[Sequence[float]],
     *,
+    add: str = "bmm",
     max_delta_bytes: int = 256 << 20,
 ) -> None:
     """``merge_head_deltas`` over many layers, one set of kernels per group of same-shaped layers.
@@ -440,10 +441,14 @@ def merge_layers_grouped(
     merged). Layers of one shape, dtype, device and rank pattern form a group of ``L``; its deltas
     are one batched GEMM ``[L, m, R] x [L, R, n]`` (``R``: the ranks of all terms, the primed ones
     with weight ``-w``) added by one multi-tensor add: five launches per group where the per-layer
-    merge makes two or more per layer (vit-b: 49 layers in 5 shapes). The price is a temporary
+    merge makes two or more per layer (vit-b: 50 layers in 5 shapes). The price is a temporary
     ``[L, m, n]``, bounded by computing at most ``max_delta_bytes`` of it at a time, and one more
-    pass over the weights' bytes. Equal to ``merge_head_deltas`` up to float summation order.
+    pass over the weights' bytes. ``add="addmm"`` prepares the factors the same way but adds each
+    layer's ``[m, R] x [R, n]`` in place (one GEMM per layer, no temporary, one pass over ``W``).
+    Equal to ``merge_head_deltas`` up to float summation order. Raises ValueError for another ``add``.
     """
+    if add not in ("bmm", "addmm"):
+        raise ValueError(f"add must be 'bmm' or 'addmm', got {add!r}")
     groups: dict[tuple, list[int]] = {}
     for index, (weight, terms) in enumerate(zip(weights, factors, strict=True)):
         if terms:
@@ -451,7 +456,7 @@ def merge_layers_grouped(
             groups.setdefault((tuple(weight.shape), weight.dtype, weight.device, pattern), []).append(index)
     for (shape, dt, device, _), members in groups.items():
         m, n = shape
-        per_chunk = max(1, max_delta_bytes // (m * n * dt.itemsize))
+        per_chunk = max(1, max_delta_bytes // (m * n * dt.itemsize)) if add == "bmm" else len(members)
         for start in range(0, len(members), per_chunk):
             chunk = members[start : start + per_chunk]
             lefts, rights, coefs = [], [], []
@@ -468,7 +473,12 @@ def merge_layers_grouped(
             coef = torch.tensor(coefs, dtype=dt).view(layers, rank, 1).to(device, non_blocking=True)
             left_t = torch.cat([t.to(device, dt) for t in lefts]).view(layers, rank, m)  # [L, R, m]
             right = torch.cat([t.to(device, dt) for t in rights]).view(layers, rank, n)  # [L, R, n]
-            delta = torch.bmm(left_t.mul_(coef).mT, right)  # [L, m, n]
+            left_t.mul_(coef)
+            if add == "addmm":
+                for layer, index in enumerate(chunk):
+                    weights[index].addmm_(left_t[layer].mT, right[layer])
+                continue
+            delta = torch.bmm(left_t.mT, right)  # [L, m, n]
             torch._foreach_add_([weights[i] for i in chunk], list(delta.unbind(0)))
 
 

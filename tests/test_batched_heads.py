@@ -64,8 +64,10 @@ def test_eval_and_a_sequence_batch_equal_the_reference():
 
 
 @pytest.mark.parametrize("heads_per_push", [1, 3])
-@pytest.mark.parametrize("chunk_bytes", [1 << 28, 700])  # 700 B: one layer per chunk
-def test_the_grouped_merge_equals_the_per_layer_merge_in_float64(heads_per_push, chunk_bytes):
+@pytest.mark.parametrize(
+    "add, chunk_bytes", [("bmm", 1 << 28), ("bmm", 700), ("addmm", 1 << 28)]
+)  # 700 B: one layer per chunk
+def test_the_grouped_merge_equals_the_per_layer_merge_in_float64(heads_per_push, add, chunk_bytes):
     from lte.common.lte import merge_head_deltas, merge_layers_grouped
 
     torch.manual_seed(2)
@@ -91,7 +93,7 @@ def test_the_grouped_merge_equals_the_per_layer_merge_in_float64(heads_per_push,
     for w, terms, hw in zip(per_layer, factors, head_weights, strict=True):
         merge_head_deltas(w, terms, hw)
     grouped = [w.clone() for w in weights]
-    merge_layers_grouped(grouped, factors, head_weights, max_delta_bytes=chunk_bytes)
+    merge_layers_grouped(grouped, factors, head_weights, add=add, max_delta_bytes=chunk_bytes)
     for g, p, w in zip(grouped, per_layer, weights, strict=True):
         torch.testing.assert_close(g, p, **F64)
         assert not torch.allclose(g, w)  # it did merge something
@@ -100,7 +102,7 @@ def test_the_grouped_merge_equals_the_per_layer_merge_in_float64(heads_per_push,
     per_layer, grouped = [w.clone() for w in weights], [w.clone() for w in weights]
     for w, terms, hw in zip(per_layer, factors, same, strict=True):
         merge_head_deltas(w, terms, hw)
-    merge_layers_grouped(grouped, factors, same, max_delta_bytes=chunk_bytes)
+    merge_layers_grouped(grouped, factors, same, add=add, max_delta_bytes=chunk_bytes)
     for g, p in zip(grouped, per_layer, strict=True):
         torch.testing.assert_close(g, p, **F64)
 
