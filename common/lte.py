@@ -516,9 +516,10 @@ def apply_updates(
     come from ``prev_factors`` (zero for a head never merged) and are replaced by ``B_k, A_k``
     (``B`` zeroed for the reset variant). Each replica ``p += w * delta``.
     ``head_weights`` are ``1/N`` in sync mode, discounted by staleness in async mode.
-    ``grouped``: merge layers of one shape together (``merge_layers_grouped``, fewer and larger
-    kernels, one more pass over the weights); None: on CUDA, where launches dominate a small push,
-    not on the CPU, where the per-layer merge already runs at GEMM speed (``bench/merge_cost.py``).
+    ``grouped``: prepare the factors of layers of one shape together and add each layer's terms
+    in one GEMM (``merge_layers_grouped(add="addmm")``: fewer launches, no temporary); None: on
+    CUDA, where launches dominate a small push, not on the CPU, where the per-layer merge already
+    runs at GEMM speed (``bench/merge_cost.py`` times both, and the batched-GEMM variant).
     """
     per_layer: dict[str, list] = {}
     per_layer_w: dict[str, list[float]] = {}
@@ -533,7 +534,10 @@ def apply_updates(
         grouped = any(master[name].is_cuda for name in names)
     if grouped:
         merge_layers_grouped(
-            [master[n] for n in names], [per_layer[n] for n in names], [per_layer_w[n] for n in names]
+            [master[n] for n in names],
+            [per_layer[n] for n in names],
+            [per_layer_w[n] for n in names],
+            add="addmm",
         )
     else:
         for name in names:
