@@ -67,12 +67,23 @@ def acceptance_lines(out_dir: Path, command: str) -> list[str]:
     def fmt(x: float | None, digits: int = 2) -> str:
         return "-" if x is None else f"{x:.{digits}f}"
 
-    card = (full or one or {}).get("card", device)
+    card = (full or one or {}).get("card")
+    if card is None:  # the CPU path: gpu_check.sh's machine.txt names the processor
+        lines_ = (
+            (out_dir / "machine.txt").read_text().splitlines() if (out_dir / "machine.txt").exists() else []
+        )
+        card = lines_[0].split(":", 1)[-1].strip() if lines_ else device
+    what = (
+        f"{full['model']} {full['image_size']}/{full['patch_size']}, batch {full['batch_size']}, "
+        f"one head, r {full['rank']}"
+        if full
+        else "the worker runs failed"
+    )
     cache_word = "cache on" if default_cache else "cache off"
     lines = [
         "## Mixed-precision worker and one-head merge (issue 14 acceptance)",
         "",
-        f"`{command}` on {card}; raw output in `{out_dir}`. Worker rows: the worker's defaults on "
+        f"`{command}` on {card}, {what}; raw output in `{out_dir}`. Worker rows: the worker's defaults on "
         f"this device ({cache_word}), bf16 autocast on both sides, AdamW state in fp32.",
         "",
         "| measure | target | stretch | measured | status |",

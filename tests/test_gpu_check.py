@@ -23,7 +23,8 @@ def _worker_row(mode: str, quant: str, cache: bool, step: float, state: int, wei
     return {
         "mode": mode, "quant": quant, "cache": cache, "device": "cuda", "card": "Some GPU",
         "step_s_median": step, "model_state_bytes": state << 20, "weights_and_buffers": weights << 20,
-        "peak_bytes": 5 << 30,
+        "peak_bytes": 5 << 30, "model": "vit-b", "image_size": 224, "patch_size": 16, "batch_size": 64,
+        "rank": 64,
     }  # fmt: skip
 
 
@@ -56,6 +57,7 @@ def test_the_acceptance_table_judges_each_target_and_writes_its_section(tmp_path
     assert "0.95 | met, stretch too |" in table["merge / plain GEMM, 1 head per push (grouped addmm)"]
     assert "the cache held 40 MB" in run.stdout
     text = bench_md.read_text()
+    assert "Some GPU, vit-b 224/16, batch 64, one head, r 64" in text
     assert "hand-written notes" in text and "<!-- gpu-check:start -->" in text and "Some GPU" in text
 
     missing = subprocess.run(
