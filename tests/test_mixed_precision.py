@@ -190,3 +190,20 @@ def test_the_job_carries_its_precision_to_the_worker_and_the_worker_flag_parses(
     assert (args.precision, args.frozen_cache) == ("bf16", False)
     args = build_parser().parse_args(["--server", "h:1"])
     assert (args.precision, args.frozen_cache) == (None, None)  # the job's; the device's default
+
+
+def test_sync_over_the_network_in_bf16_reproduces_the_emulator_in_bf16(tmp_path):
+    """The job's precision reaches the worker processes: same bits as lte-sim with bf16 autocast."""
+    from lte.common.sim import run_lte
+    from tests.cluster import DIGITS, digits_job, running_server, worker_processes
+
+    job = digits_job(heads=2, steps=12, uplink="fp32", quant="int8", precision="bf16")
+    expected = run_lte(job, DIGITS, workers=1).master
+    fp32 = run_lte(digits_job(heads=2, steps=12, uplink="fp32", quant="int8"), DIGITS, workers=1).master
+    with running_server(job, heads_per_worker=2) as server:
+        with worker_processes(server.address, [["--quiet"]], log_dir=tmp_path):
+            assert server.wait_done(timeout=240)
+        got = server.coordinator.plain_state()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    assert any(not torch.equal(expected[n], fp32[n]) for n in expected)  # bf16 did change the result
