@@ -163,6 +163,11 @@ class LocalTrainer:
             self.model = prepare_model(build_job_model(job), lte).to(self.device)
         self.has_base = not base_from_snapshot
         self.precision = MixedPrecision(job.precision if precision is None else precision, self.device)
+        if self.precision.dtype is not None and job.dtype != "float32":
+            raise ValueError(
+                f"precision {self.precision.precision} autocasts float32 only, and this job trains in "
+                f"{job.dtype}; use --precision fp32"
+            )
         self.cache_frozen = self.device.type == "cuda" if cache_frozen is None else cache_frozen
         for layer in lte_layers(self.model).values():
             layer.cache_frozen = self.cache_frozen

@@ -28,6 +28,13 @@ def test_auto_is_fp32_on_the_cpu_and_names_are_checked():
         JobConfig(dtype="float64", precision="bf16")
 
 
+def test_a_worker_precision_the_job_dtype_cannot_take_is_refused_by_name():
+    data = load_dataset("digits", seed=0)
+    job = JobConfig(model="mlp", dataset="digits", heads=1, dtype="float64").with_dataset(data)
+    with pytest.raises(ValueError, match="autocasts float32 only.*--precision fp32"):
+        LocalTrainer(job, [0], data, precision="bf16")
+
+
 def _trainer(precision: str, quant: str = "int8", **kwargs) -> LocalTrainer:
     data = load_dataset("digits", seed=0)
     job = JobConfig(model="mlp", dataset="digits", heads=2, rank=8, alpha=16, quant=quant, merge_every=4)
