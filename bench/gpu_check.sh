@@ -34,12 +34,14 @@ if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
   SIZES=(--model vit-b --image-size 224 --patch-size 16 --batch-size 64 --warmup 3 --steps 10)
   MERGE=(--model vit-b --repeat 20 --heads-per-push 1,4,32)
+  LAYER=(--precision bf16 --heads 1,4 --rows 197,12608 --repeat 20)
   LIMIT=150
 else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   grep -m1 "model name" /proc/cpuinfo | tee "$OUT/machine.txt"
   SIZES=(--model vit-tiny --image-size 32 --patch-size 4 --batch-size 8 --warmup 1 --steps 3)
   MERGE=(--model vit-tiny --image-size 32 --repeat 3 --heads-per-push 1,4)
+  LAYER=(--precision bf16 --heads 1,4 --rows 16,256 --repeat 3)
   LIMIT=300
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'threads', torch.get_num_threads())" | tee -a "$OUT/machine.txt"
@@ -56,6 +58,7 @@ run() {  # run NAME ARGS...: one step, its log in $OUT/NAME.log, its table appen
 run worker_bf16 bench/worker_cost.py "${SIZES[@]}" --device "$DEVICE" --precision bf16 --compare-cache --json-out "$OUT/worker_bf16.json"
 run worker_fp16 bench/worker_cost.py "${SIZES[@]}" --device "$DEVICE" --precision fp16 --quants int8 --json-out "$OUT/worker_fp16.json"
 run merge bench/merge_cost.py "${MERGE[@]}" --device "$DEVICE" --json-out "$OUT/merge.json"
+run layer bench/lte_layer_cost.py "${LAYER[@]}" --device "$DEVICE"
 
 WRITE=()
 if [ "$DEVICE" = cuda ]; then WRITE=(--benchmarks BENCHMARKS.md); fi
