@@ -214,3 +214,13 @@ def test_sync_over_the_network_in_bf16_reproduces_the_emulator_in_bf16(tmp_path)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
     assert any(not torch.equal(expected[n], fp32[n]) for n in expected)  # bf16 did change the result
+
+
+def test_a_round_reports_the_cache_it_holds():
+    cached, plain = _trainer("bf16", cache_frozen=True), _trainer("bf16", cache_frozen=False)
+    stats = cached.train_round()
+    layers = lte_layers(cached.model).values()
+    assert stats.frozen_cache_bytes == sum(layer.frozen_cache_nbytes for layer in layers) > 0
+    # one bf16 [m, n] per layer: before the first merge B'A' is zero, so the heads share W
+    assert stats.frozen_cache_bytes == sum(layer.out_features * layer.in_features * 2 for layer in layers)
+    assert plain.train_round().frozen_cache_bytes == 0
