@@ -51,7 +51,7 @@ run() {  # run NAME ARGS...: one step, its log in $OUT/NAME.log, its table appen
   local name=$1
   shift
   echo "### $PY $*" | tee -a "$OUT/tables.md"
-  timeout "$LIMIT" "$PY" "$@" 2>&1 | tee "$OUT/$name.log" | tee -a "$OUT/tables.md"
+  timeout "$LIMIT" "$PY" "$@" 2>&1 | grep -v "^USDT:" | tee "$OUT/$name.log" | tee -a "$OUT/tables.md"
   local rc=$?
   if [ $rc -ne 0 ]; then echo "($name: exit $rc)" | tee -a "$OUT/tables.md"; fi
 }
