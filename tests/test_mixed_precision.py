@@ -224,3 +224,21 @@ def test_a_round_reports_the_cache_it_holds():
     # one bf16 [m, n] per layer: before the first merge B'A' is zero, so the heads share W
     assert stats.frozen_cache_bytes == sum(layer.out_features * layer.in_features * 2 for layer in layers)
     assert plain.train_round().frozen_cache_bytes == 0
+
+
+def test_in_bf16_the_cached_frozen_weight_trains_bit_for_bit_as_the_rebuilt_one():
+    """The CUDA default (bf16 and the cache), checked on the CPU across commits and a new base."""
+    cached, rebuilt = _trainer("bf16", cache_frozen=True), _trainer("bf16", cache_frozen=False)
+    data_job = cached.job
+    plain = build_job_model(data_job, seed=5)
+    for round_ in range(3):
+        assert cached.train_round().train_loss == rebuilt.train_round().train_loss, round_
+        assert cached.frozen_cache_bytes > 0 and rebuilt.frozen_cache_bytes == 0
+        for trainer in (cached, rebuilt):
+            trainer.commit()  # B', A' change: the cache must go
+        assert cached.frozen_cache_bytes == 0
+        if round_ == 1:
+            for trainer in (cached, rebuilt):  # a new base version
+                trainer.load_snapshot(make_snapshot(plain.state_dict(), linear_weight_names(plain), "int8"))
+    a, b = cached.model.state_dict(), rebuilt.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
