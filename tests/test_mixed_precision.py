@@ -10,7 +10,7 @@ import torch
 
 from lte.common.config import JobConfig
 from lte.common.data import load_dataset
-from lte.common.lte import LTELinear, lte_layers
+from lte.common.lte import LTELinear, load_head_factors, lte_layers
 from lte.common.precision import MixedPrecision, resolve_precision
 from lte.common.quant import quantize
 from lte.common.sim import main as sim_main
@@ -172,6 +172,9 @@ def test_the_cache_is_invalidated_exactly_when_the_base_or_the_last_merged_facto
             {**m.state_dict(), "lora_B_prev": bp, "lora_A_prev": ap}
         ),
         "to": lambda m: m.to(torch.device("cpu")),  # _apply: a move may re-home the buffers
+        "load_head_factors": lambda m: load_head_factors(  # a head moved here from another worker
+            torch.nn.Sequential(m), 1, {"0.weight": (bp[0], ap[0])}, {"0.weight": (bp[1], ap[1])}
+        ),
     }
     for name, mutate in mutations.items():
         for layer in (cached, plain):
