@@ -1,7 +1,11 @@
-"""Worker memory and step time: an LTE worker (int8 / nf4 / fp32 base) against full fp32 AdamW training.
+"""Worker memory and step time: an LTE worker (int8 / nf4 / fp32 base) against full AdamW training.
 
     python bench/worker_cost.py --model vit-b --image-size 28 --patch-size 4 --batch-size 8   # CPU
-    python bench/worker_cost.py --model vit-b --device cuda --image-size 224 --batch-size 64  # GPU
+    python bench/worker_cost.py --model vit-b --device cuda --image-size 224 --batch-size 64 --precision bf16
+
+Both sides train in ``--precision`` (autocast as ``lte-worker`` does, fp16 loss-scaled; parameters
+and AdamW state in fp32). The frozen-weight cache follows the worker's default (on for CUDA)
+unless ``--frozen-cache`` says otherwise; ``--compare-cache`` adds the first quant the other way.
 
 Each configuration runs in a fresh subprocess, so the process peak (RSS on CPU, the high-water
 mark of ``torch.cuda.max_memory_allocated`` on GPU) belongs to it alone. Model state is counted
@@ -32,6 +36,7 @@ from lte.common.lte import (  # noqa: E402
     prepare_model_on_device,
     trainable_parameters,
 )
+from lte.common.precision import MixedPrecision  # noqa: E402
 from lte.common.quant import quantized_zeros  # noqa: E402
 from lte.common.trainer import build_job_model, make_optimizer  # noqa: E402
 
@@ -89,7 +94,7 @@ def measure(cfg: dict) -> dict:
         del plain
         load_master_weights(model, snapshot_like(shapes, set(lte_layers(model)), job.quant, device))
         for layer in lte_layers(model).values():
-            layer.cache_frozen = bool(cfg.get("cache"))
+            layer.cache_frozen = cfg["cache"]
     else:
         model = build_job_model(job).to(device)
     build_peak = peak_bytes(device)
@@ -103,16 +108,15 @@ def measure(cfg: dict) -> dict:
     x = torch.randn(batch, 3, job.image_size, job.image_size, generator=gen).to(device)
     y = torch.randint(0, job.num_classes, (batch,), generator=gen).to(device)
     times = []
-    autocast = cfg.get("amp") and device.type == "cuda"
+    mp = MixedPrecision(cfg["precision"], device)
     for step in range(cfg["warmup"] + cfg["steps"]):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
+        with mp.autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
+        mp.step(loss, optimizer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= cfg["warmup"]:
@@ -161,16 +165,25 @@ def main() -> int:
     p.add_argument("--quants", default="int8,nf4,none")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument(
+        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast of every run [fp32]"
+    )
+    p.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)  # earlier name of --precision bf16
+    p.add_argument(
+        "--frozen-cache",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="LTE runs keep each layer's frozen weight for the round; auto: on for CUDA [auto]",
+    )
     p.add_argument(
         "--eager-build",
         action="store_true",
         help="add the first quant built the earlier way (fp32 zoo model first) for comparison",
     )
     p.add_argument(
-        "--cache-frozen",
+        "--compare-cache",
         action="store_true",
-        help="add the first quant with each layer's frozen weight kept for the round (counted as state)",
+        help="add the first quant with the frozen-weight cache the other way (the cache counts as state)",
     )
     p.add_argument("--json-out", help="also write the rows as JSON here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config in this process
@@ -188,14 +201,18 @@ def main() -> int:
         "alpha": args.alpha,
         "warmup": args.warmup,
         "steps": args.steps,
-        "amp": args.amp,
+        "precision": "bf16" if args.amp else args.precision,
     }
+    cache = {"on": True, "off": False}.get(args.frozen_cache, torch.device(args.device).type == "cuda")
     configs = [{**base, "mode": "full", "quant": "none", "heads": 1}]
-    configs += [{**base, "mode": "lte", "quant": q, "heads": args.heads} for q in args.quants.split(",")]
+    configs += [
+        {**base, "mode": "lte", "quant": q, "heads": args.heads, "cache": cache}
+        for q in args.quants.split(",")
+    ]
     if args.eager_build:
         configs.append({**configs[1], "eager": True})
-    if args.cache_frozen:
-        configs.append({**configs[1], "cache": True})
+    if args.compare_cache:
+        configs.append({**configs[1], "cache": not cache})
     rows = []
     for cfg in configs:
         run = subprocess.run(
@@ -209,16 +226,17 @@ def main() -> int:
     print(
         f"{args.model} on {args.device}"
         + (f" ({full['card']})" if "card" in full else "")
-        + f", image {args.image_size}/{args.patch_size}, batch {args.batch_size} per head, r {args.rank}, LTE heads {args.heads}"
+        + f", image {args.image_size}/{args.patch_size}, batch {args.batch_size} per head, r {args.rank}, "
+        f"LTE heads {args.heads}, precision {base['precision']}"
     )
     print(
         "| run | model state MB | weights MB | grads MB | optimiser MB | state / full | build peak MB | peak MB | step s | step / full |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        name = "full fp32 AdamW" if r["mode"] == "full" else f"LTE {r['quant']} base"
+        name = f"full {r['precision']} AdamW" if r["mode"] == "full" else f"LTE {r['quant']} base"
         name += ", eager build" if r.get("eager") else ""
-        name += ", frozen weight cached" if r.get("cache") else ""
+        name += (", frozen weight cached" if r["cache"] else ", no cache") if r["mode"] == "lte" else ""
         mb = 1 / 2**20
         print(
             f"| {name} | {r['model_state_bytes'] * mb:.0f} | {r['weights_and_buffers'] * mb:.0f} | {r['grads'] * mb:.0f} | "

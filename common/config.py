@@ -15,6 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from lte.common.lte import A_INITS, LTEConfig
+from lte.common.precision import PRECISIONS
 from lte.common.quant import QUANT_KINDS
 
 MODES = ("sync", "async", "buffered")
@@ -57,6 +58,9 @@ class JobConfig:
     eps: float = 1e-8
     dtype: str = "float32"
     max_chunk_bytes: int = 1 << 20
+    # compute precision of the local steps: auto (bf16 on CUDA with bf16 support, else fp32) | fp32 |
+    # bf16 | fp16 (autocast; factors and AdamW state stay in dtype); a worker's --precision wins
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +75,14 @@ class JobConfig:
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.a_init in A_INITS, f"a_init must be one of {A_INITS}, got {self.a_init!r}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (
+                self.precision in PRECISIONS,
+                f"precision must be one of {PRECISIONS}, got {self.precision!r}",
+            ),
+            (
+                not (self.dtype == "float64" and self.precision in ("bf16", "fp16")),
+                f"precision {self.precision} autocasts float32 only; use dtype float32 or precision fp32",
+            ),
             (-1 <= self.zstd_level <= 22, f"zstd_level must be in [-1, 22], got {self.zstd_level}"),
             (
                 1 << 12 <= self.max_chunk_bytes <= 1 << 26,
@@ -211,7 +223,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help=f"samples per head per step [{d.batch_size}]")
     g.add_argument("--seed", type=int, help=f"seed of init, data order and heads [{d.seed}]")
     g.add_argument("--mode", choices=MODES, help=f"aggregation: sync | async | buffered [{d.mode}]")
-    g.add_argument("--dtype", choices=DTYPES, help=f"training precision [{d.dtype}]")
+    g.add_argument("--dtype", choices=DTYPES, help=f"parameter and optimiser dtype [{d.dtype}]")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="compute precision of the local steps: autocast bf16 | fp16 (loss-scaled) | fp32; auto is "
+        f"bf16 on CUDA devices that support it, fp32 elsewhere [{d.precision}]",
+    )
 
 
 def resolve_job(args: argparse.Namespace, file_values: dict[str, Any] | None = None) -> JobConfig:

@@ -321,14 +321,35 @@ class LTELinear(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} does not split evenly across {h} LTE heads")
         xh = x.reshape(h, -1, n)  # head i gets samples [i*B/h, (i+1)*B/h)
         A, B, A_prev, B_prev, s = self.lora_A, self.lora_B, self.lora_A_prev, self.lora_B_prev, self.scale
-        # y = W x + s * (B_i A_i x - B'_i A'_i x). The last-merged term is folded into the weight
-        # when a head's rows outnumber m n / (m + n), where that is the cheaper way to compute it.
+        # y = W x + s * (B_i A_i x - B'_i A'_i x), all heads at once (reference_forward is the same
+        # equation head by head). The last-merged term is folded into the weight when a head's rows
+        # outnumber m n / (m + n), where that is the cheaper way to compute it.
         fold = self.has_prev and xh.shape[1] * (m + n) >= m * n
-        y = _FrozenBaseMatmul.apply(xh, self, fold)
-        if self.has_prev and not fold:
-            y = y - s * ((xh @ A_prev.mT.to(xh.dtype)) @ B_prev.mT.to(xh.dtype))
-        y = y + s * ((xh @ A.mT) @ B.mT)
+        y = _FrozenBaseMatmul.apply(xh, self, fold)  # one GEMM over all heads' rows (a bmm if folded)
+        if self.has_prev and not fold:  # both low-rank terms as one: x [A_i; A'_i]^T [B_i, -B'_i]^T
+            A = torch.cat([A, A_prev.to(A.dtype)], dim=1)  # [h, 2r, n]
+            B = torch.cat([B, -B_prev.to(B.dtype)], dim=2)  # [h, m, 2r]
+        y = torch.baddbmm(y, xh @ A.mT, B.mT, alpha=s)  # two batched GEMMs, the add fused in the second
         y = y.reshape(*x.shape[:-1], m)
+        return y if self.bias is None else y + self.bias
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DESIGN section 2 as written, one head at a time (the check on ``forward``; slow).
+
+        Training: ``y_i = W x_i + s (B_i A_i x_i - B'_i A'_i x_i) (+ b)`` on head i's slice of the
+        batch; eval: ``W x + b``. ``x [batch, ..., n]`` -> ``[batch, ..., m]``.
+        """
+        m, n, h, s = self.out_features, self.in_features, self.heads, self.scale
+        w = self.base_weight(x.dtype)
+        if not self.training:
+            y = x @ w.T
+        else:
+            ys = []
+            for i, xi in enumerate(x.reshape(h, -1, n)):
+                b_prev, a_prev = self.lora_B_prev[i].to(x.dtype), self.lora_A_prev[i].to(x.dtype)
+                low_rank = self.lora_B[i] @ (self.lora_A[i] @ xi.T) - b_prev @ (a_prev @ xi.T)
+                ys.append(xi @ w.T + s * low_rank.T)
+            y = torch.stack(ys).reshape(*x.shape[:-1], m)
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
@@ -404,6 +425,63 @@ def merge_head_deltas(
     weight.addmm_(cat(lefts, 1), cat(rights, 0))
 
 
+@torch.no_grad()
+def merge_layers_grouped(
+    weights: Sequence[torch.Tensor],
+    factors: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]],
+    head_weights: Sequence[Sequence[float]],
+    *,
+    add: str = "bmm",
+    max_delta_bytes: int = 256 << 20,
+) -> None:
+    """``merge_head_deltas`` over many layers, one set of kernels per group of same-shaped layers.
+
+    ``weights[l] [m, n]`` gets ``sum_k head_weights[l][k] (B_k A_k - B'_k A'_k)`` with
+    ``factors[l][k] = (B_k [m, r], A_k [r, n], B'_k, A'_k)`` (the primed ``None`` for a head never
+    merged). Layers of one shape, dtype, device and rank pattern form a group of ``L``; its deltas
+    are one batched GEMM ``[L, m, R] x [L, R, n]`` (``R``: the ranks of all terms, the primed ones
+    with weight ``-w``) added by one multi-tensor add: five launches per group where the per-layer
+    merge makes two or more per layer (vit-b: 50 layers in 5 shapes). The price is a temporary
+    ``[L, m, n]``, bounded by computing at most ``max_delta_bytes`` of it at a time, and one more
+    pass over the weights' bytes. ``add="addmm"`` prepares the factors the same way but adds each
+    layer's ``[m, R] x [R, n]`` in place (one GEMM per layer, no temporary, one pass over ``W``).
+    Equal to ``merge_head_deltas`` up to float summation order. Raises ValueError for another ``add``.
+    """
+    if add not in ("bmm", "addmm"):
+        raise ValueError(f"add must be 'bmm' or 'addmm', got {add!r}")
+    groups: dict[tuple, list[int]] = {}
+    for index, (weight, terms) in enumerate(zip(weights, factors, strict=True)):
+        if terms:
+            pattern = tuple((b.shape[1], b_prev is not None) for b, _, b_prev, _ in terms)
+            groups.setdefault((tuple(weight.shape), weight.dtype, weight.device, pattern), []).append(index)
+    for (shape, dt, device, _), members in groups.items():
+        m, n = shape
+        per_chunk = max(1, max_delta_bytes // (m * n * dt.itemsize)) if add == "bmm" else len(members)
+        for start in range(0, len(members), per_chunk):
+            chunk = members[start : start + per_chunk]
+            lefts, rights, coefs = [], [], []
+            for index in chunk:
+                for (b, a, b_prev, a_prev), w in zip(factors[index], head_weights[index], strict=True):
+                    lefts.append(b.mT)
+                    rights.append(a)
+                    coefs += [w] * b.shape[1]
+                    if b_prev is not None:
+                        lefts.append(b_prev.mT)
+                        rights.append(a_prev)
+                        coefs += [-w] * b_prev.shape[1]
+            layers, rank = len(chunk), len(coefs) // len(chunk)
+            coef = torch.tensor(coefs, dtype=dt).view(layers, rank, 1).to(device, non_blocking=True)
+            left_t = torch.cat([t.to(device, dt) for t in lefts]).view(layers, rank, m)  # [L, R, m]
+            right = torch.cat([t.to(device, dt) for t in rights]).view(layers, rank, n)  # [L, R, n]
+            left_t.mul_(coef)
+            if add == "addmm":
+                for layer, index in enumerate(chunk):
+                    weights[index].addmm_(left_t[layer].mT, right[layer])
+                continue
+            delta = torch.bmm(left_t.mT, right)  # [L, m, n]
+            torch._foreach_add_([weights[i] for i in chunk], list(delta.unbind(0)))
+
+
 @dataclass
 class HeadUpdate:
     """One head's factors after its local steps, keyed by the master name of each layer's weight."""
@@ -430,6 +508,7 @@ def apply_updates(
     *,
     scale: float,
     reset: bool = False,
+    grouped: bool | None = None,
 ) -> None:
     """Fold head updates and replica deltas into ``master`` in place.
 
@@ -437,6 +516,10 @@ def apply_updates(
     come from ``prev_factors`` (zero for a head never merged) and are replaced by ``B_k, A_k``
     (``B`` zeroed for the reset variant). Each replica ``p += w * delta``.
     ``head_weights`` are ``1/N`` in sync mode, discounted by staleness in async mode.
+    ``grouped``: prepare the factors of layers of one shape together and add each layer's terms
+    in one GEMM (``merge_layers_grouped(add="addmm")``: fewer launches, no temporary); None: on
+    CUDA, where launches dominate a small push, not on the CPU, where the per-layer merge already
+    runs at GEMM speed (``bench/merge_cost.py`` times both, and the batched-GEMM variant).
     """
     per_layer: dict[str, list] = {}
     per_layer_w: dict[str, list[float]] = {}
@@ -446,8 +529,19 @@ def apply_updates(
             b_prev, a_prev = prev.get(name, (None, None))  # never merged: nothing to subtract
             per_layer.setdefault(name, []).append((b, a, b_prev, a_prev))
             per_layer_w.setdefault(name, []).append(scale * w)
-    for name, factors in per_layer.items():
-        merge_head_deltas(master[name], factors, per_layer_w[name])
+    names = list(per_layer)
+    if grouped is None:
+        grouped = any(master[name].is_cuda for name in names)
+    if grouped:
+        merge_layers_grouped(
+            [master[n] for n in names],
+            [per_layer[n] for n in names],
+            [per_layer_w[n] for n in names],
+            add="addmm",
+        )
+    else:
+        for name in names:
+            merge_head_deltas(master[name], per_layer[name], per_layer_w[name])
     for update in heads:
         prev_factors[update.head_id] = {
             name: (torch.zeros_like(b) if reset else b.detach().clone(), a.detach().clone())

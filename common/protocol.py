@@ -155,10 +155,17 @@ def job_to_proto(job: JobConfig):
 
 
 def job_from_proto(message) -> JobConfig:
-    """The ``JobConfig`` a worker rebuilds from the server's message (``ValueError`` if invalid)."""
-    values = {
-        f.name: getattr(message, _RENAMED.get(f.name, f.name)) for f in fields(JobConfig) if f.name != "quant"
-    }
+    """The ``JobConfig`` a worker rebuilds from the server's message (``ValueError`` if invalid).
+    An empty string where the field has a non-empty default is a field an older server did not
+    send: the default stands."""
+    values = {}
+    for f in fields(JobConfig):
+        if f.name == "quant":
+            continue
+        value = getattr(message, _RENAMED.get(f.name, f.name))
+        if value == "" and isinstance(f.default, str) and f.default:
+            value = f.default
+        values[f.name] = value
     values["quant"] = quant_of_snapshot_codec(message.snapshot_codec)
     return JobConfig(**values)
 

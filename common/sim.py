@@ -20,6 +20,7 @@ import torch
 from lte.common.config import JobConfig, add_job_arguments, load_toml, resolve_job
 from lte.common.data import DATASET_NAMES, HeadBatches, load_dataset, stacked_batch
 from lte.common.lte import apply_updates
+from lte.common.precision import MixedPrecision
 from lte.common.progress import Progress
 from lte.common.trainer import (
     LocalTrainer,
@@ -144,16 +145,16 @@ def run_lte(
 
 
 def _full_step(
-    model, optimizer, streams, step: int, job: JobConfig, task: str, device: str
+    model, optimizer, streams, step: int, job: JobConfig, task: str, device: str, mp: MixedPrecision
 ) -> tuple[float, int]:
     """One AdamW step of a full model on the stacked batches of ``streams``: (loss, samples)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, job)
     x, y = stacked_batch(streams, step)
-    loss = loss_fn(task, model(x.to(device, job.torch_dtype)), y.to(device))
+    with mp.autocast():
+        loss = loss_fn(task, model(x.to(device, job.torch_dtype)), y.to(device))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    mp.step(loss, optimizer)
     return loss.item(), x.shape[0]
 
 
@@ -171,8 +172,9 @@ def run_full(
     ]
     steps = job.steps
     samples, losses = 0, []
+    mp = MixedPrecision(job.precision, device)
     for step in range(steps):
-        loss, n = _full_step(model, optimizer, streams, step, job, dataset.task, device)
+        loss, n = _full_step(model, optimizer, streams, step, job, dataset.task, device, mp)
         losses.append(loss)
         samples += n
         if (step + 1) % job.merge_every == 0 or step + 1 == steps:  # the same clock as LTE rounds
@@ -212,9 +214,10 @@ def run_diloco(
         for ids in blocks
     ]
     samples, losses, syncs = 0, [], 0
+    mps = [MixedPrecision(job.precision, device) for _ in replicas]  # one loss scale per replica
     for step in range(steps):
-        for model, opt, heads in zip(replicas, optimizers, streams, strict=True):
-            loss, n = _full_step(model, opt, heads, step, job, dataset.task, device)
+        for model, opt, heads, mp in zip(replicas, optimizers, streams, mps, strict=True):
+            loss, n = _full_step(model, opt, heads, step, job, dataset.task, device, mp)
             losses.append(loss)
             samples += n
         if (step + 1) % sync_every == 0 or step + 1 == steps:
@@ -291,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         mode = f"diloco workers={args.workers} H={job.merge_every}"
     else:
         mode = f"lte N={job.heads} r={job.rank} T={job.merge_every} quant={job.quant}"
+    mode += f" precision={MixedPrecision(job.precision, args.device).precision}"
     progress = None if args.quiet else Progress(job.heads * job.rounds, f"{job.model}/{job.dataset} {mode}")
     common = {"device": args.device, "eval_every": args.eval_every, "progress": progress}
     if args.full:

@@ -29,6 +29,7 @@ from lte.common.lte import (
     trainable_parameters,
 )
 from lte.common.models import build_model
+from lte.common.precision import MixedPrecision
 from lte.common.quant import QuantizedTensor, quantize
 
 
@@ -106,6 +107,7 @@ class RoundStats:
     samples: int
     train_loss: float
     seconds: float
+    frozen_cache_bytes: int = 0  # the layers' cached frozen weights at the end of the round
 
 
 def make_optimizer(params, job: JobConfig) -> torch.optim.Optimizer:
@@ -138,14 +140,16 @@ class LocalTrainer:
         steps_done: Sequence[int] | None = None,
         wire_rounded: bool = False,
         base_from_snapshot: bool = False,
-        cache_frozen: bool = False,
+        cache_frozen: bool | None = None,
+        precision: str | None = None,
     ) -> None:
         """``base_from_snapshot``: build the model without initialising its base (on the meta
         device, then allocated on ``device``), for a caller that loads a snapshot before training,
         as a worker does; it never holds the full-precision model it would otherwise discard.
         ``cache_frozen``: keep each layer's frozen weight (dequantised, ``B'A'`` folded) in the
         compute dtype for the round instead of rebuilding it twice per step: faster, for one
-        ``[m, n]`` per layer (per head where folded) of memory."""
+        ``[m, n]`` per layer (per head where folded) of memory; None: on for CUDA devices only.
+        ``precision``: fp32 | bf16 | fp16 | auto (``lte.common.precision``); None: the job's."""
         if not head_ids:
             raise ValueError("a trainer needs at least one head")
         self.job, self.head_ids, self.device = job, list(head_ids), torch.device(device)
@@ -158,8 +162,15 @@ class LocalTrainer:
         else:
             self.model = prepare_model(build_job_model(job), lte).to(self.device)
         self.has_base = not base_from_snapshot
+        self.precision = MixedPrecision(job.precision if precision is None else precision, self.device)
+        if self.precision.dtype is not None and job.dtype != "float32":
+            raise ValueError(
+                f"precision {self.precision.precision} autocasts float32 only, and this job trains in "
+                f"{job.dtype}; use --precision fp32"
+            )
+        self.cache_frozen = self.device.type == "cuda" if cache_frozen is None else cache_frozen
         for layer in lte_layers(self.model).values():
-            layer.cache_frozen = cache_frozen
+            layer.cache_frozen = self.cache_frozen
         self.model.train()
         self.optimizer = make_optimizer(trainable_parameters(self.model), job)
         self.streams = [
@@ -214,16 +225,21 @@ class LocalTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = self._batch()
-            loss = loss_fn(self.task, self.model(x), y)  # mean over the stacked batch = mean over heads
+            with self.precision.autocast():
+                loss = loss_fn(self.task, self.model(x), y)  # mean over the stacked batch = mean over heads
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.precision.step(loss, self.optimizer)
             self.optimizer_steps += 1
             losses.append(loss.detach())
             self.steps_done = [s + 1 for s in self.steps_done]
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         samples = steps * self.job.batch_size * len(self.head_ids)
-        return RoundStats(steps, samples, mean_loss, time.perf_counter() - start)
+        return RoundStats(steps, samples, mean_loss, time.perf_counter() - start, self.frozen_cache_bytes)
+
+    @property
+    def frozen_cache_bytes(self) -> int:
+        """Bytes held by the layers' cached frozen weights (0 with the cache off)."""
+        return sum(layer.frozen_cache_nbytes for layer in lte_layers(self.model).values())
 
     def export_update(self) -> tuple[list[HeadUpdate], ReplicaUpdate]:
         heads = [HeadUpdate(h, export_head_factors(self.model, i)) for i, h in enumerate(self.head_ids)]

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from lte.common.precision import PRECISIONS
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -30,6 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="where the job's dataset lives (e.g. the Fashion-MNIST IDX files)")
     parser.add_argument("--name", default="", help="label shown on the dashboard [hostname:pid]")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="compute precision of the local steps: bf16 | fp16 (loss-scaled) autocast, fp32, or auto "
+        "(bf16 on CUDA devices that support it, fp32 elsewhere) [the job's, which defaults to auto]",
+    )
+    parser.add_argument(
+        "--no-frozen-cache",
+        dest="frozen_cache",
+        action="store_false",
+        default=None,
+        help="rebuild each layer's frozen weight (dequantised base, B'A' folded) twice per step instead "
+        "of keeping it for the round (on by default on CUDA: one [m, n] per layer in the compute dtype)",
+    )
     parser.add_argument(
         "--give-up-after",
         type=float,
@@ -109,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         credentials=credentials,
         metadata=metadata,
         show_progress=args.log_format == "text",
+        precision=args.precision,
+        cache_frozen=args.frozen_cache,
     )
     try:
         return worker.run()
@@ -118,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a clear last word instead of a bare traceback for network errors
         import grpc
 
+        if isinstance(exc, ValueError):  # a job this box cannot run as asked (e.g. --precision)
+            print(f"lte-worker: error: {exc}", file=sys.stderr)
+            return 2
         if isinstance(exc, grpc.RpcError):
             print(f"lte-worker: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

@@ -141,7 +141,10 @@ class Worker:
         metadata: tuple[tuple[str, str], ...] = (),
         hooks: RoundHooks | None = None,
         show_progress: bool = True,
+        precision: str | None = None,
+        cache_frozen: bool | None = None,
     ) -> None:
+        self.precision, self.cache_frozen = precision, cache_frozen  # None: the job's / CUDA only
         self.show_progress = show_progress  # the one-line display; off when logs are JSON lines
         self.server, self.device = server, torch.device(device)
         self.max_heads, self.data, self.data_dir = max_heads, data, data_dir
@@ -252,7 +255,8 @@ class Worker:
         self._adopt(list(reply.heads), reply.room, reply.lease_epoch, fresh=True)
         ids = self.head_ids
         self._say(
-            f"registered: heads {ids} of {job.heads}, {job.model} on {self.device}, mode {job.mode}"
+            f"registered: heads {ids} of {job.heads}, {job.model} on {self.device}, mode {job.mode}, "
+            f"precision {self.trainer.precision.precision}"
             + (f", in {len(self.turns)} turns of at most {self.room}" if len(self.turns) > 1 else "")
             if ids
             else f"registered: standing by (all {job.heads} heads are leased; heads that free up come here)"
@@ -294,6 +298,8 @@ class Worker:
                     steps_done=[held[h].steps_done for h in ids],
                     wire_rounded=True,  # push() rounds the factors to the uplink codec before each commit
                     base_from_snapshot=True,  # the pull below brings the base: never build an fp32 copy
+                    precision=self.precision,
+                    cache_frozen=self.cache_frozen,
                 )
                 kept.append(Turn(trainer))
         self.turns = kept
@@ -516,6 +522,10 @@ class Worker:
                     return
                 self.state = "training"
                 stats = turn.trainer.train_round()
+                if self.rounds == 0 and stats.frozen_cache_bytes:
+                    self._say(
+                        f"frozen-weight cache: {stats.frozen_cache_bytes / 2**20:.1f} MiB (--no-frozen-cache)"
+                    )
                 self.hooks.after_training(self.rounds, stats.seconds)
                 samples += stats.samples
                 self.samples_per_s = samples / max(1e-9, time.perf_counter() - started)
