@@ -229,12 +229,13 @@ def measure_lte(model: str, args, ds, rank: int, quant: str, hpw: int, uplink: s
         for _ in range(rounds):
             before, lo0 = counter.snapshot(), loopback_bytes()
             t = time.perf_counter()
-            stats = worker.trainer.train_round()
+            turn = worker.turns[0]  # one turn: the worker holds no more heads than its room
+            stats = turn.trainer.train_round()
             t_train = time.perf_counter() - t
-            reply = worker.push(stats)
+            reply = worker.push(turn, stats)
             if not reply.applied:
                 raise RuntimeError(f"push not applied: {reply}")
-            worker.trainer.commit()
+            turn.trainer.commit()
             for h in worker.next_rounds:
                 worker.next_rounds[h] += 1
             t_push = time.perf_counter() - t - t_train

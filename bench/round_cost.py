@@ -79,10 +79,11 @@ def main() -> int:
         for _ in range(args.rounds):
             up0, down0 = worker.bytes_up, worker.bytes_down
             t = time.perf_counter()
-            stats = worker.trainer.train_round()
+            turn = worker.turns[0]  # one turn: the worker holds no more heads than its room
+            stats = turn.trainer.train_round()
             t_train = time.perf_counter() - t
-            reply = worker.push(stats)
-            worker.trainer.commit()
+            reply = worker.push(turn, stats)
+            turn.trainer.commit()
             for h in worker.next_rounds:
                 worker.next_rounds[h] += 1
             t_push = time.perf_counter() - t - t_train
