@@ -262,9 +262,12 @@ class Coordinator:
             self.heads[h].lease_id = lease_id
             self.heads[h].waiting_since = now
         if plan.waiting != self.waiting:
+            news: dict[str, list[int]] = {}
             for h, why in sorted(plan.waiting.items()):
                 if self.waiting.get(h) != why:
-                    _log.info("head %d waits: %s", h, why)
+                    news.setdefault(why, []).append(h)
+            for why, ids in news.items():  # one line per reason, only when something changed
+                _log.info("heads %s wait: %s", ids, why)
             self.waiting = plan.waiting
         if plan:
             self.changed.notify_all()
