@@ -501,6 +501,8 @@ class Worker:
             self.stop.set()
             if progress:
                 progress.close()
+            if self._heartbeat is not None:  # never close the channel under a heartbeat in flight
+                self._heartbeat.join(timeout=max(1.0, self.heartbeat_interval_s) + 1.0)
             self.leave()
 
     def _train_loop(self, progress: Progress | None) -> None:
