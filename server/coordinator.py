@@ -24,10 +24,12 @@ import torch
 from lte.common.codec import encode_tensor
 from lte.common.config import UPLINK_CODECS, JobConfig
 from lte.common.lte import HeadUpdate, ReplicaUpdate, apply_updates
-from lte.common.trainer import build_job_model, evaluate, linear_weight_names
+from lte.common.policy import classify_model
+from lte.common.trainer import build_job_model, evaluate
 from lte.common.wire import tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.server import checkpoint as ckpt
+from lte.server.failures import note_worker_failure
 
 WORKER_STATES = ("training", "pushing", "pulling", "waiting")  # what a heartbeat may report
 
@@ -79,6 +81,7 @@ class Lease:
     bytes_up: int = 0
     bytes_down: int = 0
     last_loss: float = float("nan")
+    failure: str = ""  # why the worker could not train this lease (it gave the lease back)
 
 
 @dataclass
@@ -166,8 +169,9 @@ class Coordinator:
         self.model = build_job_model(job).to(device)  # the master: a plain zoo model
         self.model.requires_grad_(False)
         self.master: dict[str, torch.Tensor] = dict(self.model.state_dict())
-        self.layer_names = linear_weight_names(self.model)
-        self.replica_names = [n for n in self.master if n not in set(self.layer_names)]
+        self.policy = classify_model(self.model)  # the workers' policy: what a push carries
+        self.layer_names = self.policy.head_names
+        self.replica_names = self.policy.uplink_names
         self.heads_per_worker = heads_per_worker or job.heads
         self.lease_timeout_s, self.heartbeat_interval_s = lease_timeout_s, heartbeat_interval_s
         self.max_staleness = max_staleness
@@ -267,12 +271,13 @@ class Coordinator:
                 lease.state = state
             return self.version, self.done
 
-    def leave(self, lease_id: str) -> None:
+    def leave(self, lease_id: str, reason: str = "") -> None:
         with self.lock:
             lease = self.leases.get(lease_id)
             if lease is None or lease.state in ("left", "expired"):
                 return
             self._release(lease, "left")
+            note_worker_failure(lease, reason)
 
     def expire_leases(self) -> list[str]:
         """Return the heads of leases silent for longer than the timeout to the pool."""
@@ -351,6 +356,10 @@ class Coordinator:
             messages: list[pb.ModelChunk] = []
             total = 0
             for name, tensor in master.items():  # quantise and compress outside the state lock
+                if name in self.policy.ties:
+                    continue  # a tied alias: its owner carries the value
+                if name in layers:
+                    tensor = tensor.flatten(1)  # an LTE matrix travels as [m, n] (a conv kernel too)
                 codec = self.job.snapshot_codec if name in layers else "fp32"
                 enc = encode_tensor(name, tensor.float().cpu(), codec, SNAPSHOT_ZSTD_LEVEL)
                 total += len(enc.payload)
@@ -384,7 +393,7 @@ class Coordinator:
         r = self.job.rank
         shapes: dict[str, tuple[int, ...]] = {}
         for name in self.layer_names:
-            m, n = self.master[name].shape
+            m, n = self.master[name].flatten(1).shape
             shapes[f"{name}/B"] = (m, r)
             shapes[f"{name}/A"] = (r, n)
         return shapes
@@ -762,7 +771,8 @@ class Coordinator:
                         "pushes": l.pushes,
                         "bytes_up": l.bytes_up,
                         "bytes_down": l.bytes_down,
-                        "state": l.state,
+                        "state": "failed" if l.failure else l.state,
+                        "failure": l.failure,
                         "train_loss": l.last_loss,
                     }
                     for l in self.leases.values()

@@ -28,8 +28,10 @@ from pydantic import BaseModel, Field
 STATIC_DIR = Path(__file__).parent / "static"
 RATE_WINDOW_S = 60.0  # merges per minute and samples/s are measured over this much recent time
 MAX_CURVE_POINTS = 500  # longer eval curves are thinned evenly, so a poll stays small in long runs
-WORKER_STATES = ("starting", "registered", "pulling", "waiting", "training", "pushing", "left", "expired")
-GONE_STATES = ("left", "expired")
+WORKER_STATES = (
+    "starting", "registered", "pulling", "waiting", "training", "pushing", "left", "expired", "failed",
+)  # fmt: skip
+GONE_STATES = ("left", "expired", "failed")
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -57,6 +59,7 @@ class WorkerStatus(BaseModel):
     bytes_down: int = Field(0, description="bytes it received (snapshots)")
     state: str = Field(description="one of: " + ", ".join(WORKER_STATES))
     train_loss: float | None = Field(None, description="training loss of its last push; null before one")
+    failure: str = Field("", description="failed: why the worker could not train its lease (it gave it back)")
 
 
 class HistoryPoint(BaseModel):

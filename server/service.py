@@ -260,5 +260,5 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return pb.HeartbeatReply(version=version, done=done)
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
-        self.c.leave(request.lease_id)
+        self.c.leave(request.lease_id, request.reason)
         return pb.LeaveReply()

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from lte.common import grpc_options
 from lte.common.codec import decode_tensor, decode_tensor_quantized, encode_tensor, get_codec
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_dataset
+from lte.common.failure import leave_reason, training_failure
 from lte.common.lte import lte_layers
 from lte.common.progress import Progress
 from lte.common.trainer import LocalTrainer
@@ -170,6 +172,7 @@ class Worker:
         self.next_rounds: dict[int, int] = {}
         self.bytes_up = self.bytes_down = 0
         self.rounds = 0
+        self.failure = ""  # why this worker could not train its lease; sent with Leave
         self.state = "starting"
         self.samples_per_s = 0.0
         self._heartbeat: threading.Thread | None = None
@@ -430,6 +433,15 @@ class Worker:
                 f"job finished after {self.rounds} rounds; up {self.bytes_up} B, down {self.bytes_down} B"
             )
             return 0
+        except grpc.RpcError:
+            raise
+        except Exception as exc:  # cannot build or train this lease: give it back (leave, below), say why
+            self.failure = training_failure(exc)
+            print(
+                f"lte-worker: error: cannot train heads {list(self.next_rounds)}: {self.failure}",
+                file=sys.stderr,
+            )
+            return 2
         finally:
             self.stop.set()
             if progress:
@@ -489,7 +501,9 @@ class Worker:
             return
         try:
             self.stub.Leave(
-                pb.LeaveRequest(lease_id=self.lease_id, reason="done"), metadata=self.metadata, timeout=2
+                pb.LeaveRequest(lease_id=self.lease_id, reason=leave_reason(self.failure)),
+                metadata=self.metadata,
+                timeout=2,
             )
         except grpc.RpcError:
             pass  # the server may already be gone; its reaper returns the heads
