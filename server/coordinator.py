@@ -167,9 +167,9 @@ class Coordinator:
     ) -> None:
         self.job, self.dataset, self.device = job, dataset, device
         self.model = build_job_model(job).to(device)  # the master: a plain zoo model
+        self.policy = classify_model(self.model)  # the workers' policy (before freezing): what a push carries
         self.model.requires_grad_(False)
         self.master: dict[str, torch.Tensor] = dict(self.model.state_dict())
-        self.policy = classify_model(self.model)  # the workers' policy: what a push carries
         self.layer_names = self.policy.head_names
         self.replica_names = self.policy.uplink_names
         self.heads_per_worker = heads_per_worker or job.heads
