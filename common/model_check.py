@@ -3,6 +3,8 @@ no time) with the workers' code, before any worker joins."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -162,3 +164,24 @@ def startup_model_check(job: JobConfig, dataset, heads: int, explain: bool = Fal
     """
     policy = check_job_model(job, dataset.train_x[0], heads)
     return format_explain(policy, job, heads) if explain else None
+
+
+def checkpoint_mismatch(
+    master: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
+) -> str | None:
+    """The first difference between a checkpoint's ``master/<name>`` tensors and the job's model
+    (a missing name, a shape, an extra name), as one line with what to do; None when they match."""
+    saved = {k.removeprefix("master/"): v for k, v in tensors.items() if k.startswith("master/")}
+    advice = "the model's code changed since the checkpoint was written; resume with the same model, or start a new run"
+    for name, value in master.items():
+        if name not in saved:
+            return f"the checkpoint has no tensor {name!r}, which the job's model has: {advice}"
+        if tuple(saved[name].shape) != tuple(value.shape):
+            return (
+                f"tensor {name!r} has shape {tuple(saved[name].shape)} in the checkpoint and "
+                f"{tuple(value.shape)} in the job's model: {advice}"
+            )
+    extra = [n for n in saved if n not in master]
+    if extra:
+        return f"the checkpoint has tensor {extra[0]!r}, which the job's model lacks: {advice}"
+    return None

@@ -24,6 +24,7 @@ import torch
 from lte.common.codec import encode_tensor
 from lte.common.config import UPLINK_CODECS, JobConfig
 from lte.common.lte import HeadUpdate, ReplicaUpdate, apply_updates
+from lte.common.model_check import checkpoint_mismatch
 from lte.common.policy import classify_model
 from lte.common.trainer import build_job_model, evaluate
 from lte.common.wire import tensor_chunks
@@ -688,6 +689,9 @@ class Coordinator:
                 "the checkpoint belongs to another job; differing settings: "
                 + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {getattr(self.job, k)!r})" for k in diff)
             )
+        mismatch = checkpoint_mismatch(self.master, tensors)
+        if mismatch:
+            raise ValueError(mismatch)
         with self.lock:
             for name in self.master:
                 key = f"master/{name}"

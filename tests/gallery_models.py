@@ -128,3 +128,11 @@ class FailsOnWorkers(nn.Module):
 
 def fails_on_workers(image_size: int, in_channels: int, num_classes: int) -> nn.Module:
     return FailsOnWorkers(image_size, in_channels, num_classes)
+
+
+WIDTH = 48  # tests change it to emulate a model whose code changed between a run and its resume
+
+
+def resizable(image_size: int, in_channels: int, num_classes: int) -> nn.Module:
+    d = _flat(image_size, in_channels)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, WIDTH), nn.GELU(), nn.Linear(WIDTH, num_classes))

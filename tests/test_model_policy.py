@@ -175,3 +175,21 @@ def test_worker_that_cannot_train_gives_its_lease_back(tmp_path):
             time.sleep(0.05)
         assert workers[0]["state"] == "failed" and "custom kernel is missing" in workers[0]["failure"]
         assert sorted(server.coordinator.status()["free_heads"]) == [0, 1]
+
+
+def test_resume_after_the_model_code_changed_names_the_first_mismatch(tmp_path, monkeypatch):
+    from lte.server.checkpoint import load_checkpoint
+    from lte.server.coordinator import Coordinator
+
+    job = digits_job(model="tests.gallery_models:resizable", heads=2)
+    saved = Coordinator(job, checkpoint_dir=tmp_path)
+    saved.save_checkpoint()
+    saved.close()
+    monkeypatch.setattr(gm, "WIDTH", 40)
+    changed = Coordinator(job, checkpoint_dir=tmp_path / "new")
+    state, tensors = load_checkpoint(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"tensor '1\.weight' has shape \(48, 64\) in the checkpoint and \(40, 64\)"
+    ):
+        changed.restore(state, tensors)
+    changed.close()
