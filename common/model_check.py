@@ -3,6 +3,7 @@ no time) with the workers' code, before any worker joins."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -146,24 +147,24 @@ def format_explain(policy: ModelPolicy, job: JobConfig, heads: int) -> str:
         f"/round (before zstd), down {format_bytes(summary['down_bytes_per_version'])}/version; "
         f"full-rank share of the uplink {summary['full_rank_up_share']:.1%}"
     )
-    warnings = list(policy.warnings)
-    if summary["full_rank_up_share"] > FULL_RANK_WARN:
-        warnings.append(
-            f"{summary['full_rank_up_share']:.0%} of the uplink travels full-rank (replicas, averaged buffers): "
-            "see the rows marked replica"
-        )
-    lines += [f"warning: {w}" for w in warnings]
+    lines += [f"warning: {w}" for w in explain_warnings(policy, summary)]
     return "\n".join(lines)
 
 
-def startup_model_check(job: JobConfig, dataset, heads: int, explain: bool = False) -> str | None:
+def startup_model_check(
+    job: JobConfig, dataset, heads: int, explain: bool = False, prog: str = "lte"
+) -> str | None:
     """What ``lte-server`` and ``lte-sim`` run before anything starts: the conversion and a meta
     forward (``check_job_model``); with ``explain``, the ``--explain-model`` text to print.
 
     Raises ``ModelRefused`` (a ValueError: the CLIs print one line and exit 2).
     """
     policy = check_job_model(job, dataset.train_x[0], heads)
-    return format_explain(policy, job, heads) if explain else None
+    if explain:
+        return format_explain(policy, job, heads)
+    for warning in explain_warnings(policy, explain_summary(explain_rows(policy, job, heads))):
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
+    return None
 
 
 def checkpoint_mismatch(
@@ -185,3 +186,19 @@ def checkpoint_mismatch(
     if extra:
         return f"the checkpoint has tensor {extra[0]!r}, which the job's model lacks: {advice}"
     return None
+
+
+def model_summary(policy: ModelPolicy, job: JobConfig, heads: int) -> dict:
+    """``explain_summary`` plus the warnings ``--explain-model`` prints (for the dashboard)."""
+    summary = explain_summary(explain_rows(policy, job, heads))
+    return {**summary, "warnings": explain_warnings(policy, summary)}
+
+
+def explain_warnings(policy: ModelPolicy, summary: dict) -> list[str]:
+    warnings = list(policy.warnings)
+    if summary["full_rank_up_share"] > FULL_RANK_WARN:
+        warnings.append(
+            f"{summary['full_rank_up_share']:.0%} of the uplink travels full-rank (replicas, averaged buffers): "
+            "see the rows marked replica"
+        )
+    return warnings

@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
 
         local = int(srv["local_workers"] or 0)
         heads = srv["heads_per_worker"] or (-(-job.heads // local) if local else job.heads)
-        explanation = startup_model_check(job, dataset, heads, args.explain_model)  # refuses in one line
+        explanation = startup_model_check(
+            job, dataset, heads, args.explain_model, "lte-server"
+        )  # refuses in one line
         if explanation is not None:
             print(explanation)
             return 0

@@ -24,7 +24,7 @@ import torch
 from lte.common.codec import encode_tensor
 from lte.common.config import UPLINK_CODECS, JobConfig
 from lte.common.lte import HeadUpdate, ReplicaUpdate, apply_updates
-from lte.common.model_check import checkpoint_mismatch
+from lte.common.model_check import checkpoint_mismatch, model_summary
 from lte.common.policy import classify_model
 from lte.common.trainer import build_job_model, evaluate
 from lte.common.wire import tensor_chunks
@@ -174,6 +174,7 @@ class Coordinator:
         self.layer_names = self.policy.head_names
         self.replica_names = self.policy.uplink_names
         self.heads_per_worker = heads_per_worker or job.heads
+        self.model_summary = model_summary(self.policy, job, self.heads_per_worker)  # for the dashboard
         self.lease_timeout_s, self.heartbeat_interval_s = lease_timeout_s, heartbeat_interval_s
         self.max_staleness = max_staleness
         self.buffer_size = buffer_size or max(1, job.heads // 4)
@@ -751,6 +752,7 @@ class Coordinator:
         with self.lock:
             return {
                 "job": self.job.to_dict(),
+                "model": self.model_summary,
                 "version": self.version,
                 "done": self.done,
                 "samples": self.samples,

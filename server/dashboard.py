@@ -113,6 +113,11 @@ class JobStatus(BaseModel):
     train_loss: float | None = Field(None, description="of the newest merge")
     test_loss: float | None = Field(None, description="of the newest evaluation")
     test_accuracy: float | None = Field(None, description="of the newest evaluation that has one")
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="how the model trains (as --explain-model): entries per kind, a worker's memory, "
+        "bytes per round up and per version down, the full-rank share of the uplink, warnings",
+    )
     workers: list[WorkerStatus]
     free_heads: list[int] = Field(default_factory=list, description="heads no worker holds")
     history: list[HistoryPoint] = Field(description="the newest merges, oldest first")
@@ -176,6 +181,7 @@ def job_status(st: dict[str, Any]) -> JobStatus:
     applied = int(st.get("head_rounds_applied") or 0)
     return JobStatus(
         job=st.get("job") or {},
+        model=st.get("model") or {},
         version=st["version"],
         done=bool(st.get("done")),
         samples=st.get("samples", 0),
