@@ -360,8 +360,8 @@ class LTELinear(nn.Module):
             want = f"{rows} (heads x batch)" if rows is not None else f"a multiple of {self.heads} heads"
             raise LayoutError(
                 f"LTE layer {self.name or type(self).__name__} got an input of shape {tuple(x.shape)}: dim 0 "
-                f"must be the stacked batch, {want}; make the model keep the batch on dim 0 "
-                "(e.g. batch_first=True), or exclude this layer"
+                f"must be the stacked batch, {want}; keep the batch on dim 0 of every layer's input "
+                "(batch_first=True; x.view(batch, -1, features) rather than folding the batch into another dim)"
             )
 
     def invalidate_frozen(self) -> None:

@@ -157,12 +157,15 @@ def startup_model_check(
     """What ``lte-server`` and ``lte-sim`` run before anything starts: the conversion and a meta
     forward (``check_job_model``); with ``explain``, the ``--explain-model`` text to print.
 
-    Raises ``ModelRefused`` (a ValueError: the CLIs print one line and exit 2).
+    Warnings (batch norm across vectorised heads, a full-rank uplink) go to stderr as
+    ``<prog>: warning: ...`` lines; none when ``prog`` is empty. Raises ``ModelRefused`` (a
+    ValueError: the CLIs print one line and exit 2).
     """
     policy = check_job_model(job, dataset.train_x[0], heads)
     if explain:
         return format_explain(policy, job, heads)
-    for warning in explain_warnings(policy, explain_summary(explain_rows(policy, job, heads))):
+    warnings = explain_warnings(policy, explain_summary(explain_rows(policy, job, heads))) if prog else []
+    for warning in warnings:
         print(f"{prog}: warning: {warning}", file=sys.stderr)
     return None
 

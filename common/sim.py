@@ -281,10 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         dataset = load_dataset(job.dataset, args.data_dir or file_values.get("data_dir"), seed=job.seed)
         job = job.with_dataset(dataset)
-        heads = partition_heads(job.heads, args.workers)[0] if not (args.full or args.diloco) else [0]
-        explanation = startup_model_check(
-            job, dataset, len(heads), args.explain_model, "lte-sim"
-        )  # refuses in one line
+        lte = not (args.full or args.diloco)  # the LTE warnings concern LTE runs only
+        heads = len(partition_heads(job.heads, args.workers)[0]) if lte else 1
+        explanation = startup_model_check(job, dataset, heads, args.explain_model, "lte-sim" if lte else "")
         if explanation is not None:
             print(explanation)
             return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from lte.common.lte import LTEConfig, LTEConv2d, LTEMultiheadAttention, apply_updates
@@ -131,23 +132,46 @@ def test_explain_counts_mha_projections_as_heads():
     assert explain_summary(list(rows.values()))["full_rank_up_share"] < 0.10
 
 
-def _serve(model: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _serve(
+    model: str, out: Path, *extra: str, steps: int = 120, lr: float = 0.01
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "lte.server.cli", "--model", f"tests.gallery_models:{model}", "--dataset", "digits",
-        "--heads", "4", "--local-workers", "2", "--steps", "120", "--merge-every", "10", "--batch-size", "16",
-        "--lr", "0.01", "--port", "0", "--dashboard-port", "-1", "--out", str(out), "--json", "--quiet",
+        "--heads", "4", "--local-workers", "2", "--steps", str(steps), "--merge-every", "10", "--batch-size", "16",
+        "--lr", str(lr), "--port", "0", "--dashboard-port", "-1", "--out", str(out), "--json", "--quiet",
         "--threads", "1", *extra,
     ]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
 
 
-@pytest.mark.parametrize("model", ["tied", "batchnorm", "frozen_part", "conv", "mha", "transformer"])
+# model -> (steps per head, lr, the accuracy it must pass). The attention models learn slower on
+# 8x8 digits (row tokens, mean pooled): trained in full on the same samples, `mha` reaches about
+# 0.86 in 300 steps, so its bar is lower.
+GALLERY = {
+    "tied": (120, 0.01, 0.9),
+    "batchnorm": (120, 0.01, 0.9),
+    "frozen_part": (120, 0.01, 0.9),
+    "conv": (120, 0.01, 0.9),
+    "mha": (300, 0.005, 0.75),
+    "transformer": (300, 0.01, 0.85),
+}
+
+
+@pytest.mark.parametrize("model", list(GALLERY))
 def test_gallery_model_trains_over_a_real_server(model, tmp_path):
-    proc = _serve(model, tmp_path)
+    steps, lr, bar = GALLERY[model]
+    proc = _serve(model, tmp_path, steps=steps, lr=lr)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{model}: test accuracy {summary['test_accuracy']:.4f}, up {summary['bytes_up']} B")
-    assert summary["test_accuracy"] > 0.8
+    assert summary["test_accuracy"] > bar
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    build_job_model(digits_job(model=f"tests.gallery_models:{model}")).load_state_dict(exported)  # plain
+    if model == "tied":  # the tie holds in the export: both names, one value
+        assert torch.equal(exported["out.weight"], exported["classes.weight"])
+    if model == "batchnorm":  # the master's statistics moved: workers' averages, not the initial 0 / 1
+        assert exported["2.running_var"].sub(1).abs().max() > 0.1
+        assert int(exported["2.num_batches_tracked"]) == steps
 
 
 def test_refused_model_exits_2_in_one_line(tmp_path):
@@ -193,3 +217,18 @@ def test_resume_after_the_model_code_changed_names_the_first_mismatch(tmp_path, 
     ):
         changed.restore(state, tensors)
     changed.close()
+
+
+@pytest.mark.parametrize("model", ["tied", "batchnorm", "conv", "mha"])
+def test_sync_over_the_network_reproduces_the_emulator_for_gallery_models(model, tmp_path):
+    from lte.common.sim import run_lte
+
+    job = digits_job(model=f"tests.gallery_models:{model}", heads=4, steps=30, uplink="fp32", quant="none")
+    expected = run_lte(job, DIGITS, workers=2).master
+    with running_server(job, heads_per_worker=2) as server:
+        with worker_processes(server.address, [["--quiet", "--max-heads", "2"]] * 2, log_dir=tmp_path):
+            assert server.wait_done(timeout=240)
+        got = server.coordinator.plain_state()
+    assert set(got) == set(expected)
+    for name, value in expected.items():  # bit for bit, buffers and tied names included
+        assert torch.equal(got[name], value.to(got[name].dtype)), name
