@@ -224,9 +224,14 @@ def test_sync_over_the_network_reproduces_the_emulator_for_gallery_models(model,
     from lte.common.sim import run_lte
 
     job = digits_job(model=f"tests.gallery_models:{model}", heads=4, steps=30, uplink="fp32", quant="none")
+    # workers train with this process's thread count: a plain layer's weight gradient (the tied
+    # output) sums in per-thread blocks, so a different count changes the last bits
+    threads = ["--threads", str(torch.get_num_threads())]
     expected = run_lte(job, DIGITS, workers=2).master
     with running_server(job, heads_per_worker=2) as server:
-        with worker_processes(server.address, [["--quiet", "--max-heads", "2"]] * 2, log_dir=tmp_path):
+        with worker_processes(
+            server.address, [["--quiet", "--max-heads", "2", *threads]] * 2, log_dir=tmp_path
+        ):
             assert server.wait_done(timeout=240)
         got = server.coordinator.plain_state()
     assert set(got) == set(expected)
