@@ -237,3 +237,24 @@ def test_sync_over_the_network_reproduces_the_emulator_for_gallery_models(model,
     assert set(got) == set(expected)
     for name, value in expected.items():  # bit for bit, buffers and tied names included
         assert torch.equal(got[name], value.to(got[name].dtype)), name
+
+
+def test_explain_model_prints_every_entry_and_warns(capsys):
+    from lte.common.sim import main as sim_main
+    from lte.server.cli import main as server_main
+
+    args = ["--model", "tests.gallery_models:batchnorm", "--dataset", "digits", "--heads", "4"]
+    assert sim_main([*args, "--workers", "2", "--explain-model"]) == 0
+    out = capsys.readouterr().out
+    for name, kind in (
+        ("1.weight", "lte heads"),
+        ("2.running_var", "averaged buffer"),
+        ("2.bias", "replica"),
+    ):
+        assert any(
+            line.split()[: 1 + len(kind.split())] == [name, *kind.split()] for line in out.splitlines()
+        ), (name, out)
+    assert "warning: batch norm computes its statistics over the stacked batch of a worker's 2 heads" in out
+    assert server_main([*args, "--heads-per-worker", "1", "--explain-model"]) == 0
+    out = capsys.readouterr().out
+    assert "a worker with 1 head(s)" in out and "batch norm" not in out  # one head per worker: nothing mixes
