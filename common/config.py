@@ -188,6 +188,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+EXPLAIN_HELP = (
+    "print how every parameter and buffer of the model trains (LTE heads, replica, averaged buffer, "
+    "frozen, tied), a worker's memory and the bytes per round up and down, then exit"
+)
+
+
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """The job flags shared by lte-sim and lte-server. Defaults are None so a config file can fill them."""
     d = JobConfig()

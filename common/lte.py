@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lte.common.quant import QUANT_KINDS, QuantizedTensor, quantize, quantized_zeros
@@ -112,6 +113,8 @@ def init_lora_a(a: torch.Tensor, kind: str, generator: torch.Generator, gain: fl
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: autocast's when it is on for x's device, else x's own."""
     kind = x.device.type
+    if kind == "meta":  # no autocast there (the start-up check runs the model on meta tensors)
+        return x.dtype
     try:
         if torch.is_autocast_enabled(kind):
             return torch.get_autocast_dtype(kind)
@@ -119,6 +122,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
         if kind == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
     return x.dtype
+
+
+class LayoutError(ValueError):
+    """An LTE layer saw an input whose dim 0 is not the stacked batch of its heads."""
 
 
 class _FrozenBaseMatmul(torch.autograd.Function):
@@ -186,6 +193,15 @@ class LTELinear(nn.Module):
         # False only while B' A' is known to be zero (fresh, or reset variant): skips its work
         self.has_prev = False
         self.layer_index = 0  # position among the model's Linears; set by from_linear
+        # master-side identity: the plain model's name of this weight (relative to the parent module
+        # when it is not ``<this module>.weight``, e.g. MultiheadAttention's ``in_proj_weight``) and
+        # its shape there (a conv kernel is [out, in, kh, kw]; here it is the [out, in*kh*kw] matrix)
+        self.master_attr: str | None = None
+        self.master_shape: tuple[int, ...] = (out_features, in_features)
+        self.name = ""  # the master name, for messages; set at conversion
+        # rows of the stacked batch (heads x per-head batch) a training forward must see on dim 0;
+        # None: unchecked (set by expect_stacked_batch)
+        self.expected_rows: int | None = None
         # Opt-in: keep the frozen weight (dequantised, B'A' folded) between steps, in the compute
         # dtype. It only changes with the base or B', A', which change between rounds: every
         # mutator below clears it. Costs one [m, n] (per head when folded) per layer.
@@ -199,11 +215,23 @@ class LTELinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: LTEConfig, layer_index: int = 0) -> LTELinear:
-        w = linear.weight
+        return cls._convert(linear.weight, linear.bias, config, layer_index)
+
+    @classmethod
+    def _convert(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        config: LTEConfig,
+        layer_index: int,
+        **extra,
+    ) -> LTELinear:
+        """An LTE layer over the matrix ``weight`` (``[m, n]``, or ``[m, ...]`` viewed as ``[m, n]``)."""
+        w = weight
         layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
+            int(w[0].numel()),
+            int(w.shape[0]),
+            bias=bias is not None,
             heads=config.heads,
             total_heads=config.total_heads,
             rank=config.rank,
@@ -213,18 +241,37 @@ class LTELinear(nn.Module):
             prev_dtype=config.prev_dtype,
             device=w.device,
             dtype=w.dtype,
+            **extra,
         )
+        layer.master_shape = tuple(w.shape)
         layer.layer_index = layer_index  # seeds its heads' A: kept for re-initialising after to_empty
-        if linear.bias is not None:
-            layer.bias.requires_grad_(linear.bias.requires_grad)
+        if bias is not None:
+            layer.bias.requires_grad_(bias.requires_grad)
         if w.is_meta:  # built without storage (prepare_model_on_device): nothing to copy yet
             return layer
         with torch.no_grad():
             layer.set_base_weight(w.detach())
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias.detach())
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
         layer.reset_parameters(config.head_ids, config.seed, layer_index, config.a_init, config.a_init_gain)
         return layer
+
+    # -- the conversion table's interface (lte.common.policy.LTE_MODULES) --------------------
+    @staticmethod
+    def matrices(module: nn.Module) -> tuple[str, ...]:
+        """Names (relative to ``module``) of the parameters that become LTE matrices."""
+        return ("weight",)
+
+    @staticmethod
+    def unsupported(module: nn.Module) -> str | None:
+        """Why ``module`` cannot be converted (it then trains as replicas), or None."""
+        if type(module).forward is not nn.Linear.forward:
+            return f"{type(module).__name__} overrides Linear.forward"
+        return None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module:
+        return cls.from_linear(module, config, layer_index)
 
     def reset_parameters(
         self,
@@ -255,9 +302,11 @@ class LTELinear(nn.Module):
         if self.quant == "none":
             if isinstance(weight, QuantizedTensor):
                 raise ValueError("this layer holds W unquantised; got a quantised snapshot")
-            self.weight.copy_(weight)
+            self.weight.copy_(weight.reshape(self.weight.shape))  # a conv kernel arrives [out, in, kh, kw]
             return
-        q = weight if isinstance(weight, QuantizedTensor) else quantize(weight, self.quant)
+        if not isinstance(weight, QuantizedTensor):
+            weight = quantize(weight.reshape(self.out_features, self.in_features), self.quant)
+        q = weight
         if q.kind != self.quant or tuple(q.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"expected a {self.quant} weight of shape {(self.out_features, self.in_features)}, "
@@ -304,6 +353,17 @@ class LTELinear(nn.Module):
             self._frozen_cache[dtype, fold_prev] = w.detach()
         return w
 
+    def check_layout(self, x: torch.Tensor) -> None:
+        """Refuse an input whose dim 0 is not the stacked batch: the heads would train on each other's samples."""
+        rows = self.expected_rows
+        if (rows is not None and x.shape[0] != rows) or x.shape[0] % self.heads:
+            want = f"{rows} (heads x batch)" if rows is not None else f"a multiple of {self.heads} heads"
+            raise LayoutError(
+                f"LTE layer {self.name or type(self).__name__} got an input of shape {tuple(x.shape)}: dim 0 "
+                f"must be the stacked batch, {want}; keep the batch on dim 0 of every layer's input "
+                "(batch_first=True; x.view(batch, -1, features) rather than folding the batch into another dim)"
+            )
+
     def invalidate_frozen(self) -> None:
         """Drop the cached frozen weight: the base or ``B', A'`` changed."""
         self._frozen_cache.clear()
@@ -317,8 +377,7 @@ class LTELinear(nn.Module):
         if not self.training:  # eval: W alone
             y = _FrozenBaseMatmul.apply(x.reshape(1, -1, n), self, False).reshape(*x.shape[:-1], m)
             return y if self.bias is None else y + self.bias
-        if x.shape[0] % h:
-            raise ValueError(f"batch of {x.shape[0]} does not split evenly across {h} LTE heads")
+        self.check_layout(x)
         xh = x.reshape(h, -1, n)  # head i gets samples [i*B/h, (i+1)*B/h)
         A, B, A_prev, B_prev, s = self.lora_A, self.lora_B, self.lora_A_prev, self.lora_B_prev, self.scale
         # y = W x + s * (B_i A_i x - B'_i A'_i x), all heads at once (reference_forward is the same
@@ -385,6 +444,180 @@ class LTELinear(nn.Module):
             + (", reset=True" if self.reset else "")
             + (", bias=False" if self.bias is None else "")
         )
+
+
+class LTEConv2d(LTELinear):
+    """``nn.Conv2d`` as an LTE matrix over its unfolded patches.
+
+    The kernel ``[out, in, kh, kw]`` is the matrix ``W [m = out, n = in * kh * kw]`` (the paper's
+    reference code treats conv projections so); head ``i`` convolves its share of the batch with
+    the kernel ``W + s (B_i A_i - B'_i A'_i)`` reshaped: DESIGN.md section 2 with ``x`` the patches.
+    All heads run as one grouped convolution. Input ``[heads * batch, in, H, W]``.
+    """
+
+    def __init__(self, *args, conv: nn.Conv2d | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kernel_size = conv.kernel_size if conv is not None else (1, 1)
+        self.stride = conv.stride if conv is not None else (1, 1)
+        self.padding = conv.padding if conv is not None else (0, 0)
+        self.dilation = conv.dilation if conv is not None else (1, 1)
+        self.in_channels = conv.in_channels if conv is not None else self.in_features
+
+    @staticmethod
+    def unsupported(module: nn.Module) -> str | None:
+        if type(module).forward is not nn.Conv2d.forward:
+            return f"{type(module).__name__} overrides Conv2d.forward"
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}) is not one matrix"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (only 'zeros' is converted)"
+        return None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module:
+        return cls._convert(module.weight, module.bias, config, layer_index, conv=module)
+
+    def _conv(self, x: torch.Tensor, kernel: torch.Tensor, groups: int) -> torch.Tensor:
+        kernel = kernel.reshape(-1, self.in_channels, *self.kernel_size)
+        return F.conv2d(x, kernel, None, self.stride, self.padding, self.dilation, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)[:, None, None]
+        if not self.training:  # eval: W alone
+            y = self._conv(x.to(dtype), self.base_weight(dtype), 1)
+            return y if bias is None else y + bias
+        if x.dim() != 4:
+            raise LayoutError(
+                f"LTE layer {self.name or 'LTEConv2d'} got an input of shape {tuple(x.shape)}: expected "
+                "[heads x batch, channels, height, width]"
+            )
+        self.check_layout(x)
+        h, m, s = self.heads, self.out_features, self.scale
+        # per head: W + s (B_i A_i - B'_i A'_i), a [h, m, n] stack of kernels
+        kernels = self.frozen_weight(dtype, self.has_prev).detach()
+        kernels = kernels + s * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
+        b = x.shape[0] // h
+        xg = x.to(dtype).reshape(h, b, *x.shape[1:]).transpose(0, 1).reshape(b, h * x.shape[1], *x.shape[2:])
+        y = self._conv(xg, kernels.expand(h, m, self.in_features), h)  # [b, h*m, H', W']
+        y = y.reshape(b, h, m, *y.shape[2:]).transpose(0, 1).reshape(h * b, m, *y.shape[2:])
+        return y if bias is None else y + bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel={tuple(self.master_shape)}, stride={self.stride}, padding={self.padding}, "
+            + super().extra_repr()
+        )
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """nn.MultiheadAttention's masks: boolean True = may not attend; a float mask is added to the scores."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class LTEMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with its packed input projection ``in_proj_weight [3E, E]`` and its
+    output projection ``out_proj [E, E]`` as LTE layers; attention itself as in torch.
+
+    Same call and return as ``nn.MultiheadAttention`` (masks, ``need_weights``, ``batch_first``);
+    the LTE layers always see the batch on dim 0 (a sequence-first input is transposed first).
+    Master names are the plain module's: ``in_proj_weight``, ``in_proj_bias``, ``out_proj.*``.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, config: LTEConfig, layer_index: int) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
+        self.head_dim, self.dropout, self.batch_first = mha.head_dim, mha.dropout, mha.batch_first
+        self.in_proj = LTELinear._convert(mha.in_proj_weight, None, config, layer_index)
+        self.in_proj.master_attr = "in_proj_weight"
+        self.in_proj_bias = (
+            None
+            if mha.in_proj_bias is None
+            else nn.Parameter(mha.in_proj_bias.detach().clone(), requires_grad=mha.in_proj_bias.requires_grad)
+        )
+        self.out_proj = LTELinear.from_linear(mha.out_proj, config, layer_index + 1)
+
+    @staticmethod
+    def matrices(module: nn.Module) -> tuple[str, ...]:
+        return ("in_proj_weight", "out_proj.weight")
+
+    @staticmethod
+    def unsupported(module: nn.Module) -> str | None:
+        if type(module).forward is not nn.MultiheadAttention.forward:
+            return f"{type(module).__name__} overrides MultiheadAttention.forward"
+        if not module._qkv_same_embed_dim:
+            return "kdim/vdim differ from embed_dim (separate q, k, v projections)"
+        if module.bias_k is not None or module.add_zero_attn:
+            return "add_bias_kv / add_zero_attn"
+        return None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module:
+        return cls(module, config, layer_index)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        same = query is key and key is value
+        batched = query.dim() == 3
+        if not batched:  # one sequence: a batch of one
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # [L, B, E] -> [B, L, E]: the LTE layers split dim 0 across heads
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        e, nh, hd = self.embed_dim, self.num_heads, self.head_dim
+        if same:
+            q, k, v = self.in_proj(query).split(e, dim=-1)
+        else:
+            q, k, v = (self.in_proj(t)[..., i * e : (i + 1) * e] for i, t in enumerate((query, key, value)))
+        if self.in_proj_bias is not None:
+            bq, bk, bv = self.in_proj_bias.split(e)
+            q, k, v = q + bq, k + bk, v + bv
+        b, length, source = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (t.reshape(b, -1, nh, hd).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, hd]
+        mask = None
+        if attn_mask is not None:
+            mask = _additive_mask(attn_mask, q.dtype)
+            mask = mask.reshape(b, nh, length, source) if mask.dim() == 3 else mask
+        if key_padding_mask is not None:
+            pad = _additive_mask(key_padding_mask, q.dtype).reshape(b, 1, 1, source)
+            mask = pad if mask is None else mask + pad
+        causal = is_causal and mask is None
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
+            if causal:
+                scores = scores.masked_fill(
+                    torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+                )
+            elif mask is not None:
+                scores = scores + mask
+            probs = F.dropout(scores.softmax(dim=-1), dropout, self.training)
+            out = probs @ v
+            weights = probs.mean(dim=1) if average_attn_weights else probs
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, length, e))
+        if not batched:
+            out = out.squeeze(0)
+            weights = None if weights is None else weights.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
 # -- tensor-level merge: shared by LTELinear.merge, the emulator and the parameter server ----
@@ -514,7 +747,9 @@ def apply_updates(
 
     ``W += scale * sum_k head_weights[k] (B_k A_k - B'_k A'_k)`` per layer, where ``B'_k, A'_k``
     come from ``prev_factors`` (zero for a head never merged) and are replaced by ``B_k, A_k``
-    (``B`` zeroed for the reset variant). Each replica ``p += w * delta``.
+    (``B`` zeroed for the reset variant). Each replica ``p += w * delta`` (an integer buffer, such
+    as batch norm's counter, gets the rounded weighted sum). A matrix of more than two dimensions
+    (a conv kernel ``[out, in, kh, kw]``) merges as its ``[out, in*kh*kw]`` view.
     ``head_weights`` are ``1/N`` in sync mode, discounted by staleness in async mode.
     ``grouped``: prepare the factors of layers of one shape together and add each layer's terms
     in one GEMM (``merge_layers_grouped(add="addmm")``: fewer launches, no temporary); None: on
@@ -530,64 +765,48 @@ def apply_updates(
             per_layer.setdefault(name, []).append((b, a, b_prev, a_prev))
             per_layer_w.setdefault(name, []).append(scale * w)
     names = list(per_layer)
+    # conv masters merge as matrices over their unfolded patches: [out, in * kh * kw]
+    flat = {n: master[n] if master[n].dim() == 2 else master[n].view(master[n].shape[0], -1) for n in names}
     if grouped is None:
         grouped = any(master[name].is_cuda for name in names)
     if grouped:
         merge_layers_grouped(
-            [master[n] for n in names],
+            [flat[n] for n in names],
             [per_layer[n] for n in names],
             [per_layer_w[n] for n in names],
             add="addmm",
         )
     else:
         for name in names:
-            merge_head_deltas(master[name], per_layer[name], per_layer_w[name])
+            merge_head_deltas(flat[name], per_layer[name], per_layer_w[name])
     for update in heads:
         prev_factors[update.head_id] = {
             name: (torch.zeros_like(b) if reset else b.detach().clone(), a.detach().clone())
             for name, (b, a) in update.factors.items()
         }
+    counters: dict[str, torch.Tensor] = {}  # integer buffers: summed in float64, rounded once
     for w, rep in replicas:
         for name, delta in rep.deltas.items():
-            master[name].add_(delta.to(master[name].dtype), alpha=w)
+            if master[name].is_floating_point():
+                master[name].add_(delta.to(master[name].dtype), alpha=w)
+            else:
+                counters[name] = counters.get(name, 0) + w * delta.to(torch.float64)
+    for name, total in counters.items():
+        master[name].add_(total.round().to(master[name].dtype))
 
 
 # -- model conversion --------------------------------------------------------------------------
 def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
-    """Replace every ``nn.Linear`` with an ``LTELinear`` in place; other trainable params become replicas.
+    """Convert ``model`` in place by the state policy (``lte.common.policy``): every matrix weight of
+    ``LTE_MODULES`` (Linear and its subclasses, MultiheadAttention's projections, Conv2d) becomes an
+    LTE layer; other trainable parameters are replicas; ties keep one owner.
 
-    In strict mode a trainable parameter that neither heads nor replicas cover is an error that
-    names it (an excluded Linear left trainable, a Linear whose weight is tied elsewhere, or any
-    trainable parameter when ``replicas=False``).
+    Raises ``ModelRefused`` (a ValueError) in strict mode for a trainable parameter that neither
+    heads nor replicas cover (an excluded Linear left trainable, or any when ``replicas=False``).
     """
-    linears = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
-    weight_owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        weight_owners.setdefault(id(p), []).append(name)
-    uncovered: list[str] = []
-    for index, (name, linear) in enumerate(linears):
-        if name in config.exclude:
-            continue
-        if len(weight_owners.get(id(linear.weight), [])) > 1:
-            uncovered.append(f"{name}.weight (tied to {weight_owners[id(linear.weight)]})")
-            continue
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, LTELinear.from_linear(linear, config, layer_index=index))
-    for name, p in model.named_parameters():
-        if name.endswith(("lora_A", "lora_B")) or not p.requires_grad:
-            continue
-        if not config.replicas:
-            uncovered.append(name)
-        elif _module_path(name) in config.exclude and name.endswith(".weight"):
-            uncovered.append(f"{name} (excluded Linear)")
-    if uncovered and config.strict:
-        raise ValueError(
-            "strict LTE conversion: these trainable parameters are covered by neither LoRA heads nor "
-            f"replicas: {', '.join(sorted(set(uncovered)))}; freeze them (requires_grad=False), enable "
-            "replicas, or pass strict=False"
-        )
-    return model
+    from lte.common.policy import convert_model
+
+    return convert_model(model, config)
 
 
 def prepare_model_on_device(
@@ -599,8 +818,13 @@ def prepare_model_on_device(
     quantised codes), biases and replicas are allocated but left uninitialised, for
     ``load_master_weights`` to fill. A worker, whose base always comes from the server, so never
     holds a full-precision copy of the model (for vit-b, 340 MB of fp32 it would only discard).
+    Tied parameters are tied again after allocation (``to_empty`` gives each module its own).
     """
+    from lte.common.policy import retie, tied_groups
+
+    ties = tied_groups(meta_model)
     model = prepare_model(meta_model, config).to_empty(device=device)
+    retie(model, ties)
     for layer in lte_layers(model).values():
         layer.reset_parameters(
             config.head_ids, config.seed, layer.layer_index, config.a_init, config.a_init_gain
@@ -613,21 +837,33 @@ def _module_path(param_name: str) -> str:
 
 
 def lte_layers(model: nn.Module) -> dict[str, LTELinear]:
-    """Every LTE layer, keyed by the master name of its weight (``blocks.0.attn.qkv.weight``)."""
-    return {
-        f"{name}.weight" if name else "weight": m
-        for name, m in model.named_modules()
-        if isinstance(m, LTELinear)
-    }
+    """Every LTE layer, keyed by the master name of its weight (``blocks.0.attn.qkv.weight``,
+    ``blocks.0.attn.in_proj_weight``)."""
+    out: dict[str, LTELinear] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LTELinear):
+            if m.master_attr:
+                parent = name.rpartition(".")[0]
+                out[f"{parent}.{m.master_attr}" if parent else m.master_attr] = m
+            else:
+                out[f"{name}.weight" if name else "weight"] = m
+    return out
 
 
 def replica_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters outside the heads, under their plain-model names."""
+    """Trainable parameters outside the heads, under their plain-model names (a tie's owner once)."""
     return {
         name: p
         for name, p in model.named_parameters()
         if p.requires_grad and not name.endswith(("lora_A", "lora_B"))
     }
+
+
+def uplink_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a worker pushes besides factors: replicas and averaged buffers (running statistics)."""
+    from lte.common.policy import averaged_buffers
+
+    return {**replica_parameters(model), **averaged_buffers(model)}
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -643,8 +879,8 @@ def export_head_factors(model: nn.Module, local_index: int) -> dict[str, Factors
 
 
 def export_replica_deltas(model: nn.Module, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replica value now minus its value in the snapshot the process trained from."""
-    return {name: (p.detach() - base[name].to(p.dtype)) for name, p in replica_parameters(model).items()}
+    """Replica (and averaged buffer) value now minus its value in the snapshot the process trained from."""
+    return {name: (p.detach() - base[name].to(p.dtype)) for name, p in uplink_tensors(model).items()}
 
 
 @torch.no_grad()
@@ -655,11 +891,10 @@ def load_master_weights(model: nn.Module, weights: Mapping[str, torch.Tensor | Q
     snapshot can never silently leave part of the model behind.
     """
     layers = lte_layers(model)
-    replicas = replica_parameters(model)
+    replicas = uplink_tensors(model)
     expected = set(layers) | set(replicas)
     missing, unexpected = expected - set(weights), set(weights) - expected
-    frozen = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    unexpected -= frozen  # frozen plain-model params may travel too; they load below
+    unexpected -= set(model.state_dict())  # frozen params, buffers and tied names may travel too
     if missing or unexpected:
         raise KeyError(
             f"master weights do not match the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
@@ -709,16 +944,17 @@ def load_head_factors(
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The master-style state of an LTE model: base ``W`` per layer (dequantised) plus everything else."""
+    """The master-style state of an LTE model: base ``W`` per layer (dequantised, in the plain
+    model's shape) plus everything else under the plain model's names."""
     out: dict[str, torch.Tensor] = {}
     layers = lte_layers(model)
-    skip = {_module_path(n) for n in layers}
+    paths = {name for name, m in model.named_modules() if isinstance(m, LTELinear)}
     for name, t in model.state_dict().items():
-        if _module_path(name) in skip and name.rpartition(".")[2] != "bias":
+        if _module_path(name) in paths and name.rpartition(".")[2] != "bias":
             continue
         out[name] = t.detach().clone()
     for name, layer in layers.items():
-        out[name] = layer.base_weight().detach().clone()
+        out[name] = layer.base_weight().detach().clone().reshape(layer.master_shape)
     return out
 
 

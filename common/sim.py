@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from lte.common.config import JobConfig, add_job_arguments, load_toml, resolve_job
+from lte.common.config import EXPLAIN_HELP, JobConfig, add_job_arguments, load_toml, resolve_job
 from lte.common.data import DATASET_NAMES, HeadBatches, load_dataset, stacked_batch
 from lte.common.lte import apply_updates
+from lte.common.model_check import startup_model_check
 from lte.common.precision import MixedPrecision
 from lte.common.progress import Progress
 from lte.common.trainer import (
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print one final JSON line with the results")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--explain-model", action="store_true", help=EXPLAIN_HELP)
     return parser
 
 
@@ -285,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         dataset = load_dataset(job.dataset, args.data_dir or file_values.get("data_dir"), seed=job.seed)
         job = job.with_dataset(dataset)
+        lte = not (args.full or args.diloco)  # the LTE warnings concern LTE runs only
+        heads = len(partition_heads(job.heads, args.workers)[0]) if lte else 1
+        explanation = startup_model_check(job, dataset, heads, args.explain_model, "lte-sim" if lte else "")
+        if explanation is not None:
+            print(explanation)
+            return 0
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"lte-sim: error: {exc}", file=sys.stderr)
         return 2

@@ -25,10 +25,11 @@ from lte.common.lte import (
     lte_layers,
     prepare_model,
     prepare_model_on_device,
-    replica_parameters,
     trainable_parameters,
+    uplink_tensors,
 )
 from lte.common.models import build_model
+from lte.common.policy import classify_model, expect_stacked_batch
 from lte.common.precision import MixedPrecision
 from lte.common.quant import QuantizedTensor, quantize
 
@@ -47,18 +48,22 @@ def build_job_model(job: JobConfig, seed: int | None = None) -> nn.Module:
 
 
 def linear_weight_names(model: nn.Module) -> list[str]:
-    """Master names of the weights that become LTE layers (every plain nn.Linear)."""
-    return [f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear]
+    """Master names of the weights that become LTE layers (the state policy's ``lte heads``)."""
+    return classify_model(model).head_names
 
 
 def make_snapshot(
-    master: Mapping[str, torch.Tensor], layer_names: Sequence[str], quant: str
+    master: Mapping[str, torch.Tensor], layer_names: Sequence[str], quant: str, skip: Sequence[str] = ()
 ) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """What workers load: LTE layer weights quantised (once per version), everything else as is."""
-    layers = set(layer_names)
+    """What workers load: LTE layer weights quantised as ``[m, n]`` matrices (once per version),
+    everything else as is; names in ``skip`` (tied aliases: the owner carries them) are left out."""
+    layers, skipped = set(layer_names), set(skip)
     return {
-        name: quantize(t.detach(), quant) if quant != "none" and name in layers else t.detach().clone()
+        name: quantize(t.detach().flatten(1), quant)
+        if quant != "none" and name in layers
+        else t.detach().clone()
         for name, t in master.items()
+        if name not in skipped
     }
 
 
@@ -158,6 +163,9 @@ class LocalTrainer:
         if base_from_snapshot:
             with torch.device("meta"):
                 plain = build_job_model(job)
+            # buffers outside the state_dict never come with a snapshot: only the model's code makes them
+            base_from_snapshot = not classify_model(plain).nonpersistent_buffers
+        if base_from_snapshot:
             self.model = prepare_model_on_device(plain, lte, self.device)
         else:
             self.model = prepare_model(build_job_model(job), lte).to(self.device)
@@ -172,6 +180,7 @@ class LocalTrainer:
         for layer in lte_layers(self.model).values():
             layer.cache_frozen = self.cache_frozen
         self.model.train()
+        expect_stacked_batch(self.model, job.batch_size * len(self.head_ids))
         self.optimizer = make_optimizer(trainable_parameters(self.model), job)
         self.streams = [
             HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed)
@@ -200,7 +209,7 @@ class LocalTrainer:
         moved = {k: v.to(self.device) for k, v in weights.items()}
         load_master_weights(self.model, moved)
         self.has_base = True
-        self.replica_base = {n: p.detach().clone() for n, p in replica_parameters(self.model).items()}
+        self.replica_base = {n: p.detach().clone() for n, p in uplink_tensors(self.model).items()}
 
     def load_head(self, local_index: int, factors, prev=None) -> None:
         """Continue a head that trained elsewhere from its last factors."""
@@ -283,6 +292,7 @@ class LocalTrainer:
         self.head_ids = [self.head_ids[i] for i in keep]
         self.streams = [self.streams[i] for i in keep]
         self.steps_done = [self.steps_done[i] for i in keep]
+        expect_stacked_batch(self.model, self.job.batch_size * len(self.head_ids))
 
     @torch.no_grad()
     def forget_merges(self, local_indices: Sequence[int]) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lte.common.config import add_job_arguments, load_toml, resolve_job
+from lte.common.config import EXPLAIN_HELP, add_job_arguments, load_toml, resolve_job
 from lte.common.logs import setup_logging
 from lte.server.run import ServerRun, StartError
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tensorboard", default=None, help="also write TensorBoard scalars to this folder")
     s.add_argument("--json", action="store_true", help="print one final JSON line with the results")
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.add_argument("--explain-model", action="store_true", help=EXPLAIN_HELP)
     return parser
 
 
@@ -203,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
 
         dataset = load_dataset(job.dataset, srv["data_dir"], seed=job.seed)
         job = job.with_dataset(dataset)
+        from lte.common.model_check import startup_model_check
+
+        local = int(srv["local_workers"] or 0)
+        heads = srv["heads_per_worker"] or (-(-job.heads // local) if local else job.heads)
+        explanation = startup_model_check(
+            job, dataset, heads, args.explain_model, "lte-server"
+        )  # refuses in one line
+        if explanation is not None:
+            print(explanation)
+            return 0
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2

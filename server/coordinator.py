@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from lte.common.config import UPLINK_CODECS, JobConfig
+from lte.common.model_check import checkpoint_mismatch, model_summary
+from lte.common.policy import classify_model
 from lte.common.protocol import (
     HEAD_PREFIX,
     PushMeta,
@@ -36,11 +38,12 @@ from lte.common.protocol import (
     head_tensor_name,
     replica_tensor_name,
 )
-from lte.common.trainer import build_job_model, linear_weight_names, lr_at
+from lte.common.trainer import build_job_model, lr_at
 from lte.server import checkpoint as ckpt
 from lte.server import scheduler
 from lte.server.aggregation import AcceptedPush, Aggregator, all_finite, staleness_discount
 from lte.server.evaluation import BackgroundTask, Evaluator
+from lte.server.failures import note_worker_failure
 from lte.server.scheduler import HeadState, Lease, Policy, RoundTimes
 from lte.server.snapshots import SNAPSHOT_ZSTD_LEVEL, Snapshot, SnapshotBuilder
 
@@ -90,15 +93,17 @@ class Coordinator:
         self.job, self.dataset, self.device = job, dataset, device
         self.clock = clock
         self.model = build_job_model(job).to(device)  # the master: a plain zoo model
+        self.policy = classify_model(self.model)  # the workers' policy (before freezing): what a push carries
         self.model.requires_grad_(False)
         self.master: dict[str, torch.Tensor] = dict(self.model.state_dict())
-        self.layer_names = linear_weight_names(self.model)
-        self.replica_names = [n for n in self.master if n not in set(self.layer_names)]
+        self.layer_names = self.policy.head_names
+        self.replica_names = self.policy.uplink_names
         self.heads_per_worker = heads_per_worker or job.heads
+        self.model_summary = model_summary(self.policy, job, self.heads_per_worker)  # for the dashboard
         self.lease_timeout_s, self.heartbeat_interval_s = lease_timeout_s, heartbeat_interval_s
         # A straggler is never called so before two missed heartbeats' worth of time. A free head
         # waits for a worker with room as long as a lease waits for a heartbeat, then goes to turns.
-        self.policy = Policy(
+        self.schedule = Policy(
             rounds_planned=job.rounds,
             lease_timeout_s=lease_timeout_s,
             straggler_factor=straggler_factor,
@@ -167,7 +172,7 @@ class Coordinator:
 
     @property
     def rounds_planned(self) -> int:
-        return self.policy.rounds_planned
+        return self.schedule.rounds_planned
 
     # -- leases and the head scheduler ------------------------------------------------------------
     def register(self, worker: dict[str, Any]) -> tuple[Lease, list[HeadState]]:
@@ -222,16 +227,13 @@ class Coordinator:
             return self.version, self.done
 
     def leave(self, lease_id: str, reason: str = "") -> None:
-        """Give a lease back. A reason starting with "failed" marks the worker failed (shown on the dashboard)."""
+        """Give a lease back. A reason starting with "failed:" marks the worker failed (log and dashboard)."""
         with self.lock:
             lease = self.leases.get(lease_id)
             if lease is None or not lease.live:
                 return
-            failed = reason.startswith("failed")
-            if failed:
-                lease.reason = reason[:500]
-                _log.warning("worker %s gave up its lease: %s", lease.worker_id, lease.reason)
-            self._release(lease, "failed" if failed else "left")
+            self._release(lease, "left")
+            note_worker_failure(lease, reason)
             self._schedule(self.clock())
 
     def expire_leases(self) -> list[str]:
@@ -242,7 +244,7 @@ class Coordinator:
 
     def _schedule(self, now: float) -> list[str]:
         """Apply the scheduler's plan (under the lock); returns the leases it expired."""
-        plan = scheduler.plan(self.heads, self.leases, now, self.policy, self.round_times.median)
+        plan = scheduler.plan(self.heads, self.leases, now, self.schedule, self.round_times.median)
         for lease_id in plan.expire:
             self._release(self.leases[lease_id], "expired")
         for lease_id, h, why in plan.revoke:
@@ -337,7 +339,12 @@ class Coordinator:
 
         def copy_master() -> tuple[int, dict[str, torch.Tensor]]:
             with self.lock:
-                return self.version, {name: t.detach().clone() for name, t in self.master.items()}
+                layers = set(self.layer_names)
+                return self.version, {  # a memcpy under the lock; quantised and compressed outside it
+                    name: (t.flatten(1) if name in layers else t).detach().clone()  # a conv kernel as [m, n]
+                    for name, t in self.master.items()
+                    if name not in self.policy.ties  # a tied alias: its owner carries the value
+                }
 
         return self.snapshots.get(version_now, copy_master)
 
@@ -373,7 +380,7 @@ class Coordinator:
         r = self.job.rank
         shapes: dict[str, tuple[int, ...]] = {}
         for name in self.layer_names:
-            m, n = self.master[name].shape
+            m, n = self.master[name].flatten(1).shape
             shapes[f"{name}/B"] = (m, r)
             shapes[f"{name}/A"] = (r, n)
         return shapes
@@ -383,7 +390,7 @@ class Coordinator:
         out = {}
         for h in head_ids:
             for layer in self.layer_names:
-                m, n = self.master[layer].shape
+                m, n = self.master[layer].flatten(1).shape
                 out[head_tensor_name(h, layer, "B")] = (m, self.job.rank)
                 out[head_tensor_name(h, layer, "A")] = (self.job.rank, n)
         out.update({replica_tensor_name(n): tuple(self.master[n].shape) for n in self.replica_names})
@@ -665,6 +672,9 @@ class Coordinator:
                 "the checkpoint belongs to another job; differing settings: "
                 + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {getattr(self.job, k)!r})" for k in diff)
             )
+        mismatch = checkpoint_mismatch(self.master, tensors)
+        if mismatch:
+            raise ValueError(mismatch)
         with self.lock:
             for name in self.master:
                 key = f"master/{name}"
@@ -732,6 +742,7 @@ class Coordinator:
             done, planned = self.progress()
             return {
                 "job": self.job.to_dict(),
+                "model": self.model_summary,
                 "version": self.version,
                 "done": self.done,
                 "samples": self.samples,
@@ -771,8 +782,8 @@ class Coordinator:
                         "pushes": l.pushes,
                         "bytes_up": l.bytes_up,
                         "bytes_down": l.bytes_down,
-                        "state": l.state,
-                        "reason": l.reason,
+                        "state": "failed" if l.failure else l.state,
+                        "failure": l.failure,
                         "train_loss": l.last_loss,
                     }
                     for l in self.leases.values()

@@ -28,7 +28,9 @@ from pydantic import BaseModel, Field
 STATIC_DIR = Path(__file__).parent / "static"
 RATE_WINDOW_S = 60.0  # merges per minute and samples/s are measured over this much recent time
 MAX_CURVE_POINTS = 500  # longer eval curves are thinned evenly, so a poll stays small in long runs
-WORKER_STATES = ("starting", "registered", "pulling", "waiting", "training", "pushing", "left", "expired")
+WORKER_STATES = (
+    "starting", "registered", "pulling", "waiting", "training", "pushing", "left", "expired", "failed",
+)  # fmt: skip
 GONE_STATES = ("left", "expired", "failed")
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -58,7 +60,7 @@ class WorkerStatus(BaseModel):
     bytes_down: int = Field(0, description="bytes it received (snapshots)")
     state: str = Field(description="one of: " + ", ".join(WORKER_STATES))
     train_loss: float | None = Field(None, description="training loss of its last push; null before one")
-    reason: str = Field("", description="why it failed, when it gave its lease back as failed")
+    failure: str = Field("", description="failed: why the worker could not train its lease (it gave it back)")
 
 
 class HistoryPoint(BaseModel):
@@ -118,6 +120,11 @@ class JobStatus(BaseModel):
     train_loss: float | None = Field(None, description="of the newest merge")
     test_loss: float | None = Field(None, description="of the newest evaluation")
     test_accuracy: float | None = Field(None, description="of the newest evaluation that has one")
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="how the model trains (as --explain-model): entries per kind, a worker's memory, "
+        "bytes per round up and per version down, the full-rank share of the uplink, warnings",
+    )
     workers: list[WorkerStatus]
     free_heads: list[int] = Field(default_factory=list, description="heads no worker holds")
     history: list[HistoryPoint] = Field(description="the newest merges, oldest first")
@@ -182,6 +189,7 @@ def job_status(st: dict[str, Any]) -> JobStatus:
     done_rounds = int(st.get("head_rounds_done", applied) or 0)
     return JobStatus(
         job=st.get("job") or {},
+        model=st.get("model") or {},
         version=st["version"],
         done=bool(st.get("done")),
         samples=st.get("samples", 0),

@@ -62,7 +62,7 @@ class Lease:
     bytes_up: int = 0
     bytes_down: int = 0
     last_loss: float = float("nan")
-    reason: str = ""  # why it ended, when a worker reported a failure
+    failure: str = ""  # why the worker could not train this lease (it gave the lease back)
     held_before: set[int] = field(default_factory=set)  # every head it ever held: a late push is "moved"
 
     @property

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from lte.common import grpc_options
 from lte.common.codec import decode_tensor, decode_tensor_quantized, get_codec
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_dataset
+from lte.common.failure import leave_reason, training_failure
 from lte.common.lte import lte_layers
 from lte.common.progress import Progress, format_bytes
 from lte.common.protocol import (
@@ -167,6 +169,7 @@ class Worker:
         self.bytes_up = self.bytes_down = 0
         self.rounds = 0  # pushes acknowledged
         self.head_rounds = 0  # rounds of heads acknowledged (a push of k heads counts k)
+        self.failure = ""  # why this worker could not train its lease; sent with Leave
         self.state = "starting"
         self.samples_per_s = 0.0
         self.heartbeat_interval_s = 5.0
@@ -497,6 +500,15 @@ class Worker:
                 f"up {format_bytes(self.bytes_up)}, down {format_bytes(self.bytes_down)}"
             )
             return 0
+        except grpc.RpcError:
+            raise
+        except Exception as exc:  # cannot build or train this lease: give it back (leave, below), say why
+            self.failure = training_failure(exc)
+            print(
+                f"lte-worker: error: cannot train heads {list(self.next_rounds)}: {self.failure}",
+                file=sys.stderr,
+            )
+            return 2
         finally:
             self.stop.set()
             if progress:
@@ -579,12 +591,14 @@ class Worker:
                 return reply
             return None
 
-    def leave(self, reason: str = "done") -> None:
+    def leave(self) -> None:
         if not self.lease_id:
             return
         try:
             self.stub.Leave(
-                pb.LeaveRequest(lease_id=self.lease_id, reason=reason), metadata=self.metadata, timeout=2
+                pb.LeaveRequest(lease_id=self.lease_id, reason=leave_reason(self.failure)),
+                metadata=self.metadata,
+                timeout=2,
             )
         except grpc.RpcError:
             pass  # the server may already be gone; its reaper returns the heads

@@ -258,7 +258,9 @@
       badge.className = "badge";
       badge.dataset.state = w.state;
       badge.textContent = w.state;
+      if (w.failure) badge.title = w.failure;
       state.appendChild(badge);
+      if (w.failure) state.appendChild(document.createTextNode(" " + w.failure));
       fragment.appendChild(tr);
     }
     body.replaceChildren(fragment);
@@ -313,11 +315,20 @@
     }
   }
 
+  function renderModel(m) {
+    if (!m.entries) return;
+    const kinds = Object.entries(m.entries).map(([k, n]) => `${n} ${k}`).join(", ");
+    const share = `${(100 * (m.full_rank_up_share || 0)).toFixed(1)} %`;
+    setText("#model-summary", `${kinds}; a worker holds ${fmtBytes(m.memory_bytes)}, sends ${fmtBytes(m.up_bytes_per_round)} per round (${share} full-rank), receives ${fmtBytes(m.down_bytes_per_version)} per version`);
+    setText("#model-warnings", (m.warnings || []).map((w) => "warning: " + w).join(" "));
+  }
+
   function render(st) {
     lastStatus = st;
     renderSummary(st);
     renderWorkers(st.workers);
     renderJob(st.job || {});
+    renderModel(st.model || {});
     renderCharts(st);
     setText("#updated", new Date().toLocaleTimeString());
   }

@@ -1,0 +1,270 @@
+"""How every parameter and buffer of a user's model is trained: the state policy, in one place.
+
+``classify_model`` sorts each entry of a model's ``state_dict`` into one kind:
+
+- ``lte heads``: a matrix weight of a module in ``LTE_MODULES`` (``nn.Linear`` and its
+  subclasses, ``nn.MultiheadAttention``'s packed input and output projections, ``nn.Conv2d`` as a
+  matrix over its unfolded patches). The server holds it; workers train LoRA heads on ``q(W)``.
+- ``replica``: any other trainable parameter. Each worker trains a copy; deltas are averaged.
+- ``averaged buffer``: running statistics of norm layers (``running_mean``, ``running_var``,
+  ``num_batches_tracked``): each worker updates its copy; deltas are averaged like replicas, so
+  the master's statistics are the workers' average (weighted by heads).
+- ``worker-local buffer``: every other buffer: loaded from the server's snapshot, never pushed.
+- ``frozen``: a parameter with ``requires_grad=False``: loaded from the snapshot, never pushed.
+- ``tied``: a second name of a parameter or buffer (weight tying): it carries nothing itself;
+  its owner (the first name, as ``named_parameters`` orders them) is trained, and the tie holds
+  on every worker and in the exported ``state_dict`` (both names, equal values).
+
+The worker (``prepare_model``), ``lte-sim`` and the server (push expectations, start-up check,
+``--explain-model``) all use this one function. Adding a kind of matrix is one row of
+``LTE_MODULES`` (say ``(nn.Embedding, LTEEmbedding)``), given an LTE module with the same
+interface (``matrices``, ``unsupported``, ``from_module``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from lte.common.lte import LTEConfig, LTEConv2d, LTELinear, LTEMultiheadAttention, lte_layers
+
+HEADS, REPLICA, AVERAGED, LOCAL, FROZEN, TIED = (
+    "lte heads",
+    "replica",
+    "averaged buffer",
+    "worker-local buffer",
+    "frozen",
+    "tied",
+)
+KINDS = (HEADS, REPLICA, AVERAGED, LOCAL, FROZEN, TIED)
+
+# Plain module type -> its LTE replacement. isinstance match (subclasses count unless they override
+# forward); the first row that matches wins; a matched module's submodules are never matched apart.
+LTE_MODULES: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
+    (nn.MultiheadAttention, LTEMultiheadAttention),
+    (nn.Conv2d, LTEConv2d),
+    (nn.Linear, LTELinear),
+)
+
+# Module type -> buffers averaged across workers like replicas; every other buffer is worker-local.
+AVERAGED_BUFFERS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (_NormBase, ("running_mean", "running_var", "num_batches_tracked")),
+)
+
+
+class ModelRefused(ValueError):
+    """The model cannot train with LTE as configured; the message names the tensor and the fix."""
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """One ``state_dict`` entry: its kind, shape, dtype, owning module type, and why (``note``)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    module: str
+    note: str = ""
+    owner: str | None = None  # tied: the name that carries the value
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ModelPolicy:
+    """The classified state of a model (names are the plain model's ``state_dict`` names)."""
+
+    entries: dict[str, StateEntry]
+    converted: dict[str, tuple[type[nn.Module], int]]  # module path -> (LTE class, first layer index)
+    nonpersistent_buffers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def names(self, *kinds: str) -> list[str]:
+        return [n for n, e in self.entries.items() if e.kind in kinds]
+
+    @property
+    def head_names(self) -> list[str]:
+        """Matrix weights with LTE heads (master names)."""
+        return self.names(HEADS)
+
+    @property
+    def uplink_names(self) -> list[str]:
+        """What a push carries besides factors: replicas and averaged buffers, in state_dict order."""
+        return self.names(REPLICA, AVERAGED)
+
+    @property
+    def ties(self) -> dict[str, str]:
+        """Tied name -> owner name."""
+        return {n: e.owner for n, e in self.entries.items() if e.kind == TIED and e.owner}
+
+
+def _match(module: nn.Module) -> type[nn.Module] | None:
+    for plain, lte in LTE_MODULES:
+        if isinstance(module, plain):
+            return lte
+    return None
+
+
+def tied_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Owner name -> its other names, for every parameter or buffer registered under several names."""
+    names: dict[int, list[str]] = {}
+    for name, t in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(t), []).append(name)
+    for name, t in model.named_buffers(remove_duplicate=False):
+        names.setdefault(id(t), []).append(name)
+    return {group[0]: group[1:] for group in names.values() if len(group) > 1}
+
+
+def retie(model: nn.Module, ties: dict[str, list[str]]) -> None:
+    """Make every alias in ``ties`` (owner -> aliases) the owner's tensor again, in place."""
+    for owner, aliases in ties.items():
+        owner_module, _, owner_attr = owner.rpartition(".")
+        value = getattr(model.get_submodule(owner_module), owner_attr)
+        for alias in aliases:
+            path, _, attr = alias.rpartition(".")
+            module = model.get_submodule(path)
+            if isinstance(value, nn.Parameter):
+                setattr(module, attr, value)
+            else:
+                module._buffers[attr] = value
+
+
+def averaged_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers averaged across workers (``AVERAGED_BUFFERS``), by their state_dict names."""
+    out: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        for kind, names in AVERAGED_BUFFERS:
+            if isinstance(module, kind):
+                for b in names:
+                    value = module._buffers.get(b)
+                    if value is not None and b not in module._non_persistent_buffers_set:
+                        out[f"{path}.{b}" if path else b] = value
+    return out
+
+
+def classify_model(
+    model: nn.Module,
+    *,
+    exclude: Sequence[str] = (),
+    replicas: bool = True,
+    strict: bool = True,
+    heads: int = 1,
+) -> ModelPolicy:
+    """Classify every ``state_dict`` entry of the plain ``model`` (works on the meta device).
+
+    ``heads``: the most heads one process holds (only for the batch-norm warning). Raises
+    ``ModelRefused`` in strict mode when a trainable parameter would be covered by neither heads
+    nor replicas (an excluded matrix left trainable, any trainable parameter with ``replicas=False``).
+    """
+    ties = tied_groups(model)
+    alias_of = {alias: owner for owner, aliases in ties.items() for alias in aliases}
+    tied_ids = {id(t) for n, t in model.named_parameters() if n in ties}
+    heads_names: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    converted: dict[str, tuple[type[nn.Module], int]] = {}
+    inside: list[str] = []  # paths of matched modules: their submodules are theirs
+    index = 0
+    for path, module in model.named_modules():
+        if any(path.startswith(p + ".") for p in inside):
+            continue
+        lte_cls = _match(module)
+        if lte_cls is None:
+            continue
+        inside.append(path)
+        matrices = lte_cls.matrices(module)
+        first, index = index, index + len(matrices)  # excluded ones keep their index: seeds stay put
+        names = [f"{path}.{m}" if path else m for m in matrices]
+        params = [module.get_parameter(m) for m in matrices]
+        why = None
+        if path in exclude:
+            why = "excluded (--exclude)"
+        elif reason := lte_cls.unsupported(module):
+            why = f"not converted: {reason}"
+        elif any(id(p) in tied_ids or n in alias_of for n, p in zip(names, params, strict=True)):
+            why = "not converted: its weight is tied (the tie's owner trains as a replica)"
+        elif not all(p.requires_grad for p in params):
+            why = "frozen matrix"
+        if why is None:
+            converted[path] = (lte_cls, first)
+            heads_names.update(dict.fromkeys(names, type(module).__name__))
+        else:
+            notes.update(dict.fromkeys(names, why))
+    modules = dict(model.named_modules())
+    averaged = set(averaged_buffers(model))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    entries: dict[str, StateEntry] = {}
+    uncovered: list[str] = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        path = name.rpartition(".")[0]
+        module_type = type(modules[path]).__name__
+        shape, dtype = tuple(t.shape), t.dtype
+        note = notes.get(name, "")
+        if name in alias_of:
+            entries[name] = StateEntry(
+                name, TIED, shape, dtype, module_type, f"tied to {alias_of[name]}", alias_of[name]
+            )
+            continue
+        if name in heads_names:
+            kind = HEADS
+        elif name in params:
+            if not params[name].requires_grad:
+                kind = FROZEN
+            elif not replicas:
+                kind = REPLICA
+                uncovered.append(name)
+            else:
+                kind = REPLICA
+                if name in notes and notes[name].startswith("excluded"):
+                    uncovered.append(f"{name} (excluded matrix left trainable)")
+        elif name in averaged:
+            kind = AVERAGED
+        else:
+            kind = LOCAL
+        entries[name] = StateEntry(name, kind, shape, dtype, module_type, note)
+    if uncovered and strict:
+        raise ModelRefused(
+            f"model: trainable parameter {uncovered[0]} is covered by neither LTE heads nor replicas"
+            + (f" (and {len(uncovered) - 1} more)" if len(uncovered) > 1 else "")
+            + "; freeze it (requires_grad=False) or let it train as a replica"
+        )
+    persistent = set(entries)
+    nonpersistent = [n for n, _ in model.named_buffers() if n not in persistent]
+    policy = ModelPolicy(entries, converted, nonpersistent)
+    if heads > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules.values()):
+        policy.warnings.append(
+            f"batch norm computes its statistics over the stacked batch of a worker's {heads} heads: "
+            "the heads' samples mix in each normalisation (use LayerNorm/GroupNorm, or one head per worker)"
+        )
+    return policy
+
+
+def convert_model(model: nn.Module, config: LTEConfig) -> nn.Module:
+    """Replace, in place, every module the policy converts with its LTE module; returns ``model``."""
+    policy = classify_model(model, exclude=config.exclude, replicas=config.replicas, strict=config.strict)
+    for path, (lte_cls, index) in policy.converted.items():
+        module = model.get_submodule(path)
+        layer = lte_cls.from_module(module, config, index)
+        if path:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+        else:
+            raise ModelRefused(f"model: the model itself is a {type(module).__name__}; wrap it in a module")
+    for name, layer in lte_layers(model).items():
+        layer.name = name
+    return model
+
+
+def expect_stacked_batch(model: nn.Module, rows: int | None) -> None:
+    """Every LTE layer checks in training that dim 0 of its input is ``rows`` (heads x batch)."""
+    for layer in lte_layers(model).values():
+        layer.expected_rows = rows
