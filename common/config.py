@@ -14,6 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from lte.common.images import AUGMENTS
 from lte.common.lte import A_INITS, LTEConfig
 from lte.common.quant import QUANT_KINDS
 
@@ -57,9 +58,15 @@ class JobConfig:
     eps: float = 1e-8
     dtype: str = "float32"
     max_chunk_bytes: int = 1 << 20
+    classes: tuple[str, ...] = ()  # class names, filled from the dataset: a worker maps its folders by name
+    augment: str = (
+        ""  # training augmentation: none | crop-flip; "": the dataset's (crop-flip for image folders)
+    )
 
     def __post_init__(self) -> None:
+        self.classes = tuple(str(c) for c in self.classes)  # a TOML list or a proto repeated field
         checks = [
+            (self.augment in ("", *AUGMENTS), f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
             (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
             (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
             (self.merge_every >= 1, f"merge_every must be >= 1, got {self.merge_every}"),
@@ -143,6 +150,8 @@ class JobConfig:
             in_channels=self.in_channels or dataset.in_channels,
             num_classes=self.num_classes or dataset.output_dim,
             task=self.task or dataset.task,
+            classes=self.classes or tuple(dataset.extras.get("classes", ())),
+            augment=self.augment or dataset.extras.get("augment", "none"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +192,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset", help=f"digits | fashion-mnist | imagefolder | synthetic-regression [{d.dataset}]"
     )
     g.add_argument("--image-size", type=int, help="input side in pixels [the dataset's]")
+    g.add_argument(
+        "--augment",
+        choices=AUGMENTS,
+        help="training augmentation: none | crop-flip (random resized crop + horizontal flip) "
+        "[crop-flip for image folders, else none]",
+    )
     g.add_argument("--patch-size", type=int, help="ViT patch size [zoo default for the image size]")
     g.add_argument("--heads", type=int, help=f"N, LoRA heads in the whole job [{d.heads}]")
     g.add_argument("--rank", type=int, help=f"r, rank of each head [{d.rank}]")

@@ -43,6 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None, help="dataset folder (Fashion-MNIST IDX files, imagefolder root)"
     )
     s.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="skip (and count) image files that do not decode instead of stopping [stop]",
+    )
+    s.add_argument(
+        "--loader-workers",
+        type=int,
+        default=None,
+        help="DataLoader processes decoding streamed images: the server's evaluation uses this many, "
+        "--local-workers get it too [0 here, 2 on local workers]",
+    )
+    s.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="evaluate on a fixed class-balanced subset of K test samples, 0 for all [0]",
+    )
+    s.add_argument(
         "--heads-per-worker",
         type=int,
         default=None,
@@ -136,6 +155,9 @@ SERVER_DEFAULTS = {
     "local_workers": 0,
     "worker_device": "cpu",
     "data_dir": None,
+    "skip_bad_images": False,
+    "loader_workers": -1,
+    "eval_samples": 0,
     "threads": 0,
     "rpc_threads": 0,
     "dashboard_host": "127.0.0.1",
@@ -235,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_toml(public_settings({**job.to_dict(), **srv})), end="")
             return 0
-        from lte.common.data import load_dataset
+        from lte.common.data import eval_subset, load_job_dataset
 
-        dataset = load_dataset(job.dataset, srv["data_dir"], seed=job.seed)
+        dataset = load_job_dataset(job, srv["data_dir"], skip_bad_images=srv["skip_bad_images"])
+        dataset = eval_subset(dataset, srv["eval_samples"], job.seed)
         job = job.with_dataset(dataset)
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
@@ -301,6 +324,7 @@ def serve(
         keep_checkpoints=srv["keep_checkpoints"],
         metrics_path=out_dir / "metrics.jsonl",
     )
+    coordinator.eval_loader_workers = max(0, srv["loader_workers"])
     if srv["resume"]:
         try:
             state, tensors = load_checkpoint(srv["resume"])
@@ -394,6 +418,7 @@ def serve(
             str(os.getpid()),
             "--quiet",
             *tls,
+            *local_data_args(srv),
         ]
         for i in range(local)
     ]
@@ -430,7 +455,13 @@ def serve(
                 )
         if progress:
             progress.close()
-        final = coordinator.evaluate_now()
+        try:
+            final = coordinator.evaluate_now()
+        except Exception as exc:  # the trained model is worth more than its last score: export it anyway
+            log.error(
+                "final evaluation failed (%s: %s); exporting the model without it", type(exc).__name__, exc
+            )
+            final = {"test_loss": None, "test_accuracy": None}
         model_path = coordinator.export(out_dir / "model.safetensors")
         summary = {
             "test_accuracy": final.get("test_accuracy"),
@@ -483,6 +514,16 @@ def serve(
             dashboard.stop()
         server.stop()
     return code
+
+
+def local_data_args(srv: dict) -> list[str]:
+    """The data options a local worker needs to load the job's dataset as the server does."""
+    args = ["--data-dir", str(srv["data_dir"])] if srv["data_dir"] else []
+    if srv["skip_bad_images"]:
+        args.append("--skip-bad-images")
+    if srv["loader_workers"] >= 0:
+        args += ["--loader-workers", str(srv["loader_workers"])]
+    return args
 
 
 def tensorboard_sink(directory: str):

@@ -144,6 +144,7 @@ class Coordinator:
     # back") and per-version records (all of them are in metrics.jsonl) are bounded in memory.
     max_ended_leases = 1_000
     max_history = 10_000
+    eval_loader_workers = 0  # DataLoader processes of a streamed evaluation (lte-server --loader-workers)
 
     def __init__(
         self,
@@ -615,7 +616,9 @@ class Coordinator:
         with self.lock:
             version, samples = self.version, self.samples
             self._eval_model.load_state_dict(self.master)  # a copy: training goes on meanwhile
-        result = evaluate(self._eval_model, self.dataset, device=self.device)
+        result = evaluate(
+            self._eval_model, self.dataset, device=self.device, loader_workers=self.eval_loader_workers
+        )
         record = {
             "version": version,
             "samples": samples,

@@ -52,6 +52,8 @@ def job_to_proto(job: JobConfig) -> pb.JobConfig:
         eps=job.eps,
         compute_dtype=job.dtype,
         zstd_level=job.zstd_level,
+        classes=list(job.classes),
+        augment=job.augment,
     )
 
 

@@ -24,7 +24,7 @@ from lte import __version__
 from lte.common import grpc_options
 from lte.common.codec import decode_tensor, decode_tensor_quantized, encode_tensor, get_codec
 from lte.common.config import JobConfig
-from lte.common.data import Dataset, load_dataset
+from lte.common.data import Dataset, load_job_dataset
 from lte.common.lte import lte_layers
 from lte.common.progress import Progress
 from lte.common.trainer import LocalTrainer
@@ -94,6 +94,8 @@ def job_from_proto(j: pb.JobConfig) -> JobConfig:
         eps=j.eps,
         dtype=j.compute_dtype,
         max_chunk_bytes=j.max_chunk_bytes,
+        classes=tuple(j.classes),
+        augment=j.augment,
     )
 
 
@@ -133,6 +135,8 @@ class Worker:
         max_heads: int = 0,
         data: str | None = None,
         data_dir: str | None = None,
+        skip_bad_images: bool = False,
+        loader_workers: int = 0,
         name: str = "",
         quiet: bool = False,
         give_up_after_s: float = 300.0,
@@ -147,6 +151,7 @@ class Worker:
         self.show_progress = show_progress  # the one-line display; off when logs are JSON lines
         self.server, self.device = server, torch.device(device)
         self.max_heads, self.data, self.data_dir = max_heads, data, data_dir
+        self.skip_bad_images, self.loader_workers = skip_bad_images, loader_workers
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.quiet, self.give_up_after_s, self.parent_pid = quiet, give_up_after_s, parent_pid
         self.metadata = metadata
@@ -225,10 +230,8 @@ class Worker:
         self.next_rounds = {h.head_id: h.next_round for h in reply.heads}
         self._start_heartbeat()  # now: building the model and the first pull can outlast the lease timeout
         if self.dataset is None or self.job is None or self.job.dataset != job.dataset:
-            self.dataset = (
-                _user_data(self.data, job)
-                if self.data
-                else load_dataset(job.dataset, self.data_dir, seed=job.seed)
+            self.dataset = load_job_dataset(
+                job, self.data_dir, own_data=self.data, skip_bad_images=self.skip_bad_images
             )
         same = self.trainer is not None and self.trainer.head_ids == head_ids and self.job == job
         self.job = job
@@ -241,6 +244,7 @@ class Worker:
                 steps_done=[h.steps_done for h in reply.heads],
                 wire_rounded=True,  # push() rounds the factors to the uplink codec before each commit
                 base_from_snapshot=True,  # the pull below brings the base: never build an fp32 copy
+                loader_workers=self.loader_workers,
             )
         else:  # same heads again (a server restart, an expired lease): take the server's view of them
             self.trainer.steps_done = [h.steps_done for h in reply.heads]
@@ -496,13 +500,3 @@ class Worker:
         finally:
             self.lease_id = ""
             self.channel.close()
-
-
-def _user_data(path: str, job: JobConfig) -> Dataset:
-    """A worker's own data: an image folder, or Fashion-MNIST-style IDX files in a folder."""
-    from pathlib import Path
-
-    p = Path(path)
-    if any(p.glob("*idx3-ubyte*")):
-        return load_dataset("fashion-mnist", str(p), seed=job.seed)
-    return load_dataset("imagefolder", str(p), seed=job.seed, image_size=job.image_size)
