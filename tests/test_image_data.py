@@ -265,3 +265,48 @@ def test_local_workers_stream_the_servers_folder_and_export_survives_a_failed_ev
     assert summary["version"] == 2 and summary["test_loss"] is None
     assert Path(summary["model"]).is_file()
     assert "final evaluation failed" in run.stderr and "9.jpg" in run.stderr
+
+
+def test_sync_over_the_network_on_a_streamed_augmented_folder_equals_the_emulator(tmp_path: Path) -> None:
+    from lte.common.sim import run_lte
+    from lte.server.app import ParameterServer
+    from lte.server.coordinator import Coordinator
+    from tests.cluster import worker_processes
+
+    data = tmp_path / "data"
+    write_classes(data, {"a": 10, "b": 10, "c": 10}, size=20)
+    ds = load_dataset("imagefolder", str(data), image_size=8)
+    job = job_of(ds, heads=2, steps=4, merge_every=2, uplink="fp32", quant="none")
+    assert job.augment == "crop-flip"
+    expected = run_lte(job, ds, workers=2).master
+    server = ParameterServer(Coordinator(job, ds, heads_per_worker=1), host="127.0.0.1", port=0).start()
+    try:
+        args = ["--quiet", "--max-heads", "1", "--data-dir", str(data), "--loader-workers", "1"]
+        with worker_processes(server.address, [args] * 2, log_dir=tmp_path) as procs:
+            assert server.wait_done(timeout=240), [p.poll() for p in procs]
+        got = server.coordinator.plain_state()
+    finally:
+        server.stop(grace=0.5)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_a_worker_whose_folders_do_not_fit_the_job_stops_with_one_line(tmp_path: Path) -> None:
+    from lte.server.app import ParameterServer
+    from lte.server.coordinator import Coordinator
+    from tests.cluster import worker_processes
+
+    write_classes(tmp_path / "job", {"a": 6, "b": 6})
+    write_classes(tmp_path / "extra", {"a": 4, "b": 4, "z": 4})
+    ds = load_dataset("imagefolder", str(tmp_path / "job"), image_size=8)
+    server = ParameterServer(Coordinator(job_of(ds), ds), host="127.0.0.1", port=0).start()
+    try:
+        with worker_processes(
+            server.address, [["--data", str(tmp_path / "extra")]], log_dir=tmp_path
+        ) as procs:
+            assert procs[0].wait(timeout=240) == 2
+        log = (tmp_path / "worker-0.log").read_text()
+        assert "lte-worker: error: imagefolder: class folder(s) ['z']" in log and "Traceback" not in log
+        assert all(w["state"] == "left" for w in server.coordinator.status()["workers"])  # heads handed back
+    finally:
+        server.stop(grace=0.5)
