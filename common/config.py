@@ -189,7 +189,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"zoo model (mlp, vit-tiny, vit-s, vit-b, vit-l) or package.module:factory [{d.model}]",
     )
     g.add_argument(
-        "--dataset", help=f"digits | fashion-mnist | imagefolder | synthetic-regression [{d.dataset}]"
+        "--dataset",
+        help=f"digits | fashion-mnist | imagefolder | webdataset | synthetic-regression [{d.dataset}]",
     )
     g.add_argument("--image-size", type=int, help="input side in pixels [the dataset's]")
     g.add_argument(

@@ -1,7 +1,7 @@
 """Offline datasets and deterministic, stateless per-head batching.
 
 Datasets: scikit-learn's bundled digits, Fashion-MNIST from local IDX files, a user's
-class-per-folder image tree, and the paper's synthetic full-rank linear regression (App. A.3).
+class-per-folder image tree or WebDataset shards (both streamed from disk), and the paper's synthetic full-rank linear regression (App. A.3).
 
 Batching is a pure function of (seed, head_id, step): a head can move to another process
 or worker and resume exactly where it stopped, with no iterator state to carry over.
@@ -30,7 +30,7 @@ from lte.common.images import IMAGE_EXTENSIONS, ImageFiles, channel_stats, scan_
 
 _log = logging.getLogger("lte.data")
 
-DATASET_NAMES = ("digits", "fashion-mnist", "imagefolder", "synthetic-regression")
+DATASET_NAMES = ("digits", "fashion-mnist", "imagefolder", "webdataset", "synthetic-regression")
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -106,7 +106,8 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwa
     kwargs per dataset:
       digits: test_fraction=0.2
       fashion-mnist: none (the official 60000/10000 split)
-      imagefolder: image_size=32, grayscale=False, test_fraction=0.2 (data_dir required)
+      imagefolder, webdataset: image_size=32, grayscale=False, channels=0, test_fraction=0.2,
+        classes=None, augment="crop-flip", skip_bad_images=False (data_dir required)
       synthetic-regression: d_in=64, d_out=64, num_train=4096, num_test=1024, noise_std=0.0
     """
     key = name.lower().replace("_", "-")
@@ -114,6 +115,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwa
         "digits": _load_digits,
         "fashion-mnist": _load_fashion_mnist,
         "imagefolder": _load_imagefolder,
+        "webdataset": _load_webdataset,
         "synthetic-regression": _load_synthetic_regression,
     }
     if key not in loaders:
@@ -391,21 +393,120 @@ def _load_imagefolder(
         test_files = [files[i] for i in test_idx.tolist()]
         train_y, test_y = y[train_idx], y[test_idx]
     train_x = ImageFiles(train_files, image_size, channels, augment=augment, skip_bad=skip_bad_images)
+    test_x = ImageFiles(test_files, image_size, channels, skip_bad=skip_bad_images)
+    return _image_dataset("imagefolder", root, train_x, train_y, test_x, test_y, class_names, seed)
+
+
+def _image_dataset(
+    name: str,
+    root: Path,
+    train_x: ImageFiles,
+    train_y: torch.Tensor,
+    test_x: ImageFiles,
+    test_y: torch.Tensor,
+    class_names: list[str],
+    seed: int,
+) -> Dataset:
+    """A streamed image Dataset, normalised with the stats of a fixed sample of training files."""
     mean, std = channel_stats(train_x, EVAL_STATS_SAMPLE, seed)
-    train_x = train_x.with_normalisation(mean, std)
-    test_x = ImageFiles(test_files, image_size, channels, mean=mean, std=std, skip_bad=skip_bad_images)
     return Dataset(
-        name="imagefolder",
-        train_x=train_x,
+        name=name,
+        train_x=train_x.with_normalisation(mean, std),
         train_y=train_y,
-        test_x=test_x,
+        test_x=test_x.with_normalisation(mean, std),
         test_y=test_y,
         num_classes=len(class_names),
-        in_channels=channels,
-        image_size=image_size,
+        in_channels=train_x.channels,
+        image_size=train_x.image_size,
         task="classification",
-        extras={"classes": class_names, "mean": mean, "std": std, "root": str(root), "augment": augment},
+        extras={
+            "classes": class_names,
+            "mean": mean,
+            "std": std,
+            "root": str(root),
+            "augment": train_x.augment,
+        },
     )
+
+
+# ---------------------------------------------------------------------------------------
+# webdataset: .tar shards (common/shards.py), root/train/*.tar with root/val|test/*.tar, or root/*.tar
+
+
+def _load_webdataset(
+    data_dir: str | None,
+    *,
+    seed: int,
+    image_size: int = 0,
+    grayscale: bool = False,
+    channels: int = 0,
+    test_fraction: float = 0.2,
+    classes: tuple[str, ...] | list[str] | None = None,
+    augment: str = "",
+    skip_bad_images: bool = False,
+) -> Dataset:
+    """Samples of WebDataset shards, streamed by random access; options as for imagefolder.
+
+    Class names: ``root/classes.txt`` (one per line, label i on line i), else "0", "1", ...
+    """
+    from lte.common.shards import index_shards, shard_files
+
+    if data_dir is None:
+        raise ValueError("the webdataset dataset needs a folder of .tar shards: pass --data-dir")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"webdataset: {root} is not a directory")
+    image_size, channels, augment = (
+        image_size or 32,
+        channels or (1 if grayscale else 3),
+        augment or "crop-flip",
+    )
+    train_root, test_root = _split_folders(root)
+    train_shards = shard_files(train_root)
+    if not train_shards:
+        raise ValueError(f"webdataset: no .tar shards in {train_root}")
+    paths, members, y = index_shards(train_shards)
+    names_file = root / "classes.txt"
+    if names_file.is_file():
+        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    else:
+        names = [str(i) for i in range(int(y.max()) + 1 if y.numel() else 0)]
+
+    def relabel(labels: torch.Tensor, where: Path) -> tuple[torch.Tensor, list[str]]:
+        bad = labels[(labels < 0) | (labels >= len(names))]
+        if bad.numel():
+            raise ValueError(
+                f"webdataset: label {int(bad[0])} in {where} has no class in {names_file if names_file.is_file() else 'the labels'}"
+                f" ({len(names)} classes); fix the .cls files or classes.txt"
+            )
+        if not classes:
+            return labels, names
+        folders = {n: [Path(n)] if bool((labels == i).any()) else [] for i, n in enumerate(names)}
+        class_names, index = _map_classes(folders, where, classes)
+        lookup = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64)
+        return lookup[labels], class_names
+
+    y, class_names = relabel(y, train_root)
+    if test_root is not None:
+        test_shards = shard_files(test_root)
+        test_paths, test_members, test_y = index_shards(test_shards) if test_shards else ([], None, y[:0])
+        test_y, _ = relabel(test_y, test_root)
+    else:
+        train_idx, test_idx = _stratified_split(y, test_fraction, seed)
+        test_paths, test_members, test_y = paths, members[test_idx.numpy()], y[test_idx]
+        members, y = members[train_idx.numpy()], y[train_idx]
+    train_x = ImageFiles(
+        [], image_size, channels, augment=augment, skip_bad=skip_bad_images, shards=paths, members=members
+    )
+    test_x = ImageFiles(
+        [],
+        image_size,
+        channels,
+        skip_bad=skip_bad_images,
+        shards=test_paths,
+        members=test_members if test_members is not None else np.zeros((0, 3), dtype=np.int64),
+    )
+    return _image_dataset("webdataset", root, train_x, y, test_x, test_y, class_names, seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -638,12 +739,17 @@ def load_job_dataset(
         path = Path(own_data)
         if not path.is_dir():
             raise FileNotFoundError(f"--data {own_data}: not a directory")
-        name = "fashion-mnist" if any(path.glob("*idx3-ubyte*")) else "imagefolder"
+        if any(path.glob("*idx3-ubyte*")):
+            name = "fashion-mnist"
+        elif any(path.glob("*.tar")) or any(path.glob("train/*.tar")):
+            name = "webdataset"
+        else:
+            name = "imagefolder"
         data_dir = own_data
-    if job.augment not in ("", "none") and name != "imagefolder":
+    if job.augment not in ("", "none") and name not in ("imagefolder", "webdataset"):
         raise ValueError(f"--augment {job.augment}: augmentations apply to image folders, not to {name}")
     kwargs: dict[str, Any] = {"image_size": job.image_size}
-    if name == "imagefolder":
+    if name in ("imagefolder", "webdataset"):
         kwargs.update(
             channels=job.in_channels,
             classes=job.classes or None,

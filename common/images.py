@@ -21,10 +21,12 @@ crop happens better before the float conversion, where Pillow does it in one pas
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,21 +67,24 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def decode_image(path: str | Path, channels: int) -> Image.Image:  # noqa: F821 (PIL imported lazily)
-    """Open ``path`` as an 8-bit PIL image of mode ``L`` (channels 1) or ``RGB`` (channels 3).
+def decode_image(path: str | Path, channels: int, data: bytes | None = None) -> Any:
+    """Open ``path`` (or ``data``, the bytes of the sample named ``path``) as an 8-bit PIL image of
+    mode ``L`` (channels 1) or ``RGB`` (channels 3).
 
     Raises BadImageError naming the file when Pillow cannot decode all of it.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             im.load()  # decode now: a truncated file fails here, not later in a resize
             im = _to_8bit(im)
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")  # Pillow asks for this order for palette images with transparency
             return im.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        raise BadImageError(path, "not an image file Pillow can identify") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(path, str(e) or type(e).__name__) from e
 
 
@@ -97,6 +102,17 @@ def _to_8bit(im):
         full = 1.0 if a.max(initial=0) <= 1.0 else 255.0
         return Image.fromarray(np.clip(np.rint(a * (255.0 / full)), 0, 255).astype(np.uint8), "L")
     return im
+
+
+def read_member(paths: Sequence[str], member: np.ndarray) -> bytes:
+    """The bytes of one indexed sample's image: one seek and one read."""
+    shard, offset, size = (int(v) for v in member)
+    with open(paths[shard], "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(size)
+    if len(data) != size:
+        raise OSError(f"{paths[shard]} ends inside a member ({len(data)} of {size} bytes at offset {offset})")
+    return data
 
 
 def centre_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -138,12 +154,18 @@ def random_resized_box(
 
 
 def image_tensor(
-    path: str | Path, image_size: int, channels: int, augment: str = "none", seed: int | None = None
+    path: str | Path,
+    image_size: int,
+    channels: int,
+    augment: str = "none",
+    seed: int | None = None,
+    data: bytes | None = None,
 ) -> torch.Tensor:
-    """One file as a uint8 tensor [C, image_size, image_size]: eval view, or augmented from ``seed``."""
+    """One file (or ``data``, see decode_image) as a uint8 tensor [C, image_size, image_size]: eval
+    view, or augmented from ``seed``."""
     from PIL import Image
 
-    im = decode_image(path, channels)
+    im = decode_image(path, channels, data)
     if augment == "crop-flip" and seed is not None:
         rng = np.random.default_rng(seed)
         box = random_resized_box(im.width, im.height, rng)
@@ -162,6 +184,8 @@ class ImageFiles:
     [.., C, S, S] tensors normalised with ``mean`` and ``std`` (per channel, of pixels / 255), eval view.
 
     ``load(indices, seeds)`` gives the training view: sample k augmented from ``seeds[k]``.
+    ``shards`` and ``members`` (``common/shards.py``): the samples are tar members, sample i is
+    ``members[i] = (shard, offset, size)``, and ``files[i]`` only names it in messages.
     With ``skip_bad``, a file that does not decode is replaced by the next one in the list that does
     (deterministic: the same in every process), counted in ``bad_files``, warned once per file;
     without it, BadImageError names the file.
@@ -177,6 +201,8 @@ class ImageFiles:
         std: torch.Tensor | None = None,
         augment: str = "none",
         skip_bad: bool = False,
+        shards: Sequence[str] | None = None,
+        members: np.ndarray | None = None,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"image folders give 1 (grayscale) or 3 (RGB) channels, not {channels}")
@@ -184,6 +210,9 @@ class ImageFiles:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        self.shards, self.members = (list(shards), members) if members is not None else (None, None)
+        if members is not None:
+            files = [f"{self.shards[s]}@{off}" for s, off, _ in members.tolist()]
         self.files = np.asarray([str(f) for f in files], dtype=object)
         self.image_size, self.channels, self.augment, self.skip_bad = image_size, channels, augment, skip_bad
         self.mean = torch.zeros(channels) if mean is None else mean.float().reshape(channels)
@@ -208,6 +237,8 @@ class ImageFiles:
             std=self.std,
             augment=self.augment,
             skip_bad=self.skip_bad,
+            shards=self.shards,
+            members=None if self.members is None else self.members[idx],
         )
         return out
 
@@ -219,9 +250,16 @@ class ImageFiles:
     def _raw(self, i: int, seed: int | None) -> torch.Tensor:
         n = len(self.files)
         for k in range(n):
-            path = self.files[(i + k) % n]
+            j = (i + k) % n
+            path = self.files[j]
             try:
-                return image_tensor(path, self.image_size, self.channels, self.augment, seed)
+                data = None
+                if self.members is not None:
+                    try:
+                        data = read_member(self.shards, self.members[j])
+                    except OSError as e:
+                        raise BadImageError(path, str(e)) from e
+                return image_tensor(path, self.image_size, self.channels, self.augment, seed, data)
             except BadImageError as e:
                 if not self.skip_bad:
                     raise

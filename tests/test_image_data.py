@@ -53,12 +53,12 @@ def write_classes(root: Path, classes: dict[str, int], size: int = 16) -> None:
                 im.convert("1").save(d / f"{i}.png")
 
 
-def job_of(dataset, **overrides) -> JobConfig:
+def job_of(data, **overrides) -> JobConfig:
     base = dict(
         model="mlp", dataset="imagefolder", heads=2, rank=4, alpha=8.0, steps=4, merge_every=2, batch_size=4
     )
     base.update(overrides)
-    return JobConfig(**base).with_dataset(dataset)
+    return JobConfig(**base).with_dataset(data)
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -310,3 +310,82 @@ def test_a_worker_whose_folders_do_not_fit_the_job_stops_with_one_line(tmp_path:
         assert all(w["state"] == "left" for w in server.coordinator.status()["workers"])  # heads handed back
     finally:
         server.stop(grace=0.5)
+
+
+# --- WebDataset shards ----------------------------------------------------------------------------
+
+
+def png(im: Image.Image) -> tuple[bytes, str]:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def write_shards(folder: Path, samples: list[tuple[tuple[bytes, str], int]], per_shard: int) -> None:
+    """WebDataset shards of (encoded image, extension) and label samples, written by webdataset.TarWriter."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(0, len(samples), per_shard):
+        with wds.TarWriter(str(folder / f"part-{s // per_shard:04d}.tar")) as sink:
+            for k, ((data, ext), label) in enumerate(samples[s : s + per_shard], start=s):
+                sink.write({"__key__": f"{k:06d}", ext: data, "cls": str(label).encode()})
+
+
+def test_webdataset_shards_give_the_same_samples_as_the_folder(tmp_path: Path) -> None:
+    write_classes(tmp_path / "folder" / "train", {"cat": 5, "dog": 5})
+    write_classes(tmp_path / "folder" / "val", {"cat": 2, "dog": 2})
+    for split in ("train", "val"):
+        samples = [
+            ((f.read_bytes(), f.suffix[1:]), label)
+            for label, c in enumerate(("cat", "dog"))
+            for f in sorted((tmp_path / "folder" / split / c).iterdir())
+        ]
+        write_shards(tmp_path / "shards" / split, samples, per_shard=3)
+    (tmp_path / "shards" / "classes.txt").write_text("cat\ndog\n")
+    folder = load_dataset("imagefolder", str(tmp_path / "folder"), image_size=8)
+    shards = load_dataset("webdataset", str(tmp_path / "shards"), image_size=8)
+    assert len(list((tmp_path / "shards" / "train").glob("*.tar"))) == 4
+    assert shards.extras["classes"] == ["cat", "dog"] and torch.equal(shards.train_y, folder.train_y)
+    assert torch.equal(shards.train_x[:], folder.train_x[:]) and torch.equal(
+        shards.test_x[:], folder.test_x[:]
+    )
+    a = HeadBatches(shards.train_x, shards.train_y, 1, 2, 4, 0)
+    b = HeadBatches(folder.train_x, folder.train_y, 1, 2, 4, 0)
+    assert torch.equal(a.batch(3)[0], b.batch(3)[0])  # same augmentation, whatever the storage
+
+    job = job_of(shards, dataset="webdataset")
+    write_shards(tmp_path / "own", [(png(noise(i)), 0) for i in range(4)], per_shard=2)
+    (tmp_path / "own" / "classes.txt").write_text("dog\n")  # this worker's label 0 is the job's "dog"
+    own = load_job_dataset(job, own_data=str(tmp_path / "own"))
+    assert own.name == "webdataset" and set(own.train_y.tolist()) | set(own.test_y.tolist()) == {1}
+
+
+def test_bad_shards_are_named(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    write_shards(tmp_path / "ok", [(png(noise(i)), i % 2) for i in range(6)], per_shard=6)
+    with tarfile.open(tmp_path / "ok" / "part-0001.tar", "w") as tar:  # a sample whose image is HTML
+        for name, data in (("000009.png", b"<html>403</html>"), ("000009.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(BadImageError, match=r"damaged image .*part-0001.tar@\d+: not an image"):
+        load_dataset("webdataset", str(tmp_path / "ok"), image_size=8)  # the stats sample reads every file
+    ds = load_dataset("webdataset", str(tmp_path / "ok"), image_size=8, skip_bad_images=True)
+    assert len(ds.train_y) + len(ds.test_y) == 7 and len(ds.train_x.bad_files | ds.test_x.bad_files) <= 1
+    (tmp_path / "nolabel").mkdir()
+    with tarfile.open(tmp_path / "nolabel" / "a.tar", "w") as tar:
+        info = tarfile.TarInfo("000001.png")
+        data = (tmp_path / "ok" / "part-0000.tar").read_bytes()[:0] or b"x"
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"sample '000001' in .*a.tar has no a .cls label"):
+        load_dataset("webdataset", str(tmp_path / "nolabel"))
+    (tmp_path / "nottar").mkdir()
+    (tmp_path / "nottar" / "x.tar").write_text("hello")
+    with pytest.raises(ValueError, match="x.tar is not a readable tar shard"):
+        load_dataset("webdataset", str(tmp_path / "nottar"))
