@@ -59,9 +59,10 @@ class JobConfig:
     dtype: str = "float32"
     max_chunk_bytes: int = 1 << 20
     classes: tuple[str, ...] = ()  # class names, filled from the dataset: a worker maps its folders by name
-    augment: str = (
-        ""  # training augmentation: none | crop-flip; "": the dataset's (crop-flip for image folders)
-    )
+    augment: str = ""  # training augmentation: none | crop-flip; "": the dataset's (crop-flip for folders)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    mixup: float = 0.0  # mixup Beta(a, a) parameter; 0: off
+    cutmix: float = 0.0  # CutMix Beta(a, a) parameter; 0: off (with mixup too: one of them per head and step)
 
     def __post_init__(self) -> None:
         self.classes = tuple(str(c) for c in self.classes)  # a TOML list or a proto repeated field
@@ -78,6 +79,14 @@ class JobConfig:
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.a_init in A_INITS, f"a_init must be one of {A_INITS}, got {self.a_init!r}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (
+                0.0 <= self.label_smoothing < 1.0,
+                f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (
+                self.mixup >= 0 and self.cutmix >= 0,
+                f"mixup and cutmix must be >= 0, got {self.mixup}, {self.cutmix}",
+            ),
             (-1 <= self.zstd_level <= 22, f"zstd_level must be in [-1, 22], got {self.zstd_level}"),
             (
                 1 << 12 <= self.max_chunk_bytes <= 1 << 26,
@@ -199,6 +208,17 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help="training augmentation: none | crop-flip (random resized crop + horizontal flip) "
         "[crop-flip for image folders, else none]",
     )
+    g.add_argument(
+        "--in-channels",
+        type=int,
+        choices=(1, 3),
+        help="image channels: image folders and shards are read as grayscale (1) or RGB (3) [the dataset's; 3 for folders]",
+    )
+    g.add_argument(
+        "--label-smoothing", type=float, help=f"cross-entropy label smoothing [{d.label_smoothing:g}]"
+    )
+    g.add_argument("--mixup", type=float, help="mixup with lam ~ Beta(a, a), e.g. 0.8 [off]")
+    g.add_argument("--cutmix", type=float, help="CutMix with lam ~ Beta(a, a), e.g. 1.0 [off]")
     g.add_argument("--patch-size", type=int, help="ViT patch size [zoo default for the image size]")
     g.add_argument("--heads", type=int, help=f"N, LoRA heads in the whole job [{d.heads}]")
     g.add_argument("--rank", type=int, help=f"r, rank of each head [{d.rank}]")

@@ -31,6 +31,7 @@ from lte.common.lte import (
     replica_parameters,
     trainable_parameters,
 )
+from lte.common.mixing import mix_heads, mixed_loss
 from lte.common.models import build_model
 from lte.common.quant import QuantizedTensor, quantize
 
@@ -254,7 +255,14 @@ class LocalTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = self._batch()
-            loss = loss_fn(self.task, self.model(x), y)  # mean over the stacked batch = mean over heads
+            job = self.job
+            if self.task == "classification" and (job.mixup or job.cutmix or job.label_smoothing):
+                x, partner, lam = mix_heads(
+                    x, y, self.head_ids, self.steps_done, seed=job.seed, mixup=job.mixup, cutmix=job.cutmix
+                )
+                loss = mixed_loss(self.model(x), y, partner, lam, job.label_smoothing)
+            else:
+                loss = loss_fn(self.task, self.model(x), y)  # mean over the stacked batch = mean over heads
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -54,6 +54,9 @@ def job_to_proto(job: JobConfig) -> pb.JobConfig:
         zstd_level=job.zstd_level,
         classes=list(job.classes),
         augment=job.augment,
+        label_smoothing=job.label_smoothing,
+        mixup=job.mixup,
+        cutmix=job.cutmix,
     )
 
 

@@ -276,7 +276,17 @@ def test_sync_over_the_network_on_a_streamed_augmented_folder_equals_the_emulato
     data = tmp_path / "data"
     write_classes(data, {"a": 10, "b": 10, "c": 10}, size=20)
     ds = load_dataset("imagefolder", str(data), image_size=8)
-    job = job_of(ds, heads=2, steps=4, merge_every=2, uplink="fp32", quant="none")
+    job = job_of(
+        ds,
+        heads=2,
+        steps=4,
+        merge_every=2,
+        uplink="fp32",
+        quant="none",
+        mixup=0.8,
+        cutmix=1.0,
+        label_smoothing=0.1,
+    )
     assert job.augment == "crop-flip"
     expected = run_lte(job, ds, workers=2).master
     server = ParameterServer(Coordinator(job, ds, heads_per_worker=1), host="127.0.0.1", port=0).start()

@@ -96,6 +96,9 @@ def job_from_proto(j: pb.JobConfig) -> JobConfig:
         max_chunk_bytes=j.max_chunk_bytes,
         classes=tuple(j.classes),
         augment=j.augment,
+        label_smoothing=j.label_smoothing,
+        mixup=j.mixup,
+        cutmix=j.cutmix,
     )
 
 
