@@ -99,10 +99,11 @@ def peak_rss_run(data: Path, code: Path | None, args: argparse.Namespace) -> dic
     else:  # the old worker's --data-dir path ignores --image-size (issue 12); its --data path does not
         worker_cmd += ["--data", str(data)]
     worker = subprocess.run(worker_cmd, env=env, capture_output=True, text=True, timeout=3600)
-    if worker.returncode != 0:
+    try:  # the server ends once the worker finished its last round
+        server.wait(timeout=300)
+    except subprocess.TimeoutExpired:
         server.kill()
-        raise RuntimeError(f"worker failed: {worker.stderr[-3000:]}")
-    server.wait(timeout=600)
+        raise RuntimeError(f"the job did not finish; worker said: {worker.stderr[-3000:]}") from None
     seconds = time.perf_counter() - started
 
     def peak(text: str) -> float:
