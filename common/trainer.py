@@ -89,7 +89,7 @@ def evaluate(
     model: nn.Module,
     dataset: Dataset,
     *,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     loader_workers: int = 0,
 ) -> dict[str, float | None]:
@@ -97,7 +97,9 @@ def evaluate(
 
     Streams the test split in batches (image folders decoded by ``loader_workers`` DataLoader
     processes, with progress in the log every tenth); an empty test split gives None metrics and
-    a warning, never a loss of 0.
+    a warning, never a loss of 0. ``batch_size`` None: 1000 for in-memory sets; for streamed
+    images about 2**20 input values per batch (85 images at 3x64x64, 32 at least), so the peak memory
+    of an evaluation is bounded by the image size, not by the test split's.
     """
     n = len(dataset.test_y)
     if n == 0:
@@ -107,6 +109,9 @@ def evaluate(
     model.eval()
     dtype = next(model.parameters()).dtype
     streaming = isinstance(dataset.test_x, ImageFiles)
+    if batch_size is None:
+        c, h, w = dataset.test_x.shape[1:]
+        batch_size = max(32, min(1000, (1 << 20) // (c * h * w))) if streaming else 1000
     pin = torch.device(device).type == "cuda"
     total, loss_sum, correct, logged = 0, 0.0, 0, 0
     for x, y in eval_batches(dataset.test_x, dataset.test_y, batch_size, loader_workers, pin_memory=pin):
