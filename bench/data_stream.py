@@ -3,6 +3,7 @@ what a vit-tiny worker consumes, and folder/shard writers for the real runs.
 
   python bench/data_stream.py make /tmp/jpeg2k --count 2000            # 96 px JPEG class folders
   python bench/data_stream.py rss /tmp/jpeg2k [--code OLD_TREE]        # peak RSS of lte-server and lte-worker
+  python bench/data_stream.py make /tmp/big --count 300 --size 448 --noise 24
   python bench/data_stream.py throughput /tmp/big --workers 1 2        # loader images/s at 224 px vs vit-tiny
   python bench/data_stream.py fashion /tmp/fmnist-png [--shards /tmp/fmnist-wds]   # Fashion-MNIST as PNGs
 
@@ -27,7 +28,9 @@ import numpy as np
 PY = sys.executable
 
 
-def make_jpegs(root: Path, count: int, size: int, classes: int, val_fraction: float, seed: int) -> None:
+def make_jpegs(
+    root: Path, count: int, size: int, classes: int, val_fraction: float, seed: int, noise: float = 0.0
+) -> None:
     """``count`` JPEGs of ``size`` px (smooth random colour fields, so JPEG sizes are realistic),
     ``classes`` class folders under train/ and test/."""
     from PIL import Image
@@ -39,9 +42,11 @@ def make_jpegs(root: Path, count: int, size: int, classes: int, val_fraction: fl
         d = root / split / f"class{i % classes:02d}"
         d.mkdir(parents=True, exist_ok=True)
         small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        Image.fromarray(small, "RGB").resize((size, size), Image.Resampling.BICUBIC).save(
-            d / f"{i:06d}.jpg", quality=90
-        )
+        im = Image.fromarray(small, "RGB").resize((size, size), Image.Resampling.BICUBIC)
+        if noise:  # texture, so that a JPEG's size and decode time are closer to a photo's
+            a = np.asarray(im, dtype=np.float32) + rng.normal(0, noise, (size, size, 3))
+            im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+        im.save(d / f"{i:06d}.jpg", quality=90)
 
 
 def old_code_path(tree: Path) -> Path:
@@ -198,6 +203,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--noise", type=float, default=0.0, help="std of pixel noise added (texture) [0]")
     p = sub.add_parser("rss")
     p.add_argument("root", type=Path)
     p.add_argument("--code", type=Path, help="another checkout's tree (the code before streaming)")
@@ -215,7 +221,9 @@ def main() -> int:
     p.add_argument("--shards", type=Path)
     args = parser.parse_args()
     if args.cmd == "make":
-        make_jpegs(args.root, args.count, args.size, args.classes, args.val_fraction, seed=0)
+        make_jpegs(
+            args.root, args.count, args.size, args.classes, args.val_fraction, seed=0, noise=args.noise
+        )
         print(f"wrote {args.count} JPEGs under {args.root}")
     elif args.cmd == "rss":
         r = peak_rss_run(args.root, args.code, args)
