@@ -91,7 +91,10 @@ class PrefetchedBatches:
         """Stop the loader processes (they also stop when this object is collected)."""
         it, self._iter = self._iter, None
         if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+            try:
+                it._shutdown_workers()
+            except RuntimeError as exc:  # a loader process that died while exiting: its work was done
+                _log.debug("loader process ended badly at shutdown: %s", exc)
 
 
 class _EvalBatches(TorchDataset):
