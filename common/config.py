@@ -164,7 +164,8 @@ class JobConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON/TOML values (``classes`` as a list, so a checkpoint's saved job compares equal)."""
+        return {**dataclasses.asdict(self), "classes": list(self.classes)}
 
 
 def job_from_dict(values: dict[str, Any], *, source: str = "config") -> JobConfig:

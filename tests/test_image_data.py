@@ -399,3 +399,9 @@ def test_bad_shards_are_named(tmp_path: Path) -> None:
     (tmp_path / "nottar" / "x.tar").write_text("hello")
     with pytest.raises(ValueError, match="x.tar is not a readable tar shard"):
         load_dataset("webdataset", str(tmp_path / "nottar"))
+
+
+def test_a_job_with_class_names_survives_a_json_round_trip_as_a_checkpoint_saves_it() -> None:
+    job = JobConfig(dataset="imagefolder", classes=("cat", "dog"), augment="crop-flip")
+    saved = json.loads(json.dumps(job.to_dict()))
+    assert saved == job.to_dict() and JobConfig(**saved) == job
