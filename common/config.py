@@ -14,6 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from lte.common.images import AUGMENTS
 from lte.common.lte import A_INITS, LTEConfig
 from lte.common.precision import PRECISIONS
 from lte.common.quant import QUANT_KINDS
@@ -61,9 +62,16 @@ class JobConfig:
     # compute precision of the local steps: auto (bf16 on CUDA with bf16 support, else fp32) | fp32 |
     # bf16 | fp16 (autocast; factors and AdamW state stay in dtype); a worker's --precision wins
     precision: str = "auto"
+    classes: tuple[str, ...] = ()  # class names, filled from the dataset: a worker maps its folders by name
+    augment: str = ""  # training augmentation: none | crop-flip; "": the dataset's (crop-flip for folders)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    mixup: float = 0.0  # mixup Beta(a, a) parameter; 0: off
+    cutmix: float = 0.0  # CutMix Beta(a, a) parameter; 0: off (with mixup too: one of them per head and step)
 
     def __post_init__(self) -> None:
+        self.classes = tuple(str(c) for c in self.classes)  # a TOML list or a proto repeated field
         checks = [
+            (self.augment in ("", *AUGMENTS), f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
             (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
             (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
             (self.merge_every >= 1, f"merge_every must be >= 1, got {self.merge_every}"),
@@ -82,6 +90,14 @@ class JobConfig:
             (
                 not (self.dtype == "float64" and self.precision in ("bf16", "fp16")),
                 f"precision {self.precision} autocasts float32 only; use dtype float32 or precision fp32",
+            ),
+            (
+                0.0 <= self.label_smoothing < 1.0,
+                f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (
+                self.mixup >= 0 and self.cutmix >= 0,
+                f"mixup and cutmix must be >= 0, got {self.mixup}, {self.cutmix}",
             ),
             (-1 <= self.zstd_level <= 22, f"zstd_level must be in [-1, 22], got {self.zstd_level}"),
             (
@@ -160,10 +176,13 @@ class JobConfig:
             in_channels=self.in_channels or dataset.in_channels,
             num_classes=self.num_classes or dataset.output_dim,
             task=self.task or dataset.task,
+            classes=self.classes or tuple(dataset.extras.get("classes", ())),
+            augment=self.augment or dataset.extras.get("augment", "none"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON/TOML values (``classes`` as a list, so a checkpoint's saved job compares equal)."""
+        return {**dataclasses.asdict(self), "classes": list(self.classes)}
 
 
 def job_from_dict(values: dict[str, Any], *, source: str = "config") -> JobConfig:
@@ -203,9 +222,27 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"zoo model (mlp, vit-tiny, vit-s, vit-b, vit-l) or package.module:factory [{d.model}]",
     )
     g.add_argument(
-        "--dataset", help=f"digits | fashion-mnist | imagefolder | synthetic-regression [{d.dataset}]"
+        "--dataset",
+        help=f"digits | fashion-mnist | imagefolder | webdataset | synthetic-regression [{d.dataset}]",
     )
     g.add_argument("--image-size", type=int, help="input side in pixels [the dataset's]")
+    g.add_argument(
+        "--augment",
+        choices=AUGMENTS,
+        help="training augmentation: none | crop-flip (random resized crop + horizontal flip) "
+        "[crop-flip for image folders, else none]",
+    )
+    g.add_argument(
+        "--in-channels",
+        type=int,
+        choices=(1, 3),
+        help="image channels: image folders and shards are read as grayscale (1) or RGB (3) [the dataset's; 3 for folders]",
+    )
+    g.add_argument(
+        "--label-smoothing", type=float, help=f"cross-entropy label smoothing [{d.label_smoothing:g}]"
+    )
+    g.add_argument("--mixup", type=float, help="mixup with lam ~ Beta(a, a), e.g. 0.8 [off]")
+    g.add_argument("--cutmix", type=float, help="CutMix with lam ~ Beta(a, a), e.g. 1.0 [off]")
     g.add_argument("--patch-size", type=int, help="ViT patch size [zoo default for the image size]")
     g.add_argument("--heads", type=int, help=f"N, LoRA heads in the whole job [{d.heads}]")
     g.add_argument("--rank", type=int, help=f"r, rank of each head [{d.rank}]")

@@ -1,7 +1,7 @@
 """Offline datasets and deterministic, stateless per-head batching.
 
 Datasets: scikit-learn's bundled digits, Fashion-MNIST from local IDX files, a user's
-class-per-folder image tree, and the paper's synthetic full-rank linear regression (App. A.3).
+class-per-folder image tree or WebDataset shards (both streamed from disk), and the paper's synthetic full-rank linear regression (App. A.3).
 
 Batching is a pure function of (seed, head_id, step): a head can move to another process
 or worker and resume exactly where it stopped, with no iterator state to carry over.
@@ -10,8 +10,10 @@ All randomness goes through explicitly seeded `torch.Generator`s, never the glob
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
+import logging
 import os
 import zlib
 from collections.abc import Iterator
@@ -22,8 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-DATASET_NAMES = ("digits", "fashion-mnist", "imagefolder", "synthetic-regression")
+from lte.common.images import IMAGE_EXTENSIONS, ImageFiles, channel_stats, scan_class_folders
+
+_log = logging.getLogger("lte.data")
+
+DATASET_NAMES = ("digits", "fashion-mnist", "imagefolder", "webdataset", "synthetic-regression")
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -38,12 +45,43 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+EVAL_STATS_SAMPLE = 256  # image-folder normalisation: per-channel stats of this many training files
+
+
+class ResizedImages:
+    """In-memory images [N, C, h, w] seen at ``size`` x ``size``: ``x[idx]`` resizes the rows it returns
+    (bilinear, antialiased), so a larger ``--image-size`` costs memory per batch, not per dataset."""
+
+    def __init__(self, images: torch.Tensor, size: int) -> None:
+        self.images, self.size = images, size
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.images.shape[0], self.images.shape[1], self.size, self.size)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows = self.images[key]
+        single = rows.dim() == 3
+        out = F.interpolate(
+            rows.unsqueeze(0) if single else rows,
+            size=(self.size, self.size),
+            mode="bilinear",
+            antialias=True,
+        )
+        return out[0] if single else out
 
 
 @dataclass
 class Dataset:
-    """Tensors on CPU. Images are float32 [N, C, H, W], normalised with the train set's statistics."""
+    """Images are float32 [N, C, H, W], normalised with the train set's statistics.
+
+    ``train_x`` / ``test_x`` are CPU tensors for the small built-in sets, and for image folders
+    ``ImageFiles`` (decoded from disk as indexed) or, resized, ``ResizedImages``: anything with
+    ``shape``, ``len()`` and ``x[indices]`` giving a float32 tensor.
+    """
 
     name: str
     train_x: torch.Tensor
@@ -68,7 +106,8 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwa
     kwargs per dataset:
       digits: test_fraction=0.2
       fashion-mnist: none (the official 60000/10000 split)
-      imagefolder: image_size=32, grayscale=False, test_fraction=0.2 (data_dir required)
+      imagefolder, webdataset: image_size=32, grayscale=False, channels=0, test_fraction=0.2,
+        classes=None, augment="crop-flip", skip_bad_images=False (data_dir required)
       synthetic-regression: d_in=64, d_out=64, num_train=4096, num_test=1024, noise_std=0.0
     """
     key = name.lower().replace("_", "-")
@@ -76,11 +115,19 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwa
         "digits": _load_digits,
         "fashion-mnist": _load_fashion_mnist,
         "imagefolder": _load_imagefolder,
+        "webdataset": _load_webdataset,
         "synthetic-regression": _load_synthetic_regression,
     }
     if key not in loaders:
         raise ValueError(f"unknown dataset '{name}'; choose one of {DATASET_NAMES}")
     return loaders[key](data_dir, seed=seed, **kwargs)
+
+
+def _resized(x: torch.Tensor, image_size: int, name: str, native: int):
+    """The built-in sets at ``--image-size`` (0: native), resized per batch."""
+    if image_size < 0:
+        raise ValueError(f"--image-size must be >= 1, got {image_size}")
+    return x if image_size in (0, native) else ResizedImages(x, image_size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,7 +174,9 @@ def _normalise(
 # digits: scikit-learn's bundled 8x8 handwritten digits (1797 images, no download)
 
 
-def _load_digits(data_dir: str | None, *, seed: int, test_fraction: float = 0.2) -> Dataset:
+def _load_digits(
+    data_dir: str | None, *, seed: int, test_fraction: float = 0.2, image_size: int = 0
+) -> Dataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -137,13 +186,13 @@ def _load_digits(data_dir: str | None, *, seed: int, test_fraction: float = 0.2)
     train_x, test_x, mean, std = _normalise(x[train_idx], x[test_idx])
     return Dataset(
         name="digits",
-        train_x=train_x,
+        train_x=_resized(train_x, image_size, "digits", 8),
         train_y=y[train_idx],
-        test_x=test_x,
+        test_x=_resized(test_x, image_size, "digits", 8),
         test_y=y[test_idx],
         num_classes=10,
         in_channels=1,
-        image_size=8,
+        image_size=image_size or 8,
         task="classification",
         extras={"mean": mean, "std": std},
     )
@@ -207,7 +256,7 @@ def _uint8_stats(images: torch.Tensor) -> tuple[float, float]:
     return mean.item(), var.sqrt().item()
 
 
-def _load_fashion_mnist(data_dir: str | None, *, seed: int) -> Dataset:
+def _load_fashion_mnist(data_dir: str | None, *, seed: int, image_size: int = 0) -> Dataset:
     root = Path(data_dir or FASHION_MNIST_DIR)
     split = {}
     for part, prefix in (("train", "train"), ("test", "t10k")):
@@ -225,13 +274,13 @@ def _load_fashion_mnist(data_dir: str | None, *, seed: int) -> Dataset:
 
     return Dataset(
         name="fashion-mnist",
-        train_x=to_float(train_u8),
+        train_x=_resized(to_float(train_u8), image_size, "fashion-mnist", 28),
         train_y=split["train"][1].long(),
-        test_x=to_float(test_u8),
+        test_x=_resized(to_float(test_u8), image_size, "fashion-mnist", 28),
         test_y=split["test"][1].long(),
         num_classes=10,
         in_channels=1,
-        image_size=28,
+        image_size=image_size or 28,
         task="classification",
         extras={
             "mean": torch.tensor([mean]),
@@ -245,81 +294,219 @@ def _load_fashion_mnist(data_dir: str | None, *, seed: int) -> Dataset:
 # imagefolder: root/train/<class>/*, root/test/<class>/*, or root/<class>/* split by seed
 
 
-def _list_class_folders(root: Path) -> dict[str, list[Path]]:
-    classes = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        if files:
-            classes[d.name] = files
-    return classes
+def _split_folders(root: Path) -> tuple[Path, Path | None]:
+    """(train folder, test folder or None): root/train with root/val or root/test, else root itself."""
+    if (root / "train").is_dir():
+        for name in ("val", "test"):
+            if (root / name).is_dir():
+                return root / "train", root / name
+        raise ValueError(
+            f"imagefolder: {root} has train/ but no val/ or test/ folder; add one, or put the class "
+            "folders directly under the root to split them by --seed"
+        )
+    return root, None
 
 
-def _read_images(files: list[Path], image_size: int, mode: str) -> torch.Tensor:
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise ImportError("the imagefolder dataset needs Pillow: pip install pillow") from e
-    arrays = []
-    for f in files:
-        with Image.open(f) as im:
-            im = im.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
-            arrays.append(np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, -1))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # [N, C, H, W]
+def _map_classes(
+    folders: dict[str, list[Path]], root: Path, classes: tuple[str, ...] | list[str] | None
+) -> tuple[list[str], dict[str, int]]:
+    """The class list and folder -> label map: the job's names when given (a worker's own data),
+    else the non-empty folders in sorted order. Unknown folders are refused; missing ones warned."""
+    present = [c for c, files in folders.items() if files]
+    empty = [c for c, files in folders.items() if not files]
+    if not classes:
+        if empty:
+            _log.warning("imagefolder: class folder(s) %s under %s hold no images; ignored", empty, root)
+        return present, {c: i for i, c in enumerate(present)}
+    job_classes = list(classes)
+    unknown = [c for c in present if c not in job_classes]
+    if unknown:
+        raise ValueError(
+            f"imagefolder: class folder(s) {unknown} under {root} are not among the job's classes "
+            f"{job_classes}; remove or rename them"
+        )
+    missing = [c for c in job_classes if c not in present]
+    if missing:
+        _log.warning("imagefolder: no images of the job's class(es) %s under %s", missing, root)
+    return job_classes, {c: job_classes.index(c) for c in present}
 
 
 def _load_imagefolder(
     data_dir: str | None,
     *,
     seed: int,
-    image_size: int = 32,
+    image_size: int = 0,
     grayscale: bool = False,
+    channels: int = 0,
     test_fraction: float = 0.2,
+    classes: tuple[str, ...] | list[str] | None = None,
+    augment: str = "",
+    skip_bad_images: bool = False,
 ) -> Dataset:
+    """Class-per-folder images, streamed from disk (``ImageFiles``); see ``common/images.py``.
+
+    ``image_size`` 0: 32. ``channels`` 1 or 3 (0: 1 if ``grayscale`` else 3). ``classes``: the
+    job's class names, to map a worker's own folders by name. ``augment`` "": crop-flip.
+    Normalisation: per-channel mean and std of a fixed sample of training files (EVAL_STATS_SAMPLE).
+    """
     if data_dir is None:
         raise ValueError("the imagefolder dataset needs a folder: pass data_dir (--data-dir)")
+    try:
+        import PIL  # noqa: F401
+    except ImportError as e:
+        raise ImportError("the imagefolder dataset needs Pillow: pip install pillow") from e
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"imagefolder: {root} is not a directory")
-    has_split = (root / "train").is_dir() and (root / "test").is_dir()
-    train_folders = _list_class_folders(root / "train" if has_split else root)
-    if not train_folders:
+    image_size = image_size or 32
+    channels = channels or (1 if grayscale else 3)
+    augment = augment or "crop-flip"
+    train_root, test_root = _split_folders(root)
+    train_folders = scan_class_folders(train_root)
+    if not any(train_folders.values()):
         raise ValueError(
-            f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {root}"
+            f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {train_root}"
         )
-    classes = list(train_folders)
-    index = {c: i for i, c in enumerate(classes)}
+    class_names, index = _map_classes(train_folders, train_root, classes)
 
     def labelled(folders: dict[str, list[Path]]) -> tuple[list[Path], torch.Tensor]:
-        files = [f for c in folders for f in folders[c]]
-        labels = torch.tensor([index[c] for c in folders for _ in folders[c]], dtype=torch.int64)
+        kept = [c for c in folders if c in index]
+        files = [f for c in kept for f in folders[c]]
+        labels = torch.tensor([index[c] for c in kept for _ in folders[c]], dtype=torch.int64)
         return files, labels
 
-    mode = "L" if grayscale else "RGB"
     files, y = labelled(train_folders)
-    x = _read_images(files, image_size, mode)
-    if has_split:
-        test_folders = _list_class_folders(root / "test")
-        unknown = sorted(set(test_folders) - set(classes))
+    if test_root is not None:
+        test_folders = scan_class_folders(test_root)
+        unknown = sorted(c for c, f in test_folders.items() if f and c not in index)
         if unknown:
-            raise ValueError(f"imagefolder: test classes {unknown} have no folder under {root / 'train'}")
+            raise ValueError(
+                f"imagefolder: test classes {unknown} under {test_root} have no images under {train_root}"
+            )
         test_files, test_y = labelled(test_folders)
-        train_x, train_y, test_x = x, y, _read_images(test_files, image_size, mode)
+        train_files, train_y = files, y
+    else:
+        if y.numel() < 2:
+            raise ValueError(f"imagefolder: {train_root} holds {y.numel()} image; a train/test split needs 2")
+        train_idx, test_idx = _stratified_split(y, test_fraction, seed)
+        train_files = [files[i] for i in train_idx.tolist()]
+        test_files = [files[i] for i in test_idx.tolist()]
+        train_y, test_y = y[train_idx], y[test_idx]
+    train_x = ImageFiles(train_files, image_size, channels, augment=augment, skip_bad=skip_bad_images)
+    test_x = ImageFiles(test_files, image_size, channels, skip_bad=skip_bad_images)
+    return _image_dataset("imagefolder", root, train_x, train_y, test_x, test_y, class_names, seed)
+
+
+def _image_dataset(
+    name: str,
+    root: Path,
+    train_x: ImageFiles,
+    train_y: torch.Tensor,
+    test_x: ImageFiles,
+    test_y: torch.Tensor,
+    class_names: list[str],
+    seed: int,
+) -> Dataset:
+    """A streamed image Dataset, normalised with the stats of a fixed sample of training files."""
+    mean, std = channel_stats(train_x, EVAL_STATS_SAMPLE, seed)
+    return Dataset(
+        name=name,
+        train_x=train_x.with_normalisation(mean, std),
+        train_y=train_y,
+        test_x=test_x.with_normalisation(mean, std),
+        test_y=test_y,
+        num_classes=len(class_names),
+        in_channels=train_x.channels,
+        image_size=train_x.image_size,
+        task="classification",
+        extras={
+            "classes": class_names,
+            "mean": mean,
+            "std": std,
+            "root": str(root),
+            "augment": train_x.augment,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# webdataset: .tar shards (common/shards.py), root/train/*.tar with root/val|test/*.tar, or root/*.tar
+
+
+def _load_webdataset(
+    data_dir: str | None,
+    *,
+    seed: int,
+    image_size: int = 0,
+    grayscale: bool = False,
+    channels: int = 0,
+    test_fraction: float = 0.2,
+    classes: tuple[str, ...] | list[str] | None = None,
+    augment: str = "",
+    skip_bad_images: bool = False,
+) -> Dataset:
+    """Samples of WebDataset shards, streamed by random access; options as for imagefolder.
+
+    Class names: ``root/classes.txt`` (one per line, label i on line i), else "0", "1", ...
+    """
+    from lte.common.shards import index_shards, shard_files
+
+    if data_dir is None:
+        raise ValueError("the webdataset dataset needs a folder of .tar shards: pass --data-dir")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"webdataset: {root} is not a directory")
+    image_size, channels, augment = (
+        image_size or 32,
+        channels or (1 if grayscale else 3),
+        augment or "crop-flip",
+    )
+    train_root, test_root = _split_folders(root)
+    train_shards = shard_files(train_root)
+    if not train_shards:
+        raise ValueError(f"webdataset: no .tar shards in {train_root}")
+    paths, members, y = index_shards(train_shards)
+    names_file = root / "classes.txt"
+    if names_file.is_file():
+        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    else:
+        names = [str(i) for i in range(int(y.max()) + 1 if y.numel() else 0)]
+
+    def relabel(labels: torch.Tensor, where: Path) -> tuple[torch.Tensor, list[str]]:
+        bad = labels[(labels < 0) | (labels >= len(names))]
+        if bad.numel():
+            raise ValueError(
+                f"webdataset: label {int(bad[0])} in {where} has no class in {names_file if names_file.is_file() else 'the labels'}"
+                f" ({len(names)} classes); fix the .cls files or classes.txt"
+            )
+        if not classes:
+            return labels, names
+        folders = {n: [Path(n)] if bool((labels == i).any()) else [] for i, n in enumerate(names)}
+        class_names, index = _map_classes(folders, where, classes)
+        lookup = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64)
+        return lookup[labels], class_names
+
+    y, class_names = relabel(y, train_root)
+    if test_root is not None:
+        test_shards = shard_files(test_root)
+        test_paths, test_members, test_y = index_shards(test_shards) if test_shards else ([], None, y[:0])
+        test_y, _ = relabel(test_y, test_root)
     else:
         train_idx, test_idx = _stratified_split(y, test_fraction, seed)
-        train_x, train_y, test_x, test_y = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
-    train_x, test_x, mean, std = _normalise(train_x, test_x)
-    return Dataset(
-        name="imagefolder",
-        train_x=train_x,
-        train_y=train_y,
-        test_x=test_x,
-        test_y=test_y,
-        num_classes=len(classes),
-        in_channels=1 if grayscale else 3,
-        image_size=image_size,
-        task="classification",
-        extras={"classes": classes, "mean": mean, "std": std, "root": str(root)},
+        test_paths, test_members, test_y = paths, members[test_idx.numpy()], y[test_idx]
+        members, y = members[train_idx.numpy()], y[train_idx]
+    train_x = ImageFiles(
+        [], image_size, channels, augment=augment, skip_bad=skip_bad_images, shards=paths, members=members
     )
+    test_x = ImageFiles(
+        [],
+        image_size,
+        channels,
+        skip_bad=skip_bad_images,
+        shards=test_paths,
+        members=test_members if test_members is not None else np.zeros((0, 3), dtype=np.int64),
+    )
+    return _image_dataset("webdataset", root, train_x, y, test_x, test_y, class_names, seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,6 +522,7 @@ def _load_synthetic_regression(
     num_train: int = 4096,
     num_test: int = 1024,
     noise_std: float = 0.0,
+    image_size: int = 0,
 ) -> Dataset:
     """x ~ N(0, I) of shape [N, d_in]; y = x W*^T of shape [N, d_out].
 
@@ -342,6 +530,8 @@ def _load_synthetic_regression(
     rank min(d_out, d_in) with probability 1 (the tests check it). For build_model, the
     dataset reports in_channels=d_in and image_size=1, so the MLP's in_features is d_in.
     """
+    if image_size not in (0, 1):
+        raise ValueError(f"--image-size {image_size}: synthetic-regression has no images; leave it out")
     g = _generator(seed)
     target_weight = torch.randn(d_out, d_in, generator=g) / d_in**0.5
     x = torch.randn(num_train + num_test, d_in, generator=g)
@@ -389,8 +579,18 @@ class HeadBatches:
     """
 
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, head_id: int, num_heads: int, batch_size: int, seed: int
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        head_id: int,
+        num_heads: int,
+        batch_size: int,
+        seed: int,
+        *,
+        shard_of: tuple[int, int] | None = None,
     ) -> None:
+        """``shard_of=(i, k)``: read shard i of k instead of shard ``head_id`` of ``num_heads`` (a
+        worker's own data, split over the heads it holds); order and augmentation still follow head_id."""
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
         if batch_size < 1:
@@ -398,9 +598,13 @@ class HeadBatches:
         self.x, self.y = x, y
         self.head_id, self.num_heads = head_id, num_heads
         self.batch_size, self.seed = batch_size, seed
-        self.shard = shard_indices(x.shape[0], head_id, num_heads, seed)
+        shard_id, num_shards = shard_of or (head_id, num_heads)
+        self.shard = shard_indices(x.shape[0], shard_id, num_shards, seed)
         if self.shard.numel() == 0:
-            raise ValueError(f"head {head_id}'s shard is empty: {x.shape[0]} samples for {num_heads} heads")
+            raise ValueError(
+                f"head {head_id}'s shard is empty: {x.shape[0]} samples for {num_shards} heads; "
+                "use fewer --heads or more data"
+            )
         self._epoch_cache: dict[int, torch.Tensor] = {}
 
     @property
@@ -430,8 +634,14 @@ class HeadBatches:
             start += take
         return torch.cat(parts)
 
+    def sample_seeds(self, step: int) -> list[int]:
+        """The augmentation seed of each position of batch ``step``: a function of (seed, head, step, position)."""
+        return [_mixed_seed(self.seed, self.head_id, step, pos) for pos in range(self.batch_size)]
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.indices(step)
+        if isinstance(self.x, ImageFiles) and self.x.augment != "none":
+            return self.x.load(idx.tolist(), self.sample_seeds(step)), self.y[idx]
         return self.x[idx], self.y[idx]
 
     def __repr__(self) -> str:
@@ -451,6 +661,51 @@ def stacked_batch(streams: list[HeadBatches], step: int) -> tuple[torch.Tensor, 
     return torch.cat(xs), torch.cat(ys)
 
 
+def own_data_shards(num_samples: int, head_ids: list[int]) -> list[tuple[int, int] | None]:
+    """How a worker's own data (``--data``) is split over the heads it holds: shard i of k for its
+    i-th head, or, when it has fewer samples than heads, all of it for every head."""
+    k = len(head_ids)
+    if num_samples < k:
+        _log.warning("own data: %d samples for %d heads; every head reads all of them", num_samples, k)
+        return [(0, 1)] * k
+    return [(i, k) for i in range(k)]
+
+
+def eval_subset(dataset: Dataset, count: int, seed: int) -> Dataset:
+    """A fixed class-balanced subset of ``count`` test samples (``--eval-samples``): each class's
+    test samples in a seeded order, taken round-robin over classes, then sorted. ``count`` 0 or at
+    least the test set's size: the whole test set."""
+    n = len(dataset.test_y)
+    if count < 0:
+        raise ValueError(f"--eval-samples must be >= 0, got {count}")
+    if count == 0 or count >= n:
+        return dataset
+    if dataset.task != "classification":
+        keep = torch.randperm(n, generator=_generator(seed))[:count].sort().values
+    else:
+        g = _generator(_mixed_seed(seed, 0xE7A1))
+        per_class = [
+            members[torch.randperm(members.numel(), generator=g)]
+            for c in torch.unique(dataset.test_y)
+            for members in [torch.nonzero(dataset.test_y == c).squeeze(1)]
+        ]
+        longest = max(m.numel() for m in per_class)
+        rounds = torch.full((len(per_class), longest), -1, dtype=torch.int64)
+        for i, m in enumerate(per_class):
+            rounds[i, : m.numel()] = m
+        order = rounds.T.reshape(-1)
+        keep = order[order >= 0][:count].sort().values
+    return dataclasses.replace(dataset, test_x=_take(dataset.test_x, keep), test_y=dataset.test_y[keep])
+
+
+def _take(x, idx: torch.Tensor):
+    if isinstance(x, ImageFiles):
+        return x.subset(idx)
+    if isinstance(x, ResizedImages):
+        return ResizedImages(x.images[idx], x.size)
+    return x[idx]
+
+
 def iterate_eval(
     x: torch.Tensor, y: torch.Tensor, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -459,3 +714,65 @@ def iterate_eval(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, x.shape[0], batch_size):
         yield x[start : start + batch_size], y[start : start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------
+# A job's dataset, as the emulator, the server and a worker load it
+
+
+def load_job_dataset(
+    job: Any,
+    data_dir: str | None = None,
+    *,
+    own_data: str | None = None,
+    skip_bad_images: bool = False,
+) -> Dataset:
+    """The dataset of ``job`` (a JobConfig) at the job's image size, channels and class names.
+
+    ``own_data``: a worker's own folder (``lte-worker --data``) instead of the job's dataset: IDX
+    files (Fashion-MNIST layout) or class folders mapped to the job's labels by name; marked in
+    ``extras["own_data"]`` so that it is split over the heads the worker holds. Raises ValueError
+    (or FileNotFoundError) with one line naming the option, folder or file at fault.
+    """
+    name = job.dataset.lower().replace("_", "-")
+    if own_data:
+        path = Path(own_data)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--data {own_data}: not a directory")
+        if any(path.glob("*idx3-ubyte*")):
+            name = "fashion-mnist"
+        elif any(path.glob("*.tar")) or any(path.glob("train/*.tar")):
+            name = "webdataset"
+        else:
+            name = "imagefolder"
+        data_dir = own_data
+    if job.augment not in ("", "none") and name not in ("imagefolder", "webdataset"):
+        raise ValueError(f"--augment {job.augment}: augmentations apply to image folders, not to {name}")
+    kwargs: dict[str, Any] = {"image_size": job.image_size}
+    if name in ("imagefolder", "webdataset"):
+        kwargs.update(
+            channels=job.in_channels,
+            classes=job.classes or None,
+            augment=job.augment,
+            skip_bad_images=skip_bad_images,
+        )
+    dataset = load_dataset(name, data_dir, seed=job.seed, **kwargs)
+    _check_against_job(dataset, job, own_data or data_dir or name)
+    if own_data:
+        dataset.extras["own_data"] = True
+    return dataset
+
+
+def _check_against_job(dataset: Dataset, job: Any, source: str) -> None:
+    """A dataset that cannot feed the job's model is refused here, not by a shape error in a layer."""
+    problems = []
+    if job.in_channels and dataset.in_channels != job.in_channels:
+        problems.append(f"{dataset.in_channels} channel(s), the job's model takes {job.in_channels}")
+    if job.image_size and dataset.image_size != job.image_size:
+        problems.append(f"{dataset.image_size} px images, the job's model takes {job.image_size}")
+    if job.num_classes and dataset.task == "classification" and dataset.num_classes > job.num_classes:
+        problems.append(f"{dataset.num_classes} classes, the job has {job.num_classes}")
+    if job.task and dataset.task != job.task:
+        problems.append(f"a {dataset.task} task, the job is {job.task}")
+    if problems:
+        raise ValueError(f"data {source}: " + "; ".join(problems))

@@ -165,6 +165,8 @@ def job_from_proto(message) -> JobConfig:
         value = getattr(message, _RENAMED.get(f.name, f.name))
         if value == "" and isinstance(f.default, str) and f.default:
             value = f.default
+        elif not isinstance(value, (int, float, bool, str)):
+            value = tuple(value)  # a repeated field
         values[f.name] = value
     values["quant"] = quant_of_snapshot_codec(message.snapshot_codec)
     return JobConfig(**values)

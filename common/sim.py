@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from lte.common.config import EXPLAIN_HELP, JobConfig, add_job_arguments, load_toml, resolve_job
-from lte.common.data import DATASET_NAMES, HeadBatches, load_dataset, stacked_batch
+from lte.common.data import DATASET_NAMES, HeadBatches, eval_subset, load_job_dataset, stacked_batch
+from lte.common.images import BadImageError
 from lte.common.lte import apply_updates
 from lte.common.model_check import startup_model_check
 from lte.common.precision import MixedPrecision
@@ -255,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML file with any job flag (flags given here win)")
     parser.add_argument("--data-dir", help="dataset folder (fashion-mnist IDX files, imagefolder root)")
     parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip (and count) image files that do not decode instead of stopping",
+    )
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=0,
+        help="evaluate on a fixed class-balanced subset of K test samples, 0 for all [0]",
+    )
+    parser.add_argument(
         "--workers", type=int, default=1, help="simulated workers; heads split in contiguous blocks [1]"
     )
     parser.add_argument(
@@ -285,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown dataset {job.dataset!r}; choose one of {DATASET_NAMES}")
         if args.threads:
             torch.set_num_threads(args.threads)
-        dataset = load_dataset(job.dataset, args.data_dir or file_values.get("data_dir"), seed=job.seed)
+        data_dir = args.data_dir or file_values.get("data_dir")
+        dataset = load_job_dataset(job, data_dir, skip_bad_images=args.skip_bad_images)
+        dataset = eval_subset(dataset, args.eval_samples, job.seed)
         job = job.with_dataset(dataset)
         lte = not (args.full or args.diloco)  # the LTE warnings concern LTE runs only
         heads = len(partition_heads(job.heads, args.workers)[0]) if lte else 1
@@ -305,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     mode += f" precision={MixedPrecision(job.precision, args.device).precision}"
     progress = None if args.quiet else Progress(job.heads * job.rounds, f"{job.model}/{job.dataset} {mode}")
     common = {"device": args.device, "eval_every": args.eval_every, "progress": progress}
-    if args.full:
-        result = run_full(job, dataset, **common)
-    else:
-        run = run_diloco if args.diloco else run_lte
-        result = run(job, dataset, workers=args.workers, **common)
+    try:
+        if args.full:
+            result = run_full(job, dataset, **common)
+        else:
+            run = run_diloco if args.diloco else run_lte
+            result = run(job, dataset, workers=args.workers, **common)
+    except BadImageError as exc:  # found while streaming: one line, not a traceback
+        if progress:
+            progress.close()
+        print(f"lte-sim: error: {exc}", file=sys.stderr)
+        return 2
     if progress:
         progress.close()
     summary = result.summary()
@@ -319,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         acc = (
             f"test accuracy {summary['test_accuracy']:.4f}, " if summary["test_accuracy"] is not None else ""
         )
-        print(
-            f"{mode}: {acc}test loss {summary['test_loss']:.4f}, {summary['samples']} samples in {summary['seconds']:.1f} s"
+        loss = (
+            f"test loss {summary['test_loss']:.4f}" if summary["test_loss"] is not None else "no test metrics"
         )
+        print(f"{mode}: {acc}{loss}, {summary['samples']} samples in {summary['seconds']:.1f} s")
     return 0
 
 

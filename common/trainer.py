@@ -3,6 +3,7 @@ the full-training baseline, evaluation and snapshots. The emulator and the worke
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lte.common.config import JobConfig
-from lte.common.data import Dataset, HeadBatches, iterate_eval
+from lte.common.data import Dataset, HeadBatches, own_data_shards
+from lte.common.images import ImageFiles
+from lte.common.loader import PrefetchedBatches, eval_batches
 from lte.common.lte import (
     HeadUpdate,
     ReplicaUpdate,
@@ -28,6 +31,7 @@ from lte.common.lte import (
     trainable_parameters,
     uplink_tensors,
 )
+from lte.common.mixing import mix_heads, mixed_loss
 from lte.common.models import build_model
 from lte.common.policy import classify_model, expect_stacked_batch
 from lte.common.precision import MixedPrecision
@@ -83,17 +87,44 @@ def loss_fn(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, target)
 
 
+_log = logging.getLogger("lte.eval")
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: Dataset, *, batch_size: int = 1000, device: str | torch.device = "cpu"
-) -> dict[str, float]:
-    """Test loss (and accuracy for classification) of a plain or LTE model in eval mode."""
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    loader_workers: int = 0,
+) -> dict[str, float | None]:
+    """Test loss (and accuracy for classification) of a plain or LTE model in eval mode.
+
+    Streams the test split in batches (image folders decoded by ``loader_workers`` DataLoader
+    processes, with progress in the log every tenth); an empty test split gives None metrics and
+    a warning, never a loss of 0. ``batch_size`` None: 1000 for in-memory sets; for streamed
+    images about 2**20 input values per batch (85 images at 3x64x64, 32 at least), so the peak memory
+    of an evaluation is bounded by the image size, not by the test split's.
+    """
+    n = len(dataset.test_y)
+    if n == 0:
+        _log.warning("the %s test split has no samples: no test metrics", dataset.name)
+        return {"test_loss": None, **({"test_accuracy": None} if dataset.task == "classification" else {})}
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    total, loss_sum, correct = 0, 0.0, 0
-    for x, y in iterate_eval(dataset.test_x, dataset.test_y, batch_size):
-        x, y = x.to(device, dtype), y.to(device)
+    streaming = isinstance(dataset.test_x, ImageFiles)
+    if batch_size is None:
+        c, h, w = dataset.test_x.shape[1:]
+        batch_size = max(32, min(1000, (1 << 20) // (c * h * w))) if streaming else 1000
+    pin = torch.device(device).type == "cuda"
+    total, loss_sum, correct, logged = 0, 0.0, 0, 0
+    for x, y in eval_batches(dataset.test_x, dataset.test_y, batch_size, loader_workers, pin_memory=pin):
+        if streaming and 10 * total // n > logged:
+            logged = 10 * total // n
+            _log.info("evaluating: %d / %d test images", total, n)
+        x, y = x.to(device, dtype, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         loss_sum += float(loss_fn(dataset.task, out, y)) * x.shape[0]
         if dataset.task == "classification":
@@ -147,6 +178,7 @@ class LocalTrainer:
         base_from_snapshot: bool = False,
         cache_frozen: bool | None = None,
         precision: str | None = None,
+        loader_workers: int = 0,
     ) -> None:
         """``base_from_snapshot``: build the model without initialising its base (on the meta
         device, then allocated on ``device``), for a caller that loads a snapshot before training,
@@ -154,7 +186,9 @@ class LocalTrainer:
         ``cache_frozen``: keep each layer's frozen weight (dequantised, ``B'A'`` folded) in the
         compute dtype for the round instead of rebuilding it twice per step: faster, for one
         ``[m, n]`` per layer (per head where folded) of memory; None: on for CUDA devices only.
-        ``precision``: fp32 | bf16 | fp16 | auto (``lte.common.precision``); None: the job's."""
+        ``precision``: fp32 | bf16 | fp16 | auto (``lte.common.precision``); None: the job's.
+        ``loader_workers``: DataLoader processes decoding the batches of streamed data ahead of the
+        step (0, or in-memory data: in this process)."""
         if not head_ids:
             raise ValueError("a trainer needs at least one head")
         self.job, self.head_ids, self.device = job, list(head_ids), torch.device(device)
@@ -182,10 +216,23 @@ class LocalTrainer:
         self.model.train()
         expect_stacked_batch(self.model, job.batch_size * len(self.head_ids))
         self.optimizer = make_optimizer(trainable_parameters(self.model), job)
+        shards = (
+            own_data_shards(len(dataset.train_y), self.head_ids)
+            if dataset.extras.get("own_data")
+            else [None] * len(self.head_ids)
+        )
         self.streams = [
-            HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed)
-            for h in self.head_ids
+            HeadBatches(
+                dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed, shard_of=shard
+            )
+            for h, shard in zip(self.head_ids, shards, strict=True)
         ]
+        self.batches = PrefetchedBatches(
+            self.streams,
+            loader_workers if isinstance(dataset.train_x, ImageFiles) else 0,
+            horizon=job.steps,
+            pin_memory=self.device.type == "cuda",
+        )
         self.steps_done = list(steps_done) if steps_done is not None else [0] * len(self.head_ids)
         self.replica_base: dict[str, torch.Tensor] = {}
         # Heads that continue mid-job (moved from a lost worker) start with empty AdamW moments, so
@@ -216,11 +263,10 @@ class LocalTrainer:
         load_head_factors(self.model, local_index, factors, prev)
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(
-            *(s.batch(step) for s, step in zip(self.streams, self.steps_done, strict=True)), strict=True
+        x, y = self.batches.get(self.steps_done)
+        return x.to(self.device, self.job.torch_dtype, non_blocking=True), y.to(
+            self.device, non_blocking=True
         )
-        x = torch.cat(xs).to(self.device, self.job.torch_dtype, non_blocking=True)
-        return x, torch.cat(ys).to(self.device, non_blocking=True)
 
     def train_round(self, steps: int | None = None) -> RoundStats:
         """``T`` local steps; every head sees its own shard's next batch each step."""
@@ -234,8 +280,23 @@ class LocalTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = self._batch()
+            job = self.job
             with self.precision.autocast():
-                loss = loss_fn(self.task, self.model(x), y)  # mean over the stacked batch = mean over heads
+                if self.task == "classification" and (job.mixup or job.cutmix or job.label_smoothing):
+                    x, partner, lam = mix_heads(
+                        x,
+                        y,
+                        self.head_ids,
+                        self.steps_done,
+                        seed=job.seed,
+                        mixup=job.mixup,
+                        cutmix=job.cutmix,
+                    )
+                    loss = mixed_loss(self.model(x), y, partner, lam, job.label_smoothing)
+                else:
+                    loss = loss_fn(
+                        self.task, self.model(x), y
+                    )  # mean over the stacked batch = mean over heads
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.step(loss, self.optimizer)
             self.optimizer_steps += 1
@@ -291,6 +352,10 @@ class LocalTrainer:
             }
         self.head_ids = [self.head_ids[i] for i in keep]
         self.streams = [self.streams[i] for i in keep]
+        self.batches.close()  # its loader processes prefetch for the old heads
+        self.batches = PrefetchedBatches(
+            self.streams, self.batches.workers, horizon=self.batches.horizon, pin_memory=self.batches.pin_memory
+        )
         self.steps_done = [self.steps_done[i] for i in keep]
         expect_stacked_batch(self.model, self.job.batch_size * len(self.head_ids))
 

@@ -37,6 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None, help="dataset folder (Fashion-MNIST IDX files, imagefolder root)"
     )
     s.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="skip (and count) image files that do not decode instead of stopping [stop]",
+    )
+    s.add_argument(
+        "--loader-workers",
+        type=int,
+        default=None,
+        help="DataLoader processes decoding streamed images: the server's evaluation uses this many, "
+        "--local-workers get it too [0 here, 2 on local workers]",
+    )
+    s.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="evaluate on a fixed class-balanced subset of K test samples, 0 for all [0]",
+    )
+    s.add_argument(
         "--heads-per-worker",
         type=int,
         default=None,
@@ -139,6 +158,9 @@ SERVER_DEFAULTS = {
     "local_workers": 0,
     "worker_device": "cpu",
     "data_dir": None,
+    "skip_bad_images": False,
+    "loader_workers": -1,
+    "eval_samples": 0,
     "threads": 0,
     "rpc_threads": 0,
     "dashboard_host": "127.0.0.1",
@@ -200,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_toml(public_settings({**job.to_dict(), **srv})), end="")
             return 0
-        from lte.common.data import load_dataset
+        from lte.common.data import eval_subset, load_job_dataset
 
-        dataset = load_dataset(job.dataset, srv["data_dir"], seed=job.seed)
+        dataset = load_job_dataset(job, srv["data_dir"], skip_bad_images=srv["skip_bad_images"])
+        dataset = eval_subset(dataset, srv["eval_samples"], job.seed)
         job = job.with_dataset(dataset)
         from lte.common.model_check import startup_model_check
 

@@ -69,6 +69,7 @@ class Coordinator:
     # back") and per-version records (all of them are in metrics.jsonl) are bounded in memory.
     max_ended_leases = 1_000
     max_history = 10_000
+    eval_loader_workers = 0  # DataLoader processes of a streamed evaluation (lte-server --loader-workers)
 
     def __init__(
         self,
@@ -611,7 +612,7 @@ class Coordinator:
                 model.load_state_dict(self.master)  # a copy: training goes on meanwhile
                 return self.version, self.samples
 
-        version, samples, result = self._evaluation.run(load)
+        version, samples, result = self._evaluation.run(load, loader_workers=self.eval_loader_workers)
         record = {
             "version": version,
             "samples": samples,

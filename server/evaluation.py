@@ -46,9 +46,12 @@ class Evaluator:
         self._model = None
         self._lock = threading.Lock()  # one evaluation at a time: the model copy is shared
 
-    def run(self, load: Callable[[Any], tuple[int, int]]) -> tuple[int, int, dict[str, float]]:
+    def run(
+        self, load: Callable[[Any], tuple[int, int]], loader_workers: int = 0
+    ) -> tuple[int, int, dict[str, float | None]]:
         with self._lock:
             if self._model is None:
                 self._model = build_job_model(self.job).to(self.device)
             version, samples = load(self._model)
-            return version, samples, evaluate(self._model, self.dataset, device=self.device)
+            result = evaluate(self._model, self.dataset, device=self.device, loader_workers=loader_workers)
+            return version, samples, result

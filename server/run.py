@@ -57,6 +57,16 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> None
             p.wait()
 
 
+def local_data_args(srv: dict) -> list[str]:
+    """The data options a local worker needs to load the job's dataset as the server does."""
+    args = ["--data-dir", str(srv["data_dir"])] if srv["data_dir"] else []
+    if srv["skip_bad_images"]:
+        args.append("--skip-bad-images")
+    if srv["loader_workers"] >= 0:
+        args += ["--loader-workers", str(srv["loader_workers"])]
+    return args
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -157,6 +167,7 @@ class ServerRun:
             keep_checkpoints=srv["keep_checkpoints"],
             metrics_path=self.out_dir / "metrics.jsonl",
         )
+        c.eval_loader_workers = max(0, srv["loader_workers"])
         if srv["resume"]:
             try:
                 state, tensors = load_checkpoint(srv["resume"])
@@ -242,6 +253,7 @@ class ServerRun:
                 str(os.getpid()),
                 "--quiet",
                 *tls,
+                *local_data_args(srv),
             ]
             for i in range(local)
         ]
@@ -304,7 +316,15 @@ class ServerRun:
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             self._watch()
-            final = c.evaluate_now()
+            try:
+                final = c.evaluate_now()
+            except Exception as exc:  # the trained model is worth more than its last score: export it anyway
+                _log.error(
+                    "final evaluation failed (%s: %s); exporting the model without it",
+                    type(exc).__name__,
+                    exc,
+                )
+                final = {"test_loss": None, "test_accuracy": None}
             model_path = c.export(self.out_dir / "model.safetensors")
             self.summary = summary = {
                 "test_accuracy": final.get("test_accuracy"),

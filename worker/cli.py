@@ -30,6 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="train on this data instead of the job's dataset (image folder or IDX folder)"
     )
     parser.add_argument("--data-dir", help="where the job's dataset lives (e.g. the Fashion-MNIST IDX files)")
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip (and count) image files that do not decode instead of stopping",
+    )
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=2,
+        help="DataLoader processes decoding streamed images ahead of training, 0 for none [2]",
+    )
     parser.add_argument("--name", default="", help="label shown on the dashboard [hostname:pid]")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
@@ -117,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         max_heads=args.max_heads,
         data=args.data,
         data_dir=args.data_dir,
+        skip_bad_images=args.skip_bad_images,
+        loader_workers=args.loader_workers,
         name=args.name,
         quiet=args.quiet,
         give_up_after_s=args.give_up_after,
@@ -130,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return worker.run()
+    except (ValueError, FileNotFoundError, ImportError) as exc:  # the data (or the job) cannot be used here
+        print(f"lte-worker: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lte-worker: interrupted; left the job", file=sys.stderr)
         return 130

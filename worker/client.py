@@ -24,8 +24,9 @@ from lte import __version__
 from lte.common import grpc_options
 from lte.common.codec import decode_tensor, decode_tensor_quantized, get_codec
 from lte.common.config import JobConfig
-from lte.common.data import Dataset, load_dataset
+from lte.common.data import Dataset, load_job_dataset
 from lte.common.failure import leave_reason, training_failure
+from lte.common.images import BadImageError
 from lte.common.lte import lte_layers
 from lte.common.progress import Progress, format_bytes
 from lte.common.protocol import (
@@ -135,6 +136,8 @@ class Worker:
         max_heads: int = 0,
         data: str | None = None,
         data_dir: str | None = None,
+        skip_bad_images: bool = False,
+        loader_workers: int = 0,
         name: str = "",
         quiet: bool = False,
         give_up_after_s: float = 300.0,
@@ -150,6 +153,7 @@ class Worker:
         self.show_progress = show_progress  # the one-line display; off when logs are JSON lines
         self.server, self.device = server, torch.device(device)
         self.max_heads, self.data, self.data_dir = max_heads, data, data_dir
+        self.skip_bad_images, self.loader_workers = skip_bad_images, loader_workers
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.quiet, self.give_up_after_s, self.parent_pid = quiet, give_up_after_s, parent_pid
         self.metadata = metadata
@@ -245,10 +249,8 @@ class Worker:
         self._view = None
         self._start_heartbeat()  # now: building the model and the first pull can outlast the lease timeout
         if self.dataset is None or self.job is None or self.job.dataset != job.dataset:
-            self.dataset = (
-                _user_data(self.data, job)
-                if self.data
-                else load_dataset(job.dataset, self.data_dir, seed=job.seed)
+            self.dataset = load_job_dataset(
+                job, self.data_dir, own_data=self.data, skip_bad_images=self.skip_bad_images
             )
         if self.job != job:
             self.turns = []
@@ -303,6 +305,7 @@ class Worker:
                     base_from_snapshot=True,  # the pull below brings the base: never build an fp32 copy
                     precision=self.precision,
                     cache_frozen=self.cache_frozen,
+                    loader_workers=self.loader_workers,
                 )
                 kept.append(Turn(trainer))
         self.turns = kept
@@ -504,10 +507,13 @@ class Worker:
             raise
         except Exception as exc:  # cannot build or train this lease: give it back (leave, below), say why
             self.failure = training_failure(exc)
-            print(
-                f"lte-worker: error: cannot train heads {list(self.next_rounds)}: {self.failure}",
-                file=sys.stderr,
-            )
+            if isinstance(exc, (ValueError, FileNotFoundError, BadImageError)) and not self.head_ids:
+                # the worker's own data or options do not fit the job: the message says what to fix
+                print(f"lte-worker: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+            else:
+                print(
+                    f"lte-worker: error: cannot train heads {self.head_ids}: {self.failure}", file=sys.stderr
+                )
             return 2
         finally:
             self.stop.set()
@@ -605,13 +611,3 @@ class Worker:
         finally:
             self.lease_id = ""
             self.channel.close()
-
-
-def _user_data(path: str, job: JobConfig) -> Dataset:
-    """A worker's own data: an image folder, or Fashion-MNIST-style IDX files in a folder."""
-    from pathlib import Path
-
-    p = Path(path)
-    if any(p.glob("*idx3-ubyte*")):
-        return load_dataset("fashion-mnist", str(p), seed=job.seed)
-    return load_dataset("imagefolder", str(p), seed=job.seed, image_size=job.image_size)
