@@ -57,6 +57,9 @@ class JobConfig:
     eps: float = 1e-8
     dtype: str = "float32"
     max_chunk_bytes: int = 1 << 20
+    context: int = 0  # language models: tokens per sequence; 0: the zoo preset's
+    embedding_heads: bool = True  # embeddings get LTE heads; False: full-size replica deltas
+    tokenizer: str = ""  # language models: the token data's tokenizer id (filled from the data)
 
     def __post_init__(self) -> None:
         checks = [
@@ -80,6 +83,8 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.context < 0:
+            raise ValueError(f"context must be >= 0 (0: the model's preset), got {self.context}")
         if self.warmup_steps < -1:
             raise ValueError(f"warmup_steps must be >= 0, or -1 for 5% of steps; got {self.warmup_steps}")
 
@@ -133,6 +138,7 @@ class JobConfig:
             quant=self.quant,
             head_ids=tuple(head_ids),
             seed=self.seed,
+            embeddings=self.embedding_heads,
         )
 
     def with_dataset(self, dataset: Any) -> JobConfig:
@@ -143,10 +149,24 @@ class JobConfig:
             in_channels=self.in_channels or dataset.in_channels,
             num_classes=self.num_classes or dataset.output_dim,
             task=self.task or dataset.task,
+            context=self.context or _default_context(self.model, dataset),
+            tokenizer=self.tokenizer or getattr(dataset, "tokenizer_id", ""),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _default_context(model: str, dataset: Any) -> int:
+    """A language model's preset context; 0 for other tasks. Raises ValueError when none is known."""
+    if getattr(dataset, "task", "") != "lm":
+        return 0
+    from lte.common.models import GPT_PRESETS
+
+    key = model.lower().replace("_", "-")
+    if key not in GPT_PRESETS:
+        raise ValueError(f"model {model!r} has no preset context for --dataset text; pass --context")
+    return GPT_PRESETS[key]["context"]
 
 
 def job_from_dict(values: dict[str, Any], *, source: str = "config") -> JobConfig:
@@ -177,10 +197,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("job")
     g.add_argument(
         "--model",
-        help=f"zoo model (mlp, vit-tiny, vit-s, vit-b, vit-l) or package.module:factory [{d.model}]",
+        help="zoo model (mlp, vit-tiny, vit-s, vit-b, vit-l, gpt-micro, gpt-nano, gpt2-small, gpt2-medium) "
+        f"or package.module:factory [{d.model}]",
     )
     g.add_argument(
-        "--dataset", help=f"digits | fashion-mnist | imagefolder | synthetic-regression [{d.dataset}]"
+        "--dataset",
+        help=f"digits | fashion-mnist | imagefolder | synthetic-regression | text (token files) [{d.dataset}]",
     )
     g.add_argument("--image-size", type=int, help="input side in pixels [the dataset's]")
     g.add_argument("--patch-size", type=int, help="ViT patch size [zoo default for the image size]")
@@ -207,6 +229,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help=f"seed of init, data order and heads [{d.seed}]")
     g.add_argument("--mode", choices=MODES, help=f"aggregation: sync | async | buffered [{d.mode}]")
     g.add_argument("--dtype", choices=DTYPES, help=f"training precision [{d.dtype}]")
+    g.add_argument("--context", type=int, help="language models: tokens per sequence [the preset's]")
+    g.add_argument(
+        "--embedding-heads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LTE heads on embeddings (--no-embedding-heads: full-size replica deltas) [on]",
+    )
 
 
 def resolve_job(args: argparse.Namespace, file_values: dict[str, Any] | None = None) -> JobConfig:

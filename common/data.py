@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-DATASET_NAMES = ("digits", "fashion-mnist", "imagefolder", "synthetic-regression")
+DATASET_NAMES = ("digits", "fashion-mnist", "imagefolder", "synthetic-regression", "text")
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -70,6 +70,8 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwa
       fashion-mnist: none (the official 60000/10000 split)
       imagefolder: image_size=32, grayscale=False, test_fraction=0.2 (data_dir required)
       synthetic-regression: d_in=64, d_out=64, num_train=4096, num_test=1024, noise_std=0.0
+      text: eval_tokens=65536 (data_dir required: token files from lte-prepare-text; returns a
+        lte.common.text.TokenDataset, task "lm")
     """
     key = name.lower().replace("_", "-")
     loaders = {
@@ -77,10 +79,17 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwa
         "fashion-mnist": _load_fashion_mnist,
         "imagefolder": _load_imagefolder,
         "synthetic-regression": _load_synthetic_regression,
+        "text": _load_text,
     }
     if key not in loaders:
         raise ValueError(f"unknown dataset '{name}'; choose one of {DATASET_NAMES}")
     return loaders[key](data_dir, seed=seed, **kwargs)
+
+
+def _load_text(data_dir: str | None, *, seed: int, **kwargs: Any):
+    from lte.common.text import load_text  # text imports this module's seeding helpers
+
+    return load_text(data_dir, seed=seed, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,6 +448,16 @@ class HeadBatches:
             f"HeadBatches(head_id={self.head_id}, num_heads={self.num_heads}, "
             f"batch_size={self.batch_size}, shard_size={self.shard_size}, seed={self.seed})"
         )
+
+
+def head_batches(dataset: Any, head_id: int, num_heads: int, batch_size: int, seed: int, context: int = 0):
+    """A head's batch stream: ``HeadBatches`` over a sample dataset, ``TokenBatches`` of ``context``
+    tokens over token data (task "lm"). Both are pure functions of (seed, head_id, step)."""
+    if dataset.task == "lm":
+        from lte.common.text import TokenBatches
+
+        return TokenBatches(dataset.train_tokens, head_id, num_heads, batch_size, seed, context)
+    return HeadBatches(dataset.train_x, dataset.train_y, head_id, num_heads, batch_size, seed)
 
 
 def stacked_batch(streams: list[HeadBatches], step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lte.common.quant import QUANT_KINDS, QuantizedTensor, quantize, quantized_zeros
@@ -48,6 +49,8 @@ class LTEConfig:
     prev_dtype: torch.dtype | None = None
     strict: bool = True  # every trainable parameter must be covered by heads or replicas
     replicas: bool = True  # train non-Linear parameters as per-process replicas
+    # nn.Embedding tables get LTE heads too (LTEEmbedding); False keeps them replicas (full-size deltas)
+    embeddings: bool = True
     exclude: tuple[str, ...] = ()  # Linear module names kept as they are (must be frozen in strict mode)
     head_ids: Sequence[int] | None = None  # global ids of the local heads (seed their A init)
     seed: int = 0
@@ -366,6 +369,84 @@ class LTELinear(nn.Module):
         )
 
 
+class LTEEmbedding(LTELinear):
+    """``nn.Embedding`` replacement: ``h`` vectorised LoRA heads on a frozen token table ``W [V, D]``.
+
+    The table is a matrix like a Linear's (``m = V`` rows, ``n = D`` columns), with ``B_i [V, r]``
+    and ``A_i [r, D]``, so its factors travel, merge (``merge_head_deltas``) and export exactly as an
+    ``LTELinear``'s. Looking token ``t`` up in head ``i`` reads row ``t`` of the head's weight:
+
+        y = W[t] + s * (B_i[t] A_i - B'_i[t] A'_i)
+
+    ``attend(x)`` is the tied output layer (GPT-2's logits ``x W^T``): it is ``LTELinear.forward``
+    over the same weight, so the tie holds in every head, through every merge and in the export,
+    because there is only one ``W`` and one ``(B_i, A_i)``. ``B = 0`` at init, as peft does for
+    embeddings: the factor on the vocabulary side is the zero one.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, **kwargs) -> None:
+        super().__init__(embedding_dim, num_embeddings, bias=False, **kwargs)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, config: LTEConfig, layer_index: int = 0) -> LTEEmbedding:
+        """Raises ``ValueError`` for what a low-rank table cannot keep (padding_idx, max_norm, sparse)."""
+        if embedding.padding_idx is not None or embedding.max_norm is not None or embedding.sparse:
+            raise ValueError(
+                "LTE embeddings support plain lookups only; this nn.Embedding sets padding_idx, "
+                "max_norm or sparse: exclude it (LTEConfig.embeddings=False keeps it a replica)"
+            )
+        w = embedding.weight
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            heads=config.heads,
+            total_heads=config.total_heads,
+            rank=config.rank,
+            alpha=config.alpha,
+            reset=config.reset,
+            quant=config.quant,
+            prev_dtype=config.prev_dtype,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        layer.layer_index = layer_index
+        if w.is_meta:
+            return layer
+        with torch.no_grad():
+            layer.set_base_weight(w.detach())
+        layer.reset_parameters(config.head_ids, config.seed, layer_index, config.a_init, config.a_init_gain)
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, ...]`` (``B`` divisible by the heads) -> vectors ``[B, ..., D]``."""
+        w = self.frozen_weight(self.lora_A.dtype, False)  # [V, D], no gradient: W is frozen
+        if not self.training:  # eval: W alone
+            return F.embedding(ids, w)
+        h = self.heads
+        if ids.shape[0] % h:
+            raise ValueError(f"batch of {ids.shape[0]} does not split evenly across {h} LTE heads")
+        idsh = ids.reshape(h, -1)  # head i gets sequences [i*B/h, (i+1)*B/h)
+        head = torch.arange(h, device=ids.device)[:, None]
+        s = self.scale
+        # y = W[t] + s * (B_i[t] A_i - B'_i[t] A'_i)
+        y = w[idsh] + s * (self.lora_B[head, idsh] @ self.lora_A)
+        if self.has_prev:
+            y = y - s * (self.lora_B_prev[head, idsh].to(y.dtype) @ self.lora_A_prev.to(y.dtype))
+        return y.reshape(*ids.shape, self.embedding_dim)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied output layer: ``[B, ..., D] -> [B, ..., V]``, ``x (W + s (B_i A_i - B'_i A'_i))^T``."""
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, heads={self.heads}, r={self.rank}, "
+            f"s={self.scale:g}, N={self.total_heads}, quant={self.quant}"
+            + (", reset=True" if self.reset else "")
+        )
+
+
 # -- tensor-level merge: shared by LTELinear.merge, the emulator and the parameter server ----
 @torch.no_grad()
 def merge_head_deltas(
@@ -460,7 +541,8 @@ def apply_updates(
 
 # -- model conversion --------------------------------------------------------------------------
 def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
-    """Replace every ``nn.Linear`` with an ``LTELinear`` in place; other trainable params become replicas.
+    """Replace every ``nn.Linear`` with an ``LTELinear`` in place, and (``config.embeddings``) every
+    trainable ``nn.Embedding`` with an ``LTEEmbedding``; other trainable params become replicas.
 
     In strict mode a trainable parameter that neither heads nor replicas cover is an error that
     names it (an excluded Linear left trainable, a Linear whose weight is tied elsewhere, or any
@@ -480,6 +562,8 @@ def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, LTELinear.from_linear(linear, config, layer_index=index))
+    if config.embeddings:
+        _convert_embeddings(model, config, first_index=len(linears))
     for name, p in model.named_parameters():
         if name.endswith(("lora_A", "lora_B")) or not p.requires_grad:
             continue
@@ -494,6 +578,19 @@ def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
             "replicas, or pass strict=False"
         )
     return model
+
+
+def _convert_embeddings(model: nn.Module, config: LTEConfig, first_index: int) -> None:
+    """Every ``nn.Embedding`` (and subclass) not in ``config.exclude`` becomes an ``LTEEmbedding``."""
+    tables = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and n not in config.exclude and m.weight.requires_grad
+    ]
+    for index, (name, table) in enumerate(tables, start=first_index):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, LTEEmbedding.from_embedding(table, config, layer_index=index))
 
 
 def prepare_model_on_device(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lte.common.config import JobConfig, add_job_arguments, load_toml, resolve_job
-from lte.common.data import DATASET_NAMES, HeadBatches, load_dataset, stacked_batch
+from lte.common.data import DATASET_NAMES, head_batches, load_dataset, stacked_batch
 from lte.common.lte import apply_updates
 from lte.common.progress import Progress
 from lte.common.trainer import (
@@ -59,10 +59,12 @@ class SimResult:
     master: dict[str, torch.Tensor] | None = None
 
     def summary(self) -> dict[str, Any]:
+        final = self.history[-1] if self.history else {}
         return {
             "mode": self.mode,
             "test_accuracy": self.test_accuracy,
             "test_loss": self.test_loss,
+            **{k: final[k] for k in ("perplexity", "bits_per_byte") if k in final},  # language models
             "samples": self.samples,
             "steps": self.steps,
             "rounds": self.rounds,
@@ -108,7 +110,7 @@ def run_lte(
     recorder = _Recorder("lte", dataset, device, eval_every, job.rounds, progress)
     plain = build_job_model(job).to(device)
     master = plain.state_dict(keep_vars=False)  # the plain model's tensors: eval reads them directly
-    layer_names = linear_weight_names(plain)
+    layer_names = linear_weight_names(plain, job.embedding_heads)
     trainers = [LocalTrainer(job, ids, dataset, device=device) for ids in partition_heads(job.heads, workers)]
     prev_factors: dict = {}
     samples = 0
@@ -147,7 +149,8 @@ def _full_step(
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, job)
     x, y = stacked_batch(streams, step)
-    loss = loss_fn(task, model(x.to(device, job.torch_dtype)), y.to(device))
+    x = x.to(device, job.torch_dtype) if x.is_floating_point() else x.to(device)
+    loss = loss_fn(task, model(x), y.to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -163,8 +166,7 @@ def run_full(
     model.train()
     optimizer = make_optimizer(model.parameters(), job)
     streams = [
-        HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed)
-        for h in range(job.heads)
+        head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context) for h in range(job.heads)
     ]
     steps = job.rounds * job.merge_every
     samples, losses = 0, []
@@ -205,7 +207,7 @@ def run_diloco(
         r.train()
     optimizers = [make_optimizer(r.parameters(), job) for r in replicas]
     streams = [
-        [HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed) for h in ids]
+        [head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context) for h in ids]
         for ids in blocks
     ]
     samples, losses, syncs = 0, [], 0
@@ -234,6 +236,8 @@ def _progress_fields(record: dict[str, Any], samples: int, start: float) -> dict
     }
     if "test_accuracy" in record:
         out["acc"] = record["test_accuracy"]
+    if "perplexity" in record:
+        out["val_loss"] = record["test_loss"]
     return out
 
 
@@ -304,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         acc = (
             f"test accuracy {summary['test_accuracy']:.4f}, " if summary["test_accuracy"] is not None else ""
         )
+        if "perplexity" in summary:
+            acc = (
+                f"perplexity {summary['perplexity']:.3f}, bits per byte {summary['bits_per_byte']:.4f}, val "
+            )
         print(
             f"{mode}: {acc}test loss {summary['test_loss']:.4f}, {summary['samples']} samples in {summary['seconds']:.1f} s"
         )

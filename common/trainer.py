@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lte.common.config import JobConfig
-from lte.common.data import Dataset, HeadBatches, iterate_eval
+from lte.common.data import Dataset, head_batches, iterate_eval
 from lte.common.lte import (
     HeadUpdate,
     ReplicaUpdate,
@@ -41,13 +41,22 @@ def build_job_model(job: JobConfig, seed: int | None = None) -> nn.Module:
         in_channels=job.in_channels,
         num_classes=job.num_classes,
         patch_size=job.patch_size or None,
+        context=job.context or None,
     )
     return model.to(job.torch_dtype)
 
 
-def linear_weight_names(model: nn.Module) -> list[str]:
-    """Master names of the weights that become LTE layers (every plain nn.Linear)."""
-    return [f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear]
+def linear_weight_names(model: nn.Module, embeddings: bool = True) -> list[str]:
+    """Master names of the weights that become LTE layers: every plain nn.Linear, and with
+    ``embeddings`` every trainable nn.Embedding (as ``prepare_model`` converts them)."""
+    names = [f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear]
+    if embeddings:
+        names += [
+            f"{name}.weight"
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and m.weight.requires_grad
+        ]
+    return names
 
 
 def make_snapshot(
@@ -72,6 +81,9 @@ def lr_at(step: int, job: JobConfig) -> float:
 
 
 def loss_fn(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (classification; "lm": mean over every token of ``[B, L, V]`` logits), or MSE."""
+    if task == "lm":
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
     if task == "regression":
         return F.mse_loss(logits, target.to(logits.dtype))
     return F.cross_entropy(logits, target)
@@ -81,7 +93,12 @@ def loss_fn(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def evaluate(
     model: nn.Module, dataset: Dataset, *, batch_size: int = 1000, device: str | torch.device = "cpu"
 ) -> dict[str, float]:
-    """Test loss (and accuracy for classification) of a plain or LTE model in eval mode."""
+    """Test loss (and accuracy for classification; perplexity and bits per byte for "lm") of a
+    plain or LTE model in eval mode."""
+    if dataset.task == "lm":
+        from lte.common.text import evaluate_lm
+
+        return evaluate_lm(model, dataset, _model_context(model), device=device)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -98,6 +115,13 @@ def evaluate(
     if dataset.task == "classification":
         result["test_accuracy"] = correct / max(1, total)
     return result
+
+
+def _model_context(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "context"):
+        raise ValueError("a language model must carry config.context (as the zoo GPT does)")
+    return int(config.context)
 
 
 @dataclass
@@ -162,9 +186,12 @@ class LocalTrainer:
             layer.cache_frozen = cache_frozen
         self.model.train()
         self.optimizer = make_optimizer(trainable_parameters(self.model), job)
+        if dataset.task == "lm":
+            from lte.common.text import check_token_data
+
+            check_token_data(job, dataset)
         self.streams = [
-            HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed)
-            for h in self.head_ids
+            head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context) for h in self.head_ids
         ]
         self.steps_done = list(steps_done) if steps_done is not None else [0] * len(self.head_ids)
         self.replica_base: dict[str, torch.Tensor] = {}
@@ -199,7 +226,9 @@ class LocalTrainer:
         xs, ys = zip(
             *(s.batch(step) for s, step in zip(self.streams, self.steps_done, strict=True)), strict=True
         )
-        x = torch.cat(xs).to(self.device, self.job.torch_dtype, non_blocking=True)
+        x = torch.cat(xs).to(self.device, non_blocking=True)
+        if x.is_floating_point():  # token ids stay integers
+            x = x.to(self.job.torch_dtype)
         return x, torch.cat(ys).to(self.device, non_blocking=True)
 
     def train_round(self, steps: int | None = None) -> RoundStats:
