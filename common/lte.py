@@ -542,7 +542,7 @@ def apply_updates(
 # -- model conversion --------------------------------------------------------------------------
 def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
     """Replace every ``nn.Linear`` with an ``LTELinear`` in place, and (``config.embeddings``) every
-    trainable ``nn.Embedding`` with an ``LTEEmbedding``; other trainable params become replicas.
+    ``nn.Embedding`` with an ``LTEEmbedding``; other trainable params become replicas.
 
     In strict mode a trainable parameter that neither heads nor replicas cover is an error that
     names it (an excluded Linear left trainable, a Linear whose weight is tied elsewhere, or any
@@ -583,9 +583,7 @@ def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
 def _convert_embeddings(model: nn.Module, config: LTEConfig, first_index: int) -> None:
     """Every ``nn.Embedding`` (and subclass) not in ``config.exclude`` becomes an ``LTEEmbedding``."""
     tables = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Embedding) and n not in config.exclude and m.weight.requires_grad
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and n not in config.exclude
     ]
     for index, (name, table) in enumerate(tables, start=first_index):
         parent, _, child = name.rpartition(".")

@@ -172,12 +172,15 @@ def write_token_files(
     return meta
 
 
-def copy_tokenizer(data_dir: str | Path, dest_dir: str | Path) -> None:
-    """Put the data's ``meta.json`` (and ``tokenizer.json``) beside an exported model."""
-    src, dst = Path(data_dir), Path(dest_dir)
+def copy_tokenizer(dataset: Any, dest_dir: str | Path) -> None:
+    """Put token data's ``meta.json`` (and ``tokenizer.json``) beside an exported model, so
+    ``lte-generate`` decodes with the tokenizer the model was trained on. No-op for other data."""
+    if getattr(dataset, "task", "") != "lm":
+        return
+    src, dst = Path(dataset.folder), Path(dest_dir)
     dst.mkdir(parents=True, exist_ok=True)
     for name in (META_FILE, TOKENIZER_FILE):
-        if (src / name).is_file():
+        if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():
             shutil.copyfile(src / name, dst / name)
 
 
@@ -329,6 +332,29 @@ def evaluate_lm(
         "perplexity": math.exp(min(loss, 700.0)),
         "bits_per_byte": loss / math.log(2) / dataset.bytes_per_token,
     }
+
+
+SAMPLE_PROMPT_TOKENS = 32
+SAMPLE_NEW_TOKENS = 160
+
+
+@torch.no_grad()
+def evaluation_sample(
+    model: torch.nn.Module, dataset: Any, *, seed: int, device: str | torch.device = "cpu"
+) -> dict[str, str]:
+    """For token data, ``{"sample": text}``: the first ``SAMPLE_PROMPT_TOKENS`` tokens of val.bin
+    continued by ``SAMPLE_NEW_TOKENS`` sampled tokens (temperature 0.8, top-k 40, generator seeded
+    with ``seed``) from the model's current weights; ``{}`` for other data or a model that cannot
+    generate. The server calls it after each evaluation, on its evaluator thread."""
+    if getattr(dataset, "task", "") != "lm" or not hasattr(model, "generate"):
+        return {}
+    was_training = model.training
+    model.eval()
+    prompt = read_windows(dataset.val_tokens, torch.tensor([0]), SAMPLE_PROMPT_TOKENS).to(device)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    out = model.generate(prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, generator=gen)
+    model.train(was_training)
+    return {"sample": dataset.tokenizer().decode(out[0].tolist())}
 
 
 def check_token_data(job: Any, dataset: TokenDataset) -> None:

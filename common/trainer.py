@@ -48,14 +48,10 @@ def build_job_model(job: JobConfig, seed: int | None = None) -> nn.Module:
 
 def linear_weight_names(model: nn.Module, embeddings: bool = True) -> list[str]:
     """Master names of the weights that become LTE layers: every plain nn.Linear, and with
-    ``embeddings`` every trainable nn.Embedding (as ``prepare_model`` converts them)."""
+    ``embeddings`` every nn.Embedding (as ``prepare_model`` converts them)."""
     names = [f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear]
     if embeddings:
-        names += [
-            f"{name}.weight"
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Embedding) and m.weight.requires_grad
-        ]
+        names += [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
     return names
 
 

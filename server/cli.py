@@ -394,6 +394,7 @@ def serve(
             str(os.getpid()),
             "--quiet",
             *tls,
+            *(["--data-dir", srv["data_dir"]] if srv["data_dir"] else []),
         ]
         for i in range(local)
     ]
@@ -485,6 +486,9 @@ def serve(
     return code
 
 
+LM_METRICS = ("perplexity", "bits_per_byte")  # language models' evaluation, beside test_loss
+
+
 def tensorboard_sink(directory: str):
     """A metrics sink writing TensorBoard scalars (train loss, accuracy, bytes) per version."""
     from torch.utils.tensorboard import SummaryWriter
@@ -493,9 +497,19 @@ def tensorboard_sink(directory: str):
 
     def write(record: dict) -> None:
         step = int(record.get("version", 0))
-        for key in ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "samples"):
+        for key in (
+            "train_loss",
+            "test_loss",
+            "test_accuracy",
+            "bytes_up",
+            "bytes_down",
+            "samples",
+            *LM_METRICS,
+        ):
             if isinstance(record.get(key), (int, float)):
                 writer.add_scalar(("eval/" if record.get("eval") else "train/") + key, record[key], step)
+        if isinstance(record.get("sample"), str):  # language models: the evaluation's text sample
+            writer.add_text("eval/sample", record["sample"], step)
         writer.flush()
 
     return write

@@ -24,6 +24,7 @@ import torch
 from lte.common.codec import encode_tensor
 from lte.common.config import UPLINK_CODECS, JobConfig
 from lte.common.lte import HeadUpdate, ReplicaUpdate, apply_updates
+from lte.common.text import copy_tokenizer, evaluation_sample
 from lte.common.trainer import build_job_model, evaluate, linear_weight_names
 from lte.common.wire import tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
@@ -166,7 +167,7 @@ class Coordinator:
         self.model = build_job_model(job).to(device)  # the master: a plain zoo model
         self.model.requires_grad_(False)
         self.master: dict[str, torch.Tensor] = dict(self.model.state_dict())
-        self.layer_names = linear_weight_names(self.model)
+        self.layer_names = linear_weight_names(self.model, job.embedding_heads)
         self.replica_names = [n for n in self.master if n not in set(self.layer_names)]
         self.heads_per_worker = heads_per_worker or job.heads
         self.lease_timeout_s, self.heartbeat_interval_s = lease_timeout_s, heartbeat_interval_s
@@ -616,6 +617,7 @@ class Coordinator:
             version, samples = self.version, self.samples
             self._eval_model.load_state_dict(self.master)  # a copy: training goes on meanwhile
         result = evaluate(self._eval_model, self.dataset, device=self.device)
+        result.update(evaluation_sample(self._eval_model, self.dataset, seed=version, device=self.device))
         record = {
             "version": version,
             "samples": samples,
@@ -730,6 +732,7 @@ class Coordinator:
             str(path),
             metadata={"lte_job": json.dumps(self.job.to_dict()), "version": str(self.version)},
         )
+        copy_tokenizer(self.dataset, path.parent)  # language models: the tokenizer goes beside the weights
         return path
 
     def status(self) -> dict[str, Any]:

@@ -52,6 +52,9 @@ def job_to_proto(job: JobConfig) -> pb.JobConfig:
         eps=job.eps,
         compute_dtype=job.dtype,
         zstd_level=job.zstd_level,
+        context=job.context,
+        embedding_heads=job.embedding_heads,
+        tokenizer=job.tokenizer,
     )
 
 

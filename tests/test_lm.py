@@ -268,3 +268,33 @@ def test_full_training_learns(byte_data):
     data = load_text(str(byte_data), eval_tokens=256)
     result = run_full(job, data)
     assert result.test_loss < 0.8 * np.log(256)
+
+
+# -- over a real lte-server ---------------------------------------------------------------------
+def test_sync_over_the_network_reproduces_the_emulator_and_the_export_evaluates_the_same(byte_data, tmp_path):
+    from lte.server.app import ParameterServer
+    from lte.server.coordinator import Coordinator
+    from tests.cluster import worker_processes
+
+    job = tiny_job(byte_data, dtype="float32", uplink="fp32", steps=4, heads=4)
+    data = load_text(str(byte_data), eval_tokens=256)
+    expected = run_lte(job, data, workers=2).master
+    coordinator = Coordinator(job, data, heads_per_worker=2)
+    server = ParameterServer(coordinator, host="127.0.0.1", port=0).start()
+    try:
+        extra = ["--quiet", "--max-heads", "2", "--data-dir", str(byte_data)]
+        with worker_processes(server.address, [extra] * 2, log_dir=tmp_path):
+            assert server.wait_done(timeout=240), "job did not finish in time; see worker logs"
+        got = coordinator.plain_state()
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), name  # bit for bit, the tied table included
+        record = coordinator.evaluate_now()
+        path = coordinator.export(tmp_path / "export" / "model.safetensors")
+    finally:
+        server.stop(grace=0.5)
+    assert isinstance(record["sample"], str) and len(record["sample"]) > 0
+    assert record["perplexity"] == pytest.approx(np.exp(record["test_loss"]))
+    assert load_tokenizer(path.parent).id == "bytes"  # the tokenizer travels beside the weights
+    model = build_job_model(job, seed=99)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    assert evaluate(model, data)["test_loss"] == record["test_loss"]  # the export's loss is the server's

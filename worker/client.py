@@ -93,6 +93,9 @@ def job_from_proto(j: pb.JobConfig) -> JobConfig:
         beta2=j.beta2,
         eps=j.eps,
         dtype=j.compute_dtype,
+        context=j.context,
+        embedding_heads=j.embedding_heads,
+        tokenizer=j.tokenizer,
         max_chunk_bytes=j.max_chunk_bytes,
     )
 
