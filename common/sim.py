@@ -241,6 +241,21 @@ def _progress_fields(record: dict[str, Any], samples: int, start: float) -> dict
     return out
 
 
+def export_model(path: str, state: dict[str, torch.Tensor], job: JobConfig, dataset, *, version: int) -> None:
+    """The model as ``lte-server`` exports it: safetensors with the job in its metadata, and for
+    token data the tokenizer beside it (``lte-generate`` reads both)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from lte.common.text import copy_tokenizer
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, path, metadata={"lte_job": json.dumps(job.to_dict()), "version": str(version)})
+    copy_tokenizer(dataset, Path(path).parent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lte-sim",
@@ -267,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every", type=int, default=0, help="evaluate every K merges (0: only at the end)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--export",
+        help="write the trained model here as a plain safetensors state dict (tokenizer beside it)",
+    )
     parser.add_argument("--json", action="store_true", help="print one final JSON line with the results")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
@@ -301,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(job, dataset, workers=args.workers, **common)
     if progress:
         progress.close()
+    if args.export:
+        export_model(args.export, result.master, job, dataset, version=result.rounds)
     summary = result.summary()
     if args.json:
         print(json.dumps(summary))
