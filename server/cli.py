@@ -436,6 +436,7 @@ def serve(
         summary = {
             "test_accuracy": final.get("test_accuracy"),
             "test_loss": final["test_loss"],
+            **{k: final[k] for k in LM_METRICS if k in final},
             "version": coordinator.version,
             "samples": coordinator.samples,
             "bytes_up": coordinator.bytes_up,
