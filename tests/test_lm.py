@@ -320,3 +320,15 @@ def test_lte_generate_samples_from_an_lte_sim_export(byte_data, tmp_path, capsys
     assert generate_main([*args[:4], "--temperature", "0", "--max-new-tokens", "5"]) == 0
     assert generate_main(["--model", str(tmp_path / "nope.safetensors")]) == 2
     assert "no such model file" in capsys.readouterr().err
+
+
+def test_token_data_of_another_tokenizer_is_refused(byte_data):
+    from lte.common.trainer import LocalTrainer
+
+    data = load_text(str(byte_data), eval_tokens=256)
+    job = dataclasses.replace(tiny_job(byte_data), tokenizer="bpe:0123456789abcdef")
+    with pytest.raises(ValueError, match="tokenizer bytes, but the job uses bpe:0123456789abcdef"):
+        LocalTrainer(job, [0], data)
+    small = dataclasses.replace(tiny_job(byte_data), num_classes=100)
+    with pytest.raises(ValueError, match="vocabulary 256 is larger than the model's 100"):
+        LocalTrainer(small, [0], data)
