@@ -323,7 +323,7 @@ def evaluate_lm(
     for i in range(0, starts.numel(), batch_size):
         w = read_windows(dataset.val_tokens, starts[i : i + batch_size], context + 1).to(device)
         logits = model(w[:, :-1])
-        loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum"))
+        loss_sum += float(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
         count += w[:, 1:].numel()
     model.train(was_training)
     loss = loss_sum / count
