@@ -332,3 +332,39 @@ def test_token_data_of_another_tokenizer_is_refused(byte_data):
     small = dataclasses.replace(tiny_job(byte_data), num_classes=100)
     with pytest.raises(ValueError, match="vocabulary 256 is larger than the model's 100"):
         LocalTrainer(small, [0], data)
+
+
+# -- the dashboard ------------------------------------------------------------------------------------
+def test_dashboard_status_and_metrics_carry_perplexity_and_the_text_sample():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lte.server.dashboard import StatusCollector, job_status
+
+    evals = [
+        {"version": 5, "samples": 80, "time": 1.0, "test_loss": 3.2, "perplexity": 24.5, "bits_per_byte": 4.6,
+         "sample": "old"},
+        {"version": 10, "samples": 160, "time": 2.0, "test_loss": 3.0, "perplexity": 20.1, "bits_per_byte": 4.3,
+         "sample": "<script>alert(1)</script> & the word"},
+    ]  # fmt: skip
+    st = {"job": {"task": "lm", "model": "gpt-micro"}, "version": 10, "done": False, "samples": 160,
+          "bytes_up": 1, "bytes_down": 2, "workers": [], "history": [], "evals": evals}  # fmt: skip
+    doc = job_status(st)
+    assert doc.task == "lm" and doc.perplexity == 20.1 and doc.bits_per_byte == 4.3
+    assert doc.text_sample == evals[-1]["sample"] and doc.text_sample_version == 10  # raw: the page escapes
+    assert [e.perplexity for e in doc.evals] == [24.5, 20.1]
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(StatusCollector(lambda: st))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert families["lte_perplexity"].samples[0].value == pytest.approx(20.1)
+    assert families["lte_bits_per_byte"].samples[0].value == pytest.approx(4.3)
+
+
+def test_dashboard_page_puts_the_sample_in_through_text_content_only():
+    from lte.server.dashboard import STATIC_DIR
+
+    js = (STATIC_DIR / "dashboard.js").read_text()
+    body = js[js.index("function renderSample") : js.index("function render(st)")]
+    assert 'setText("#text-sample", st.text_sample)' in body and "innerHTML" not in body
+    assert 'id="text-sample"' in (STATIC_DIR / "index.html").read_text()
