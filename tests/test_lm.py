@@ -77,7 +77,7 @@ def test_bpe_round_trip(tmp_path):
     assert data.tokenizer_id == tok.id and data.tokenizer_id.startswith("bpe:")
     again = load_tokenizer(tmp_path)
     joined = np.concatenate([np.asarray(data.train_tokens), np.asarray(data.val_tokens)]).tolist()
-    assert again.decode(joined) == TEXT or again.decode(joined).replace(" ", "") == TEXT.replace(" ", "")
+    assert again.decode(joined) == TEXT
     assert data.bytes_per_token > 1.0
 
 
