@@ -67,7 +67,6 @@ def test_byte_level_round_trip(byte_data):
 
 
 def test_bpe_round_trip(tmp_path):
-    pytest.importorskip("tokenizers")
     tok = BPETokenizer.train([TEXT], vocab_size=300)
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT
