@@ -11,7 +11,7 @@ TORCH_CPU ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: cluster test install data lint proto-check clean
+.PHONY: cluster lm-cluster test install data data-kjv lint proto-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,23 @@ data: $(FASHION_MNIST)
 cluster: install data
 	$(BIN)/lte-server --model mlp --dataset fashion-mnist --heads 8 --rank 32 --alpha 256 --lr 3e-3 \
 		--merge-every 10 --steps 1000 --batch-size 32 --local-workers 3 --port 0 --dashboard-port 8080 $(ARGS)
+
+# The language-model cluster: gpt-micro on the King James Bible (Debian's bible-kjv, no download),
+# byte-level tokens, 8 LoRA heads of rank 64 on 2 local workers, int8 base weights.
+KJV_DIR := data/kjv
+
+$(KJV_DIR)/train.bin: | $(VENV)/.installed
+	@command -v bible >/dev/null || { command -v apt-get >/dev/null || { echo "install Debian's bible-kjv (the 'bible' command)"; exit 1; }; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bible-kjv; }
+	mkdir -p $(KJV_DIR)
+	bible -f "Genesis 1:1-Revelation 22:21" > $(KJV_DIR)/kjv.txt
+	$(BIN)/lte-prepare-text $(KJV_DIR)/kjv.txt --out $(KJV_DIR)
+
+data-kjv: $(KJV_DIR)/train.bin
+
+lm-cluster: install data-kjv
+	$(BIN)/lte-server --model gpt-micro --dataset text --data-dir $(KJV_DIR) --heads 8 --rank 64 --alpha 1024 \
+		--lr 3e-4 --merge-every 8 --steps 400 --batch-size 4 --quant int8 --local-workers 2 --eval-every 10 \
+		--port 0 --dashboard-port 8080 $(ARGS)
 
 test: install data
 	$(BIN)/python proto/generate.py --check

@@ -1,6 +1,8 @@
 """Bytes and seconds of one LTE round over real gRPC, next to what DDP would move for the same samples.
 
     python bench/round_cost.py --model vit-b --heads 32 --rank 64 --merge-every 10 --quant int8
+    python bench/round_cost.py --model gpt2-small --dataset text --data-dir data/kjv --num-classes 50257 \
+        --context 64 --batch-size 1 --heads 32 --rank 64 --quant int8 --rounds 1 [--no-embedding-heads]
 
 A real ParameterServer runs on loopback with the job's model; one real Worker (in this process,
 holding ``--worker-heads`` heads) registers, pulls the snapshot, trains T steps, pushes, and
@@ -47,11 +49,20 @@ def main() -> int:
     p.add_argument("--worker-heads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="rounds timed (the first pull is reported apart)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="dataset folder (--dataset text: token files)")
+    p.add_argument("--num-classes", type=int, default=0, help="output width; a GPT's vocabulary [the data's]")
+    p.add_argument("--context", type=int, default=0, help="language models: tokens per sequence [preset]")
+    p.add_argument(
+        "--embedding-heads",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LTE heads on the (tied) token embedding; --no-embedding-heads sends it as a replica",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ds = load_dataset(args.dataset, seed=0)
+    ds = load_dataset(args.dataset, args.data_dir, seed=0)
     job = JobConfig(
         model=args.model,
         dataset=args.dataset,
@@ -66,11 +77,14 @@ def main() -> int:
         uplink=args.uplink,
         mode="async",
         steps=args.merge_every * 1000,
+        num_classes=args.num_classes,
+        context=args.context,
+        embedding_heads=args.embedding_heads,
     ).with_dataset(ds)
     coordinator = Coordinator(job, None, heads_per_worker=args.worker_heads, max_staleness=10**6)
     params = count_parameters(coordinator.model)
     with ParameterServer(coordinator, host="127.0.0.1", port=0) as server:
-        worker = Worker(server.address, max_heads=args.worker_heads, quiet=True)
+        worker = Worker(server.address, max_heads=args.worker_heads, quiet=True, data_dir=args.data_dir)
         t0 = time.perf_counter()
         worker.register()  # includes the first pull of the snapshot
         first_pull_s = time.perf_counter() - t0
@@ -117,6 +131,8 @@ def main() -> int:
         "T": args.merge_every,
         "quant": args.quant,
         "uplink": args.uplink,
+        "embedding_heads": args.embedding_heads,
+        "context": job.context,
         "worker_heads": args.worker_heads,
         "batch_per_head": args.batch_size,
         "first_pull_bytes": first_down,

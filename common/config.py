@@ -67,6 +67,9 @@ class JobConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     mixup: float = 0.0  # mixup Beta(a, a) parameter; 0: off
     cutmix: float = 0.0  # CutMix Beta(a, a) parameter; 0: off (with mixup too: one of them per head and step)
+    context: int = 0  # language models: tokens per sequence; 0: the zoo preset's
+    embedding_heads: bool = True  # embeddings get LTE heads; False: full-size replica deltas
+    tokenizer: str = ""  # language models: the token data's tokenizer id (filled from the data)
 
     def __post_init__(self) -> None:
         self.classes = tuple(str(c) for c in self.classes)  # a TOML list or a proto repeated field
@@ -108,6 +111,8 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.context < 0:
+            raise ValueError(f"context must be >= 0 (0: the model's preset), got {self.context}")
         if self.warmup_steps < -1:
             raise ValueError(f"warmup_steps must be >= 0, or -1 for 5% of steps; got {self.warmup_steps}")
 
@@ -166,6 +171,7 @@ class JobConfig:
             quant=self.quant,
             head_ids=tuple(head_ids),
             seed=self.seed,
+            embeddings=self.embedding_heads,
         )
 
     def with_dataset(self, dataset: Any) -> JobConfig:
@@ -178,11 +184,25 @@ class JobConfig:
             task=self.task or dataset.task,
             classes=self.classes or tuple(dataset.extras.get("classes", ())),
             augment=self.augment or dataset.extras.get("augment", "none"),
+            context=self.context or _default_context(self.model, dataset),
+            tokenizer=self.tokenizer or getattr(dataset, "tokenizer_id", ""),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/TOML values (``classes`` as a list, so a checkpoint's saved job compares equal)."""
         return {**dataclasses.asdict(self), "classes": list(self.classes)}
+
+
+def _default_context(model: str, dataset: Any) -> int:
+    """A language model's preset context; 0 for other tasks. Raises ValueError when none is known."""
+    if getattr(dataset, "task", "") != "lm":
+        return 0
+    from lte.common.models import GPT_PRESETS
+
+    key = model.lower().replace("_", "-")
+    if key not in GPT_PRESETS:
+        raise ValueError(f"model {model!r} has no preset context for --dataset text; pass --context")
+    return GPT_PRESETS[key]["context"]
 
 
 def job_from_dict(values: dict[str, Any], *, source: str = "config") -> JobConfig:
@@ -219,11 +239,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("job")
     g.add_argument(
         "--model",
-        help=f"zoo model (mlp, vit-tiny, vit-s, vit-b, vit-l) or package.module:factory [{d.model}]",
+        help="zoo model (mlp, vit-tiny, vit-s, vit-b, vit-l, gpt-micro, gpt-nano, gpt2-small, gpt2-medium) "
+        f"or package.module:factory [{d.model}]",
     )
     g.add_argument(
         "--dataset",
-        help=f"digits | fashion-mnist | imagefolder | webdataset | synthetic-regression [{d.dataset}]",
+        help=f"digits | fashion-mnist | imagefolder | webdataset | synthetic-regression | text (token files) [{d.dataset}]",
     )
     g.add_argument("--image-size", type=int, help="input side in pixels [the dataset's]")
     g.add_argument(
@@ -272,6 +293,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         help="compute precision of the local steps: autocast bf16 | fp16 (loss-scaled) | fp32; auto is "
         f"bf16 on CUDA devices that support it, fp32 elsewhere [{d.precision}]",
+    )
+    g.add_argument("--context", type=int, help="language models: tokens per sequence [the preset's]")
+    g.add_argument(
+        "--embedding-heads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LTE heads on embeddings (--no-embedding-heads: full-size replica deltas) [on]",
     )
 
 

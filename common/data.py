@@ -30,7 +30,7 @@ from lte.common.images import IMAGE_EXTENSIONS, ImageFiles, channel_stats, scan_
 
 _log = logging.getLogger("lte.data")
 
-DATASET_NAMES = ("digits", "fashion-mnist", "imagefolder", "webdataset", "synthetic-regression")
+DATASET_NAMES = ("digits", "fashion-mnist", "imagefolder", "webdataset", "synthetic-regression", "text")
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -109,6 +109,8 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwa
       imagefolder, webdataset: image_size=32, grayscale=False, channels=0, test_fraction=0.2,
         classes=None, augment="crop-flip", skip_bad_images=False (data_dir required)
       synthetic-regression: d_in=64, d_out=64, num_train=4096, num_test=1024, noise_std=0.0
+      text: eval_tokens=65536 (data_dir required: token files from lte-prepare-text; returns a
+        lte.common.text.TokenDataset, task "lm")
     """
     key = name.lower().replace("_", "-")
     loaders = {
@@ -117,6 +119,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwa
         "imagefolder": _load_imagefolder,
         "webdataset": _load_webdataset,
         "synthetic-regression": _load_synthetic_regression,
+        "text": _load_text,
     }
     if key not in loaders:
         raise ValueError(f"unknown dataset '{name}'; choose one of {DATASET_NAMES}")
@@ -128,6 +131,12 @@ def _resized(x: torch.Tensor, image_size: int, name: str, native: int):
     if image_size < 0:
         raise ValueError(f"--image-size must be >= 1, got {image_size}")
     return x if image_size in (0, native) else ResizedImages(x, image_size)
+
+
+def _load_text(data_dir: str | None, *, seed: int, **kwargs: Any):
+    from lte.common.text import load_text  # text imports this module's seeding helpers
+
+    return load_text(data_dir, seed=seed, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -649,6 +658,16 @@ class HeadBatches:
             f"HeadBatches(head_id={self.head_id}, num_heads={self.num_heads}, "
             f"batch_size={self.batch_size}, shard_size={self.shard_size}, seed={self.seed})"
         )
+
+
+def head_batches(dataset: Any, head_id: int, num_heads: int, batch_size: int, seed: int, context: int = 0):
+    """A head's batch stream: ``HeadBatches`` over a sample dataset, ``TokenBatches`` of ``context``
+    tokens over token data (task "lm"). Both are pure functions of (seed, head_id, step)."""
+    if dataset.task == "lm":
+        from lte.common.text import TokenBatches
+
+        return TokenBatches(dataset.train_tokens, head_id, num_heads, batch_size, seed, context)
+    return HeadBatches(dataset.train_x, dataset.train_y, head_id, num_heads, batch_size, seed)
 
 
 def stacked_batch(streams: list[HeadBatches], step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,6 +49,8 @@ class LTEConfig:
     prev_dtype: torch.dtype | None = None
     strict: bool = True  # every trainable parameter must be covered by heads or replicas
     replicas: bool = True  # train non-Linear parameters as per-process replicas
+    # nn.Embedding tables get LTE heads too (LTEEmbedding); False keeps them replicas (full-size deltas)
+    embeddings: bool = True
     exclude: tuple[str, ...] = ()  # Linear module names kept as they are (must be frozen in strict mode)
     head_ids: Sequence[int] | None = None  # global ids of the local heads (seed their A init)
     seed: int = 0
@@ -618,6 +620,97 @@ class LTEMultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+class LTEEmbedding(LTELinear):
+    """``nn.Embedding`` replacement: ``h`` vectorised LoRA heads on a frozen token table ``W [V, D]``.
+
+    The table is a matrix like a Linear's (``m = V`` rows, ``n = D`` columns), with ``B_i [V, r]``
+    and ``A_i [r, D]``, so its factors travel, merge (``merge_head_deltas``) and export exactly as an
+    ``LTELinear``'s. Looking token ``t`` up in head ``i`` reads row ``t`` of the head's weight:
+
+        y = W[t] + s * (B_i[t] A_i - B'_i[t] A'_i)
+
+    ``attend(x)`` is the tied output layer (GPT-2's logits ``x W^T``): it is ``LTELinear.forward``
+    over the same weight, so the tie holds in every head, through every merge and in the export,
+    because there is only one ``W`` and one ``(B_i, A_i)``. ``B = 0`` at init, as peft does for
+    embeddings: the factor on the vocabulary side is the zero one.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, **kwargs) -> None:
+        super().__init__(embedding_dim, num_embeddings, bias=False, **kwargs)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @staticmethod
+    def unsupported(module: nn.Module) -> str | None:
+        """Why an embedding stays a replica: what a low-rank table cannot keep."""
+        if type(module).forward is not nn.Embedding.forward:
+            return f"{type(module).__name__} overrides Embedding.forward"
+        if module.padding_idx is not None or module.max_norm is not None or module.sparse:
+            return "padding_idx, max_norm or sparse gradients"
+        return None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module:
+        return cls.from_embedding(module, config, layer_index)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, config: LTEConfig, layer_index: int = 0) -> LTEEmbedding:
+        """Raises ``ValueError`` for what a low-rank table cannot keep (padding_idx, max_norm, sparse)."""
+        if embedding.padding_idx is not None or embedding.max_norm is not None or embedding.sparse:
+            raise ValueError(
+                "LTE embeddings support plain lookups only; this nn.Embedding sets padding_idx, "
+                "max_norm or sparse: exclude it (LTEConfig.embeddings=False keeps it a replica)"
+            )
+        w = embedding.weight
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            heads=config.heads,
+            total_heads=config.total_heads,
+            rank=config.rank,
+            alpha=config.alpha,
+            reset=config.reset,
+            quant=config.quant,
+            prev_dtype=config.prev_dtype,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        layer.layer_index = layer_index
+        if w.is_meta:
+            return layer
+        with torch.no_grad():
+            layer.set_base_weight(w.detach())
+        layer.reset_parameters(config.head_ids, config.seed, layer_index, config.a_init, config.a_init_gain)
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, ...]`` (``B`` divisible by the heads) -> vectors ``[B, ..., D]``."""
+        w = self.frozen_weight(self.lora_A.dtype, False)  # [V, D], no gradient: W is frozen
+        if not self.training:  # eval: W alone
+            return F.embedding(ids, w)
+        h = self.heads
+        if ids.shape[0] % h:
+            raise ValueError(f"batch of {ids.shape[0]} does not split evenly across {h} LTE heads")
+        idsh = ids.reshape(h, -1)  # head i gets sequences [i*B/h, (i+1)*B/h)
+        head = torch.arange(h, device=ids.device)[:, None]
+        s = self.scale
+        # y = W[t] + s * (B_i[t] A_i - B'_i[t] A'_i)
+        y = w[idsh] + s * (self.lora_B[head, idsh] @ self.lora_A)
+        if self.has_prev:
+            y = y - s * (self.lora_B_prev[head, idsh].to(y.dtype) @ self.lora_A_prev.to(y.dtype))
+        return y.reshape(*ids.shape, self.embedding_dim)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied output layer: ``[B, ..., D] -> [B, ..., V]``, ``x (W + s (B_i A_i - B'_i A'_i))^T``."""
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, heads={self.heads}, r={self.rank}, "
+            f"s={self.scale:g}, N={self.total_heads}, quant={self.quant}"
+            + (", reset=True" if self.reset else "")
+        )
 
 
 # -- tensor-level merge: shared by LTELinear.merge, the emulator and the parameter server ----

@@ -47,7 +47,7 @@ def check_job_model(job: JobConfig, sample: torch.Tensor, heads: int) -> ModelPo
         plain = _meta_model(job)
     except (ValueError, TypeError, ImportError, AttributeError) as exc:
         raise ModelRefused(f"model {job.model}: cannot build it: {exc}") from None
-    policy = classify_model(plain, heads=heads)
+    policy = classify_model(plain, heads=heads, embeddings=job.embedding_heads)
     model = convert_model(plain, job.lte_config(list(range(heads))))
     rows = heads * job.batch_size
     expect_stacked_batch(model, rows)
@@ -161,7 +161,11 @@ def startup_model_check(
     ``<prog>: warning: ...`` lines; none when ``prog`` is empty. Raises ``ModelRefused`` (a
     ValueError: the CLIs print one line and exit 2).
     """
-    policy = check_job_model(job, dataset.train_x[0], heads)
+    if dataset.task == "lm":  # one window of token ids
+        sample = torch.zeros(max(1, job.context), dtype=torch.long)
+    else:
+        sample = dataset.train_x[0]
+    policy = check_job_model(job, sample, heads)
     if explain:
         return format_explain(policy, job, heads)
     warnings = explain_warnings(policy, explain_summary(explain_rows(policy, job, heads))) if prog else []

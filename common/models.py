@@ -1,6 +1,7 @@
-"""Model zoo: a plain MLP and Vision Transformers (ViT-Tiny/S/B/L), plus user factories.
+"""Model zoo: a plain MLP, Vision Transformers (ViT-Tiny/S/B/L), GPT language models
+(gpt-micro, gpt-nano, gpt2-small, gpt2-medium), plus user factories.
 
-Reads top to bottom: configs, the ViT's small modules, the ViT, the MLP, then `build_model`.
+Reads top to bottom: configs, the ViT's small modules, the ViT, the MLP, the GPT, then `build_model`.
 
 Contract every model here keeps, because the LTE layer later splits dim 0 of each
 `nn.Linear` input across heads:
@@ -8,13 +9,15 @@ Contract every model here keeps, because the LTE layer later splits dim 0 of eac
 - every `nn.Linear` sees the batch as dim 0;
 - no operation mixes samples across the batch (no batch norm, no dropout).
 Everything that is not an `nn.Linear` weight (LayerNorm, biases, cls token, position
-embedding) becomes a replica that workers train and the server averages.
+embedding) becomes a replica that workers train and the server averages, except the GPT's token
+embedding, which gets LTE heads of its own (`LTEEmbedding`) and is also its output layer (the tie).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -23,7 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_NAMES = ("mlp", "vit-tiny", "vit-s", "vit-b", "vit-l")
+MODEL_NAMES = (
+    "mlp",
+    "vit-tiny",
+    "vit-s",
+    "vit-b",
+    "vit-l",
+    "gpt-micro",
+    "gpt-nano",
+    "gpt2-small",
+    "gpt2-medium",
+)
 
 # (width, depth, num_heads, mlp_dim) as in Dosovitskiy et al. / DeiT
 VIT_PRESETS: dict[str, dict[str, int]] = {
@@ -31,6 +44,14 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
     "vit-s": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
     "vit-b": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     "vit-l": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+
+# (depth, width, num_heads, context): nanoGPT's character model and GPT-2 (Radford et al. 2019)
+GPT_PRESETS: dict[str, dict[str, int]] = {
+    "gpt-micro": dict(depth=4, width=128, num_heads=4, context=128),  # trains on a 2-core CPU in minutes
+    "gpt-nano": dict(depth=6, width=384, num_heads=6, context=256),  # nanoGPT's shakespeare_char
+    "gpt2-small": dict(depth=12, width=768, num_heads=12, context=1024),  # 124M with vocabulary 50257
+    "gpt2-medium": dict(depth=24, width=1024, num_heads=16, context=1024),  # 350M
 }
 
 # std of N(0, 1) truncated to [-2, 2], as in JAX's truncated_normal initialiser
@@ -76,6 +97,26 @@ class MLPConfig:
     in_features: int
     num_classes: int
     hidden: tuple[int, ...] = (256, 256)  # () gives a single Linear: plain linear regression
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # taken from the token data
+    context: int = 1024  # longest sequence (learned positions)
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: int = 4
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}; it comes from the token data")
+        if self.context < 1:
+            raise ValueError(f"context must be >= 1, got {self.context}")
+        if self.width % self.num_heads != 0:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 
 
 @torch.no_grad()
@@ -241,6 +282,118 @@ class MLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
+# GPT (nanoGPT-like): pre-LN blocks, causal attention, learned positions, tied output layer
+
+
+class TokenEmbedding(nn.Embedding):
+    """``nn.Embedding`` that is also the output layer: ``attend(x) = x W^T`` (GPT-2's weight tie)."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class CausalSelfAttention(nn.Module):
+    """softmax(q k^T / sqrt(d) + causal mask) v over the tokens of each sequence, then c_proj."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.c_attn = nn.Linear(cfg.width, 3 * cfg.width)
+        self.c_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.c_attn(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # token t sees tokens <= t only
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, D))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, causal=True"
+
+
+class GPTBlock(nn.Module):
+    """x + attn(ln_1(x)), then x + c_proj(gelu(c_fc(ln_2(x))))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.c_fc = nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width)
+        self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    """Causal language model: token ids ``[B, L]`` (``L <= context``) -> next-token logits ``[B, L, V]``.
+
+    The output layer is the token embedding (``tok_embed.attend``), so the state dict holds the
+    ``[V, D]`` table once: under LTE its heads train both uses together and the tie cannot break.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embed = TokenEmbedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.context, cfg.width))
+        self.blocks = nn.ModuleList([GPTBlock(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) everywhere; residual projections N(0, 0.02 / sqrt(2 depth)) (GPT-2, sec. 2.3)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("norm."):
+                nn.init.ones_(p)
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.depth))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length, context = ids.shape[1], self.config.context
+        if length > context:
+            raise ValueError(f"sequence of {length} tokens is longer than the context {context}")
+        x = self.tok_embed(ids) + self.pos_embed[:length]  # [B, L, D]
+        for block in self.blocks:
+            x = block(x)
+        return self.tok_embed.attend(self.norm(x))  # [B, L, V]: the tied output layer
+
+    @torch.no_grad()
+    def generate(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``ids [B, L]``; ``temperature`` 0 is greedy,
+        ``top_k`` 0 samples from the whole vocabulary. The model should be in eval mode."""
+        for _ in range(max_new_tokens):
+            logits = self(ids[:, -self.config.context :])[:, -1, :]
+            if temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k > 0:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits.float(), dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            ids = torch.cat([ids, nxt], dim=1)
+        return ids
+
+
+# ---------------------------------------------------------------------------------------
 # Building models by name
 
 
@@ -322,9 +475,13 @@ def build_model(
     in_channels: int,
     num_classes: int,
     patch_size: int | None = None,
+    context: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a zoo model by name, or a user model from 'package.module:factory'.
+
+    For a GPT, `num_classes` is the vocabulary size and `context` (None: the preset's) the longest
+    sequence; image_size, in_channels and patch_size are ignored.
 
     `overrides` set config fields (e.g. depth=6 for a ViT, hidden=(512,) for the MLP).
     `patch_size` is ignored by the MLP; None picks `default_patch_size(image_size)` for a ViT.
@@ -358,4 +515,10 @@ def build_model(
         )
         values.update(overrides)
         return ViT(_make_config(ViTConfig, name, values))
+    if key in GPT_PRESETS:
+        values = dict(GPT_PRESETS[key], vocab_size=num_classes)
+        if context:
+            values["context"] = context
+        values.update(overrides)
+        return GPT(_make_config(GPTConfig, name, values))
     raise ValueError(f"unknown model '{name}'; choose one of {MODEL_NAMES} or 'package.module:factory'")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from lte.common.lte import LTEConfig, LTEConv2d, LTELinear, LTEMultiheadAttention, lte_layers
+from lte.common.lte import LTEConfig, LTEConv2d, LTEEmbedding, LTELinear, LTEMultiheadAttention, lte_layers
 
 HEADS, REPLICA, AVERAGED, LOCAL, FROZEN, TIED = (
     "lte heads",
@@ -48,6 +48,7 @@ LTE_MODULES: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
     (nn.MultiheadAttention, LTEMultiheadAttention),
     (nn.Conv2d, LTEConv2d),
     (nn.Linear, LTELinear),
+    (nn.Embedding, LTEEmbedding),  # off with embeddings=False (--no-embedding-heads): then a replica
 )
 
 # Module type -> buffers averaged across workers like replicas; every other buffer is worker-local.
@@ -108,9 +109,9 @@ class ModelPolicy:
         return {n: e.owner for n, e in self.entries.items() if e.kind == TIED and e.owner}
 
 
-def _match(module: nn.Module) -> type[nn.Module] | None:
+def _match(module: nn.Module, embeddings: bool = True) -> type[nn.Module] | None:
     for plain, lte in LTE_MODULES:
-        if isinstance(module, plain):
+        if isinstance(module, plain) and (embeddings or lte is not LTEEmbedding):
             return lte
     return None
 
@@ -159,10 +160,12 @@ def classify_model(
     replicas: bool = True,
     strict: bool = True,
     heads: int = 1,
+    embeddings: bool = True,
 ) -> ModelPolicy:
     """Classify every ``state_dict`` entry of the plain ``model`` (works on the meta device).
 
-    ``heads``: the most heads one process holds (only for the batch-norm warning). Raises
+    ``heads``: the most heads one process holds (only for the batch-norm warning). ``embeddings``:
+    ``nn.Embedding`` tables get LTE heads (``--embedding-heads``), else they are replicas. Raises
     ``ModelRefused`` in strict mode when a trainable parameter would be covered by neither heads
     nor replicas (an excluded matrix left trainable, any trainable parameter with ``replicas=False``).
     """
@@ -177,7 +180,7 @@ def classify_model(
     for path, module in model.named_modules():
         if any(path.startswith(p + ".") for p in inside):
             continue
-        lte_cls = _match(module)
+        lte_cls = _match(module, embeddings)
         if lte_cls is None:
             continue
         inside.append(path)
@@ -250,7 +253,13 @@ def classify_model(
 
 def convert_model(model: nn.Module, config: LTEConfig) -> nn.Module:
     """Replace, in place, every module the policy converts with its LTE module; returns ``model``."""
-    policy = classify_model(model, exclude=config.exclude, replicas=config.replicas, strict=config.strict)
+    policy = classify_model(
+        model,
+        exclude=config.exclude,
+        replicas=config.replicas,
+        strict=config.strict,
+        embeddings=config.embeddings,
+    )
     for path, (lte_cls, index) in policy.converted.items():
         module = model.get_submodule(path)
         layer = lte_cls.from_module(module, config, index)

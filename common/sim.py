@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from lte.common.config import EXPLAIN_HELP, JobConfig, add_job_arguments, load_toml, resolve_job
-from lte.common.data import DATASET_NAMES, HeadBatches, eval_subset, load_job_dataset, stacked_batch
+from lte.common.data import (
+    DATASET_NAMES,
+    eval_subset,
+    head_batches,
+    load_job_dataset,
+    stacked_batch,
+)
 from lte.common.images import BadImageError
 from lte.common.lte import apply_updates
 from lte.common.model_check import startup_model_check
@@ -62,10 +68,12 @@ class SimResult:
     master: dict[str, torch.Tensor] | None = None
 
     def summary(self) -> dict[str, Any]:
+        final = self.history[-1] if self.history else {}
         return {
             "mode": self.mode,
             "test_accuracy": self.test_accuracy,
             "test_loss": self.test_loss,
+            **{k: final[k] for k in ("perplexity", "bits_per_byte") if k in final},  # language models
             "samples": self.samples,
             "steps": self.steps,
             "rounds": self.rounds,
@@ -114,7 +122,7 @@ def run_lte(
     recorder = _Recorder("lte", dataset, device, eval_every, job.rounds, progress, job.heads)
     plain = build_job_model(job).to(device)
     master = plain.state_dict(keep_vars=False)  # the plain model's tensors: eval reads them directly
-    layer_names = linear_weight_names(plain)
+    layer_names = linear_weight_names(plain, job.embedding_heads)
     trainers = [LocalTrainer(job, ids, dataset, device=device) for ids in partition_heads(job.heads, workers)]
     prev_factors: dict = {}
     samples = 0
@@ -153,8 +161,9 @@ def _full_step(
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, job)
     x, y = stacked_batch(streams, step)
+    x = x.to(device, job.torch_dtype) if x.is_floating_point() else x.to(device)
     with mp.autocast():
-        loss = loss_fn(task, model(x.to(device, job.torch_dtype)), y.to(device))
+        loss = loss_fn(task, model(x), y.to(device))
     optimizer.zero_grad(set_to_none=True)
     mp.step(loss, optimizer)
     return loss.item(), x.shape[0]
@@ -169,8 +178,7 @@ def run_full(
     model.train()
     optimizer = make_optimizer(model.parameters(), job)
     streams = [
-        HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed)
-        for h in range(job.heads)
+        head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context) for h in range(job.heads)
     ]
     steps = job.steps
     samples, losses = 0, []
@@ -212,7 +220,7 @@ def run_diloco(
         r.train()
     optimizers = [make_optimizer(r.parameters(), job) for r in replicas]
     streams = [
-        [HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed) for h in ids]
+        [head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context) for h in ids]
         for ids in blocks
     ]
     samples, losses, syncs = 0, [], 0
@@ -242,7 +250,24 @@ def _progress_fields(record: dict[str, Any], samples: int, start: float) -> dict
     }
     if "test_accuracy" in record:
         out["acc"] = record["test_accuracy"]
+    if "perplexity" in record:
+        out["val_loss"] = record["test_loss"]
     return out
+
+
+def export_model(path: str, state: dict[str, torch.Tensor], job: JobConfig, dataset, *, version: int) -> None:
+    """The model as ``lte-server`` exports it: safetensors with the job in its metadata, and for
+    token data the tokenizer beside it (``lte-generate`` reads both)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from lte.common.text import copy_tokenizer
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, path, metadata={"lte_job": json.dumps(job.to_dict()), "version": str(version)})
+    copy_tokenizer(dataset, Path(path).parent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every", type=int, default=0, help="evaluate every K merges (0: only at the end)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--export",
+        help="write the trained model here as a plain safetensors state dict (tokenizer beside it)",
+    )
     parser.add_argument("--json", action="store_true", help="print one final JSON line with the results")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--explain-model", action="store_true", help=EXPLAIN_HELP)
@@ -332,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if progress:
         progress.close()
+    if args.export:
+        export_model(args.export, result.master, job, dataset, version=result.rounds)
     summary = result.summary()
     if args.json:
         print(json.dumps(summary))
@@ -339,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         acc = (
             f"test accuracy {summary['test_accuracy']:.4f}, " if summary["test_accuracy"] is not None else ""
         )
+        if "perplexity" in summary:
+            acc = (
+                f"perplexity {summary['perplexity']:.3f}, bits per byte {summary['bits_per_byte']:.4f}, val "
+            )
         loss = (
             f"test loss {summary['test_loss']:.4f}" if summary["test_loss"] is not None else "no test metrics"
         )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lte.common.config import JobConfig
-from lte.common.data import Dataset, HeadBatches, own_data_shards
+from lte.common.data import Dataset, HeadBatches, head_batches, own_data_shards
 from lte.common.images import ImageFiles
 from lte.common.loader import PrefetchedBatches, eval_batches
 from lte.common.lte import (
@@ -47,13 +47,15 @@ def build_job_model(job: JobConfig, seed: int | None = None) -> nn.Module:
         in_channels=job.in_channels,
         num_classes=job.num_classes,
         patch_size=job.patch_size or None,
+        context=job.context or None,
     )
     return model.to(job.torch_dtype)
 
 
-def linear_weight_names(model: nn.Module) -> list[str]:
-    """Master names of the weights that become LTE layers (the state policy's ``lte heads``)."""
-    return classify_model(model).head_names
+def linear_weight_names(model: nn.Module, embeddings: bool = True) -> list[str]:
+    """Master names of the weights that become LTE layers (the state policy's ``lte heads``; with
+    ``embeddings``, ``nn.Embedding`` tables too)."""
+    return classify_model(model, embeddings=embeddings).head_names
 
 
 def make_snapshot(
@@ -82,6 +84,9 @@ def lr_at(step: int, job: JobConfig) -> float:
 
 
 def loss_fn(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (classification; "lm": mean over every token of ``[B, L, V]`` logits), or MSE."""
+    if task == "lm":
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
     if task == "regression":
         return F.mse_loss(logits, target.to(logits.dtype))
     return F.cross_entropy(logits, target)
@@ -111,6 +116,10 @@ def evaluate(
     if n == 0:
         _log.warning("the %s test split has no samples: no test metrics", dataset.name)
         return {"test_loss": None, **({"test_accuracy": None} if dataset.task == "classification" else {})}
+    if dataset.task == "lm":
+        from lte.common.text import evaluate_lm
+
+        return evaluate_lm(model, dataset, _model_context(model), device=device)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -135,6 +144,13 @@ def evaluate(
     if dataset.task == "classification":
         result["test_accuracy"] = correct / max(1, total)
     return result
+
+
+def _model_context(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "context"):
+        raise ValueError("a language model must carry config.context (as the zoo GPT does)")
+    return int(config.context)
 
 
 @dataclass
@@ -216,20 +232,29 @@ class LocalTrainer:
         self.model.train()
         expect_stacked_batch(self.model, job.batch_size * len(self.head_ids))
         self.optimizer = make_optimizer(trainable_parameters(self.model), job)
-        shards = (
-            own_data_shards(len(dataset.train_y), self.head_ids)
-            if dataset.extras.get("own_data")
-            else [None] * len(self.head_ids)
-        )
-        self.streams = [
-            HeadBatches(
-                dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed, shard_of=shard
+        if dataset.task == "lm":
+            from lte.common.text import check_token_data
+
+            check_token_data(job, dataset)
+            self.streams = [
+                head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context)
+                for h in self.head_ids
+            ]
+        else:
+            shards = (
+                own_data_shards(len(dataset.train_y), self.head_ids)
+                if dataset.extras.get("own_data")
+                else [None] * len(self.head_ids)
             )
-            for h, shard in zip(self.head_ids, shards, strict=True)
-        ]
+            self.streams = [
+                HeadBatches(
+                    dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed, shard_of=shard
+                )
+                for h, shard in zip(self.head_ids, shards, strict=True)
+            ]
         self.batches = PrefetchedBatches(
             self.streams,
-            loader_workers if isinstance(dataset.train_x, ImageFiles) else 0,
+            loader_workers if isinstance(getattr(dataset, "train_x", None), ImageFiles) else 0,
             horizon=job.steps,
             pin_memory=self.device.type == "cuda",
         )
@@ -264,9 +289,10 @@ class LocalTrainer:
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batches.get(self.steps_done)
-        return x.to(self.device, self.job.torch_dtype, non_blocking=True), y.to(
-            self.device, non_blocking=True
-        )
+        x = x.to(self.device, non_blocking=True)
+        if x.is_floating_point():  # token ids stay integers
+            x = x.to(self.job.torch_dtype)
+        return x, y.to(self.device, non_blocking=True)
 
     def train_round(self, steps: int | None = None) -> RoundStats:
         """``T`` local steps; every head sees its own shard's next batch each step."""
@@ -354,7 +380,10 @@ class LocalTrainer:
         self.streams = [self.streams[i] for i in keep]
         self.batches.close()  # its loader processes prefetch for the old heads
         self.batches = PrefetchedBatches(
-            self.streams, self.batches.workers, horizon=self.batches.horizon, pin_memory=self.batches.pin_memory
+            self.streams,
+            self.batches.workers,
+            horizon=self.batches.horizon,
+            pin_memory=self.batches.pin_memory,
         )
         self.steps_done = [self.steps_done[i] for i in keep]
         expect_stacked_batch(self.model, self.job.batch_size * len(self.head_ids))

@@ -38,6 +38,7 @@ from lte.common.protocol import (
     head_tensor_name,
     replica_tensor_name,
 )
+from lte.common.text import copy_tokenizer
 from lte.common.trainer import build_job_model, lr_at
 from lte.server import checkpoint as ckpt
 from lte.server import scheduler
@@ -94,7 +95,8 @@ class Coordinator:
         self.job, self.dataset, self.device = job, dataset, device
         self.clock = clock
         self.model = build_job_model(job).to(device)  # the master: a plain zoo model
-        self.policy = classify_model(self.model)  # the workers' policy (before freezing): what a push carries
+        # the workers' policy (before freezing): what a push carries
+        self.policy = classify_model(self.model, embeddings=job.embedding_heads)
         self.model.requires_grad_(False)
         self.master: dict[str, torch.Tensor] = dict(self.model.state_dict())
         self.layer_names = self.policy.head_names
@@ -728,6 +730,7 @@ class Coordinator:
             str(path),
             metadata={"lte_job": json.dumps(self.job.to_dict()), "version": str(self.version)},
         )
+        copy_tokenizer(self.dataset, path.parent)  # language models: the tokenizer goes beside the weights
         return path
 
     def progress(self) -> tuple[int, int]:

@@ -84,6 +84,10 @@ class EvalPoint(BaseModel):
     time: float = Field(description="seconds since the server started")
     test_loss: float | None = None
     test_accuracy: float | None = Field(None, description="absent for regression tasks")
+    perplexity: float | None = Field(None, description="language models: exp(test_loss)")
+    bits_per_byte: float | None = Field(
+        None, description="language models: test_loss / ln 2 / bytes per token"
+    )
 
 
 class JobStatus(BaseModel):
@@ -125,6 +129,13 @@ class JobStatus(BaseModel):
         description="how the model trains (as --explain-model): entries per kind, a worker's memory, "
         "bytes per round up and per version down, the full-rank share of the uplink, warnings",
     )
+    task: str = Field("", description='"classification" | "regression" | "lm"')
+    perplexity: float | None = Field(None, description="language models: of the newest evaluation")
+    bits_per_byte: float | None = Field(None, description="language models: of the newest evaluation")
+    text_sample: str | None = Field(
+        None, description="language models: text generated at the newest evaluation"
+    )
+    text_sample_version: int | None = Field(None, description="the version that generated text_sample")
     workers: list[WorkerStatus]
     free_heads: list[int] = Field(default_factory=list, description="heads no worker holds")
     history: list[HistoryPoint] = Field(description="the newest merges, oldest first")
@@ -184,6 +195,7 @@ def job_status(st: dict[str, Any]) -> JobStatus:
     merges_per_minute, samples_per_s = recent_rates(st)
     history, evals = st.get("history") or [], st.get("evals") or []
     accuracies = [e["test_accuracy"] for e in evals if e.get("test_accuracy") is not None]
+    samples = [e for e in evals if isinstance(e.get("sample"), str)]
     target = int(st.get("target_head_rounds") or 0)
     applied = int(st.get("head_rounds_applied") or 0)
     done_rounds = int(st.get("head_rounds_done", applied) or 0)
@@ -212,6 +224,11 @@ def job_status(st: dict[str, Any]) -> JobStatus:
         train_loss=finite(history[-1].get("train_loss")) if history else None,
         test_loss=finite(evals[-1].get("test_loss")) if evals else None,
         test_accuracy=finite(accuracies[-1]) if accuracies else None,
+        task=str((st.get("job") or {}).get("task") or ""),
+        perplexity=finite(evals[-1].get("perplexity")) if evals else None,
+        bits_per_byte=finite(evals[-1].get("bits_per_byte")) if evals else None,
+        text_sample=samples[-1]["sample"] if samples else None,
+        text_sample_version=samples[-1]["version"] if samples else None,
         workers=[
             WorkerStatus(
                 **{
@@ -231,6 +248,8 @@ def job_status(st: dict[str, Any]) -> JobStatus:
                 time=e["time"],
                 test_loss=finite(e.get("test_loss")),
                 test_accuracy=finite(e.get("test_accuracy")),
+                perplexity=finite(e.get("perplexity")),
+                bits_per_byte=finite(e.get("bits_per_byte")),
             )
             for e in thin(evals)
         ],
@@ -280,6 +299,10 @@ class StatusCollector:
         yield gauge("lte_train_loss", "Training loss of the newest merge.", doc.train_loss)
         yield gauge("lte_test_loss", "Test loss of the newest evaluation.", doc.test_loss)
         yield gauge("lte_test_accuracy", "Test accuracy of the newest evaluation.", doc.test_accuracy)
+        yield gauge("lte_perplexity", "Language models: perplexity of the newest evaluation.", doc.perplexity)
+        yield gauge(
+            "lte_bits_per_byte", "Language models: bits per byte of the newest evaluation.", doc.bits_per_byte
+        )
         yield gauge("lte_free_heads", "Heads no worker holds.", len(doc.free_heads))
 
         states = Counter(w.state for w in doc.workers)

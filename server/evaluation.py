@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lte.common.config import JobConfig
+from lte.common.text import evaluation_sample
 from lte.common.trainer import build_job_model, evaluate
 
 
@@ -54,4 +55,6 @@ class Evaluator:
                 self._model = build_job_model(self.job).to(self.device)
             version, samples = load(self._model)
             result = evaluate(self._model, self.dataset, device=self.device, loader_workers=loader_workers)
+            # language models: a short text sample from these weights (the dashboard shows it)
+            result.update(evaluation_sample(self._model, self.dataset, seed=version, device=self.device))
             return version, samples, result

@@ -19,6 +19,9 @@ from lte.common.progress import Progress, format_bytes
 _log = logging.getLogger("lte.server")
 
 
+LM_METRICS = ("perplexity", "bits_per_byte")  # language models' evaluation, beside test_loss
+
+
 class StartError(Exception):
     """The server cannot start as configured; the message says why and what to do."""
 
@@ -87,9 +90,19 @@ def tensorboard_sink(directory: str):
 
     def write(record: dict) -> None:
         step = int(record.get("version", 0))
-        for key in ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "samples"):
+        for key in (
+            "train_loss",
+            "test_loss",
+            "test_accuracy",
+            "bytes_up",
+            "bytes_down",
+            "samples",
+            *LM_METRICS,
+        ):
             if isinstance(record.get(key), (int, float)):
                 writer.add_scalar(("eval/" if record.get("eval") else "train/") + key, record[key], step)
+        if isinstance(record.get("sample"), str):  # language models: the evaluation's text sample
+            writer.add_text("eval/sample", record["sample"], step)
         writer.flush()
 
     return write
@@ -329,6 +342,7 @@ class ServerRun:
             self.summary = summary = {
                 "test_accuracy": final.get("test_accuracy"),
                 "test_loss": final["test_loss"],
+                **{k: final[k] for k in LM_METRICS if k in final},
                 "version": c.version,
                 "samples": c.samples,
                 "bytes_up": c.bytes_up,

@@ -45,7 +45,7 @@ def test_vit_presets_have_standard_shapes(name: str) -> None:
     assert model.pos_embed.shape == (1, 1 + 16, preset["width"])
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if not n.startswith("gpt")])  # GPTs: test_lm.py
 def test_forward_returns_finite_logits(name: str) -> None:
     torch.manual_seed(0)
     # one block is enough to run the real math of the wide presets quickly

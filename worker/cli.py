@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, grpc.RpcError):
             print(f"lte-worker: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+        if isinstance(exc, (ValueError, FileNotFoundError)):  # its data: missing, or not the job's
+            print(f"lte-worker: error: {exc}", file=sys.stderr)
+            return 2
         raise
 
 

@@ -119,7 +119,7 @@
     svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
     svg.setAttribute("width", String(width));
     svg.setAttribute("height", String(height));
-    svg.setAttribute("aria-label", figure.querySelector("figcaption").firstChild.textContent.trim());
+    svg.setAttribute("aria-label", figure.querySelector("figcaption").textContent.trim());
 
     renderLegend(figure, series);
     if (all.length === 0) {
@@ -210,7 +210,9 @@
     setText("#stat-samples", fmtCount(st.samples));
     setText("#stat-workers", `${st.workers_active} active / ${st.workers.length}`);
     setText("#stat-loss", fmtNum(st.train_loss, 4));
-    setText("#stat-accuracy", fmtPercent(st.test_accuracy));
+    const lm = st.task === "lm"; // language models: perplexity where images show accuracy
+    setText("#stat-accuracy-label", lm ? "val perplexity" : "test accuracy");
+    setText("#stat-accuracy", lm ? fmtNum(st.perplexity, 4) : fmtPercent(st.test_accuracy));
     setText("#stat-bytes-up", fmtBytes(st.bytes_up));
     setText("#stat-bytes-down", fmtBytes(st.bytes_down));
     $("#stat-progress").value = st.progress || 0;
@@ -289,15 +291,22 @@
     const ev = st.evals;
     const loss = (x) => [
       { label: "train loss", points: h.map((r) => [r[x], r.train_loss]) },
-      { label: "test loss", points: ev.map((e) => [e[x], e.test_loss]) },
+      { label: st.task === "lm" ? "val loss" : "test loss", points: ev.map((e) => [e[x], e.test_loss]) },
     ];
-    const accuracy = (x) => [{ label: "test accuracy", points: ev.map((e) => [e[x], e.test_accuracy]) }];
+    const lm = st.task === "lm";
+    const accuracy = (x) =>
+      lm
+        ? [{ label: "val perplexity", points: ev.map((e) => [e[x], e.perplexity]) }]
+        : [{ label: "test accuracy", points: ev.map((e) => [e[x], e.test_accuracy]) }];
+    for (const el of document.querySelectorAll(".metric-name")) {
+      if (el.textContent !== (lm ? "Validation perplexity" : "Test accuracy")) el.textContent = lm ? "Validation perplexity" : "Test accuracy";
+    }
     const pct = (v) => (100 * v).toFixed(Math.abs(v) < 0.1 ? 1 : 0) + "%";
     const charts = {
       "chart-loss-version": { series: loss("version"), xLabel: "version", xFormat: fmtCount, yFormat: (v) => fmtNum(v, 3) },
       "chart-loss-samples": { series: loss("samples"), xLabel: "samples", xFormat: fmtCount, yFormat: (v) => fmtNum(v, 3) },
-      "chart-accuracy-version": { series: accuracy("version"), xLabel: "version", xFormat: fmtCount, yFormat: pct, empty: "waiting for an evaluation" },
-      "chart-accuracy-samples": { series: accuracy("samples"), xLabel: "samples", xFormat: fmtCount, yFormat: pct, empty: "waiting for an evaluation" },
+      "chart-accuracy-version": { series: accuracy("version"), xLabel: "version", xFormat: fmtCount, yFormat: lm ? (v) => fmtNum(v, 3) : pct, empty: "waiting for an evaluation" },
+      "chart-accuracy-samples": { series: accuracy("samples"), xLabel: "samples", xFormat: fmtCount, yFormat: lm ? (v) => fmtNum(v, 3) : pct, empty: "waiting for an evaluation" },
       "chart-bytes-time": {
         series: [
           { label: "up (factors)", points: h.map((r) => [r.time, r.bytes_up]) },
@@ -323,6 +332,14 @@
     setText("#model-warnings", (m.warnings || []).map((w) => "warning: " + w).join(" "));
   }
 
+  function renderSample(st) {
+    // textContent only: generated text is untrusted and must never become markup
+    $("#text-sample-section").hidden = typeof st.text_sample !== "string";
+    if (typeof st.text_sample !== "string") return;
+    setText("#text-sample", st.text_sample);
+    setText("#text-sample-version", `· version ${st.text_sample_version}`);
+  }
+
   function render(st) {
     lastStatus = st;
     renderSummary(st);
@@ -330,6 +347,7 @@
     renderJob(st.job || {});
     renderModel(st.model || {});
     renderCharts(st);
+    renderSample(st);
     setText("#updated", new Date().toLocaleTimeString());
   }
 

@@ -1,0 +1,103 @@
+"""``lte-generate``: sample text from an exported language model.
+
+    lte-generate --model runs/kjv/model.safetensors --prompt "In the beginning" --max-new-tokens 200
+
+The safetensors file is the plain zoo GPT's state dict that ``lte-server --export`` (or
+``lte-sim --export``) writes, with the job in its metadata; the tokenizer (``meta.json``, and
+``tokenizer.json`` for BPE) lies beside it. Nothing of the LTE layers is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lte.common.config import job_from_dict
+from lte.common.text import Tokenizer, load_tokenizer
+
+
+def load_exported(path: str | Path) -> tuple[nn.Module, Tokenizer]:
+    """The zoo model of an export, weights loaded (strict), in eval mode, and its tokenizer.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the file and what is wrong.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lte.common.trainer import build_job_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    if "lte_job" not in meta:
+        raise ValueError(
+            f"{path}: no 'lte_job' metadata; export the model with lte-server or lte-sim --export"
+        )
+    job = job_from_dict(json.loads(meta["lte_job"]), source=str(path))
+    if job.task != "lm":
+        raise ValueError(
+            f"{path}: a {job.task or 'non-language'} model ({job.model}); lte-generate needs a GPT"
+        )
+    with torch.device("meta"):
+        model = build_job_model(job)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(load_file(str(path)), strict=True)
+    model.eval()
+    return model, load_tokenizer(path.parent)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lte-generate", description="Sample text from an exported LTE language model."
+    )
+    p.add_argument(
+        "--model", required=True, help="model.safetensors of lte-server/lte-sim (tokenizer beside it)"
+    )
+    p.add_argument(
+        "--prompt", default="", help="text to continue ['': starts from the first token of a newline]"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token [0.8]")
+    p.add_argument(
+        "--top-k", type=int, default=40, help="sample among the k most likely tokens, 0 for all [40]"
+    )
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.max_new_tokens < 0 or args.num_samples < 1 or args.top_k < 0 or args.temperature < 0:
+            raise ValueError("--max-new-tokens, --top-k and --temperature must be >= 0, --num-samples >= 1")
+        model, tokenizer = load_exported(args.model)
+        ids = tokenizer.encode(args.prompt or "\n")
+        if not ids:
+            raise ValueError("--prompt encodes to no tokens")
+        if max(ids) >= model.config.vocab_size:
+            raise ValueError(f"the tokenizer beside {args.model} does not match the model's vocabulary")
+    except (ValueError, OSError) as exc:
+        print(f"lte-generate: error: {exc}", file=sys.stderr)
+        return 2
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.tensor([ids] * args.num_samples)
+    out = model.generate(
+        prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen
+    )
+    for i, row in enumerate(out.tolist()):
+        if i:
+            print("\n---")
+        print(tokenizer.decode(row if args.prompt else row[len(ids) :]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
