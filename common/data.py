@@ -694,10 +694,14 @@ def eval_subset(dataset: Dataset, count: int, seed: int) -> Dataset:
     """A fixed class-balanced subset of ``count`` test samples (``--eval-samples``): each class's
     test samples in a seeded order, taken round-robin over classes, then sorted. ``count`` 0 or at
     least the test set's size: the whole test set."""
-    n = len(dataset.test_y)
     if count < 0:
         raise ValueError(f"--eval-samples must be >= 0, got {count}")
-    if count == 0 or count >= n:
+    if count and dataset.task == "lm":
+        raise ValueError("--eval-samples picks test images; token data evaluates on val.bin's windows")
+    if count == 0:
+        return dataset
+    n = len(dataset.test_y)
+    if count >= n:
         return dataset
     if dataset.task != "classification":
         keep = torch.randperm(n, generator=_generator(seed))[:count].sort().values
@@ -758,7 +762,9 @@ def load_job_dataset(
         path = Path(own_data)
         if not path.is_dir():
             raise FileNotFoundError(f"--data {own_data}: not a directory")
-        if any(path.glob("*idx3-ubyte*")):
+        if name == "text":
+            pass  # the worker's own token files (train.bin, val.bin)
+        elif any(path.glob("*idx3-ubyte*")):
             name = "fashion-mnist"
         elif any(path.glob("*.tar")) or any(path.glob("train/*.tar")):
             name = "webdataset"
@@ -767,6 +773,10 @@ def load_job_dataset(
         data_dir = own_data
     if job.augment not in ("", "none") and name not in ("imagefolder", "webdataset"):
         raise ValueError(f"--augment {job.augment}: augmentations apply to image folders, not to {name}")
+    if name == "text":  # token files: no image options
+        if job.image_size:
+            raise ValueError(f"--image-size {job.image_size}: token data has no image size")
+        return load_dataset(name, data_dir, seed=job.seed)
     kwargs: dict[str, Any] = {"image_size": job.image_size}
     if name in ("imagefolder", "webdataset"):
         kwargs.update(

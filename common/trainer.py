@@ -104,7 +104,8 @@ def evaluate(
     device: str | torch.device = "cpu",
     loader_workers: int = 0,
 ) -> dict[str, float | None]:
-    """Test loss (and accuracy for classification) of a plain or LTE model in eval mode.
+    """Test loss (and accuracy for classification; perplexity and bits per byte for "lm") of a
+    plain or LTE model in eval mode.
 
     Streams the test split in batches (image folders decoded by ``loader_workers`` DataLoader
     processes, with progress in the log every tenth); an empty test split gives None metrics and
@@ -112,14 +113,14 @@ def evaluate(
     images about 2**20 input values per batch (85 images at 3x64x64, 32 at least), so the peak memory
     of an evaluation is bounded by the image size, not by the test split's.
     """
+    if dataset.task == "lm":  # perplexity and bits per byte over the validation tokens
+        from lte.common.text import evaluate_lm
+
+        return evaluate_lm(model, dataset, _model_context(model), device=device)
     n = len(dataset.test_y)
     if n == 0:
         _log.warning("the %s test split has no samples: no test metrics", dataset.name)
         return {"test_loss": None, **({"test_accuracy": None} if dataset.task == "classification" else {})}
-    if dataset.task == "lm":
-        from lte.common.text import evaluate_lm
-
-        return evaluate_lm(model, dataset, _model_context(model), device=device)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype

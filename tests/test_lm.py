@@ -281,7 +281,10 @@ def test_sync_over_the_network_reproduces_the_emulator_and_the_export_evaluates_
     coordinator = Coordinator(job, data, heads_per_worker=2)
     server = ParameterServer(coordinator, host="127.0.0.1", port=0).start()
     try:
-        extra = ["--quiet", "--max-heads", "2", "--data-dir", str(byte_data)]
+        # workers train with this process's thread count: a plain layer's weight gradient sums in
+        # per-thread blocks, so a different count changes the last bits
+        threads = ["--threads", str(torch.get_num_threads())]
+        extra = ["--quiet", "--max-heads", "2", "--data-dir", str(byte_data), *threads]
         with worker_processes(server.address, [extra] * 2, log_dir=tmp_path):
             assert server.wait_done(timeout=240), "job did not finish in time; see worker logs"
         got = coordinator.plain_state()
