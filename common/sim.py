@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lte.common.config import JobConfig, add_job_arguments, load_toml, resolve_job
+from lte.common.checks import ConfigError, check_range, one_line_errors
+from lte.common.config import JobConfig, add_job_arguments, check_job, load_toml, resolve_job
 from lte.common.data import DATASET_NAMES, HeadBatches, load_dataset, stacked_batch
 from lte.common.lte import apply_updates
 from lte.common.progress import Progress
@@ -268,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_sim_args(args: argparse.Namespace, job: JobConfig) -> None:
+    """lte-sim's own flags, and what the emulator cannot do. Raises ConfigError naming the option."""
+    if job.mode != "sync":
+        raise ConfigError(
+            f"--mode {job.mode}: lte-sim emulates sync aggregation only; run {job.mode} aggregation on "
+            f"lte-server (e.g. lte-server --mode {job.mode} --local-workers 2)"
+        )
+    if args.full and args.diloco:
+        raise ConfigError("--full and --diloco: pick one baseline")
+    check_range("workers", args.workers, low=1, high=job.heads if not args.diloco else None)
+    check_range("eval_every", args.eval_every, low=0, note="0 evaluates only at the end")
+    check_range("threads", args.threads, low=0, note="0 is torch's default")
+
+
+@one_line_errors("lte-sim")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -275,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         job = resolve_job(args, file_values)
         if job.dataset not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {job.dataset!r}; choose one of {DATASET_NAMES}")
+        check_job(job)
+        check_sim_args(args, job)
         if args.threads:
             torch.set_num_threads(args.threads)
         dataset = load_dataset(job.dataset, args.data_dir or file_values.get("data_dir"), seed=job.seed)

@@ -12,9 +12,29 @@ import sys
 import time
 from pathlib import Path
 
-from lte.common.config import add_job_arguments, load_toml, resolve_job
+from lte.common.checks import one_line_errors
+from lte.common.config import add_job_arguments, check_job, load_toml, resolve_job
 from lte.common.logs import setup_logging
 from lte.common.progress import Progress, format_bytes
+from lte.server.startup import (
+    SERVER_TYPES,
+    check_server_settings,
+    discard_run_folder,
+    local_worker_command,
+    prepare_run_folder,
+)
+
+# kept under 80 columns, so a terminal never wraps a flag in two
+SERVER_EXAMPLES = """examples:
+  # a whole local cluster: 3 workers on this machine
+  lte-server --model mlp --dataset fashion-mnist --local-workers 3
+
+  # other machines need a shared token (16+ characters); then on each box:
+  #   LTE_TOKEN=<the same token> lte-worker --server <this host>:50051
+  export LTE_TOKEN=$(python3 -c 'import secrets;print(secrets.token_hex(24))')
+  lte-server --model vit-b --dataset fashion-mnist --heads 32 \\
+      --rank 64 --alpha 4096 --merge-every 10 --mode async \\
+      --host 0.0.0.0 --port 50051"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lte-server",
         description="Parameter server for LoRA-the-Explorer: holds the full-precision weights, leases LoRA heads "
         "to workers, folds their low-rank updates into the model, evaluates and exports it.",
-        epilog="examples:\n"
-        "  lte-server --model mlp --dataset fashion-mnist --local-workers 3        # a whole local cluster\n"
-        "  lte-server --model vit-b --dataset fashion-mnist --heads 32 --rank 64 --alpha 4096 \\\n"
-        "             --merge-every 10 --mode async --host 0.0.0.0 --port 50051  # then lte-worker on each box",
+        epilog=SERVER_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_job_arguments(parser)
@@ -108,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument(
         "--token",
         default=None,
-        help="shared secret workers must send (or set LTE_TOKEN); required off loopback",
+        help="shared secret workers must send, at least 16 visible ASCII characters "
+        "(or set LTE_TOKEN, which ps does not show); required off loopback",
     )
     sec.add_argument("--tls-cert", default=None, help="PEM certificate of the server (enables TLS)")
     sec.add_argument("--tls-key", default=None, help="PEM private key of the server")
@@ -196,7 +214,7 @@ def start_worker_processes(
     procs = []
     for i, extra in enumerate(per_worker_args):
         log = open(log_dir / f"worker-{i}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
-        cmd = [sys.executable, "-m", "lte.worker.cli", "--server", address, *extra]
+        cmd = [*local_worker_command(sys.executable, address), *extra]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         if log_dir:
             log.close()  # the child holds its own descriptor
@@ -221,10 +239,11 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@one_line_errors("lte-server")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        file_values = load_toml(args.config) if args.config else {}
+        file_values = load_toml(args.config, SERVER_TYPES) if args.config else {}
         from dataclasses import fields
 
         from lte.common.config import JobConfig
@@ -232,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         check_config_keys(file_values, {f.name for f in fields(JobConfig)} | {"data_dir"})
         job = resolve_job(args, file_values)
         srv = resolve_server(args, file_values)
+        check_server_settings(job, srv)
+        check_job(job)
         if args.print_config:
             print(to_toml(public_settings({**job.to_dict(), **srv})), end="")
             return 0
@@ -239,19 +260,23 @@ def main(argv: list[str] | None = None) -> int:
 
         dataset = load_dataset(job.dataset, srv["data_dir"], seed=job.seed)
         job = job.with_dataset(dataset)
+        out_dir, created = prepare_run_folder(srv["out"])
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_format, "WARNING" if args.quiet else "INFO", prog="lte-server")
-    return serve(
+    code = serve(
         job,
         dataset,
-        srv,
+        {**srv, "out": str(out_dir)},
         json_out=args.json,
         quiet=args.quiet,
         log_format=args.log_format,
         tensorboard=args.tensorboard,
     )
+    if code == 2:  # a refused start leaves no empty run folder behind
+        discard_run_folder(out_dir, created)
+    return code
 
 
 def serve(

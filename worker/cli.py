@@ -8,6 +8,9 @@ import sys
 
 import torch
 
+from lte.common.checks import one_line_errors
+from lte.worker.startup import check_worker_args, rpc_hint
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -52,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sec = parser.add_argument_group("security")
     sec.add_argument(
-        "--token", help="the server's shared token (default: the LTE_TOKEN environment variable)"
+        "--token",
+        help="the server's shared token, at least 16 characters (default: the LTE_TOKEN environment "
+        "variable; prefer it, since other users can read command lines)",
     )
     sec.add_argument("--tls-ca", help="PEM CA that the server's certificate must chain to (enables TLS)")
     sec.add_argument("--tls-cert", help="PEM client certificate, for servers that require mutual TLS")
@@ -74,8 +79,10 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@one_line_errors("lte-worker")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_worker_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from lte.common.logs import setup_logging
@@ -111,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return worker.run()
     except KeyboardInterrupt:
-        print("lte-worker: interrupted; left the job", file=sys.stderr)
+        joined = "left the job" if worker.worker_id else "stopped before joining the job"
+        print(f"lte-worker: interrupted; {joined}", file=sys.stderr)
         return 130
     except Exception as exc:  # a clear last word instead of a bare traceback for network errors
         import grpc
 
         if isinstance(exc, grpc.RpcError):
-            print(f"lte-worker: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"lte-worker: error: {exc.code().name}: {exc.details()}{rpc_hint(exc)}", file=sys.stderr)
             return 1
         raise
 

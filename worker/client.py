@@ -22,6 +22,7 @@ import torch
 
 from lte import __version__
 from lte.common import grpc_options
+from lte.common.checks import check_chunk_fits
 from lte.common.codec import decode_tensor, decode_tensor_quantized, encode_tensor, get_codec
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_dataset
@@ -219,6 +220,7 @@ class Worker:
         )
         reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
+        check_chunk_fits(job.max_chunk_bytes, grpc_options.MAX_MESSAGE_BYTES, side="worker")
         head_ids = [h.head_id for h in reply.heads]
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
         self.heartbeat_interval_s = reply.heartbeat_interval_s
