@@ -17,7 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lte-worker",
         description="Join an lte-server job: train the LoRA heads it leases to this machine on a quantised "
         "copy of the model, push the factors back, repeat until the job ends.",
-        epilog="example: lte-worker --server coordinator:50051 --device cuda:0 --max-heads 4",
+        epilog="example: lte-worker --server coordinator:50051 --device cuda:0 --max-heads 4\n\n"
+        "exit codes: 0 the job finished; 1 an error (the last line says which); 2 a bad flag or\n"
+        "credential; 3 the job is full (every head stayed leased until --give-up-after); 4 the\n"
+        "job was over before this worker joined; 130 interrupted (the worker left the job)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--server", required=True, help="host:port of the lte-server gRPC endpoint")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, mps [auto]")
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_format, "INFO", prog="lte-worker")
     signal.signal(signal.SIGTERM, _interrupt)  # leave the job the same way as on Ctrl+C
     from lte.common.auth import bearer_metadata, channel_credentials, token_from
-    from lte.worker.client import Worker
+    from lte.worker.client import EXIT_JOB_FULL, EXIT_JOB_OVER, Worker
 
     try:
         metadata = bearer_metadata(token_from(args.token))
@@ -116,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         show_progress=args.log_format == "text",
     )
     try:
-        return worker.run()
+        code = worker.run()
+        if code == EXIT_JOB_OVER:
+            print(
+                "lte-worker: the job is over: the server finished training before this worker joined",
+                file=sys.stderr,
+            )
+        return code
     except KeyboardInterrupt:
         joined = "left the job" if worker.worker_id else "stopped before joining the job"
         print(f"lte-worker: interrupted; {joined}", file=sys.stderr)
@@ -124,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a clear last word instead of a bare traceback for network errors
         import grpc
 
+        if isinstance(exc, grpc.RpcError) and "heads are leased" in (exc.details() or ""):
+            print(
+                f"lte-worker: the job is full: {exc.details()}; gave up after --give-up-after "
+                f"{args.give_up_after:g} s",
+                file=sys.stderr,
+            )
+            return EXIT_JOB_FULL
         if isinstance(exc, grpc.RpcError):
             print(f"lte-worker: error: {exc.code().name}: {exc.details()}{rpc_hint(exc)}", file=sys.stderr)
             return 1

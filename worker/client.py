@@ -38,6 +38,8 @@ RETRYABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+EXIT_JOB_FULL = 3  # every head stayed leased to other workers until --give-up-after
+EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
 REREGISTER = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
 
 
@@ -220,9 +222,9 @@ class Worker:
         )
         reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
-        check_chunk_fits(job.max_chunk_bytes, grpc_options.MAX_MESSAGE_BYTES, side="worker")
         head_ids = [h.head_id for h in reply.heads]
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
+        check_chunk_fits(job.max_chunk_bytes, grpc_options.MAX_MESSAGE_BYTES, side="worker")  # leaves
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         self.next_rounds = {h.head_id: h.next_round for h in reply.heads}
         self._start_heartbeat()  # now: building the model and the first pull can outlast the lease timeout
@@ -419,7 +421,9 @@ class Worker:
                 except grpc.RpcError as err:
                     if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                         self._say(f"server refused registration: {err.details()}")
-                        return 0 if "finished" in (err.details() or "") else 1
+                        if "finished" in (err.details() or ""):
+                            return 0 if self.rounds else EXIT_JOB_OVER  # joined too late to train
+                        return 1
                     raise
                 try:
                     self._train_loop(progress)
