@@ -416,8 +416,7 @@ def serve(
             "--name",
             f"local-{i}",
             "--parent-pid",
-            str(os.getpid()),
-            "--quiet",
+            str(os.getpid()),  # no --quiet: worker-<i>.log holds each worker's own log lines
             *tls,
         ]
         for i in range(local)

@@ -155,11 +155,13 @@ def discard_run_folder(folder: Path, created: bool) -> None:
 
 
 # Python puts the working folder first on a ``-c`` child's path, so a folder named ``lte/`` there
-# would shadow the package; the boot line moves it last (user model modules there still import).
+# would shadow the package (even last on the path: an editable install's finder runs after it).
+# The boot line drops it, as the lte-server console script never had it: both resolve
+# --model package.module:factory through PYTHONPATH alike.
 WORKER_BOOT = (
     "import sys\n"
     "if sys.path and sys.path[0] == '':\n"
-    "    sys.path.append(sys.path.pop(0))\n"
+    "    del sys.path[0]\n"
     "from lte.worker.cli import main\n"
     "sys.exit(main())\n"
 )

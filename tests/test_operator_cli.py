@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,12 +17,12 @@ TOKEN = "a-token-of-sufficient-length-0123"
 
 
 def run(tool: str, *argv: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120):
-    """Run ``lte-<tool>`` as a user would (a fresh interpreter), without any LTE_TOKEN of the caller."""
-    module = {"server": "lte.server.cli", "worker": "lte.worker.cli", "sim": "lte.common.sim"}[tool]
+    """Run the installed ``lte-<tool>`` command as a user would, without any LTE_TOKEN of the caller."""
+    command = Path(sys.executable).parent / f"lte-{tool}"  # the console script next to this interpreter
     full_env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     full_env.update(OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", module, *argv],
+        [str(command), *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -192,3 +193,43 @@ def test_sim_refuses_modes_it_does_not_emulate():
 
 def test_sim_refuses_more_workers_than_heads():
     assert_refused(run("sim", "--heads", "4", "--workers", "5"), "--workers 5", "[1, 4]")
+
+
+def test_a_local_cluster_ignores_an_lte_folder_in_the_cwd_and_its_workers_log(tmp_path):
+    shadow = tmp_path / "lte"  # a user's own folder that happens to be called lte/
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('this is not the lte package')\n")
+    result = run(
+        "server",
+        *("--model", "mlp", "--dataset", "digits", "--heads", "2", "--steps", "20", "--local-workers", "2"),
+        *("--port", "0", "--dashboard-port", "-1", "--out", "run"),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for i in range(2):
+        log = (tmp_path / "run" / f"worker-{i}.log").read_text()
+        assert "ImportError" not in log
+        assert "registered: heads" in log and "job finished after 2 rounds" in log, log
+        assert re.search(r"up \d+(\.\d)? [KM]iB, down \d+(\.\d)? [KM]iB", log), log  # binary units
+        assert "e+0" not in log  # rates read 12k, not 1.243e+04
+    assert re.search(r"up \d+(\.\d)? [KM]iB, down \d+(\.\d)? [KM]iB", result.stderr), result.stderr
+
+
+def test_bytes_and_rates_read_as_on_the_dashboard():
+    from lte.common.progress import format_bytes, format_count
+
+    assert [format_bytes(n) for n in (0, 1023, 1024, 27044826, 3 << 30)] == [
+        "0 B",
+        "1023 B",
+        "1.0 KiB",
+        "25.8 MiB",
+        "3.0 GiB",
+    ]
+    assert [format_count(x) for x in (12.0, 950.4, 12430.0, 124300.0, 3.1e6)] == [
+        "12",
+        "950.4",
+        "12k",
+        "124k",
+        "3.1M",
+    ]

@@ -27,7 +27,7 @@ from lte.common.codec import decode_tensor, decode_tensor_quantized, encode_tens
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_dataset
 from lte.common.lte import lte_layers
-from lte.common.progress import Progress
+from lte.common.progress import Progress, format_bytes
 from lte.common.trainer import LocalTrainer
 from lte.common.wire import TensorAssembler, tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
@@ -433,7 +433,8 @@ class Worker:
             return 0
         except JobDone:
             self._say(
-                f"job finished after {self.rounds} rounds; up {self.bytes_up} B, down {self.bytes_down} B"
+                f"job finished after {self.rounds} rounds; "
+                f"up {format_bytes(self.bytes_up)}, down {format_bytes(self.bytes_down)}"
             )
             return 0
         finally:
