@@ -295,6 +295,7 @@ def serve(
     from lte.server.app import ParameterServer, format_address
     from lte.server.checkpoint import load_checkpoint
     from lte.server.coordinator import Coordinator
+    from lte.server.disk import export_with_fallback, final_checkpoint
     from lte.server.security import server_credentials
 
     if srv["threads"]:
@@ -455,7 +456,7 @@ def serve(
         if progress:
             progress.close()
         final = coordinator.evaluate_now()
-        model_path = coordinator.export(out_dir / "model.safetensors")
+        model_path = export_with_fallback(coordinator.export, out_dir)  # a full disk: a named fallback
         summary = {
             "test_accuracy": final.get("test_accuracy"),
             "test_loss": final["test_loss"],
@@ -494,7 +495,7 @@ def serve(
         if progress:
             progress.close()
         log.warning("interrupted; saving a checkpoint, stopping workers and the server")
-        path = coordinator.save_checkpoint()
+        path = final_checkpoint(coordinator.save_checkpoint, coordinator.export, out_dir)
         if path:
             log.warning("checkpoint %s; continue with --resume %s", path, out_dir)
         code = 130

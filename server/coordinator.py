@@ -8,6 +8,7 @@ before it is taken, and snapshot encoding and evaluation happen outside it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -28,6 +29,7 @@ from lte.common.trainer import build_job_model, evaluate, linear_weight_names
 from lte.common.wire import tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.server import checkpoint as ckpt
+from lte.server.disk import CheckpointHealth
 
 WORKER_STATES = ("training", "pushing", "pulling", "waiting")  # what a heartbeat may report
 
@@ -108,8 +110,8 @@ class _AcceptedPush:
 class BackgroundTask:
     """Runs ``fn`` in a daemon thread each time it is poked; pokes during a run coalesce into one more run."""
 
-    def __init__(self, name: str, fn) -> None:
-        self.fn = fn
+    def __init__(self, name: str, fn, on_error=None) -> None:
+        self.fn, self.on_error = fn, on_error  # on_error(exc): a failed run must not end the thread
         self._poked = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -124,7 +126,13 @@ class BackgroundTask:
             self._poked.clear()
             if self._stopped:
                 return
-            self.fn()
+            try:
+                self.fn()
+            except Exception as exc:
+                if self.on_error is None:
+                    logging.getLogger("lte.server").exception("%s failed", self._thread.name)
+                else:
+                    self.on_error(exc)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopped = True
@@ -203,8 +211,13 @@ class Coordinator:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self._checkpoint_lock = threading.Lock()  # one writer at a time
+        self.checkpoint_health = CheckpointHealth(
+            retry=lambda: self._checkpointer and self._checkpointer.poke()
+        )
         self._checkpointer = (
-            BackgroundTask("lte-checkpoint", self.save_checkpoint) if self.checkpoint_dir else None
+            BackgroundTask("lte-checkpoint", self.save_checkpoint, on_error=self.checkpoint_health.failed)
+            if self.checkpoint_dir
+            else None
         )
 
     # -- registration and leases ---------------------------------------------------------------
@@ -667,6 +680,7 @@ class Coordinator:
                 }
                 version = self.version
             path = ckpt.save_checkpoint(self.checkpoint_dir, version, state, tensors, self.keep_checkpoints)
+        self.checkpoint_health.saved(path)
         self._log({"checkpoint": str(path), "version": version})
         return path
 
@@ -711,6 +725,7 @@ class Coordinator:
             self.changed.notify_all()
 
     def stop_background(self) -> None:
+        self.checkpoint_health.stop()
         for task in (self._evaluator, self._checkpointer):
             if task is not None:
                 task.stop()
@@ -747,6 +762,7 @@ class Coordinator:
                 "target_head_rounds": self.job.heads * self.job.rounds,
                 "elapsed_s": round(time.time() - self.started_at, 3),
                 "pushes_refused": self.pushes_refused,
+                "checkpoint_warning": self.checkpoint_health.warning,
                 "snapshot_builds": self.snapshot_builds,
                 "pulls_turned_away": self.pulls_turned_away,
                 "workers": [
