@@ -292,6 +292,7 @@ def serve(
     import torch
 
     from lte.common.auth import token_from
+    from lte.common.run_metadata import resolved_job
     from lte.server.app import ParameterServer, format_address
     from lte.server.checkpoint import load_checkpoint
     from lte.server.coordinator import Coordinator
@@ -335,7 +336,12 @@ def serve(
             print(f"lte-server: error: cannot resume from {srv['resume']}: {exc}", file=sys.stderr)
             return 2
         print(f"lte-server: resumed at version {coordinator.version} from {srv['resume']}", file=sys.stderr)
-    (out_dir / "config.toml").write_text(to_toml(public_settings({**job.to_dict(), **srv})))
+    effective = {
+        "heads_per_worker": heads_per_worker,
+        "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+    }
+    (out_dir / "config.toml").write_text(to_toml(public_settings({**resolved_job(job), **srv, **effective})))
     try:
         server = ParameterServer(
             coordinator,

@@ -25,6 +25,7 @@ import torch
 from lte.common.codec import encode_tensor
 from lte.common.config import UPLINK_CODECS, JobConfig
 from lte.common.lte import HeadUpdate, ReplicaUpdate, apply_updates
+from lte.common.run_metadata import export_metadata, resolved_job
 from lte.common.trainer import build_job_model, evaluate, linear_weight_names
 from lte.common.wire import tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
@@ -743,7 +744,7 @@ class Coordinator:
         save_file(
             self.plain_state(),
             str(path),
-            metadata={"lte_job": json.dumps(self.job.to_dict()), "version": str(self.version)},
+            metadata=export_metadata(self.job, self.dataset, self.version),  # resolved job, preprocessing
         )
         return path
 
@@ -752,7 +753,7 @@ class Coordinator:
         now = time.monotonic()
         with self.lock:
             return {
-                "job": self.job.to_dict(),
+                "job": resolved_job(self.job),  # effective values, not placeholders
                 "version": self.version,
                 "done": self.done,
                 "samples": self.samples,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -193,27 +192,6 @@ def test_sim_refuses_modes_it_does_not_emulate():
 
 def test_sim_refuses_more_workers_than_heads():
     assert_refused(run("sim", "--heads", "4", "--workers", "5"), "--workers 5", "[1, 4]")
-
-
-def test_a_local_cluster_ignores_an_lte_folder_in_the_cwd_and_its_workers_log(tmp_path):
-    shadow = tmp_path / "lte"  # a user's own folder that happens to be called lte/
-    shadow.mkdir()
-    (shadow / "__init__.py").write_text("raise ImportError('this is not the lte package')\n")
-    result = run(
-        "server",
-        *("--model", "mlp", "--dataset", "digits", "--heads", "2", "--steps", "20", "--local-workers", "2"),
-        *("--port", "0", "--dashboard-port", "-1", "--out", "run"),
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    for i in range(2):
-        log = (tmp_path / "run" / f"worker-{i}.log").read_text()
-        assert "ImportError" not in log
-        assert "registered: heads" in log and "job finished after 2 rounds" in log, log
-        assert re.search(r"up \d+(\.\d)? [KM]iB, down \d+(\.\d)? [KM]iB", log), log  # binary units
-        assert "e+0" not in log  # rates read 12k, not 1.243e+04
-    assert re.search(r"up \d+(\.\d)? [KM]iB, down \d+(\.\d)? [KM]iB", result.stderr), result.stderr
 
 
 def test_bytes_and_rates_read_as_on_the_dashboard():
