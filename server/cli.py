@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--keep-checkpoints", type=int, default=None, help="newest checkpoints kept [3]")
     s.add_argument(
+        "--linger",
+        type=float,
+        default=None,
+        help="seconds to keep serving the final state (dashboard, 'job over' to late workers) after "
+        "the job; -1: until Ctrl+C on a terminal with a dashboard, else 0 [-1]",
+    )
+    s.add_argument(
         "--resume", default=None, help="continue from a checkpoint folder or a run folder's newest one"
     )
     sec = parser.add_argument_group("security")
@@ -161,6 +168,7 @@ SERVER_DEFAULTS = {
     "dashboard_auth": False,
     "checkpoint_every": -1,
     "keep_checkpoints": 3,
+    "linger": -1.0,
     "resume": None,
     "token": None,
     "tls_cert": None,
@@ -297,6 +305,7 @@ def serve(
     from lte.server.checkpoint import load_checkpoint
     from lte.server.coordinator import Coordinator
     from lte.server.disk import export_with_fallback, final_checkpoint
+    from lte.server.finish import linger, linger_seconds
     from lte.server.security import server_credentials
 
     if srv["threads"]:
@@ -497,6 +506,10 @@ def serve(
                 break  # stop_processes below ends it
         if json_out:
             print(json.dumps(summary), flush=True)
+        linger(
+            linger_seconds(srv["linger"], has_dashboard=dashboard is not None),
+            dashboard.url if dashboard is not None else None,
+        )
     except KeyboardInterrupt:
         if progress:
             progress.close()

@@ -45,6 +45,7 @@ SERVER_TYPES: dict[str, type] = {
     "dashboard_auth": bool,
     "checkpoint_every": int,
     "keep_checkpoints": int,
+    "linger": float,
     "resume": str,
     "token": str,
     "tls_cert": str,
@@ -89,6 +90,7 @@ def check_server_settings(job: Any, srv: dict[str, Any]) -> None:
     check_range("eval_every", srv["eval_every"], low=-1, note="0 only at the end, -1 automatic")
     check_range("checkpoint_every", srv["checkpoint_every"], low=-1, note="0 never, -1 automatic")
     check_range("keep_checkpoints", srv["keep_checkpoints"], low=1)
+    check_range("linger", srv["linger"], low=-1, note="seconds; -1 until Ctrl+C on a terminal")
     check_range("threads", srv["threads"], low=0, note="0 is torch's default")
     if srv["rpc_threads"] != 0:
         check_range(
