@@ -18,8 +18,8 @@ from lte.common.checks import ConfigError, check_range, one_line_errors
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lte-eval",
-        description="Evaluate a model exported by lte-server (model.safetensors, or the run folder "
-        "holding it) on a dataset's test split, with the preprocessing stored in the file.",
+        description="Evaluate a model exported by lte-server (model.safetensors, or the run folder\n"
+        "holding it) on a dataset's test split, with the preprocessing stored in the\nfile.",
         epilog="examples:\n"
         "  lte-eval runs/20260101-120000                 # the run's own dataset\n"
         "  lte-eval model.safetensors --dataset fashion-mnist --json",

@@ -241,9 +241,11 @@ def _progress_fields(record: dict[str, Any], samples: int, start: float) -> dict
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lte-sim",
-        description="Train a model from scratch with LoRA-the-Explorer in one process (or, with --full, "
-        "with standard training on the same samples).",
-        epilog="example: lte-sim --model mlp --dataset digits --heads 8 --rank 16 --merge-every 10 --steps 400 --json",
+        description="Train a model from scratch with LoRA-the-Explorer in one process (or, with\n"
+        "--full, with standard training on the same samples).",
+        epilog="example:\n  lte-sim --model mlp --dataset digits --heads 8 --rank 16 \\\n"
+        "      --merge-every 10 --steps 400 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_job_arguments(parser)
     parser.add_argument("--config", help="TOML file with any job flag (flags given here win)")

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -40,8 +41,11 @@ SERVER_EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lte-server",
-        description="Parameter server for LoRA-the-Explorer: holds the full-precision weights, leases LoRA heads "
-        "to workers, folds their low-rank updates into the model, evaluates and exports it.",
+        description=textwrap.fill(
+            "Parameter server for LoRA-the-Explorer: holds the full-precision weights, leases LoRA heads "
+            "to workers, folds their low-rank updates into the model, evaluates and exports it.",
+            79,
+        ),
         epilog=SERVER_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -470,6 +474,7 @@ def serve(
                 )
         if progress:
             progress.close()
+        log.info("final evaluation: version %d on %d test samples", coordinator.version, len(dataset.test_y))
         final = coordinator.evaluate_now()
         model_path = export_with_fallback(coordinator.export, out_dir)  # a full disk: a named fallback
         summary = {

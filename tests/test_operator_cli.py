@@ -211,3 +211,11 @@ def test_bytes_and_rates_read_as_on_the_dashboard():
         "124k",
         "3.1M",
     ]
+
+
+@pytest.mark.parametrize("tool", ["server", "worker", "sim", "eval"])
+def test_help_fits_an_80_column_terminal(tool):
+    result = run(tool, "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    long = [line for line in result.stdout.splitlines() if len(line) > 80]
+    assert long == [], long  # no example wraps in the middle of a flag

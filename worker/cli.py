@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import textwrap
 
 import torch
 
@@ -15,12 +16,19 @@ from lte.worker.startup import check_worker_args, rpc_hint
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lte-worker",
-        description="Join an lte-server job: train the LoRA heads it leases to this machine on a quantised "
-        "copy of the model, push the factors back, repeat until the job ends.",
+        description=textwrap.fill(
+            "Join an lte-server job: train the LoRA heads it leases to this machine on a quantised copy "
+            "of the model, push the factors back, repeat until the job ends.",
+            79,
+        ),
         epilog="example: lte-worker --server coordinator:50051 --device cuda:0 --max-heads 4\n\n"
-        "exit codes: 0 the job finished; 1 an error (the last line says which); 2 a bad flag or\n"
-        "credential; 3 the job is full (every head stayed leased until --give-up-after); 4 the\n"
-        "job was over before this worker joined; 130 interrupted (the worker left the job)",
+        "exit codes:\n"
+        "  0    the job finished\n"
+        "  1    an error (the last line says which)\n"
+        "  2    a bad flag or credential\n"
+        "  3    the job is full: every head stayed leased until --give-up-after\n"
+        "  4    the job was over before this worker joined\n"
+        "  130  interrupted (Ctrl+C or SIGTERM)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--server", required=True, help="host:port of the lte-server gRPC endpoint")
