@@ -212,9 +212,7 @@ class Coordinator:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self._checkpoint_lock = threading.Lock()  # one writer at a time
-        self.checkpoint_health = CheckpointHealth(
-            retry=lambda: self._checkpointer and self._checkpointer.poke()
-        )
+        self.checkpoint_health = CheckpointHealth(retry=self._poke_checkpointer)
         self._checkpointer = (
             BackgroundTask("lte-checkpoint", self.save_checkpoint, on_error=self.checkpoint_health.failed)
             if self.checkpoint_dir
@@ -724,6 +722,10 @@ class Coordinator:
             self.done = bool(state.get("done", False))
             self._snapshot = None
             self.changed.notify_all()
+
+    def _poke_checkpointer(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
 
     def stop_background(self) -> None:
         self.checkpoint_health.stop()
