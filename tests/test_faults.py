@@ -109,22 +109,22 @@ def test_dropped_connections_are_retried_and_no_push_is_applied_twice():
         outcomes = {"applied": 0, "duplicate": 0}
         real_apply = c.apply_push
 
-        def observed_apply(header, tensors):  # the real method, counted
+        def apply_then_cut(header, tensors):  # the real method; then the reply is lost on the way
             result = real_apply(header, tensors)
             outcomes["duplicate" if result["duplicate"] else "applied"] += 1
+            if not result["duplicate"] and outcomes["applied"] < job.rounds:
+                proxy.drop()  # applied, but the worker never hears so: it must push the same round again
             return result
 
-        c.apply_push = observed_apply
+        c.apply_push = apply_then_cut
         worker = Worker(proxy.address, quiet=True, give_up_after_s=60)
         thread, out = run_in_thread(worker.run)
-        for version in range(1, job.rounds):  # cut every connection the moment a round closes
-            wait_for(c, lambda c, v=version: c.version >= v, 120, f"version {version}")
-            proxy.drop()
         thread.join(timeout=TIMEOUT_S)
         assert out.get("result") == 0, out
     assert proxy.drops == job.rounds - 1 and proxy.connections > 1
     assert outcomes["applied"] == job.rounds, outcomes  # replays are acknowledged, never re-applied
-    print(f"\n{proxy.drops} cuts of every connection: {outcomes} pushes reached apply_push")
+    assert outcomes["duplicate"] >= 1, outcomes  # a replay did happen: the test proves what it claims
+    print(f"\n{proxy.drops} cuts right after an applied push: {outcomes} pushes reached apply_push")
     _exactly_once(c, job)
 
 
