@@ -218,9 +218,11 @@ def test_the_server_killed_mid_run_resumes_on_its_port_and_ends_within_a_point_o
     chaos_summary = _summary(chaos_run)
     assert chaos_summary["version"] == ROUNDS
     assert chaos_summary["samples"] == _summary(clean_run)["samples"]  # no round counted twice
+    # the newest checkpoint (the one at the end, or an earlier one if the run ended before the
+    # background writer got to it) holds the whole history up to its version, across the restart
     state, _ = load_checkpoint(chaos_run / "checkpoints")
-    if state["version"] == ROUNDS:  # the last periodic checkpoint holds the whole history
-        assert [r["version"] for r in state["history"]] == list(range(1, ROUNDS + 1))
+    assert state["version"] >= resumed_at
+    assert [r["version"] for r in state["history"]] == list(range(1, state["version"] + 1))
     gap = abs(chaos_summary["test_accuracy"] - clean_accuracy)
     print(
         f"\nchaos: killed at version {killed_at}, resumed at {resumed_at}; accuracy "
