@@ -50,7 +50,8 @@ def _exactly_once(c, job) -> None:
 # -- worker failure -------------------------------------------------------------------------------
 def test_a_killed_worker_s_heads_expire_return_to_the_pool_and_a_new_worker_finishes_them(tmp_path):
     job = digits_job(heads=4, steps=100)  # 10 sync rounds
-    with running_server(job, heads_per_worker=2, lease_timeout_s=3.0, heartbeat_interval_s=0.25) as server:
+    # 8 s: the survivor's heartbeats (every 0.25 s) keep it alive through a stall of the shared machine
+    with running_server(job, heads_per_worker=2, lease_timeout_s=8.0, heartbeat_interval_s=0.25) as server:
         c = server.coordinator
         with worker_processes(server.address, [["--quiet", *fail_at(3)], ["--quiet"]], log_dir=tmp_path) as (
             doomed,
