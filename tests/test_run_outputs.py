@@ -105,3 +105,40 @@ def test_a_vit_export_names_its_patch_size():
     )
     values = resolved_job(job)
     assert values["patch_size"] == 2 and values["warmup_steps"] == 5
+
+
+def test_a_trained_export_runs_in_plain_torch_from_its_metadata_alone(cluster_run):
+    """No lte layer, no lte model class: safetensors, torch.nn.functional and the file's metadata."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from lte.common.data import load_dataset
+
+    run_dir, _ = cluster_run
+    weights = load_file(str(run_dir / "model.safetensors"))
+    with safe_open(str(run_dir / "model.safetensors"), framework="pt") as fh:
+        prep = json.loads(fh.metadata()["lte_preprocessing"])
+    mean, std = torch.tensor(prep["mean"]), torch.tensor(prep["std"])
+
+    def plain_mlp(raw_pixels: torch.Tensor) -> torch.Tensor:  # raw pixels, as a user has them
+        x = ((raw_pixels / prep["pixel_scale"]).flatten(1) - mean) / std
+        x = F.gelu(F.linear(x, weights["hidden.0.weight"], weights["hidden.0.bias"]))
+        x = F.gelu(F.linear(x, weights["hidden.1.weight"], weights["hidden.1.bias"]))
+        return F.linear(x, weights["head.weight"], weights["head.bias"])
+
+    # the server's test split, turned back into raw 0..16 pixels: what a user would feed
+    digits = load_dataset("digits", seed=0)
+    own_mean, own_std = digits.extras["mean"].view(1, -1, 1, 1), digits.extras["std"].view(1, -1, 1, 1)
+    raw = ((digits.test_x * own_std + own_mean) * 16.0).round()
+    accuracy = (plain_mlp(raw).argmax(1) == digits.test_y).float().mean().item()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert abs(accuracy - summary["test_accuracy"]) <= 1 / len(digits.test_y)  # at most one image apart
+    from lte.common.trainer import build_job_model
+
+    initial = build_job_model(
+        JobConfig(**json.loads(safe_open(str(run_dir / "model.safetensors"), "pt").metadata()["lte_job"]))
+    )
+    assert not torch.equal(
+        initial.state_dict()["head.weight"], weights["head.weight"]
+    )  # trained, not the init
