@@ -11,7 +11,7 @@ TORCH_CPU ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: cluster test install data browser lint proto-check typecheck clean
+.PHONY: cluster screenshot test install data browser lint proto-check typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,9 +49,14 @@ $(CHROMIUM):
 browser: $(CHROMIUM)
 
 # The README's main job: an MLP trained from scratch on Fashion-MNIST by 8 LoRA heads on 3 workers.
+CLUSTER_JOB := --model mlp --dataset fashion-mnist --heads 8 --rank 32 --alpha 256 --lr 3e-3 \
+	--merge-every 10 --steps 1000 --batch-size 32 --local-workers 3 --port 0
 cluster: install data
-	$(BIN)/lte-server --model mlp --dataset fashion-mnist --heads 8 --rank 32 --alpha 256 --lr 3e-3 \
-		--merge-every 10 --steps 1000 --batch-size 32 --local-workers 3 --port 0 --dashboard-port 8080 $(ARGS)
+	$(BIN)/lte-server $(CLUSTER_JOB) --dashboard-port 8080 $(ARGS)
+
+# docs/dashboard.png: the final state of the very job `make cluster` runs (docs/screenshot.py)
+screenshot: install data browser
+	$(BIN)/python docs/screenshot.py docs/dashboard.png -- $(BIN)/lte-server $(CLUSTER_JOB) --out runs/screenshot
 
 # LTE_NO_SKIPS=1: a test skipped for a missing dependency fails the run (tests/conftest.py)
 test: install data browser
