@@ -171,6 +171,10 @@ WORKER_CASES = {
     "bare IPv6": (["--server", "::1:50051"], ["IPv6 address in brackets"]),
     "negative max heads": (["--server", "h:1", "--max-heads", "-1"], ["--max-heads -1", ">= 0"]),
     "zero give-up": (["--server", "h:1", "--give-up-after", "0"], ["--give-up-after 0", "> 0"]),
+    "missing data folder": (
+        ["--server", "h:1", "--data", "/nonexistent/images"],
+        ["--data /nonexistent/images: no such folder"],
+    ),
     "half a client certificate": (["--server", "h:1", "--tls-cert", "c.pem"], ["--tls-cert and --tls-key"]),
 }
 

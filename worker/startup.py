@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import grpc
 
@@ -16,6 +17,10 @@ def check_worker_args(args: argparse.Namespace) -> None:
     check_range("max_heads", args.max_heads, low=0, note="0 takes as many as the server gives")
     check_range("threads", args.threads, low=0, note="0 is torch's default")
     check_range("give_up_after", args.give_up_after, low=0, low_open=True, note="seconds")
+    for key in ("data", "data_dir"):  # found now, not after joining a job and leasing its heads
+        folder = getattr(args, key)
+        if folder and not Path(folder).is_dir():
+            raise ConfigError(f"--{key.replace('_', '-')} {folder}: no such folder")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
     if args.tls_ca:
