@@ -30,3 +30,6 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_skip(outcome.get_result())
+
+
+pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs this very policy in a child pytest
