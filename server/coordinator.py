@@ -612,7 +612,10 @@ class Coordinator:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self._metrics_file:
-            self._metrics_file.write(json.dumps(record) + "\n")
+            try:
+                self._metrics_file.write(json.dumps(record) + "\n")
+            except OSError as exc:  # a full disk must not stop a merge (nor the job's end)
+                self.checkpoint_health.metrics_failed(exc)
         for sink in self._sinks:
             sink(record)
 

@@ -42,6 +42,7 @@ class CheckpointHealth:
         self.last_good: Path | None = None
         self.warning: str | None = None  # shown on the dashboard while set
         self.failures = 0
+        self.metrics_warned = False
 
     def saved(self, path: Path | None) -> None:
         with self._lock:
@@ -66,6 +67,14 @@ class CheckpointHealth:
                 self._timer.daemon = True
                 self._timer.start()
         _log.warning("%s", self.warning, extra={"checkpoint_error": _reason(exc)})
+
+    def metrics_failed(self, exc: BaseException) -> None:
+        """An append to metrics.jsonl failed: warn once (the records stay in memory and on the dashboard)."""
+        with self._lock:
+            first = not self.metrics_warned
+            self.metrics_warned = True
+        if first:
+            _log.warning("cannot append to metrics.jsonl (%s); training goes on without it", _reason(exc))
 
     def stop(self) -> None:
         with self._lock:
