@@ -11,18 +11,28 @@ TORCH_CPU ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: cluster lm-cluster test install data data-kjv lint proto-check clean
+.PHONY: cluster lm-cluster screenshot test install data data-kjv browser lint proto-check typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# Strict editable mode lays the package out as lte/... links under build/, so IDEs, type checkers
+# and structure tools see lte.common etc. (the default mode maps them through an import hook).
+# A link tree does not see new files: adding or removing a module relinks (the folders' mtimes).
+EDITABLE := --config-settings editable_mode=strict
+PACKAGE_DIRS := lte_pkg common server server/static worker proto proto/lte/v1
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_CPU) || $(BIN)/pip install -q "torch>=2.2" --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" $(EDITABLE)
+	touch $@ $(VENV)/.linked
+
+$(VENV)/.linked: $(VENV)/.installed $(PACKAGE_DIRS)
+	$(BIN)/pip install -q --no-deps -e . $(EDITABLE)
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.linked
 
 $(FASHION_MNIST):
 	@command -v apt-get >/dev/null || { echo "install Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist (Debian: dataset-fashion-mnist)"; exit 1; }
@@ -30,10 +40,25 @@ $(FASHION_MNIST):
 
 data: $(FASHION_MNIST)
 
+# the dashboard's browser test drives Debian's chromium through playwright (no browser download)
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "install chromium at $(CHROMIUM) for the browser test"; exit 1; }
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
+
+browser: $(CHROMIUM)
+
 # The README's main job: an MLP trained from scratch on Fashion-MNIST by 8 LoRA heads on 3 workers.
+CLUSTER_JOB := --model mlp --dataset fashion-mnist --heads 8 --rank 32 --alpha 256 --lr 3e-3 \
+	--merge-every 10 --steps 1000 --batch-size 32 --local-workers 3 --port 0
 cluster: install data
-	$(BIN)/lte-server --model mlp --dataset fashion-mnist --heads 8 --rank 32 --alpha 256 --lr 3e-3 \
-		--merge-every 10 --steps 1000 --batch-size 32 --local-workers 3 --port 0 --dashboard-port 8080 $(ARGS)
+	$(BIN)/lte-server $(CLUSTER_JOB) --dashboard-port 8080 $(ARGS)
+
+# docs/dashboard.png: the final state of the very job `make cluster` runs (docs/screenshot.py)
+screenshot: install data browser
+	$(BIN)/python docs/screenshot.py docs/dashboard.png -- $(BIN)/lte-server $(CLUSTER_JOB) --out runs/screenshot
+
+# LTE_NO_SKIPS=1: a test skipped for a missing dependency fails the run (tests/conftest.py)
 
 # The language-model cluster: gpt-micro on the King James Bible (Debian's bible-kjv, no download),
 # byte-level tokens, 8 LoRA heads of rank 64 on 2 local workers, int8 base weights.
@@ -52,11 +77,15 @@ lm-cluster: install data-kjv
 		--lr 3e-4 --merge-every 8 --steps 400 --batch-size 4 --quant int8 --local-workers 2 --eval-every 10 \
 		--port 0 --dashboard-port 8080 $(ARGS)
 
-test: install data
+test: install data browser
 	$(BIN)/python proto/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	LTE_NO_SKIPS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Not yet part of `make test`: mypy reports errors in code that predates it (see the report of issue 16).
+typecheck: install
+	$(BIN)/mypy
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -65,4 +94,4 @@ proto-check: install
 	$(BIN)/python proto/generate.py --check
 
 clean:
-	rm -rf $(VENV) runs artifacts .pytest_cache
+	rm -rf $(VENV) build runs artifacts .pytest_cache

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import grpc
 
+from lte.common.checks import check_token
+
 TOKEN_ENV = "LTE_TOKEN"
 
 
 def token_from(flag: str | None) -> str | None:
     """The token given on the command line, else in the environment, else none."""
     token = flag if flag else os.environ.get(TOKEN_ENV) or None
-    if token is not None and len(token) < 16:
-        raise ValueError(f"the token must be at least 16 characters long (got {len(token)})")
+    if token is not None:  # at least 16 visible ASCII characters: ConfigError names the source
+        check_token(token, source="--token" if flag else TOKEN_ENV)
     return token
 
 

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+from lte.common.checks import ConfigError, coerce_types, read_toml
 from lte.common.images import AUGMENTS
 from lte.common.lte import A_INITS, LTEConfig
 from lte.common.precision import PRECISIONS
@@ -81,6 +76,17 @@ class JobConfig:
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.alpha > 0, f"alpha must be > 0 (scale s = alpha / r; 0 trains nothing), got {self.alpha}"),
+            (self.a_init_gain > 0, f"a_init_gain must be > 0, got {self.a_init_gain}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}"),
+            (0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}"),
+            (self.eps > 0, f"eps must be > 0, got {self.eps}"),
+            (self.image_size >= 0, f"image_size must be >= 0 (0: the dataset's), got {self.image_size}"),
+            (self.in_channels >= 0, f"in_channels must be >= 0 (0: the dataset's), got {self.in_channels}"),
+            (self.num_classes >= 0, f"num_classes must be >= 0 (0: the dataset's), got {self.num_classes}"),
+            (self.patch_size >= 0, f"patch_size must be >= 0 (0: the zoo default), got {self.patch_size}"),
             (self.quant in QUANT_KINDS, f"quant must be one of {QUANT_KINDS}, got {self.quant!r}"),
             (self.uplink in UPLINK_CODECS, f"uplink must be one of {UPLINK_CODECS}, got {self.uplink!r}"),
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
@@ -110,11 +116,11 @@ class JobConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
         if self.context < 0:
-            raise ValueError(f"context must be >= 0 (0: the model's preset), got {self.context}")
+            raise ConfigError(f"context must be >= 0 (0: the model's preset), got {self.context}")
         if self.warmup_steps < -1:
-            raise ValueError(f"warmup_steps must be >= 0, or -1 for 5% of steps; got {self.warmup_steps}")
+            raise ConfigError(f"warmup_steps must be >= 0, or -1 for 5% of steps; got {self.warmup_steps}")
 
     @property
     def warmup(self) -> int:
@@ -210,21 +216,40 @@ def job_from_dict(values: dict[str, Any], *, source: str = "config") -> JobConfi
     known = {f.name for f in fields(JobConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-    return JobConfig(**values)
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+    return JobConfig(**coerce_types(values, JOB_TYPES, source=source))
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file; keys may use dashes or underscores."""
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
+JOB_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(JobConfig)}
+
+
+def load_toml(path: str | Path, extra_types: dict[str, type] | None = None) -> dict[str, Any]:
+    """Read a TOML config file; keys may use dashes or underscores.
+
+    Values of job keys (and of ``extra_types``' keys) must have the type the key expects.
+    Raises ConfigError naming the file, and the key where a value is of the wrong type.
+    """
+    data = read_toml(path)
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):  # allow [job] / [server] tables: flatten one level
             flat.update({k.replace("-", "_"): v for k, v in value.items()})
         else:
             flat[key.replace("-", "_")] = value
-    return flat
+    return coerce_types(flat, {**JOB_TYPES, **(extra_types or {})}, source=str(path))
+
+
+def check_job(job: JobConfig) -> None:
+    """Start-up checks that need more than the dataclass: the model must be buildable by name.
+
+    Raises ConfigError naming --model or --dataset.
+    """
+    from lte.common.checks import check_choice, check_model_name
+    from lte.common.data import DATASET_NAMES
+    from lte.common.models import MODEL_NAMES
+
+    check_choice("dataset", job.dataset, DATASET_NAMES)
+    check_model_name(job.model, MODEL_NAMES)
 
 
 EXPLAIN_HELP = (

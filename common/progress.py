@@ -8,17 +8,32 @@ from typing import Any, TextIO
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+    """Bytes in binary units, as the dashboard writes them: ``512 B``, ``1.5 KiB``, ``25.8 MiB``, ``120 GiB``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    if i == 0:
+        return f"{n:.0f} B"
+    return f"{n:.0f} {units[i]}" if abs(n) >= 100 else f"{n:.1f} {units[i]}"
+
+
+def format_count(n: float) -> str:
+    """A count or rate with a k/M/G suffix, as the dashboard writes them: ``950``, ``1.2k``, ``12k``, ``3.1M``."""
+    a = abs(n)
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if a >= scale:
+            return f"{n / scale:.0f}{suffix}" if a >= 10 * scale else f"{n / scale:.1f}{suffix}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.1f}"
 
 
 def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         if key.startswith("bytes"):
             return f"{key} {format_bytes(value)}"
+        if key.endswith("/s"):
+            return f"{key} {format_count(value)}"
         return f"{key} {value:.4g}"
     return f"{key} {value}"
 

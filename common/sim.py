@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lte.common.config import EXPLAIN_HELP, JobConfig, add_job_arguments, load_toml, resolve_job
+from lte.common.checks import ConfigError, check_range, one_line_errors
+from lte.common.config import EXPLAIN_HELP, JobConfig, add_job_arguments, check_job, load_toml, resolve_job
 from lte.common.data import (
     DATASET_NAMES,
     eval_subset,
@@ -273,9 +274,11 @@ def export_model(path: str, state: dict[str, torch.Tensor], job: JobConfig, data
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lte-sim",
-        description="Train a model from scratch with LoRA-the-Explorer in one process (or, with --full, "
-        "with standard training on the same samples).",
-        epilog="example: lte-sim --model mlp --dataset digits --heads 8 --rank 16 --merge-every 10 --steps 400 --json",
+        description="Train a model from scratch with LoRA-the-Explorer in one process (or, with\n"
+        "--full, with standard training on the same samples).",
+        epilog="example:\n  lte-sim --model mlp --dataset digits --heads 8 --rank 16 \\\n"
+        "      --merge-every 10 --steps 400 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_job_arguments(parser)
     parser.add_argument("--config", help="TOML file with any job flag (flags given here win)")
@@ -317,6 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_sim_args(args: argparse.Namespace, job: JobConfig) -> None:
+    """lte-sim's own flags, and what the emulator cannot do. Raises ConfigError naming the option."""
+    if job.mode != "sync":
+        raise ConfigError(
+            f"--mode {job.mode}: lte-sim emulates sync aggregation only; run {job.mode} aggregation on "
+            f"lte-server (e.g. lte-server --mode {job.mode} --local-workers 2)"
+        )
+    if args.full and args.diloco:
+        raise ConfigError("--full and --diloco: pick one baseline")
+    check_range("workers", args.workers, low=1, high=job.heads if not args.diloco else None)
+    check_range("eval_every", args.eval_every, low=0, note="0 evaluates only at the end")
+    check_range("threads", args.threads, low=0, note="0 is torch's default")
+
+
+@one_line_errors("lte-sim")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -324,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         job = resolve_job(args, file_values)
         if job.dataset not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {job.dataset!r}; choose one of {DATASET_NAMES}")
+        check_job(job)
+        check_sim_args(args, job)
         if args.threads:
             torch.set_num_threads(args.threads)
         data_dir = args.data_dir or file_values.get("data_dir")

@@ -63,17 +63,25 @@ def save_checkpoint(
     _remove_dead_writers_temps(directory)
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors")
-    )
-    (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
-    if final.exists():  # the same version saved again (e.g. on SIGTERM right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        tmp.mkdir()
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors")
+        )
+        (tmp / "state.json").write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            _fsync_path(f)
+        _fsync_path(tmp)
+    except BaseException:  # a full disk, a read-only mount: free what was written, keep every checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # the same version saved again (e.g. on SIGTERM right after a periodic save):
+        old = directory / f".old-ckpt-{version:010d}-{os.getpid()}"  # set aside until the new one is in
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     _fsync_path(directory)
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

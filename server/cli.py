@@ -5,21 +5,36 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 
-from lte.common.config import EXPLAIN_HELP, add_job_arguments, load_toml, resolve_job
+from lte.common.checks import one_line_errors
+from lte.common.config import EXPLAIN_HELP, add_job_arguments, check_job, load_toml, resolve_job
 from lte.common.logs import setup_logging
 from lte.server.run import ServerRun, StartError
+from lte.server.startup import SERVER_TYPES, check_server_settings, discard_run_folder, prepare_run_folder
+
+# kept under 80 columns, so a terminal never wraps a flag in two
+SERVER_EXAMPLES = """examples:
+  # a whole local cluster: 3 workers on this machine
+  lte-server --model mlp --dataset fashion-mnist --local-workers 3
+
+  # other machines need a shared token (16+ characters); then on each box:
+  #   LTE_TOKEN=<the same token> lte-worker --server <this host>:50051
+  export LTE_TOKEN=$(python3 -c 'import secrets;print(secrets.token_hex(24))')
+  lte-server --model vit-b --dataset fashion-mnist --heads 32 \\
+      --rank 64 --alpha 4096 --merge-every 10 --mode async \\
+      --host 0.0.0.0 --port 50051"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lte-server",
-        description="Parameter server for LoRA-the-Explorer: holds the full-precision weights, leases LoRA heads "
-        "to workers, folds their low-rank updates into the model, evaluates and exports it.",
-        epilog="examples:\n"
-        "  lte-server --model mlp --dataset fashion-mnist --local-workers 3        # a whole local cluster\n"
-        "  lte-server --model vit-b --dataset fashion-mnist --heads 32 --rank 64 --alpha 4096 \\\n"
-        "             --merge-every 10 --mode async --host 0.0.0.0 --port 50051  # then lte-worker on each box",
+        description=textwrap.fill(
+            "Parameter server for LoRA-the-Explorer: holds the full-precision weights, leases LoRA heads "
+            "to workers, folds their low-rank updates into the model, evaluates and exports it.",
+            79,
+        ),
+        epilog=SERVER_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_job_arguments(parser)
@@ -122,13 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--keep-checkpoints", type=int, default=None, help="newest checkpoints kept [3]")
     s.add_argument(
+        "--linger",
+        type=float,
+        default=None,
+        help="seconds to keep serving the final state (dashboard, 'job over' to late workers) after "
+        "the job; -1: until Ctrl+C on a terminal with a dashboard, else 0 [-1]",
+    )
+    s.add_argument(
         "--resume", default=None, help="continue from a checkpoint folder or a run folder's newest one"
     )
     sec = parser.add_argument_group("security")
     sec.add_argument(
         "--token",
         default=None,
-        help="shared secret workers must send (or set LTE_TOKEN); required off loopback",
+        help="shared secret workers must send, at least 16 visible ASCII characters "
+        "(or set LTE_TOKEN, which ps does not show); required off loopback",
     )
     sec.add_argument("--tls-cert", default=None, help="PEM certificate of the server (enables TLS)")
     sec.add_argument("--tls-key", default=None, help="PEM private key of the server")
@@ -168,6 +191,7 @@ SERVER_DEFAULTS = {
     "dashboard_auth": False,
     "checkpoint_every": -1,
     "keep_checkpoints": 3,
+    "linger": -1.0,
     "resume": None,
     "token": None,
     "tls_cert": None,
@@ -208,10 +232,11 @@ def to_toml(values: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@one_line_errors("lte-server")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        file_values = load_toml(args.config) if args.config else {}
+        file_values = load_toml(args.config, SERVER_TYPES) if args.config else {}
         from dataclasses import fields
 
         from lte.common.config import JobConfig
@@ -219,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         check_config_keys(file_values, {f.name for f in fields(JobConfig)} | {"data_dir"})
         job = resolve_job(args, file_values)
         srv = resolve_server(args, file_values)
+        check_server_settings(job, srv)
+        check_job(job)
         if args.print_config:
             print(to_toml(public_settings({**job.to_dict(), **srv})), end="")
             return 0
@@ -237,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         if explanation is not None:
             print(explanation)
             return 0
+        out_dir, created = prepare_run_folder(srv["out"])
+        srv = {**srv, "out": str(out_dir)}
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_format, "WARNING" if args.quiet else "INFO", prog="lte-server")
+    from lte.common.run_metadata import resolved_job
+
     try:
         run = ServerRun(
             job,
@@ -250,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             quiet=args.quiet,
             log_format=args.log_format,
             tensorboard=args.tensorboard,
-            config_text=to_toml(public_settings({**job.to_dict(), **srv})),
+            config_text=lambda effective: to_toml(public_settings({**resolved_job(job), **srv, **effective})),
         ).start()
     except StartError as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
+        discard_run_folder(out_dir, created)  # a refused start leaves no empty run folder behind
         return 2
     try:
         return run.run()

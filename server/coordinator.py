@@ -38,11 +38,13 @@ from lte.common.protocol import (
     head_tensor_name,
     replica_tensor_name,
 )
+from lte.common.run_metadata import export_metadata, resolved_job
 from lte.common.text import copy_tokenizer
 from lte.common.trainer import build_job_model, lr_at
 from lte.server import checkpoint as ckpt
 from lte.server import scheduler
 from lte.server.aggregation import AcceptedPush, Aggregator, all_finite, staleness_discount
+from lte.server.disk import CheckpointHealth
 from lte.server.evaluation import BackgroundTask, Evaluator
 from lte.server.failures import note_worker_failure
 from lte.server.scheduler import HeadState, Lease, Policy, RoundTimes
@@ -148,8 +150,11 @@ class Coordinator:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self._checkpoint_lock = threading.Lock()  # one writer at a time
+        self.checkpoint_health = CheckpointHealth(retry=self._poke_checkpointer)
         self._checkpointer = (
-            BackgroundTask("lte-checkpoint", self.save_checkpoint) if self.checkpoint_dir else None
+            BackgroundTask("lte-checkpoint", self.save_checkpoint, on_error=self.checkpoint_health.failed)
+            if self.checkpoint_dir
+            else None
         )
 
     # -- the aggregator's state, read by tests, benchmarks and the service --------------------------
@@ -596,7 +601,10 @@ class Coordinator:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self._metrics_file:
-            self._metrics_file.write(json.dumps(record) + "\n")
+            try:
+                self._metrics_file.write(json.dumps(record) + "\n")
+            except OSError as exc:  # a full disk must not stop a merge (nor the job's end)
+                self.checkpoint_health.metrics_failed(exc)
         for sink in self._sinks:
             sink(record)
 
@@ -663,6 +671,7 @@ class Coordinator:
                 }
                 version = self.version
             path = ckpt.save_checkpoint(self.checkpoint_dir, version, state, tensors, self.keep_checkpoints)
+        self.checkpoint_health.saved(path)
         self._log({"checkpoint": str(path), "version": version})
         return path
 
@@ -710,7 +719,12 @@ class Coordinator:
             self.snapshots.invalidate()
             self.changed.notify_all()
 
+    def _poke_checkpointer(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
+
     def stop_background(self) -> None:
+        self.checkpoint_health.stop()
         for task in (self._evaluator, self._checkpointer):
             if task is not None:
                 task.stop()
@@ -728,7 +742,7 @@ class Coordinator:
         save_file(
             self.plain_state(),
             str(path),
-            metadata={"lte_job": json.dumps(self.job.to_dict()), "version": str(self.version)},
+            metadata=export_metadata(self.job, self.dataset, self.version),  # resolved job, preprocessing
         )
         copy_tokenizer(self.dataset, path.parent)  # language models: the tokenizer goes beside the weights
         return path
@@ -745,7 +759,7 @@ class Coordinator:
         with self.lock:
             done, planned = self.progress()
             return {
-                "job": self.job.to_dict(),
+                "job": resolved_job(self.job),  # effective values, not placeholders
                 "model": self.model_summary,
                 "version": self.version,
                 "done": self.done,
@@ -758,6 +772,7 @@ class Coordinator:
                 "rounds_planned": self.rounds_planned,
                 "elapsed_s": round(time.time() - self.started_at, 3),
                 "pushes_refused": self.pushes_refused,
+                "checkpoint_warning": self.checkpoint_health.warning,
                 "snapshot_builds": self.snapshot_builds,
                 "pulls_turned_away": self.pulls_turned_away,
                 "heads_moved": self.heads_moved,

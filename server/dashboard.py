@@ -110,6 +110,9 @@ class JobStatus(BaseModel):
     )
     elapsed_s: float = Field(0.0, description="seconds since the server started")
     pushes_refused: int = Field(0, description="async pushes refused as staler than the bound")
+    checkpoint_warning: str | None = Field(
+        None, description="why the newest checkpoint failed (a full disk...); null once one succeeds"
+    )
     snapshot_builds: int = Field(
         0, description="snapshots quantised and compressed (one per version pulled, at most)"
     )
@@ -216,6 +219,7 @@ def job_status(st: dict[str, Any]) -> JobStatus:
         waiting_heads=dict(st.get("waiting_heads") or {}),
         elapsed_s=st.get("elapsed_s", 0.0),
         pushes_refused=st.get("pushes_refused", 0),
+        checkpoint_warning=st.get("checkpoint_warning"),
         snapshot_builds=st.get("snapshot_builds", 0),
         pulls_turned_away=st.get("pulls_turned_away", 0),
         merges_per_minute=round(merges_per_minute, 3),

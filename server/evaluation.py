@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -14,8 +15,10 @@ from lte.common.trainer import build_job_model, evaluate
 class BackgroundTask:
     """Runs ``fn`` in a daemon thread each time it is poked; pokes during a run coalesce into one more run."""
 
-    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
-        self.fn = fn
+    def __init__(
+        self, name: str, fn: Callable[[], Any], on_error: Callable[[Exception], Any] | None = None
+    ) -> None:
+        self.fn, self.on_error = fn, on_error  # on_error(exc): a failed run must not end the thread
         self._poked = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -30,7 +33,13 @@ class BackgroundTask:
             self._poked.clear()
             if self._stopped:
                 return
-            self.fn()
+            try:
+                self.fn()
+            except Exception as exc:
+                if self.on_error is None:
+                    logging.getLogger("lte.server").exception("%s failed", self._thread.name)
+                else:
+                    self.on_error(exc)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopped = True

@@ -11,10 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lte.common.progress import Progress, format_bytes
+from lte.server.startup import local_worker_command
 
 _log = logging.getLogger("lte.server")
 
@@ -39,7 +41,7 @@ def start_worker_processes(
     procs = []
     for i, extra in enumerate(per_worker_args):
         log = open(log_dir / f"worker-{i}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
-        cmd = [sys.executable, "-m", "lte.worker.cli", "--server", address, *extra]
+        cmd = [*local_worker_command(sys.executable, address), *extra]  # a ./lte folder cannot shadow it
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         if log_dir:
             log.close()  # the child holds its own descriptor
@@ -121,7 +123,7 @@ class ServerRun:
         quiet: bool = False,
         log_format: str = "text",
         tensorboard: str | None = None,
-        config_text: str = "",
+        config_text: str | Callable[[dict[str, Any]], str] = "",
     ) -> None:
         self.job, self.dataset, self.srv = job, dataset, srv
         self.json_out, self.quiet, self.log_format, self.tensorboard = (
@@ -189,7 +191,13 @@ class ServerRun:
                 c.close()
                 raise StartError(f"cannot resume from {srv['resume']}: {exc}") from None
             print(f"lte-server: resumed at version {c.version} from {srv['resume']}", file=sys.stderr)
-        (self.out_dir / "config.toml").write_text(self.config_text)
+        effective = {
+            "heads_per_worker": heads_per_worker,
+            "eval_every": eval_every,
+            "checkpoint_every": checkpoint_every,
+        }
+        text = self.config_text(effective) if callable(self.config_text) else self.config_text
+        (self.out_dir / "config.toml").write_text(text)
         try:
             self.server = ParameterServer(
                 c,
@@ -263,8 +271,7 @@ class ServerRun:
                 "--name",
                 f"local-{i}",
                 "--parent-pid",
-                str(os.getpid()),
-                "--quiet",
+                str(os.getpid()),  # no --quiet: worker-<i>.log holds each worker's own log lines
                 *tls,
                 *local_data_args(srv),
             ]
@@ -323,12 +330,16 @@ class ServerRun:
                 progress.close()
 
     def run(self) -> int:
-        """Serve until the job ends, evaluate, export, write the summary. Returns the exit code."""
+        """Serve until the job ends, evaluate, export, write the summary, linger. Returns the exit code."""
+        from lte.server.disk import export_with_fallback, final_checkpoint
+        from lte.server.finish import linger, linger_seconds
+
         c = self.coordinator
         started = time.perf_counter()
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             self._watch()
+            _log.info("final evaluation: version %d", c.version)
             try:
                 final = c.evaluate_now()
             except Exception as exc:  # the trained model is worth more than its last score: export it anyway
@@ -338,7 +349,7 @@ class ServerRun:
                     exc,
                 )
                 final = {"test_loss": None, "test_accuracy": None}
-            model_path = c.export(self.out_dir / "model.safetensors")
+            model_path = export_with_fallback(c.export, self.out_dir)  # a full disk: a named fallback
             self.summary = summary = {
                 "test_accuracy": final.get("test_accuracy"),
                 "test_loss": final["test_loss"],
@@ -376,10 +387,16 @@ class ServerRun:
                     break  # stop() ends it
             if self.json_out:
                 print(json.dumps(summary), flush=True)
+            stop_processes(self.procs)  # the workers have seen "done"; the dashboard may stay
+            self.procs = []
+            linger(
+                linger_seconds(self.srv["linger"], has_dashboard=self.dashboard is not None),
+                self.dashboard.url if self.dashboard is not None else None,
+            )
             return 0
         except KeyboardInterrupt:
             _log.warning("interrupted; saving a checkpoint, stopping workers and the server")
-            path = c.save_checkpoint()
+            path = final_checkpoint(c.save_checkpoint, c.export, self.out_dir)
             if path:
                 _log.warning("checkpoint %s; continue with --resume %s", path, self.out_dir)
             return 130

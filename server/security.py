@@ -13,6 +13,10 @@ from pathlib import Path
 import grpc
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+DENIED = (
+    "missing or wrong token: send 'authorization: Bearer <token>' "
+    "(lte-worker: --token or the LTE_TOKEN environment variable)"
+)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
@@ -24,13 +28,13 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         def deny(request, context: grpc.ServicerContext):
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "missing or wrong token: send 'authorization: Bearer <token>'",
+                DENIED,
             )
 
         def deny_stream(request_iterator, context: grpc.ServicerContext):
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "missing or wrong token: send 'authorization: Bearer <token>'",
+                DENIED,
             )
 
         self._deny = {

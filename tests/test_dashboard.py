@@ -368,6 +368,40 @@ def test_the_real_coordinator_status_fits_the_schema():
         coordinator.close()
 
 
+def test_the_real_coordinator_status_after_merges_and_an_evaluation_fits_the_schema():
+    """Not a hand-written status and not version 0: merges, a worker's progress, an evaluation."""
+    import torch
+
+    from lte.common.config import JobConfig
+    from lte.common.data import load_dataset
+    from lte.server.coordinator import Coordinator, PushHeaderInfo
+
+    dataset = load_dataset("digits", seed=0)
+    job = JobConfig(model="mlp", dataset="digits", heads=2, steps=30).with_dataset(dataset)
+    coordinator = Coordinator(job, dataset)
+    try:
+        lease, _ = coordinator.register({"name": "t0", "device": "cpu", "max_heads": 2})
+        coordinator.heartbeat(lease.lease_id, version=0, samples_per_s=1234.5, state="training")
+        tensors = {n: 1e-3 * torch.randn(s) for n, s in coordinator.expected_tensors([0, 1]).items()}
+        for r in range(3):
+            header = PushHeaderInfo(lease.lease_id, coordinator.version, {0: r, 1: r}, 10, 320, 2.0 - r, 0.5)
+            assert coordinator.apply_push(header, tensors)["applied"]
+        coordinator.evaluate_now()
+        client = TestClient(create_app(coordinator.status))
+        body = client.get("/api/status").json()
+        doc = JobStatus.model_validate(body)
+        assert set(body) == set(JobStatus.model_fields)
+        assert doc.version == 3 and doc.done and doc.progress == 1.0
+        assert [h.version for h in doc.history] == [1, 2, 3] and doc.train_loss == pytest.approx(0.0)
+        assert len(doc.evals) == 1 and doc.test_accuracy is not None
+        assert doc.samples == 3 * 320 and doc.bytes_up == 0  # in-process pushes carry no wire bytes
+        assert doc.job["warmup_steps"] == 1 and "patch_size" not in doc.job  # effective, not placeholders
+        assert doc.checkpoint_warning is None
+        assert doc.workers[0].samples_per_s > 0 and doc.workers[0].state == "training"
+    finally:
+        coordinator.close()
+
+
 def test_importing_the_dashboard_loads_no_torch():
     code = "import sys, lte.server.dashboard; print('torch' in sys.modules)"
     out = subprocess.run(

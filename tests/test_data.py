@@ -129,7 +129,6 @@ def write_pngs(folder: Path, count: int, colour: tuple[int, int, int]) -> None:
 
 
 def test_imagefolder_with_train_and_test_folders(tmp_path: Path) -> None:
-    pytest.importorskip("PIL")
     for split, n in (("train", 3), ("test", 2)):
         write_pngs(tmp_path / split / "cat", n, (200, 10, 10))
         write_pngs(tmp_path / split / "dog", n, (10, 10, 200))
@@ -144,7 +143,6 @@ def test_imagefolder_with_train_and_test_folders(tmp_path: Path) -> None:
 
 
 def test_imagefolder_single_root_is_split_by_seed(tmp_path: Path) -> None:
-    pytest.importorskip("PIL")
     for i, name in enumerate(["a", "b", "c"]):
         write_pngs(tmp_path / name, 5, (40 * i, 0, 0))
     ds = load_dataset("imagefolder", data_dir=str(tmp_path), seed=1)

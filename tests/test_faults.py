@@ -50,9 +50,10 @@ def _exactly_once(c, job) -> None:
 # -- worker failure -------------------------------------------------------------------------------
 def test_a_killed_worker_s_heads_expire_return_to_the_pool_and_a_new_worker_finishes_them(tmp_path):
     job = digits_job(heads=4, steps=100)  # 10 sync rounds
+    # 8 s: the survivor's heartbeats (every 0.25 s) keep it alive through a stall of the shared machine;
     # turns after 10 minutes: the story is the expired heads waiting for a new worker, not the survivor's turns
     with running_server(
-        job, heads_per_worker=2, lease_timeout_s=3.0, heartbeat_interval_s=0.25, turn_grace_s=600
+        job, heads_per_worker=2, lease_timeout_s=8.0, heartbeat_interval_s=0.25, turn_grace_s=600
     ) as server:
         c = server.coordinator
         with worker_processes(server.address, [["--quiet", *fail_at(3)], ["--quiet"]], log_dir=tmp_path) as (
@@ -85,7 +86,7 @@ def test_a_killed_worker_s_heads_expire_return_to_the_pool_and_a_new_worker_fini
                     raise AssertionError("a push on an expired lease was accepted")
                 except grpc.RpcError as err:
                     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-                    assert re.search(r"expired after 3 s without a heartbeat", err.details())
+                    assert re.search(r"expired after 8 s without a heartbeat", err.details())
             assert master_hash(c) == before and c.version == 3
 
             # a new worker process, started only now, picks the returned heads up and the job ends
@@ -112,22 +113,22 @@ def test_dropped_connections_are_retried_and_no_push_is_applied_twice():
         outcomes = {"applied": 0, "duplicate": 0}
         real_apply = c.apply_push
 
-        def observed_apply(header, tensors):  # the real method, counted
+        def apply_then_cut(header, tensors):  # the real method; then the reply is lost on the way
             result = real_apply(header, tensors)
             outcomes["duplicate" if result["duplicate"] else "applied"] += 1
+            if not result["duplicate"] and outcomes["applied"] < job.rounds:
+                proxy.drop()  # applied, but the worker never hears so: it must push the same round again
             return result
 
-        c.apply_push = observed_apply
+        c.apply_push = apply_then_cut
         worker = Worker(proxy.address, quiet=True, give_up_after_s=60)
         thread, out = run_in_thread(worker.run)
-        for version in range(1, job.rounds):  # cut every connection the moment a round closes
-            wait_for(c, lambda c, v=version: c.version >= v, 120, f"version {version}")
-            proxy.drop()
         thread.join(timeout=TIMEOUT_S)
         assert out.get("result") == 0, out
     assert proxy.drops == job.rounds - 1 and proxy.connections > 1
     assert outcomes["applied"] == job.rounds, outcomes  # replays are acknowledged, never re-applied
-    print(f"\n{proxy.drops} cuts of every connection: {outcomes} pushes reached apply_push")
+    assert outcomes["duplicate"] >= 1, outcomes  # a replay did happen: the test proves what it claims
+    print(f"\n{proxy.drops} cuts right after an applied push: {outcomes} pushes reached apply_push")
     _exactly_once(c, job)
 
 
@@ -221,9 +222,11 @@ def test_the_server_killed_mid_run_resumes_on_its_port_and_ends_within_a_point_o
     chaos_summary = _summary(chaos_run)
     assert chaos_summary["version"] == ROUNDS
     assert chaos_summary["samples"] == _summary(clean_run)["samples"]  # no round counted twice
+    # the newest checkpoint (the one at the end, or an earlier one if the run ended before the
+    # background writer got to it) holds the whole history up to its version, across the restart
     state, _ = load_checkpoint(chaos_run / "checkpoints")
-    if state["version"] == ROUNDS:  # the last periodic checkpoint holds the whole history
-        assert [r["version"] for r in state["history"]] == list(range(1, ROUNDS + 1))
+    assert state["version"] >= resumed_at
+    assert [r["version"] for r in state["history"]] == list(range(1, state["version"] + 1))
     gap = abs(chaos_summary["test_accuracy"] - clean_accuracy)
     print(
         f"\nchaos: killed at version {killed_at}, resumed at {resumed_at}; accuracy "

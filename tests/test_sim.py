@@ -29,10 +29,29 @@ def test_diloco_with_one_replica_is_full_training():
 
 
 def test_diloco_averages_replicas():
-    job = JobConfig(model="mlp", heads=4, steps=10, merge_every=10).with_dataset(DIGITS)
+    """After one sync the master is the mean of the two replicas, each trained alone on its block."""
+    from lte.common.data import HeadBatches
+    from lte.common.sim import _full_step
+    from lte.common.trainer import build_job_model, make_optimizer
+
+    job = JobConfig(model="mlp", heads=4, steps=10, merge_every=10, dtype="float64").with_dataset(DIGITS)
     result = run_diloco(job, DIGITS, workers=2)
     assert result.rounds == 1 and result.samples == 10 * 4 * job.batch_size
-    assert 0.0 <= result.test_accuracy <= 1.0
+    alone = []
+    for block in partition_heads(job.heads, 2):  # each replica trained alone, from the same init
+        model = build_job_model(job)
+        model.train()
+        opt = make_optimizer(model.parameters(), job)
+        heads = [
+            HeadBatches(DIGITS.train_x, DIGITS.train_y, h, job.heads, job.batch_size, job.seed) for h in block
+        ]
+        for step in range(job.steps):
+            _full_step(model, opt, heads, step, job, DIGITS.task, "cpu")
+        alone.append(model.state_dict())
+    for name, value in result.master.items():
+        torch.testing.assert_close(value, (alone[0][name] + alone[1][name]) / 2, rtol=1e-12, atol=1e-12)
+    moved = [name for name in result.master if not torch.equal(alone[0][name], alone[1][name])]
+    assert moved, "the two replicas trained on different data must differ, or the mean proves nothing"
 
 
 def test_cli_prints_one_json_line_with_the_results(capsys):

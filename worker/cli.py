@@ -5,18 +5,32 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import textwrap
 
 import torch
 
+from lte.common.checks import one_line_errors
 from lte.common.precision import PRECISIONS
+from lte.worker.startup import check_worker_args, rpc_hint
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lte-worker",
-        description="Join an lte-server job: train the LoRA heads it leases to this machine on a quantised "
-        "copy of the model, push the factors back, repeat until the job ends.",
-        epilog="example: lte-worker --server coordinator:50051 --device cuda:0 --max-heads 4",
+        description=textwrap.fill(
+            "Join an lte-server job: train the LoRA heads it leases to this machine on a quantised copy "
+            "of the model, push the factors back, repeat until the job ends.",
+            79,
+        ),
+        epilog="example: lte-worker --server coordinator:50051 --device cuda:0 --max-heads 4\n\n"
+        "exit codes:\n"
+        "  0    the job finished\n"
+        "  1    an error (the last line says which)\n"
+        "  2    a bad flag or credential\n"
+        "  3    the job is full: every head stayed leased until --give-up-after\n"
+        "  4    the job was over before this worker joined\n"
+        "  130  interrupted (Ctrl+C or SIGTERM)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--server", required=True, help="host:port of the lte-server gRPC endpoint")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, mps [auto]")
@@ -82,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sec = parser.add_argument_group("security")
     sec.add_argument(
-        "--token", help="the server's shared token (default: the LTE_TOKEN environment variable)"
+        "--token",
+        help="the server's shared token, at least 16 characters (default: the LTE_TOKEN environment "
+        "variable; prefer it, since other users can read command lines)",
     )
     sec.add_argument("--tls-ca", help="PEM CA that the server's certificate must chain to (enables TLS)")
     sec.add_argument("--tls-cert", help="PEM client certificate, for servers that require mutual TLS")
@@ -104,8 +120,10 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@one_line_errors("lte-worker")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_worker_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from lte.common.logs import setup_logging
@@ -113,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_format, "INFO", prog="lte-worker")
     signal.signal(signal.SIGTERM, _interrupt)  # leave the job the same way as on Ctrl+C
     from lte.common.auth import bearer_metadata, channel_credentials, token_from
-    from lte.worker.client import Worker
+    from lte.worker.client import EXIT_JOB_OVER, Worker
     from lte.worker.hooks import FaultInjection
 
     try:
@@ -142,12 +160,19 @@ def main(argv: list[str] | None = None) -> int:
         cache_frozen=args.frozen_cache,
     )
     try:
-        return worker.run()
+        code = worker.run()
+        if code == EXIT_JOB_OVER:
+            print(
+                "lte-worker: the job is over: the server finished training before this worker joined",
+                file=sys.stderr,
+            )
+        return code
     except (ValueError, FileNotFoundError, ImportError) as exc:  # the data (or the job) cannot be used here
         print(f"lte-worker: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lte-worker: interrupted; left the job", file=sys.stderr)
+        joined = "left the job" if worker.worker_id else "stopped before joining the job"
+        print(f"lte-worker: interrupted; {joined}", file=sys.stderr)
         return 130
     except Exception as exc:  # a clear last word instead of a bare traceback for network errors
         import grpc
@@ -156,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lte-worker: error: {exc}", file=sys.stderr)
             return 2
         if isinstance(exc, grpc.RpcError):
-            print(f"lte-worker: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"lte-worker: error: {exc.code().name}: {exc.details()}{rpc_hint(exc)}", file=sys.stderr)
             return 1
         if isinstance(exc, (ValueError, FileNotFoundError)):  # its data: missing, or not the job's
             print(f"lte-worker: error: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ import torch
 
 from lte import __version__
 from lte.common import grpc_options
+from lte.common.checks import check_chunk_fits
 from lte.common.codec import decode_tensor, decode_tensor_quantized, get_codec
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_job_dataset
@@ -54,6 +55,7 @@ RETRYABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
 
 
 def refusal(err: grpc.RpcError) -> Refusal | None:
@@ -245,6 +247,7 @@ class Worker:
         reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
+        check_chunk_fits(job.max_chunk_bytes, grpc_options.MAX_MESSAGE_BYTES, side="worker")  # leaves
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         self._view = None
         self._start_heartbeat()  # now: building the model and the first pull can outlast the lease timeout

@@ -231,6 +231,9 @@
       [st.pulls_turned_away, "long-polls turned away"],
     ].filter(([n]) => n > 0);
     setText("#server-counters", counters.map(([n, what]) => `· ${fmtCount(n)} ${what}`).join(" "));
+    const warning = $("#checkpoint-warning");
+    warning.hidden = !st.checkpoint_warning;
+    warning.textContent = st.checkpoint_warning || "";
     document.title = `LTE v${st.version}${st.done ? " (done)" : ""}`;
   }
 

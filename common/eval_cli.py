@@ -1,0 +1,135 @@
+"""``lte-eval``: evaluate an exported model the way lte-server did, from the file alone.
+
+The model's metadata (common/run_metadata.py) holds the job and the preprocessing, so the same
+zoo model is rebuilt, the dataset is loaded with the job's seed (the same test split), and its
+images are standardised with the *training* mean and std stored in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lte.common.checks import ConfigError, check_range, one_line_errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lte-eval",
+        description="Evaluate a model exported by lte-server (model.safetensors, or the run folder\n"
+        "holding it) on a dataset's test split, with the preprocessing stored in the\nfile.",
+        epilog="examples:\n"
+        "  lte-eval runs/20260101-120000                 # the run's own dataset\n"
+        "  lte-eval model.safetensors --dataset fashion-mnist --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="RUN_OR_MODEL", help="a run folder or a .safetensors file")
+    parser.add_argument("--dataset", help="dataset to evaluate on [the job's]")
+    parser.add_argument("--data-dir", help="dataset folder [the run's data_dir, if any]")
+    parser.add_argument("--device", default="cpu", help="torch device [cpu]")
+    parser.add_argument("--batch-size", type=int, default=1000, help="samples per forward pass [1000]")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    return parser
+
+
+def _model_file(path: Path) -> Path:
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"RUN_OR_MODEL {path}: no such file (give a run folder or a .safetensors file)")
+    return path
+
+
+def _run_data_dir(model_file: Path) -> str | None:
+    """The data_dir the run used, from the config.toml beside the model (None when absent)."""
+    from lte.common.checks import read_toml
+
+    config = model_file.parent / "config.toml"
+    return read_toml(config).get("data_dir") if config.is_file() else None
+
+
+def restandardise(dataset, prep: dict) -> None:
+    """Standardise the test images with the training run's mean/std instead of this dataset's own."""
+    import torch
+
+    extras = dataset.extras
+    if not {"mean", "std"} <= set(prep) or not {"mean", "std"} <= set(extras):
+        return
+    own_mean, own_std = extras["mean"].flatten(), extras["std"].flatten()
+    mean, std = torch.tensor(prep["mean"]), torch.tensor(prep["std"])
+    if mean.shape != own_mean.shape:
+        raise ConfigError(
+            f"--dataset {dataset.name}: {own_mean.numel()} channels, the model was trained on {mean.numel()}"
+        )
+    shape = (1, -1, 1, 1)
+    raw = dataset.test_x * own_std.view(shape) + own_mean.view(shape)
+    dataset.test_x = (raw - mean.view(shape)) / std.view(shape)
+
+
+@one_line_errors("lte-eval")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_range("batch_size", args.batch_size, low=1)
+    model_file = _model_file(Path(args.model))
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(model_file), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"RUN_OR_MODEL {model_file}: not a readable safetensors file ({exc})") from None
+    from lte.common.run_metadata import job_from_metadata
+
+    job = job_from_metadata(metadata, source=str(model_file))
+    prep = json.loads(metadata.get("lte_preprocessing") or "{}")
+    dataset_name = args.dataset or job.dataset
+    from lte.common.data import DATASET_NAMES, load_dataset
+
+    if dataset_name not in DATASET_NAMES:
+        raise ConfigError(f"--dataset {dataset_name!r}: must be one of {', '.join(DATASET_NAMES)}")
+    dataset = load_dataset(dataset_name, args.data_dir or _run_data_dir(model_file), seed=job.seed)
+    for key, want in (("image_size", job.image_size), ("in_channels", job.in_channels)):
+        if want and getattr(dataset, key) != want:
+            raise ConfigError(
+                f"--dataset {dataset_name}: {key} {getattr(dataset, key)}, the model was trained on {want}"
+            )
+    if dataset.output_dim != job.num_classes:
+        raise ConfigError(
+            f"--dataset {dataset_name}: {dataset.output_dim} outputs, the model has {job.num_classes}"
+        )
+    restandardise(dataset, prep)
+    from safetensors.torch import load_file
+
+    from lte.common.trainer import build_job_model, evaluate
+
+    model = build_job_model(job).to(args.device)
+    try:
+        model.load_state_dict(load_file(str(model_file), device=args.device))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"RUN_OR_MODEL {model_file}: does not fit the {job.model} it names ({first})"
+        ) from None
+    result = evaluate(model, dataset, batch_size=args.batch_size, device=args.device)
+    summary = {
+        "model": str(model_file),
+        "dataset": dataset_name,
+        "test_samples": int(dataset.test_x.shape[0]),
+        "version": int(metadata.get("version", -1)),
+        **result,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        acc = f"test accuracy {result['test_accuracy']:.4f}, " if "test_accuracy" in result else ""
+        print(
+            f"lte-eval: {job.model} v{summary['version']} on {dataset_name} "
+            f"({summary['test_samples']} test samples): {acc}test loss {result['test_loss']:.4f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""After the job, lte-server keeps the final state on view (and tells late workers the job is over)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from lte.server.finish import linger_seconds
+from lte.worker.client import EXIT_JOB_OVER
+
+
+def test_the_default_lingers_only_on_a_terminal_with_a_dashboard():
+    assert linger_seconds(-1, has_dashboard=True, interactive=True) is None  # until Ctrl+C
+    assert linger_seconds(-1, has_dashboard=True, interactive=False) == 0.0  # scripts and CI end at once
+    assert linger_seconds(-1, has_dashboard=False, interactive=True) == 0.0
+    assert linger_seconds(5, has_dashboard=False, interactive=False) == 5.0
+
+
+def test_a_lingering_server_shows_the_final_state_tells_late_workers_and_stops_on_ctrl_c(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = dict({k: v for k, v in os.environ.items() if k != "LTE_TOKEN"}, OMP_NUM_THREADS="1")
+    cmd = [
+        str(bin_dir / "lte-server"),
+        *("--model", "mlp", "--dataset", "digits", "--heads", "2", "--steps", "20", "--local-workers", "1"),
+        *("--port", "0", "--dashboard-port", "0", "--out", str(tmp_path / "run"), "--log-format", "json"),
+        *("--linger", "120"),
+    ]
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        records, deadline = {}, time.monotonic() + 240
+        for line in server.stderr:
+            record = json.loads(line)
+            records.setdefault(record["msg"].split(" ")[0], record)
+            if record["msg"].startswith("job done; serving the final state") or time.monotonic() > deadline:
+                break
+        lingering = records["job"]
+        assert "for 120 s (or until Ctrl+C)" in lingering["msg"] and lingering["linger_s"] == 120
+        url, address = records["dashboard"]["url"], records["serving"]["address"]
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/status", timeout=30) as reply:
+            status = json.load(reply)
+        assert status["done"] is True and status["version"] == 2
+        late = subprocess.run(
+            [str(bin_dir / "lte-worker"), "--server", address, "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert late.returncode == EXIT_JOB_OVER, late.stderr
+        server.send_signal(signal.SIGINT)
+        rest = server.communicate(timeout=60)[1]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, rest
+    assert "interrupted" not in rest  # Ctrl+C ends the linger, not a run: no checkpoint-and-130 path

@@ -1,0 +1,40 @@
+"""lte-worker's start-up checks: its flags and credentials, before it dials the server."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import grpc
+
+from lte.common.auth import TOKEN_ENV
+from lte.common.checks import ConfigError, check_pem, check_range, parse_server_address
+
+
+def check_worker_args(args: argparse.Namespace) -> None:
+    """One pass over the worker's flags. Raises ConfigError naming the first bad option."""
+    parse_server_address(args.server)
+    check_range("max_heads", args.max_heads, low=0, note="0 takes as many as the server gives")
+    check_range("threads", args.threads, low=0, note="0 is torch's default")
+    check_range("give_up_after", args.give_up_after, low=0, low_open=True, note="seconds")
+    for key in ("data", "data_dir"):  # found now, not after joining a job and leasing its heads
+        folder = getattr(args, key)
+        if folder and not Path(folder).is_dir():
+            raise ConfigError(f"--{key.replace('_', '-')} {folder}: no such folder")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+    if args.tls_ca:
+        check_pem("tls_ca", args.tls_ca, want="CERTIFICATE")
+    if args.tls_cert:
+        check_pem("tls_cert", args.tls_cert, want="CERTIFICATE")
+        check_pem("tls_key", args.tls_key, want="PRIVATE KEY")
+
+
+def rpc_hint(err: grpc.RpcError) -> str:
+    """What the user can do about a refusal, appended to its one line."""
+    code = err.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f" (give the server's token with --token or the {TOKEN_ENV} environment variable)"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return " (is lte-server running, and are --server's host and port the ones it printed?)"
+    return ""
