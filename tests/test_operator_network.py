@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from lte.common.auth import TOKEN_ENV
 from lte.server.app import ParameterServer
 from lte.server.coordinator import Coordinator
-from lte.worker.client import EXIT_JOB_FULL, EXIT_JOB_OVER
+from lte.worker.client import EXIT_JOB_OVER
 from tests.cluster import DIGITS, digits_job
+from tests.faults import wait_until
 
 TOKEN = "a-token-of-sufficient-length-0123"
 
@@ -51,16 +52,45 @@ def test_a_worker_without_the_token_is_told_about_token_and_lte_token():
     assert "--token" in line and "LTE_TOKEN" in line
 
 
-def test_a_spare_worker_is_told_the_job_is_full():
+def test_a_spare_worker_is_told_the_job_is_full_stands_by_and_takes_a_head_that_frees_up(tmp_path):
     with server(heads_per_worker=2) as srv:
-        lease, _ = srv.coordinator.register({"name": "holder", "max_heads": 2})
-        assert len(lease.head_ids) == 2  # every head is taken
-        result = worker(srv.address, "--give-up-after", "1.5")
-    assert result.returncode == EXIT_JOB_FULL, result.stderr
-    line = last_line(result)
-    assert line.startswith("lte-worker: the job is full: all 2 heads are leased")
-    assert "gave up after --give-up-after 1.5 s" in line
-    assert "left the job" not in result.stderr
+        c = srv.coordinator
+        holder, _ = c.register({"name": "holder", "max_heads": 2})
+        assert len(holder.head_ids) == 2  # every head is taken
+        log = tmp_path / "spare.log"
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        cmd = [
+            sys.executable,
+            "-m",
+            "lte.worker.cli",
+            "--server",
+            srv.address,
+            "--threads",
+            "1",
+            "--name",
+            "spare",
+        ]
+        with open(log, "w") as out:
+            spare = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"}
+            )
+        try:
+            wait_until(
+                lambda: "the job is full" in log.read_text(), 120, "the spare worker to say the job is full"
+            )
+            assert (
+                "lte-worker: " in log.read_text()
+                and "standing by for a head that frees up" in log.read_text()
+            )
+            spare_lease = next(l for l in c.leases.values() if l.worker.get("name") == "spare")
+            assert spare_lease.head_ids == [] and spare_lease.state != "expired"
+            c.leave(holder.lease_id)  # the holder leaves: the spare takes its heads at once
+            assert sorted(spare_lease.head_ids) == [0, 1]
+            wait_until(lambda: "heads now [0, 1]" in log.read_text(), 120, "the spare worker to adopt them")
+        finally:
+            spare.terminate()
+            assert spare.wait(timeout=60) == 130
+        assert "Traceback" not in log.read_text()
 
 
 def test_a_late_worker_is_told_the_job_is_over():

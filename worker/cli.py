@@ -26,10 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
         "exit codes:\n"
         "  0    the job finished\n"
         "  1    an error (the last line says which)\n"
-        "  2    a bad flag or credential\n"
-        "  3    the job is full: every head stayed leased until --give-up-after\n"
-        "  4    the job was over before this worker joined\n"
-        "  130  interrupted (Ctrl+C or SIGTERM)",
+        "  2    a bad flag, credential or data, or a lease it cannot train\n"
+        "  4    the job was over before this worker trained a round\n"
+        "  130  interrupted (Ctrl+C or SIGTERM)\n\n"
+        "a worker that joins a full job stands by and takes heads as they free up",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--server", required=True, help="host:port of the lte-server gRPC endpoint")

@@ -267,7 +267,7 @@ class Worker:
             f"precision {self.trainer.precision.precision}"
             + (f", in {len(self.turns)} turns of at most {self.room}" if len(self.turns) > 1 else "")
             if ids
-            else f"registered: standing by (all {job.heads} heads are leased; heads that free up come here)"
+            else f"the job is full: all {job.heads} heads are leased; standing by for a head that frees up"
         )
 
     def _adopt(self, heads: list[pb.HeadAssignment], room: int, epoch: int, *, fresh: bool = False) -> None:
@@ -505,7 +505,7 @@ class Worker:
                 f"job finished: {self.head_rounds} head-rounds in {self.rounds} pushes; "
                 f"up {format_bytes(self.bytes_up)}, down {format_bytes(self.bytes_down)}"
             )
-            return 0
+            return 0 if self.rounds else EXIT_JOB_OVER  # it trained nothing: joined too late
         except grpc.RpcError:
             raise
         except Exception as exc:  # cannot build or train this lease: give it back (leave, below), say why
