@@ -1,4 +1,4 @@
-"""Model zoo: a plain MLP and Vision Transformers (ViT-Tiny/S/B/L), plus user factories.
+"""Model zoo: a plain MLP and Vision Transformers (ViT-Micro/Tiny/S/B/L), plus user factories.
 
 Reads top to bottom: configs, the ViT's small modules, the ViT, the MLP, then `build_model`.
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_NAMES = ("mlp", "vit-tiny", "vit-s", "vit-b", "vit-l")
+MODEL_NAMES = ("mlp", "vit-tiny", "vit-s", "vit-b", "vit-l", "vit-micro")
 
 # (width, depth, num_heads, mlp_dim) as in Dosovitskiy et al. / DeiT
 VIT_PRESETS: dict[str, dict[str, int]] = {
@@ -31,6 +31,8 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
     "vit-s": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
     "vit-b": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     "vit-l": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    # not a paper size: the training-quality benchmark's model, a few minutes per epoch on a CPU
+    "vit-micro": dict(width=128, depth=4, num_heads=4, mlp_dim=512),
 }
 
 # std of N(0, 1) truncated to [-2, 2], as in JAX's truncated_normal initialiser
