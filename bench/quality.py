@@ -1,7 +1,7 @@
 """Training quality: full training and LTE side by side on one zoo model, several seeds.
 
 Each ``--run`` is one configuration: ``full`` or ``lte``, then ``key=value`` job fields
-(``lr=3e-4``, ``rank=16``, ``alpha=256``, ``replica_lr=1e-3`` ...) and optionally ``x=1.3``, the
+(``lr=3e-4``, ``rank=16``, ``alpha=256``, ``a_init_gain=2`` ...) and optionally ``x=1.3``, the
 sample budget as a multiple of ``--steps`` (LTE's 1.3x of the paper). Every (run, seed) trains
 with ``lte.common.sim``'s ``run_full`` / ``run_lte`` (the code behind ``lte-sim``), appends one
 JSON line to ``--results`` and is skipped when that file already holds it, so a sweep can be
@@ -108,7 +108,8 @@ def table(records: list[dict[str, Any]]) -> str:
         "| run | steps | seeds | test accuracy (mean) | per seed | gap to best full | minutes per run |",
         "| --- | ---: | --- | ---: | --- | ---: | ---: |",
     ]
-    for label, runs in by_label.items():
+    for label in sorted(by_label, key=lambda label: (label.split()[0] != "full", label)):
+        runs = by_label[label]
         seeds = sorted(runs)
         per_seed = ", ".join(f"{100 * runs[s]['test_accuracy']:.2f}" for s in seeds)
         if best_full is None:

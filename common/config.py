@@ -46,8 +46,6 @@ class JobConfig:
     zstd_level: int = 3  # -1: no zstd
     lr: float = 1e-3
     weight_decay: float = 0.0
-    replica_lr: float = 0.0  # peak lr of the replicas (norms, biases, position tables); 0: lr
-    replica_weight_decay: float = -1.0  # AdamW weight decay of the replicas; -1: weight_decay
     warmup_steps: int = -1  # -1: 5% of steps
     steps: int = 500  # local steps per head over the whole job
     min_lr_ratio: float = 0.0
@@ -68,11 +66,6 @@ class JobConfig:
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.replica_lr >= 0, f"replica_lr must be >= 0 (0: lr), got {self.replica_lr}"),
-            (
-                self.replica_weight_decay >= 0 or self.replica_weight_decay == -1,
-                f"replica_weight_decay must be >= 0, or -1 for weight_decay; got {self.replica_weight_decay}",
-            ),
             (self.quant in QUANT_KINDS, f"quant must be one of {QUANT_KINDS}, got {self.quant!r}"),
             (self.uplink in UPLINK_CODECS, f"uplink must be one of {UPLINK_CODECS}, got {self.uplink!r}"),
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
@@ -205,14 +198,6 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--zstd-level", type=int, help=f"zstd level of the uplink, -1 for none [{d.zstd_level}]")
     g.add_argument("--lr", type=float, help=f"peak AdamW learning rate [{d.lr:g}]")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay [{d.weight_decay:g}]")
-    g.add_argument(
-        "--replica-lr",
-        type=float,
-        help="peak AdamW lr of the replicas (norms, biases, position tables) [0: --lr]",
-    )
-    g.add_argument(
-        "--replica-weight-decay", type=float, help="AdamW weight decay of the replicas [-1: --weight-decay]"
-    )
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps [5%% of --steps]")
     g.add_argument(
         "--min-lr-ratio", type=float, help=f"cosine floor as a fraction of --lr [{d.min_lr_ratio:g}]"

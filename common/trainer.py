@@ -26,6 +26,7 @@ from lte.common.lte import (
     prepare_model,
     prepare_model_on_device,
     replica_parameters,
+    trainable_parameters,
 )
 from lte.common.models import build_model
 from lte.common.quant import QuantizedTensor, quantize
@@ -119,28 +120,6 @@ def make_optimizer(params, job: JobConfig) -> torch.optim.Optimizer:
     )
 
 
-def lte_param_groups(model: nn.Module, job: JobConfig) -> list[dict]:
-    """AdamW groups of an LTE model: the heads' factors at ``job.lr``, the replicas (norm gains,
-    biases, position tables) at ``job.replica_lr`` with ``job.replica_weight_decay``.
-
-    Each group carries ``lr_ratio``, the factor on the scheduled lr (``lr_at``) it trains at:
-    the schedule's shape is shared, the peaks differ. With ``replica_lr`` 0 (the default) the
-    replicas keep ``lr``; with ``replica_weight_decay`` -1, ``weight_decay``. Groups that would
-    be empty are left out.
-    """
-    factors, replicas = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (factors if name.endswith(("lora_A", "lora_B")) else replicas).append(p)
-    replica_lr = job.replica_lr or job.lr
-    replica_wd = job.weight_decay if job.replica_weight_decay < 0 else job.replica_weight_decay
-    groups = [
-        {"params": factors, "lr": job.lr, "lr_ratio": 1.0, "weight_decay": job.weight_decay},
-        {"params": replicas, "lr": replica_lr, "lr_ratio": replica_lr / job.lr, "weight_decay": replica_wd},
-    ]
-    return [g for g in groups if g["params"]]
-
-
 class LocalTrainer:
     """Heads ``head_ids`` of a job, vectorised in one LTE model on one device.
 
@@ -182,7 +161,7 @@ class LocalTrainer:
         for layer in lte_layers(self.model).values():
             layer.cache_frozen = cache_frozen
         self.model.train()
-        self.optimizer = make_optimizer(lte_param_groups(self.model, job), job)
+        self.optimizer = make_optimizer(trainable_parameters(self.model), job)
         self.streams = [
             HeadBatches(dataset.train_x, dataset.train_y, h, job.heads, job.batch_size, job.seed)
             for h in self.head_ids
@@ -233,7 +212,7 @@ class LocalTrainer:
         for _ in range(steps):
             lr = self.lr_now()
             for group in self.optimizer.param_groups:
-                group["lr"] = lr * group["lr_ratio"]
+                group["lr"] = lr
             x, y = self._batch()
             loss = loss_fn(self.task, self.model(x), y)  # mean over the stacked batch = mean over heads
             self.optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = ("model", "image_size", "in_channels", "num_classes", "patch_size", "dataset", "task", "total_heads", "rank", "alpha", "merge_every", "reset", "a_init", "a_init_gain", "snapshot_codec", "uplink_codec", "lr", "weight_decay", "warmup_steps", "total_steps", "min_lr_ratio", "batch_size", "seed", "mode", "max_chunk_bytes", "beta1", "beta2", "eps", "compute_dtype", "zstd_level", "replica_lr", "replica_weight_decay")
+    __slots__ = ("model", "image_size", "in_channels", "num_classes", "patch_size", "dataset", "task", "total_heads", "rank", "alpha", "merge_every", "reset", "a_init", "a_init_gain", "snapshot_codec", "uplink_codec", "lr", "weight_decay", "warmup_steps", "total_steps", "min_lr_ratio", "batch_size", "seed", "mode", "max_chunk_bytes", "beta1", "beta2", "eps", "compute_dtype", "zstd_level")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     IN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -64,8 +64,6 @@ class JobConfig(_message.Message):
     EPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     ZSTD_LEVEL_FIELD_NUMBER: _ClassVar[int]
-    REPLICA_LR_FIELD_NUMBER: _ClassVar[int]
-    REPLICA_WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     model: str
     image_size: int
     in_channels: int
@@ -96,9 +94,7 @@ class JobConfig(_message.Message):
     eps: float
     compute_dtype: str
     zstd_level: int
-    replica_lr: float
-    replica_weight_decay: float
-    def __init__(self, model: _Optional[str] = ..., image_size: _Optional[int] = ..., in_channels: _Optional[int] = ..., num_classes: _Optional[int] = ..., patch_size: _Optional[int] = ..., dataset: _Optional[str] = ..., task: _Optional[str] = ..., total_heads: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., merge_every: _Optional[int] = ..., reset: _Optional[bool] = ..., a_init: _Optional[str] = ..., a_init_gain: _Optional[float] = ..., snapshot_codec: _Optional[str] = ..., uplink_codec: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., compute_dtype: _Optional[str] = ..., zstd_level: _Optional[int] = ..., replica_lr: _Optional[float] = ..., replica_weight_decay: _Optional[float] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., image_size: _Optional[int] = ..., in_channels: _Optional[int] = ..., num_classes: _Optional[int] = ..., patch_size: _Optional[int] = ..., dataset: _Optional[str] = ..., task: _Optional[str] = ..., total_heads: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., merge_every: _Optional[int] = ..., reset: _Optional[bool] = ..., a_init: _Optional[str] = ..., a_init_gain: _Optional[float] = ..., snapshot_codec: _Optional[str] = ..., uplink_codec: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., compute_dtype: _Optional[str] = ..., zstd_level: _Optional[int] = ...) -> None: ...
 
 class HeadAssignment(_message.Message):
     __slots__ = ("head_id", "next_round", "steps_done", "has_factors")

@@ -52,8 +52,6 @@ def job_to_proto(job: JobConfig) -> pb.JobConfig:
         eps=job.eps,
         compute_dtype=job.dtype,
         zstd_level=job.zstd_level,
-        replica_lr=job.replica_lr,
-        replica_weight_decay=job.replica_weight_decay,
     )
 
 

@@ -94,8 +94,6 @@ def job_from_proto(j: pb.JobConfig) -> JobConfig:
         eps=j.eps,
         dtype=j.compute_dtype,
         max_chunk_bytes=j.max_chunk_bytes,
-        replica_lr=j.replica_lr,
-        replica_weight_decay=j.replica_weight_decay,
     )
 
 
