@@ -264,7 +264,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("job")
     g.add_argument(
         "--model",
-        help="zoo model (mlp, vit-tiny, vit-s, vit-b, vit-l, gpt-micro, gpt-nano, gpt2-small, gpt2-medium) "
+        help="zoo model (mlp, vit-micro, vit-tiny, vit-s, vit-b, vit-l, gpt-micro, gpt-nano, gpt2-small, gpt2-medium) "
         f"or package.module:factory [{d.model}]",
     )
     g.add_argument(

@@ -1,4 +1,4 @@
-"""Model zoo: a plain MLP, Vision Transformers (ViT-Tiny/S/B/L), GPT language models
+"""Model zoo: a plain MLP, Vision Transformers (ViT-Micro/Tiny/S/B/L), GPT language models
 (gpt-micro, gpt-nano, gpt2-small, gpt2-medium), plus user factories.
 
 Reads top to bottom: configs, the ViT's small modules, the ViT, the MLP, the GPT, then `build_model`.
@@ -32,6 +32,7 @@ MODEL_NAMES = (
     "vit-s",
     "vit-b",
     "vit-l",
+    "vit-micro",
     "gpt-micro",
     "gpt-nano",
     "gpt2-small",
@@ -44,6 +45,8 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
     "vit-s": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
     "vit-b": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     "vit-l": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    # not a paper size: the training-quality benchmark's model, a few minutes per epoch on a CPU
+    "vit-micro": dict(width=128, depth=4, num_heads=4, mlp_dim=512),
 }
 
 # (depth, width, num_heads, context): nanoGPT's character model and GPT-2 (Radford et al. 2019)

@@ -1,0 +1,192 @@
+"""Training quality: full training and LTE side by side on one zoo model, several seeds.
+
+Each ``--run`` is one configuration: ``full`` or ``lte``, then ``key=value`` job fields
+(``lr=3e-4``, ``rank=16``, ``alpha=256``, ``a_init_gain=2`` ...) and optionally ``x=1.3``, the
+sample budget as a multiple of ``--steps`` (LTE's 1.3x of the paper). Every (run, seed) trains
+with ``lte.common.sim``'s ``run_full`` / ``run_lte`` (the code behind ``lte-sim``), appends one
+JSON line to ``--results`` and is skipped when that file already holds it, so a sweep can be
+split across processes, stopped and resumed. The table gives each run's mean test accuracy over
+its seeds and its gap to the best full-training run (mean over the same seeds)::
+
+    python bench/quality.py --model vit-micro --steps 300 --seeds 0 \\
+        --run "full lr=1e-3" --run "lte rank=16 alpha=64 lr=1e-3 x=1.3" --results /tmp/q.jsonl
+    python bench/quality.py --results /tmp/q.jsonl --table-only   # the table of what is in the file
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lte.common.config import JobConfig
+from lte.common.data import load_dataset
+from lte.common.sim import run_full, run_lte
+
+KINDS = ("full", "lte")
+JOB_FIELDS = {f.name: f.type for f in dataclasses.fields(JobConfig)}
+
+
+def parse_run(text: str) -> dict[str, Any]:
+    """``"lte rank=16 lr=3e-4 x=1.3"`` -> ``{"kind": "lte", "x": 1.3, "job": {"rank": 16, "lr": 3e-4}}``."""
+    words = text.split()
+    if not words or words[0] not in KINDS:
+        raise argparse.ArgumentTypeError(f"run {text!r} must start with one of {KINDS}")
+    run: dict[str, Any] = {"kind": words[0], "x": 1.0, "job": {}}
+    defaults = JobConfig()
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"run {text!r}: {word!r} is not key=value")
+        if key == "x":
+            run["x"] = float(value)
+            continue
+        if key not in JOB_FIELDS:
+            raise argparse.ArgumentTypeError(f"run {text!r}: {key!r} is not a job field")
+        kind = type(getattr(defaults, key))
+        run["job"][key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return run
+
+
+def run_label(run: dict[str, Any]) -> str:
+    parts = [
+        run["kind"],
+        *(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in run["job"].items()),
+    ]
+    if run["x"] != 1.0:
+        parts.append(f"x={run['x']:g}")
+    return " ".join(parts)
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_one(base: dict[str, Any], run: dict[str, Any], seed: int, dataset, device: str) -> dict[str, Any]:
+    values = {**base, **run["job"], "seed": seed}
+    values["steps"] = round(values["steps"] * run["x"])
+    job = JobConfig(**values).with_dataset(dataset)
+    trainer = run_full if run["kind"] == "full" else run_lte
+    start = time.perf_counter()
+    result = trainer(job, dataset, device=device)
+    return {
+        "label": run_label(run),
+        "seed": seed,
+        "model": job.model,
+        "dataset": job.dataset,
+        "base_steps": base["steps"],
+        "steps": job.steps,
+        "samples": result.samples,
+        "test_accuracy": result.test_accuracy,
+        "test_loss": result.test_loss,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """Markdown: one row per label, mean accuracy over seeds, gap to the best full run."""
+    by_label: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        by_label.setdefault(r["label"], {})[r["seed"]] = r
+    means = {
+        label: statistics.mean(r["test_accuracy"] for r in runs.values()) for label, runs in by_label.items()
+    }
+    full = [label for label in by_label if label.split()[0] == "full"]
+    best_full = max(full, key=lambda label: means[label]) if full else None
+    lines = [
+        "| run | steps | seeds | test accuracy (mean) | per seed | gap to best full | minutes per run |",
+        "| --- | ---: | --- | ---: | --- | ---: | ---: |",
+    ]
+    for label in sorted(by_label, key=lambda label: (label.split()[0] != "full", label)):
+        runs = by_label[label]
+        seeds = sorted(runs)
+        per_seed = ", ".join(f"{100 * runs[s]['test_accuracy']:.2f}" for s in seeds)
+        if best_full is None:
+            gap = "-"
+        else:
+            common = [s for s in seeds if s in by_label[best_full]]
+            ref = statistics.mean(by_label[best_full][s]["test_accuracy"] for s in common) if common else None
+            mine = statistics.mean(runs[s]["test_accuracy"] for s in common) if common else None
+            gap = f"{100 * (mine - ref):+.2f}" if common else "-"
+        minutes = statistics.mean(r["seconds"] for r in runs.values()) / 60
+        steps = runs[seeds[0]]["steps"]
+        mark = " (best full)" if label == best_full else ""
+        lines.append(
+            f"| `{label}`{mark} | {steps} | {' '.join(map(str, seeds))} | {100 * means[label]:.2f} % "
+            f"| {per_seed} | {gap} | {minutes:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit-micro")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir")
+    p.add_argument("--steps", type=int, default=1500, help="steps of the 1.0x budget [1500]")
+    p.add_argument("--heads", type=int, default=8, help="N; full training's batch is N x batch-size [8]")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per head per step [16]")
+    p.add_argument("--merge-every", type=int, default=10, help="T [10]")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument(
+        "--run", type=parse_run, action="append", default=[], help="one configuration (repeatable)"
+    )
+    p.add_argument("--results", type=Path, required=True, help="JSON lines: read, skipped, appended")
+    p.add_argument("--table-only", action="store_true", help="print the table of --results and stop")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.table_only:
+        torch.set_num_threads(args.threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        base = dict(
+            model=args.model,
+            dataset=args.dataset,
+            steps=args.steps,
+            heads=args.heads,
+            batch_size=args.batch_size,
+            merge_every=args.merge_every,
+        )
+        try:
+            dataset = load_dataset(args.dataset, args.data_dir, seed=0)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            print(f"quality: error: {exc}", file=sys.stderr)
+            return 2
+        for run in args.run:
+            for seed in args.seeds:
+                done = {
+                    (r["label"], r["seed"], r["base_steps"], r["model"]) for r in load_results(args.results)
+                }
+                if (run_label(run), seed, args.steps, args.model) in done:
+                    continue
+                record = train_one(base, run, seed, dataset, args.device)
+                with args.results.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                print(f"{record['label']} seed {seed}: {100 * record['test_accuracy']:.2f} % "
+                      f"in {record['seconds']:.0f} s", flush=True)  # fmt: skip
+    records = [
+        r for r in load_results(args.results) if r["model"] == args.model and r["base_steps"] == args.steps
+    ]
+    print(f"\n{args.model} on {args.dataset}, {args.steps} steps at 1.0x (results: {args.results})\n")
+    print(table(records))
+    print(f"\ncommand: python bench/quality.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
