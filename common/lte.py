@@ -78,6 +78,11 @@ class LTEConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def layer_kwargs(self) -> dict:
+        """What every LTE layer built by this conversion takes from it."""
+        keys = ("heads", "total_heads", "rank", "alpha", "reset", "quant", "prev_dtype")
+        return {k: getattr(self, k) for k in keys}
+
 
 def _seed_for(seed: int, head_id: int, layer_index: int) -> int:
     """A stable 63-bit seed per (job seed, head, layer): the same head inits the same anywhere."""
@@ -234,13 +239,7 @@ class LTELinear(nn.Module):
             int(w[0].numel()),
             int(w.shape[0]),
             bias=bias is not None,
-            heads=config.heads,
-            total_heads=config.total_heads,
-            rank=config.rank,
-            alpha=config.alpha,
-            reset=config.reset,
-            quant=config.quant,
-            prev_dtype=config.prev_dtype,
+            **config.layer_kwargs(),
             device=w.device,
             dtype=w.dtype,
             **extra,
@@ -666,13 +665,7 @@ class LTEEmbedding(LTELinear):
         layer = cls(
             embedding.num_embeddings,
             embedding.embedding_dim,
-            heads=config.heads,
-            total_heads=config.total_heads,
-            rank=config.rank,
-            alpha=config.alpha,
-            reset=config.reset,
-            quant=config.quant,
-            prev_dtype=config.prev_dtype,
+            **config.layer_kwargs(),
             device=w.device,
             dtype=w.dtype,
         )

@@ -36,8 +36,12 @@ def test_three_worker_processes_train_mlp_on_digits_from_scratch(tmp_path):
 def test_sync_over_the_network_reproduces_the_emulator(tmp_path):
     job = digits_job(heads=4, steps=30, uplink="fp32", quant="none")
     expected = run_lte(job, DIGITS, workers=2).master
-    with running_server(job, heads_per_worker=2) as server:
-        with worker_processes(server.address, [["--quiet", "--max-heads", "2"]] * 2, log_dir=tmp_path):
+    # this pins the merge arithmetic, not scheduling: no turns or straggler moves on a loaded machine,
+    # and the workers train with this process's thread count (GEMMs sum in per-thread blocks)
+    threads = ["--threads", str(torch.get_num_threads())]
+    with running_server(job, heads_per_worker=2, turn_grace_s=600, straggler_factor=0) as server:
+        args = [["--quiet", "--max-heads", "2", *threads]] * 2
+        with worker_processes(server.address, args, log_dir=tmp_path):
             assert server.wait_done(timeout=TIMEOUT_S)
         got = server.coordinator.plain_state()
     assert set(got) == set(expected)

@@ -142,14 +142,11 @@ def test_async_with_a_3x_slower_worker_every_head_trains_exactly_its_steps_and_n
 @pytest.mark.parametrize("room", [1, 2])
 def test_one_worker_with_room_for_fewer_heads_trains_them_in_turns_exactly_as_the_emulator(tmp_path, room):
     job = digits_job(heads=4, steps=30, uplink="fp32", quant="none")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the worker processes run (--threads 1): the same GEMM reductions
-    try:
-        expected = run_lte(job, DIGITS, workers=4 // room).master  # each turn is one emulated worker
-    finally:
-        torch.set_num_threads(threads)
+    expected = run_lte(job, DIGITS, workers=4 // room).master  # each turn is one emulated worker
+    threads = ["--threads", str(torch.get_num_threads())]  # GEMMs sum in per-thread blocks
     with running_server(job, turn_grace_s=0.0, straggler_factor=0.0) as server:
-        with worker_processes(server.address, [["--quiet", "--max-heads", str(room)]], log_dir=tmp_path):
+        args = [["--quiet", "--max-heads", str(room), *threads]]
+        with worker_processes(server.address, args, log_dir=tmp_path):
             assert server.wait_done(timeout=TIMEOUT_S)
         got = server.coordinator.plain_state()
     for name, value in expected.items():
