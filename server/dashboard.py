@@ -93,7 +93,9 @@ class EvalPoint(BaseModel):
 class JobStatus(BaseModel):
     """A consistent snapshot of the job, plus rates derived from its merge history."""
 
-    job: dict[str, str | int | float | bool | None] = Field(description="the job's configuration (JobConfig)")
+    job: dict[str, str | int | float | bool | list[str] | None] = Field(
+        description="the job's configuration (JobConfig)"
+    )
     version: int = Field(description="merges applied to the master weights")
     done: bool
     samples: int = Field(description="samples trained in the whole job")

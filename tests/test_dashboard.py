@@ -374,7 +374,7 @@ def test_the_real_coordinator_status_after_merges_and_an_evaluation_fits_the_sch
 
     from lte.common.config import JobConfig
     from lte.common.data import load_dataset
-    from lte.server.coordinator import Coordinator, PushHeaderInfo
+    from lte.server.coordinator import Coordinator, PushMeta
 
     dataset = load_dataset("digits", seed=0)
     job = JobConfig(model="mlp", dataset="digits", heads=2, steps=30).with_dataset(dataset)
@@ -384,7 +384,7 @@ def test_the_real_coordinator_status_after_merges_and_an_evaluation_fits_the_sch
         coordinator.heartbeat(lease.lease_id, version=0, samples_per_s=1234.5, state="training")
         tensors = {n: 1e-3 * torch.randn(s) for n, s in coordinator.expected_tensors([0, 1]).items()}
         for r in range(3):
-            header = PushHeaderInfo(lease.lease_id, coordinator.version, {0: r, 1: r}, 10, 320, 2.0 - r, 0.5)
+            header = PushMeta(lease.lease_id, coordinator.version, {0: r, 1: r}, 10, 320, 2.0 - r, 0.5)
             assert coordinator.apply_push(header, tensors)["applied"]
         coordinator.evaluate_now()
         client = TestClient(create_app(coordinator.status))

@@ -135,7 +135,7 @@ def test_when_every_path_refuses_the_model_the_error_names_both(tmp_path, monkey
 def test_a_metrics_file_that_cannot_grow_does_not_stop_merges_nor_the_end_of_the_job(tmp_path, caplog):
     import torch
 
-    from lte.server.coordinator import PushHeaderInfo
+    from lte.server.coordinator import PushMeta
 
     job = digits_job(heads=1, steps=30)  # 3 rounds
     coordinator = Coordinator(job, DIGITS, metrics_path=tmp_path / "metrics.jsonl")
@@ -144,7 +144,7 @@ def test_a_metrics_file_that_cannot_grow_does_not_stop_merges_nor_the_end_of_the
         tensors = {n: torch.zeros(s) for n, s in coordinator.expected_tensors([0]).items()}
         with caplog.at_level("WARNING", logger="lte.server"), file_size_limit(1):  # not one record fits
             for r in range(3):
-                header = PushHeaderInfo(lease.lease_id, coordinator.version, {0: r}, 10, 160, 1.0, 0.5)
+                header = PushMeta(lease.lease_id, coordinator.version, {0: r}, 10, 160, 1.0, 0.5)
                 assert coordinator.apply_push(header, tensors)["applied"]
         assert coordinator.version == 3 and coordinator.done
         assert caplog.text.count("cannot append to metrics.jsonl") == 1  # warned once, not per merge
