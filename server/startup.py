@@ -160,11 +160,14 @@ def discard_run_folder(folder: Path, created: bool) -> None:
 # would shadow the package (even last on the path: an editable install's finder runs after it).
 # The boot line drops it, as the lte-server console script never had it: both resolve
 # --model package.module:factory through PYTHONPATH alike.
+# lte is imported with the cwd off sys.path (a ./lte folder cannot shadow the package), then the cwd
+# goes back on it, as for `python -m`: a --model package.module:factory in the cwd still imports.
 WORKER_BOOT = (
     "import sys\n"
-    "if sys.path and sys.path[0] == '':\n"
-    "    del sys.path[0]\n"
+    "cwd = sys.path[0] == '' and sys.path.pop(0) == ''\n"
     "from lte.worker.cli import main\n"
+    "if cwd:\n"
+    "    sys.path.insert(0, '')\n"
     "sys.exit(main())\n"
 )
 
