@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,10 @@ class JobConfig:
                 f"max_chunk_bytes must be in [4 KiB, 64 MiB], got {self.max_chunk_bytes}",
             ),
         ]
+        for f in fields(self):  # inf passes every bound above (lr > 0): a float must be a number
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -336,3 +341,12 @@ def resolve_job(args: argparse.Namespace, file_values: dict[str, Any] | None = N
         if flag is not None:
             values[f.name] = flag
     return job_from_dict(values)
+
+
+def check_job_data(job: JobConfig, dataset: Any) -> None:
+    """Start-up checks of the data against the resolved job (token files long enough for the
+    context, the tokenizer the job names). Raises ValueError naming the file and what to do."""
+    if getattr(dataset, "task", "") == "lm":
+        from lte.common.text import check_token_data
+
+        check_token_data(job, dataset)

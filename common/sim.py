@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from lte.common.checks import ConfigError, check_range, one_line_errors
-from lte.common.config import EXPLAIN_HELP, JobConfig, add_job_arguments, check_job, load_toml, resolve_job
+from lte.common.config import (
+    EXPLAIN_HELP,
+    JobConfig,
+    add_job_arguments,
+    check_job,
+    check_job_data,
+    load_toml,
+    resolve_job,
+)
 from lte.common.data import (
     DATASET_NAMES,
     eval_subset,
@@ -350,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_job_dataset(job, data_dir, skip_bad_images=args.skip_bad_images)
         dataset = eval_subset(dataset, args.eval_samples, job.seed)
         job = job.with_dataset(dataset)
+        check_job_data(job, dataset)
         lte = not (args.full or args.diloco)  # the LTE warnings concern LTE runs only
         heads = len(partition_heads(job.heads, args.workers)[0]) if lte else 1
         explanation = startup_model_check(job, dataset, heads, args.explain_model, "lte-sim" if lte else "")

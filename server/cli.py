@@ -6,9 +6,17 @@ import argparse
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 from lte.common.checks import one_line_errors
-from lte.common.config import EXPLAIN_HELP, add_job_arguments, check_job, load_toml, resolve_job
+from lte.common.config import (
+    EXPLAIN_HELP,
+    add_job_arguments,
+    check_job,
+    check_job_data,
+    load_toml,
+    resolve_job,
+)
 from lte.common.logs import setup_logging
 from lte.server.run import ServerRun, StartError
 from lte.server.startup import SERVER_TYPES, check_server_settings, discard_run_folder, prepare_run_folder
@@ -254,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_job_dataset(job, srv["data_dir"], skip_bad_images=srv["skip_bad_images"])
         dataset = eval_subset(dataset, srv["eval_samples"], job.seed)
         job = job.with_dataset(dataset)
+        check_job_data(job, dataset)
         from lte.common.model_check import startup_model_check
 
         local = int(srv["local_workers"] or 0)
@@ -264,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         if explanation is not None:
             print(explanation)
             return 0
+        if srv["resume"] and not srv["out"]:  # a resumed run goes on writing into its own folder
+            srv = {**srv, "out": str(resumed_run_folder(srv["resume"]))}
         out_dir, created = prepare_run_folder(srv["out"])
         srv = {**srv, "out": str(out_dir)}
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
@@ -291,6 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         return run.run()
     finally:
         run.stop()
+
+
+def resumed_run_folder(resume: str) -> Path:
+    """The run folder of ``--resume``: the folder itself, or the run a checkpoint folder belongs to."""
+    path = Path(resume)
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path
 
 
 if __name__ == "__main__":

@@ -255,6 +255,8 @@ class Coordinator:
         plan = scheduler.plan(self.heads, self.leases, now, self.schedule, self.round_times.median)
         for lease_id in plan.expire:
             self._release(self.leases[lease_id], "expired")
+        for lease_id in plan.stragglers:
+            self.leases[lease_id].straggler = True
         for lease_id, h, why in plan.revoke:
             lease = self.leases[lease_id]
             lease.head_ids.remove(h)
@@ -445,6 +447,7 @@ class Coordinator:
         moved = [h for h in other if h in lease.held_before]
         if moved:
             self.late_pushes_refused += 1
+            lease.straggler = False  # it is making progress again: it may take heads
             raise Refused(
                 Refusal.HEAD_MOVED, f"heads {moved} were moved to another worker; this push is not applied"
             )
@@ -540,6 +543,7 @@ class Coordinator:
                 }
             )
             lease.pushes += 1
+            lease.straggler = False
             lease.state = "training"
             if header.seconds > 0:
                 lease.samples_per_s = header.samples / header.seconds
@@ -677,12 +681,13 @@ class Coordinator:
 
     def restore(self, state: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
         """Continue from a checkpoint of the same job (a different job is refused, naming the differences)."""
-        saved = state.get("job", {})
-        diff = sorted(k for k, v in self.job.to_dict().items() if k in saved and saved[k] != v)
+        saved, now = _effective(state.get("job", {})), _effective(self.job.to_dict())
+        # a run's own config.toml holds resolved values (warmup 300 for the -1 the checkpoint kept)
+        diff = sorted(k for k, v in now.items() if k in saved and saved[k] != v)
         if diff:
             raise ValueError(
                 "the checkpoint belongs to another job; differing settings: "
-                + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {getattr(self.job, k)!r})" for k in diff)
+                + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in diff)
             )
         mismatch = checkpoint_mismatch(self.master, tensors)
         if mismatch:
@@ -818,3 +823,11 @@ class Coordinator:
         if self._metrics_file:
             self._metrics_file.close()
             self._metrics_file = None
+
+
+def _effective(job: Mapping[str, Any]) -> dict[str, Any]:
+    """Job settings with placeholders resolved, as lists where the TOML and JSON have lists."""
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in job.items()}
+    if out.get("warmup_steps", -1) == -1 and "steps" in out:
+        out["warmup_steps"] = max(1, int(out["steps"]) // 20)  # JobConfig.warmup's rule
+    return out

@@ -398,7 +398,12 @@ class ServerRun:
             _log.warning("interrupted; saving a checkpoint, stopping workers and the server")
             path = final_checkpoint(c.save_checkpoint, c.export, self.out_dir)
             if path:
-                _log.warning("checkpoint %s; continue with --resume %s", path, self.out_dir)
+                _log.warning(
+                    "checkpoint %s; continue with: lte-server --config %s --resume %s",
+                    path,
+                    self.out_dir / "config.toml",
+                    self.out_dir,
+                )
             return 130
         except RuntimeError as exc:
             print(f"lte-server: error: {exc}", file=sys.stderr)

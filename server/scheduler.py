@@ -64,6 +64,7 @@ class Lease:
     last_loss: float = float("nan")
     failure: str = ""  # why the worker could not train this lease (it gave the lease back)
     held_before: set[int] = field(default_factory=set)  # every head it ever held: a late push is "moved"
+    straggler: bool = False  # its heads were taken for want of progress: it gets none until it pushes again
 
     @property
     def live(self) -> bool:
@@ -86,6 +87,7 @@ class Plan:
     revoke: list[tuple[str, int, str]] = field(default_factory=list)  # (lease, head, why)
     assign: list[tuple[str, int]] = field(default_factory=list)  # (lease, head)
     waiting: dict[int, str] = field(default_factory=dict)  # head -> why it is not training now
+    stragglers: list[str] = field(default_factory=list)  # leases whose heads were taken as stuck
 
     def __bool__(self) -> bool:
         return bool(self.expire or self.revoke or self.assign)
@@ -168,10 +170,15 @@ def plan(
             ]
             if late and len(held[lease.lease_id]) == len(late):
                 stuck.add(lease.lease_id)
-    able = [l for l in live if l.lease_id not in stuck]
+    # a lease that was a straggler receives no heads until it shows progress (a push), unless it is
+    # all there is: heads moved back to a worker that is still stuck would bounce between the two
+    able = [l for l in live if l.lease_id not in stuck and not l.straggler]
+    if not able:
+        able = [l for l in live if l.lease_id not in stuck]
     for lease_id in sorted(stuck):
         if not able:
             break  # nobody to move them to: the straggler is all there is
+        out.stragglers.append(lease_id)
         for h in list(held[lease_id]):
             revoke(lease_id, h, f"no push for {now - heads[h].waiting_since:.1f} s (limit {timeout:.1f} s)")
             roomy = [l for l in able if free_room(l) > 0]
@@ -180,9 +187,10 @@ def plan(
     # rule 4: heads in turns move to free room
     for lease in able:
         extra = len(held[lease.lease_id]) - lease.room
-        for h in sorted(held[lease.lease_id], reverse=True)[: max(0, extra)]:
+        movable = [h for h in sorted(held[lease.lease_id], reverse=True) if not heads[h].pending]
+        for h in movable[: max(0, extra)]:
             roomy = [o for o in able if o is not lease and free_room(o) > 0]
-            if roomy and not heads[h].pending:
+            if roomy:
                 revoke(lease.lease_id, h, "moved from turns to a worker with room")
                 give(max(roomy, key=free_room), h)
 

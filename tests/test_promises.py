@@ -80,7 +80,7 @@ def test_a_stopped_server_writes_a_checkpoint_says_how_to_resume_and_stops_its_w
             server.kill()
             server.wait()
     assert server.returncode == 130, err
-    assert f"continue with --resume {run_dir}" in err
+    assert f"--resume {run_dir}" in err and f"--config {run_dir}/config.toml" in err
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint is not None  # --checkpoint-every 0: this one was written by the signal alone
     state, _ = load_checkpoint(checkpoint)

@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MARKER = re.compile(r"<!-- readme-test: ([a-z-]+) -->")
-KINDS = {"run", "after-run", "multi-machine", "make"}
+KINDS = {"run", "after-run", "multi-machine", "make", "long"}
 
 
 def bash_blocks() -> list[tuple[int, str, str]]:
@@ -139,3 +139,20 @@ def test_make_blocks_name_real_targets(line, body):
             ["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 0, (f"README.md:{line}: {command}", result.stderr)
+
+
+@pytest.mark.parametrize("line, body", by_kind("long"), ids=lambda v: str(v) if isinstance(v, int) else "")
+def test_long_blocks_parse_and_name_real_commands(line, body):
+    """Blocks too long to run here (a training run, a corpus): bash syntax, and each lte-* command
+    exists and accepts its flags' names (its --help lists every flag the block uses)."""
+    syntax = subprocess.run(["bash", "-n"], input=body, capture_output=True, text=True, timeout=30)
+    assert syntax.returncode == 0, (f"README.md:{line}", syntax.stderr)
+    for command in commands(body):
+        words = [w for w in shlex.split(command, comments=True) if "=" not in w or w.startswith("-")]
+        tool = next((w for w in words if w.startswith("lte-")), None)
+        if tool is None:
+            continue
+        helptext = run_line(f"{tool} --help", ROOT, timeout=120)
+        assert helptext.returncode == 0, (f"README.md:{line}: {tool}", helptext.stderr)
+        for flag in (w.split("=")[0] for w in words if w.startswith("--")):
+            assert flag in helptext.stdout, f"README.md:{line}: {tool} has no {flag}"

@@ -171,3 +171,27 @@ def test_the_plan_is_a_pure_function_of_state_and_time():
     late = scheduler.plan(heads, leases, 11.0, policy)
     assert late.assign == [("x", 0), ("x", 1), ("x", 2)]
     assert scheduler.plan(heads, leases, 19.5, policy).expire == ["x"]
+
+
+def test_a_stuck_worker_gets_no_heads_back_until_it_pushes_again():
+    clock = FakeClock()
+    c = coordinator(clock, heads=4)
+    a, _ = c.register({"max_heads": 2})
+    b, _ = c.register({"max_heads": 2})
+    for _ in range(3):
+        clock.advance(2.0)
+        push(c, a.lease_id, [0, 1])
+        push(c, b.lease_id, [2, 3])
+    push(c, b.lease_id, [2, 3])  # B on time; A stuck from now on
+    clock.advance(9.0)
+    c.heartbeat(b.lease_id, 3, 0.0, "training")
+    assert held(c, a.lease_id) == [] and held(c, b.lease_id) == [0, 1, 2, 3]
+    for _ in range(5):  # A has room and no heads, but it is the stuck one: nothing bounces back
+        clock.advance(1.0)
+        c.heartbeat(a.lease_id, 3, 0.0, "training")
+        c.heartbeat(b.lease_id, 3, 0.0, "training")
+        assert held(c, a.lease_id) == [] and c.heads_moved == 2
+    with pytest.raises(Refused):
+        push(c, a.lease_id, [0, 1], base=3)  # its late push: refused, and a sign of life
+    c.heartbeat(a.lease_id, 3, 0.0, "training")
+    assert len(held(c, a.lease_id)) == 2  # heads in B's turns move back to it

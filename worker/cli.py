@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  0    the job finished\n"
         "  1    an error (the last line says which)\n"
         "  2    a bad flag, credential or data, or a lease it cannot train\n"
-        "  4    the job was over before this worker trained a round\n"
+        "  4    the job was over before this worker joined\n"
         "  130  interrupted (Ctrl+C or SIGTERM)\n\n"
         "a worker that joins a full job stands by and takes heads as they free up",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def pick_device(name: str) -> str:
+    """The torch device ``--device`` names; ValueError when this torch cannot use it."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {name}: CUDA is not available (torch {torch.__version__}, "
+            f"{'no CUDA build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu or auto"
+        )
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -137,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metadata = bearer_metadata(token_from(args.token))
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        device = pick_device(args.device)
     except (ValueError, OSError) as exc:
         print(f"lte-worker: error: {exc}", file=sys.stderr)
         return 2
     worker = Worker(
         args.server,
-        device=pick_device(args.device),
+        device=device,
         max_heads=args.max_heads,
         data=args.data,
         data_dir=args.data_dir,

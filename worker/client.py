@@ -505,7 +505,7 @@ class Worker:
                 f"job finished: {self.head_rounds} head-rounds in {self.rounds} pushes; "
                 f"up {format_bytes(self.bytes_up)}, down {format_bytes(self.bytes_down)}"
             )
-            return 0 if self.rounds else EXIT_JOB_OVER  # it trained nothing: joined too late
+            return 0 if self.worker_id else EXIT_JOB_OVER  # refused at registration: joined too late
         except grpc.RpcError:
             raise
         except Exception as exc:  # cannot build or train this lease: give it back (leave, below), say why
@@ -537,8 +537,14 @@ class Worker:
             due = [
                 t for t in self.turns if t.unfinished(self.job) and (not sync or t.last_base < self.version)
             ]
-            if not due:  # every head pushed this version (sync), finished, or none held: wait for news
-                self.pull(wait_s=30.0)
+            if not due:
+                if any(t.unfinished(self.job) for t in self.turns):  # sync: the round closes, then train
+                    self.pull(wait_s=30.0)
+                else:  # standing by (no heads, or all finished): no snapshots, ask for heads each heartbeat
+                    self.state = "waiting"
+                    if self.stop.wait(self.heartbeat_interval_s):
+                        return
+                    self._sync_lease(force=True)
                 continue
             for turn in due:
                 if self.stop.is_set():
