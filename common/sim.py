@@ -164,9 +164,18 @@ def run_lte(
 
 
 def _full_step(
-    model, optimizer, streams, step: int, job: JobConfig, task: str, device: str, mp: MixedPrecision
+    model,
+    optimizer,
+    streams,
+    step: int,
+    job: JobConfig,
+    task: str,
+    device: str,
+    mp: MixedPrecision | None = None,
 ) -> tuple[float, int]:
-    """One AdamW step of a full model on the stacked batches of ``streams``: (loss, samples)."""
+    """One AdamW step of a full model on the stacked batches of ``streams``: (loss, samples).
+    ``mp``: the precision of the step (None: the job's on ``device``)."""
+    mp = mp or MixedPrecision(job.precision, device)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, job)
     x, y = stacked_batch(streams, step)

@@ -49,7 +49,7 @@ def test_local_workers_ignore_an_lte_folder_in_the_cwd_and_log_to_their_files(cl
     for i in range(2):
         log = (run_dir / f"worker-{i}.log").read_text()
         assert "ImportError" not in log
-        assert "registered: heads" in log and "job finished after 2 rounds" in log, log
+        assert "registered: heads" in log and "job finished: 2 head-rounds in 2 pushes" in log, log
         assert re.search(r"up \d+(\.\d)? [KM]iB, down \d+(\.\d)? [KM]iB", log), log  # binary units
         assert "e+0" not in log  # rates read 12k, not 1.243e+04
     assert re.search(r"up \d+(\.\d)? [KM]iB, down \d+(\.\d)? [KM]iB", result.stderr), result.stderr

@@ -23,7 +23,7 @@ from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.server.app import ParameterServer
 from tests.cluster import digits_job, running_server
-from tests.faults import master_hash, push_messages, random_factors
+from tests.faults import FakeClock, master_hash, push_messages, random_factors
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -529,8 +529,9 @@ def test_other_rpcs_validate_their_fields(server, stub, lease):
 @pytest.mark.parametrize("state", ["left", "expired", "registered", "x" * 40])
 def test_a_heartbeat_cannot_move_its_lease_into_a_server_state(state):
     # regression: a heartbeat saying "left" once froze the lease, so its heads never returned
+    clock = FakeClock()  # no expiry while we talk; then the test moves the time past the lease
     with (
-        running_server(digits_job(heads=2), lease_timeout_s=60.0) as server,  # no expiry while we talk
+        running_server(digits_job(heads=2), lease_timeout_s=60.0, clock=clock) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
         stub, c = pb_grpc.ParameterServerStub(channel), server.coordinator
@@ -539,10 +540,9 @@ def test_a_heartbeat_cannot_move_its_lease_into_a_server_state(state):
         assert c.leases[lease].state == "training"
         stub.Heartbeat(pb.HeartbeatRequest(lease_id=lease, state=state), timeout=10)
         assert c.leases[lease].state == "training"
-        # silent now: its timeout passes and the reaper's sweep (called here, not timed) expires it,
-        # so a stall of the shared machine between the calls above cannot expire it early
-        with c.lock:
-            c.lease_timeout_s = 0.0
+        # silent now: its timeout passes on the fake clock and the scheduler's sweep expires it, so a
+        # stall of the shared machine between the calls above cannot expire it early
+        clock.advance(61.0)
         c.expire_leases()
         assert c.leases[lease].state == "expired"
         assert sorted(c.status()["free_heads"]) == [0, 1]

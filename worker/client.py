@@ -499,12 +499,11 @@ class Worker:
                 except LeaseLost as exc:
                     self._say(f"lease lost ({exc}); registering again")
                     continue
+            if self._view is not None and self._view.done:  # a heartbeat brought the end first
+                self._say_finished()
             return 0
         except JobDone:
-            self._say(
-                f"job finished: {self.head_rounds} head-rounds in {self.rounds} pushes; "
-                f"up {format_bytes(self.bytes_up)}, down {format_bytes(self.bytes_down)}"
-            )
+            self._say_finished()
             return 0 if self.worker_id else EXIT_JOB_OVER  # refused at registration: joined too late
         except grpc.RpcError:
             raise
@@ -525,6 +524,12 @@ class Worker:
             if self._heartbeat is not None:  # never close the channel under a heartbeat in flight
                 self._heartbeat.join(timeout=max(1.0, self.heartbeat_interval_s) + 1.0)
             self.leave()
+
+    def _say_finished(self) -> None:
+        self._say(
+            f"job finished: {self.head_rounds} head-rounds in {self.rounds} pushes; "
+            f"up {format_bytes(self.bytes_up)}, down {format_bytes(self.bytes_down)}"
+        )
 
     def _train_loop(self, progress: Progress | None) -> None:
         started = time.perf_counter()
