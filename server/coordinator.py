@@ -316,6 +316,12 @@ class Coordinator:
                 head.steps_done -= a.steps
                 head.pending = False
 
+    def wait_for_workers_to_leave(self, timeout_s: float) -> bool:
+        """After the job: block until every live lease has left (they see "done" on their next
+        heartbeat or pull), or the timeout; whether they all did."""
+        with self.changed:
+            return self.changed.wait_for(lambda: not any(l.live for l in self.leases.values()), timeout_s)
+
     def lease_view(self, lease_id: str) -> tuple[Lease, list[HeadState], dict[int, bool]]:
         """The lease, copies of its heads, and which of them the server holds merged factors for."""
         with self.lock:
@@ -560,6 +566,7 @@ class Coordinator:
                 "version": self.version,
                 "staleness": staleness,
                 "weight": weight,
+                "done": self.done,
             }
 
     def _merge_pending(self) -> None:

@@ -378,7 +378,8 @@ class ServerRun:
                 model_path,
                 extra={"summary": summary},
             )
-            # let the workers see "done" on their next pull or heartbeat, then stop
+            # let every worker see "done" on its next pull or heartbeat (and leave) before the port closes
+            c.wait_for_workers_to_leave(timeout_s=2 * c.heartbeat_interval_s + 5.0)
             deadline = time.monotonic() + 10
             for p in self.procs:
                 try:

@@ -608,6 +608,8 @@ class Worker:
                     self.next_rounds[h] += 1
                 self.rounds += 1
                 self.head_rounds += len(turn.head_ids)
+                if reply.done:  # this push finished the job
+                    raise JobDone()
                 return reply
             return None
 
