@@ -7,6 +7,7 @@ Everything here runs before the server binds a port or leaves a folder behind. A
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
@@ -31,6 +32,7 @@ SERVER_TYPES: dict[str, type] = {
     "heads_per_worker": int,
     "lease_timeout": float,
     "heartbeat_interval": float,
+    "straggler_factor": float,
     "max_staleness": int,
     "buffer_size": int,
     "eval_every": int,
@@ -80,6 +82,10 @@ def check_server_settings(job: Any, srv: dict[str, Any]) -> None:
     check_range("local_workers", srv["local_workers"], low=0)
     check_range("lease_timeout", srv["lease_timeout"], low=0, low_open=True, note="seconds")
     check_range("heartbeat_interval", srv["heartbeat_interval"], low=0, low_open=True, note="seconds")
+    factor = srv["straggler_factor"]
+    if not math.isfinite(factor):
+        raise ConfigError(f"--straggler-factor {factor}: must be a finite number (0 turns the rule off)")
+    check_range("straggler_factor", factor, low=0, note="x the median round time; 0 turns the rule off")
     if srv["heartbeat_interval"] >= srv["lease_timeout"]:
         raise ConfigError(
             f"--heartbeat-interval {srv['heartbeat_interval']:g}: must be below --lease-timeout "

@@ -62,6 +62,9 @@ SERVER_CASES = {
         ["--token", "visible ASCII", "gRPC metadata"],
     ),
     "buffer larger than the job": (["--heads", "4", "--buffer-size", "9"], ["--buffer-size 9", "[0, 4]"]),
+    "negative straggler factor": (["--straggler-factor", "-1"], ["--straggler-factor -1.0", ">= 0"]),
+    "straggler factor not a number": (["--straggler-factor", "nan"], ["--straggler-factor nan", "finite"]),
+    "infinite learning rate": (["--lr", "inf"], ["lr must be a finite number", "got inf"]),
 }
 
 
