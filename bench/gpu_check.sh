@@ -35,7 +35,7 @@ if [ "$DEVICE" = cuda ]; then
   SIZES=(--model vit-b --image-size 224 --patch-size 16 --batch-size 64 --warmup 3 --steps 10)
   MERGE=(--model vit-b --repeat 20 --heads-per-push 1,4,32)
   LAYER=(--precision bf16 --heads 1,4 --rows 197,12608 --repeat 20)
-  LIMIT=110  # four steps: the whole run stays under 8 minutes even if every one hits its limit
+  LIMIT=80  # four steps: the whole run stays under 6 minutes even if every one hits its limit
 else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   grep -m1 "model name" /proc/cpuinfo | tee "$OUT/machine.txt"

@@ -91,6 +91,8 @@ def train_one(base: dict[str, Any], run: dict[str, Any], seed: int, dataset, dev
         "test_accuracy": result.test_accuracy,
         "test_loss": result.test_loss,
         "seconds": round(time.perf_counter() - start, 1),
+        "device": str(device),
+        "precision": job.precision,
     }
 
 
@@ -146,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-only", action="store_true", help="print the table of --results and stop")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16", "auto"),
+        help="autocast of every run; fp32 keeps GPU runs comparable with the CPU tables [fp32]",
+    )
     return p
 
 
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             heads=args.heads,
             batch_size=args.batch_size,
             merge_every=args.merge_every,
+            precision=args.precision,
         )
         try:
             dataset = load_dataset(args.dataset, args.data_dir, seed=0)

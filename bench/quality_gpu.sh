@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Issue 15 on one GPU in one prepared, bounded run: the acceptance sweep of bench/quality.py.
+#
+#   bash bench/quality_gpu.sh [--deadline SECONDS] [--parallel K] [--data-dir DIR] [--mps] [--device D]
+#
+# vit-micro on Fashion-MNIST at 1500 steps of 128 samples (3.2 epochs): full training at three
+# learning rates against LTE (N 8, T 10, r 64 so that N * r = 512 = the MLP width) at 1.3x the
+# samples, seeds 0 and 1; then vit-tiny, full against LTE (r 96: N * r = 768), 1400 steps, seed 0.
+# Every (run, seed) is its own `bench/quality.py` process, K at a time, in the priority order
+# below (seed 0 of everything before seed 1), so a run cut short by the deadline loses the least
+# useful rows. At the deadline the processes still running are stopped; the table holds what
+# finished (one JSON line per finished run, in $OUT/quality-<model>.jsonl).
+# --mps starts NVIDIA's multi-process service first (many small processes then share the GPU
+# without context switches) and falls back to plain time-slicing if it does not start.
+# --device cpu with --steps-scale makes the same run small enough to check on a CPU.
+set -u -o pipefail
+DEADLINE=420
+PARALLEL=8
+DATA_DIR=/usr/share/datasets/fashion-mnist
+DEVICE=cuda
+MPS=0
+SCALE=100
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --deadline) DEADLINE=$2; shift 2 ;;
+    --parallel) PARALLEL=$2; shift 2 ;;
+    --data-dir) DATA_DIR=$2; shift 2 ;;
+    --device) DEVICE=$2; shift 2 ;;
+    --steps-scale) SCALE=$2; shift 2 ;;
+    --mps) MPS=1; shift ;;
+    *) echo "quality_gpu.sh: error: unknown option $1 (see the header of this file)" >&2; exit 2 ;;
+  esac
+done
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-bench/results/quality-$DEVICE-$(date -u +%Y-%m-%d-%H%M)}
+mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+PY=${PY:-python3}
+if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+START=$SECONDS
+END=$((START + DEADLINE))
+
+if [ "$MPS" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/lte-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/lte-mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if command -v nvidia-cuda-mps-control >/dev/null && timeout 20 nvidia-cuda-mps-control -d \
+    && timeout 60 "$PY" -c "import torch; assert torch.ones(2, device='cuda').sum().item() == 2"; then
+    echo "MPS: on"
+  else
+    echo "MPS: not available here; processes share the GPU by time-slicing"
+    echo quit | timeout 10 nvidia-cuda-mps-control 2>/dev/null
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+fi
+
+scaled() { echo $(($1 * SCALE / 100)); }  # --steps-scale is a percentage
+MICRO=$(scaled 1500)
+TINY=$(scaled 1400)
+# model steps seed run, in priority order
+QUEUE=()
+for seed in 0 1; do
+  QUEUE+=("vit-micro $MICRO $seed full lr=1e-3")
+  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=256 lr=1e-3 x=1.3")
+  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=128 lr=1e-3 x=1.3")
+  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=64 lr=2e-3 x=1.3")
+  if [ $seed = 0 ]; then
+    QUEUE+=("vit-tiny $TINY 0 full lr=1e-3")
+    QUEUE+=("vit-tiny $TINY 0 lte rank=96 alpha=384 lr=1e-3 x=1.3")
+  fi
+  QUEUE+=("vit-micro $MICRO $seed full lr=3e-4")
+  QUEUE+=("vit-micro $MICRO $seed full lr=2e-3")
+  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=256 lr=5e-4 x=1.3")
+  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=128 lr=2e-3 x=1.3")
+  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=64 lr=4e-3 x=1.3")
+  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=512 lr=5e-4 x=1.3")
+  QUEUE+=("vit-micro $MICRO $seed lte rank=16 alpha=64 lr=1e-3 x=1.3")
+done
+
+one() {  # one "model steps seed run..." line, bounded by the deadline
+  local model=$1 nsteps=$2 seed=$3
+  shift 3
+  local left=$((END - SECONDS)) tag
+  tag=$(echo "$model-$seed-$*" | tr -c 'A-Za-z0-9.\n-' '_')
+  if [ $left -lt 10 ]; then return 0; fi
+  local t0=$SECONDS
+  timeout --signal=TERM "$left" "$PY" bench/quality.py --device "$DEVICE" --model "$model" --steps "$nsteps" \
+    --seeds "$seed" --run "$*" --results "$OUT/quality-$model.jsonl" --data-dir "$DATA_DIR" \
+    >"$OUT/logs/$tag.log" 2>&1
+  local rc=$?
+  echo "[$((SECONDS - START)) s] $model seed $seed '$*': exit $rc after $((SECONDS - t0)) s: $(grep -m1 -E '%|rror' "$OUT/logs/$tag.log")"
+}
+
+echo "$(date -u) $DEVICE, ${#QUEUE[@]} runs, $PARALLEL at a time, deadline $DEADLINE s"
+running=0
+for item in "${QUEUE[@]}"; do
+  if [ $((END - SECONDS)) -lt 10 ]; then break; fi
+  # shellcheck disable=SC2086
+  one $item &
+  running=$((running + 1))
+  if [ $running -ge "$PARALLEL" ]; then
+    wait -n
+    running=$((running - 1))
+  fi
+done
+wait
+if [ "$MPS" = 1 ] && [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then echo quit | timeout 10 nvidia-cuda-mps-control; fi
+for model in vit-micro vit-tiny; do
+  if [ -s "$OUT/quality-$model.jsonl" ]; then
+    steps=$MICRO
+    if [ $model = vit-tiny ]; then steps=$TINY; fi
+    "$PY" bench/quality.py --model $model --steps "$steps" --results "$OUT/quality-$model.jsonl" --table-only \
+      | tee "$OUT/table-$model.md"
+  fi
+done
+echo "done in $((SECONDS - START)) s"
