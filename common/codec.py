@@ -204,8 +204,8 @@ class Int8BlockCodec(Codec):
         except ValueError as err:
             raise CodecError(f"int8-block cannot encode this tensor: {err}") from None
         # Quantized on the tensor's own device; only the 4x smaller codes move to the CPU.
-        codes = codes.reshape(-1)[:numel].cpu().numpy()
-        return scales.cpu().numpy().astype("<f4", copy=False).tobytes() + codes.tobytes()
+        code_bytes = codes.reshape(-1)[:numel].cpu().numpy().tobytes()
+        return scales.cpu().numpy().astype("<f4", copy=False).tobytes() + code_bytes
 
     def decode(self, payload: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         self._check_payload(payload, shape)

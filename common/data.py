@@ -16,15 +16,18 @@ import hashlib
 import logging
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # text imports this module
+    from lte.common.text import TokenDataset
 
 from lte.common.images import IMAGE_EXTENSIONS, ImageFiles, channel_stats, scan_class_folders
 
@@ -46,6 +49,18 @@ FASHION_MNIST_CLASSES = (
     "Ankle boot",
 )
 EVAL_STATS_SAMPLE = 256  # image-folder normalisation: per-channel stats of this many training files
+
+
+class Images(Protocol):
+    """A Dataset's ``train_x`` / ``test_x``: a float32 tensor [N, C, H, W], or ``ImageFiles`` or
+    ``ResizedImages`` standing in for one (``shape``, ``len()`` and ``x[indices]``)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: Any) -> torch.Tensor: ...
 
 
 class ResizedImages:
@@ -84,9 +99,9 @@ class Dataset:
     """
 
     name: str
-    train_x: torch.Tensor
+    train_x: Images
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: Images
     test_y: torch.Tensor
     num_classes: int  # 0 for regression
     in_channels: int
@@ -100,7 +115,9 @@ class Dataset:
         return self.num_classes if self.task == "classification" else int(self.train_y.shape[1])
 
 
-def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwargs: Any) -> Dataset:
+def load_dataset(
+    name: str, data_dir: str | None = None, *, seed: int = 0, **kwargs: Any
+) -> Dataset | TokenDataset:
     """Load a dataset by name; `seed` fixes any train/test split and synthetic draw.
 
     kwargs per dataset:
@@ -113,7 +130,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0, **kwa
         lte.common.text.TokenDataset, task "lm")
     """
     key = name.lower().replace("_", "-")
-    loaders = {
+    loaders: dict[str, Callable[..., Any]] = {
         "digits": _load_digits,
         "fashion-mnist": _load_fashion_mnist,
         "imagefolder": _load_imagefolder,
@@ -589,7 +606,7 @@ class HeadBatches:
 
     def __init__(
         self,
-        x: torch.Tensor,
+        x: Images,
         y: torch.Tensor,
         head_id: int,
         num_heads: int,
@@ -690,16 +707,16 @@ def own_data_shards(num_samples: int, head_ids: list[int]) -> list[tuple[int, in
     return [(i, k) for i in range(k)]
 
 
-def eval_subset(dataset: Dataset, count: int, seed: int) -> Dataset:
+def eval_subset(dataset: Dataset | TokenDataset, count: int, seed: int) -> Dataset | TokenDataset:
     """A fixed class-balanced subset of ``count`` test samples (``--eval-samples``): each class's
     test samples in a seeded order, taken round-robin over classes, then sorted. ``count`` 0 or at
     least the test set's size: the whole test set."""
     if count < 0:
         raise ValueError(f"--eval-samples must be >= 0, got {count}")
-    if count and dataset.task == "lm":
-        raise ValueError("--eval-samples picks test images; token data evaluates on val.bin's windows")
     if count == 0:
         return dataset
+    if not isinstance(dataset, Dataset):  # token data, task "lm"
+        raise ValueError("--eval-samples picks test images; token data evaluates on val.bin's windows")
     n = len(dataset.test_y)
     if count >= n:
         return dataset
@@ -749,7 +766,7 @@ def load_job_dataset(
     *,
     own_data: str | None = None,
     skip_bad_images: bool = False,
-) -> Dataset:
+) -> Dataset | TokenDataset:
     """The dataset of ``job`` (a JobConfig) at the job's image size, channels and class names.
 
     ``own_data``: a worker's own folder (``lte-worker --data``) instead of the job's dataset: IDX
@@ -792,7 +809,7 @@ def load_job_dataset(
     return dataset
 
 
-def _check_against_job(dataset: Dataset, job: Any, source: str) -> None:
+def _check_against_job(dataset: Dataset | TokenDataset, job: Any, source: str) -> None:
     """A dataset that cannot feed the job's model is refused here, not by a shape error in a layer."""
     problems = []
     if job.in_channels and dataset.in_channels != job.in_channels:

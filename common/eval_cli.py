@@ -11,8 +11,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lte.common.checks import ConfigError, check_range, one_line_errors
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without torch
+    from lte.common.data import Dataset
+    from lte.common.text import TokenDataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +73,15 @@ def restandardise(dataset, prep: dict) -> None:
     dataset.test_x = (raw - mean.view(shape)) / std.view(shape)
 
 
+def _test_samples(dataset: Dataset | TokenDataset, context: int) -> int:
+    """Images of the test split, or for token data the validation windows ``evaluate`` reads."""
+    from lte.common.text import TokenDataset, eval_starts
+
+    if isinstance(dataset, TokenDataset):
+        return eval_starts(len(dataset.val_tokens), context, dataset.eval_tokens).numel()
+    return int(dataset.test_x.shape[0])
+
+
 @one_line_errors("lte-eval")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "model": str(model_file),
         "dataset": dataset_name,
-        "test_samples": int(dataset.test_x.shape[0]),
+        "test_samples": _test_samples(dataset, job.context),
         "version": int(metadata.get("version", -1)),
         **result,
     }

@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from lte.common.config import job_from_dict
+from lte.common.models import GPT
 from lte.common.text import Tokenizer, load_tokenizer
 
 
-def load_exported(path: str | Path) -> tuple[nn.Module, Tokenizer]:
+def load_exported(path: str | Path) -> tuple[GPT, Tokenizer]:
     """The zoo model of an export, weights loaded (strict), in eval mode, and its tokenizer.
 
     Raises ``FileNotFoundError`` or ``ValueError`` naming the file and what is wrong.
@@ -47,6 +47,8 @@ def load_exported(path: str | Path) -> tuple[nn.Module, Tokenizer]:
         )
     with torch.device("meta"):
         model = build_job_model(job)
+    if not isinstance(model, GPT):  # every "lm" model of the zoo is one
+        raise ValueError(f"{path}: a {job.model} model cannot generate text; lte-generate needs a GPT")
     model = model.to_empty(device="cpu")
     model.load_state_dict(load_file(str(path)), strict=True)
     model.eval()

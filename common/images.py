@@ -193,7 +193,7 @@ class ImageFiles:
 
     def __init__(
         self,
-        files: Sequence[str],
+        files: Sequence[str | Path],
         image_size: int,
         channels: int,
         *,
@@ -210,8 +210,12 @@ class ImageFiles:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
-        self.shards, self.members = (list(shards), members) if members is not None else (None, None)
+        self.shards: list[str] | None = None
+        self.members: np.ndarray | None = None
         if members is not None:
+            if shards is None:
+                raise ValueError("ImageFiles: members index into shards; give both")
+            self.shards, self.members = list(shards), members
             files = [f"{self.shards[s]}@{off}" for s, off, _ in members.tolist()]
         self.files = np.asarray([str(f) for f in files], dtype=object)
         self.image_size, self.channels, self.augment, self.skip_bad = image_size, channels, augment, skip_bad
@@ -254,7 +258,7 @@ class ImageFiles:
             path = self.files[j]
             try:
                 data = None
-                if self.members is not None:
+                if self.members is not None and self.shards is not None:  # set together
                     try:
                         data = read_member(self.shards, self.members[j])
                     except OSError as e:

@@ -61,18 +61,19 @@ class PrefetchedBatches:
             xs, ys = zip(*(s.batch(step) for s, step in zip(self.streams, steps, strict=True)), strict=True)
             return torch.cat(xs), torch.cat(ys)
         expected = [s0 + self._next for s0 in self._start]
-        if self._iter is None or list(steps) != expected:
-            self._restart(list(steps))
+        it = self._iter
+        if it is None or list(steps) != expected:
+            it = self._restart(list(steps))
         try:
-            k, x, y = next(self._iter)
+            k, x, y = next(it)
         except StopIteration:  # past the horizon (a job extended on resume): start again from here
-            self._restart(list(steps))
-            k, x, y = next(self._iter)
+            it = self._restart(list(steps))
+            k, x, y = next(it)
         assert int(k) == self._next, "loader processes returned batches out of order"
         self._next += 1
         return x, y
 
-    def _restart(self, steps: list[int]) -> None:
+    def _restart(self, steps: list[int]) -> Iterator:
         self.close()
         count = max(1, self.horizon - min(steps))
         loader = DataLoader(
@@ -86,6 +87,7 @@ class PrefetchedBatches:
             prefetch_factor=2,
         )
         self._iter, self._start, self._next = iter(loader), steps, 0
+        return self._iter
 
     def close(self) -> None:
         """Stop the loader processes (they also stop when this object is collected)."""

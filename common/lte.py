@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _expect(module: nn.Module, kind: type[_M]) -> _M:
+    """``module`` as the plain type an LTE class converts (``LTE_MODULES`` pairs them by isinstance)."""
+    if not isinstance(module, kind):
+        raise TypeError(f"expected an {kind.__name__} to convert, got {type(module).__name__}")
+    return module
+
+
 class LayoutError(ValueError):
     """An LTE layer saw an input whose dim 0 is not the stacked batch of its heads."""
 
@@ -165,6 +176,13 @@ class LTELinear(nn.Module):
     the last merge ``lora_A_prev``, ``lora_B_prev``. In eval mode the layer computes ``W x + b``.
     """
 
+    # Registered as buffers in __init__; declared here for the type checker (Module.__getattr__
+    # would otherwise type them "Tensor | Module"). ``weight`` is None on a quantised layer.
+    lora_A_prev: torch.Tensor
+    lora_B_prev: torch.Tensor
+    weight: torch.Tensor | None
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         in_features: int,
@@ -189,13 +207,17 @@ class LTELinear(nn.Module):
         self.total_heads = total_heads or heads
         self.alpha, self.scale = alpha, alpha / rank
         self.reset, self.quant = reset, quant
-        kw = {"device": device, "dtype": dtype or torch.get_default_dtype()}
-        self.lora_A = nn.Parameter(torch.zeros(heads, rank, in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(heads, out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        kw_prev = {**kw, "dtype": prev_dtype or kw["dtype"]}
-        self.register_buffer("lora_A_prev", torch.zeros(heads, rank, in_features, **kw_prev))
-        self.register_buffer("lora_B_prev", torch.zeros(heads, out_features, rank, **kw_prev))
+        dtype = dtype or torch.get_default_dtype()
+        prev_dtype = prev_dtype or dtype
+        self.lora_A = nn.Parameter(torch.zeros(heads, rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(heads, out_features, rank, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer(
+            "lora_A_prev", torch.zeros(heads, rank, in_features, device=device, dtype=prev_dtype)
+        )
+        self.register_buffer(
+            "lora_B_prev", torch.zeros(heads, out_features, rank, device=device, dtype=prev_dtype)
+        )
         self.qweight: QuantizedTensor | None = None
         # False only while B' A' is known to be zero (fresh, or reset variant): skips its work
         self.has_prev = False
@@ -215,7 +237,7 @@ class LTELinear(nn.Module):
         self.cache_frozen = False
         self._frozen_cache: dict[tuple[torch.dtype, bool], torch.Tensor] = {}
         if quant == "none":
-            self.register_buffer("weight", torch.zeros(out_features, in_features, **kw))
+            self.register_buffer("weight", torch.zeros(out_features, in_features, device=device, dtype=dtype))
         else:
             self.weight = None
             self.set_base_weight(quantized_zeros(quant, (out_features, in_features), device=device))
@@ -246,13 +268,13 @@ class LTELinear(nn.Module):
         )
         layer.master_shape = tuple(w.shape)
         layer.layer_index = layer_index  # seeds its heads' A: kept for re-initialising after to_empty
-        if bias is not None:
+        if bias is not None and layer.bias is not None:  # built with bias=True just above
             layer.bias.requires_grad_(bias.requires_grad)
         if w.is_meta:  # built without storage (prepare_model_on_device): nothing to copy yet
             return layer
         with torch.no_grad():
             layer.set_base_weight(w.detach())
-            if bias is not None:
+            if bias is not None and layer.bias is not None:
                 layer.bias.copy_(bias.detach())
         layer.reset_parameters(config.head_ids, config.seed, layer_index, config.a_init, config.a_init_gain)
         return layer
@@ -272,7 +294,7 @@ class LTELinear(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module:
-        return cls.from_linear(module, config, layer_index)
+        return cls.from_linear(_expect(module, nn.Linear), config, layer_index)
 
     def reset_parameters(
         self,
@@ -303,7 +325,8 @@ class LTELinear(nn.Module):
         if self.quant == "none":
             if isinstance(weight, QuantizedTensor):
                 raise ValueError("this layer holds W unquantised; got a quantised snapshot")
-            self.weight.copy_(weight.reshape(self.weight.shape))  # a conv kernel arrives [out, in, kh, kw]
+            dense = self._dense_weight()
+            dense.copy_(weight.reshape(dense.shape))  # a conv kernel arrives [out, in, kh, kw]
             return
         if not isinstance(weight, QuantizedTensor):
             weight = quantize(weight.reshape(self.out_features, self.in_features), self.quant)
@@ -339,8 +362,17 @@ class LTELinear(nn.Module):
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``W`` as the heads see it: the weight itself, or ``q(W)`` dequantised."""
         if self.qweight is None:
-            return self.weight if dtype is None else self.weight.to(dtype)
+            dense = self._dense_weight()
+            return dense if dtype is None else dense.to(dtype)
         return self.qweight.dequantize(dtype or self.lora_A.dtype)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The full-precision base ``W`` of an unquantised layer (a quantised one holds ``qweight``)."""
+        if self.weight is None:
+            raise RuntimeError(
+                f"this layer holds W quantised ({self.quant}): it has no full-precision weight"
+            )
+        return self.weight
 
     # -- forward and merge -----------------------------------------------------------------
     def frozen_weight(self, dtype: torch.dtype, fold_prev: bool) -> torch.Tensor:
@@ -380,7 +412,9 @@ class LTELinear(nn.Module):
             return y if self.bias is None else y + self.bias
         self.check_layout(x)
         xh = x.reshape(h, -1, n)  # head i gets samples [i*B/h, (i+1)*B/h)
-        A, B, A_prev, B_prev, s = self.lora_A, self.lora_B, self.lora_A_prev, self.lora_B_prev, self.scale
+        A: torch.Tensor = self.lora_A
+        B: torch.Tensor = self.lora_B
+        A_prev, B_prev, s = self.lora_A_prev, self.lora_B_prev, self.scale
         # y = W x + s * (B_i A_i x - B'_i A'_i x), all heads at once (reference_forward is the same
         # equation head by head). The last-merged term is folded into the weight when a head's rows
         # outnumber m n / (m + n), where that is the cheaper way to compute it.
@@ -425,7 +459,7 @@ class LTELinear(nn.Module):
             (self.lora_B[i], self.lora_A[i], self.lora_B_prev[i], self.lora_A_prev[i])
             for i in range(self.heads)
         ]
-        merge_head_deltas(self.weight, factors, weights)
+        merge_head_deltas(self._dense_weight(), factors, weights)
         self.commit()
 
     @torch.no_grad()
@@ -476,7 +510,8 @@ class LTEConv2d(LTELinear):
 
     @classmethod
     def from_module(cls, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module:
-        return cls._convert(module.weight, module.bias, config, layer_index, conv=module)
+        conv = _expect(module, nn.Conv2d)
+        return cls._convert(conv.weight, conv.bias, config, layer_index, conv=conv)
 
     def _conv(self, x: torch.Tensor, kernel: torch.Tensor, groups: int) -> torch.Tensor:
         kernel = kernel.reshape(-1, self.in_channels, *self.kernel_size)
@@ -556,7 +591,7 @@ class LTEMultiheadAttention(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module:
-        return cls(module, config, layer_index)
+        return cls(_expect(module, nn.MultiheadAttention), config, layer_index)
 
     def forward(
         self,
@@ -651,7 +686,7 @@ class LTEEmbedding(LTELinear):
 
     @classmethod
     def from_module(cls, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module:
-        return cls.from_embedding(module, config, layer_index)
+        return cls.from_embedding(_expect(module, nn.Embedding), config, layer_index)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, config: LTEConfig, layer_index: int = 0) -> LTEEmbedding:
@@ -730,15 +765,17 @@ def merge_head_deltas(
     if all(w == weights[0] for w in weights):
         w = float(weights[0])
         weight.addmm_(cat([f[0] for f in factors], 1), cat([f[1] for f in factors], 0), alpha=w)
-        merged = [f for f in factors if f[2] is not None]
+        merged = [
+            (b_prev, a_prev) for _, _, b_prev, a_prev in factors if b_prev is not None and a_prev is not None
+        ]
         if merged:
-            weight.addmm_(cat([f[2] for f in merged], 1), cat([f[3] for f in merged], 0), alpha=-w)
+            weight.addmm_(cat([b for b, _ in merged], 1), cat([a for _, a in merged], 0), alpha=-w)
         return
     lefts, rights = [], []
     for (b, a, b_prev, a_prev), w in zip(factors, weights, strict=True):
         lefts.append(b.to(dt) * w)
         rights.append(a)
-        if b_prev is not None:
+        if b_prev is not None and a_prev is not None:
             lefts.append(b_prev.to(dt) * -w)
             rights.append(a_prev)
     weight.addmm_(cat(lefts, 1), cat(rights, 0))
@@ -784,7 +821,7 @@ def merge_layers_grouped(
                     lefts.append(b.mT)
                     rights.append(a)
                     coefs += [w] * b.shape[1]
-                    if b_prev is not None:
+                    if b_prev is not None and a_prev is not None:
                         lefts.append(b_prev.mT)
                         rights.append(a_prev)
                         coefs += [-w] * b_prev.shape[1]
@@ -990,6 +1027,8 @@ def load_master_weights(model: nn.Module, weights: Mapping[str, torch.Tensor | Q
             layers[name].set_base_weight(
                 value if isinstance(value, QuantizedTensor) else value.to(layers[name].lora_A.dtype)
             )
+        elif isinstance(value, QuantizedTensor):
+            raise TypeError(f"{name}: only the weights of LTE layers travel quantised")
         elif name in replicas:
             replicas[name].copy_(value)
         else:

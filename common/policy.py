@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -42,9 +43,20 @@ HEADS, REPLICA, AVERAGED, LOCAL, FROZEN, TIED = (
 )
 KINDS = (HEADS, REPLICA, AVERAGED, LOCAL, FROZEN, TIED)
 
+
+class LTEModuleClass(Protocol):
+    """What the conversion table needs of an LTE class (its static and class methods)."""
+
+    def matrices(self, module: nn.Module) -> tuple[str, ...]: ...
+
+    def unsupported(self, module: nn.Module) -> str | None: ...
+
+    def from_module(self, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module: ...
+
+
 # Plain module type -> its LTE replacement. isinstance match (subclasses count unless they override
 # forward); the first row that matches wins; a matched module's submodules are never matched apart.
-LTE_MODULES: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
+LTE_MODULES: tuple[tuple[type[nn.Module], LTEModuleClass], ...] = (
     (nn.MultiheadAttention, LTEMultiheadAttention),
     (nn.Conv2d, LTEConv2d),
     (nn.Linear, LTELinear),
@@ -86,7 +98,7 @@ class ModelPolicy:
     """The classified state of a model (names are the plain model's ``state_dict`` names)."""
 
     entries: dict[str, StateEntry]
-    converted: dict[str, tuple[type[nn.Module], int]]  # module path -> (LTE class, first layer index)
+    converted: dict[str, tuple[LTEModuleClass, int]]  # module path -> (LTE class, first layer index)
     nonpersistent_buffers: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -109,7 +121,7 @@ class ModelPolicy:
         return {n: e.owner for n, e in self.entries.items() if e.kind == TIED and e.owner}
 
 
-def _match(module: nn.Module, embeddings: bool = True) -> type[nn.Module] | None:
+def _match(module: nn.Module, embeddings: bool = True) -> LTEModuleClass | None:
     for plain, lte in LTE_MODULES:
         if isinstance(module, plain) and (embeddings or lte is not LTEEmbedding):
             return lte
@@ -121,8 +133,8 @@ def tied_groups(model: nn.Module) -> dict[str, list[str]]:
     names: dict[int, list[str]] = {}
     for name, t in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(t), []).append(name)
-    for name, t in model.named_buffers(remove_duplicate=False):
-        names.setdefault(id(t), []).append(name)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        names.setdefault(id(b), []).append(name)
     return {group[0]: group[1:] for group in names.values() if len(group) > 1}
 
 
@@ -174,7 +186,7 @@ def classify_model(
     tied_ids = {id(t) for n, t in model.named_parameters() if n in ties}
     heads_names: dict[str, str] = {}
     notes: dict[str, str] = {}
-    converted: dict[str, tuple[type[nn.Module], int]] = {}
+    converted: dict[str, tuple[LTEModuleClass, int]] = {}
     inside: list[str] = []  # paths of matched modules: their submodules are theirs
     index = 0
     for path, module in model.named_modules():
@@ -204,7 +216,7 @@ def classify_model(
             notes.update(dict.fromkeys(names, why))
     modules = dict(model.named_modules())
     averaged = set(averaged_buffers(model))
-    params = dict(model.named_parameters(remove_duplicate=False))
+    all_params = dict(model.named_parameters(remove_duplicate=False))
     entries: dict[str, StateEntry] = {}
     uncovered: list[str] = []
     for name, t in model.state_dict(keep_vars=True).items():
@@ -219,8 +231,8 @@ def classify_model(
             continue
         if name in heads_names:
             kind = HEADS
-        elif name in params:
-            if not params[name].requires_grad:
+        elif name in all_params:
+            if not all_params[name].requires_grad:
                 kind = FROZEN
             elif not replicas:
                 kind = REPLICA

@@ -54,7 +54,12 @@ def index_shards(shards: list[Path]) -> tuple[list[str], np.ndarray, torch.Tenso
                     if image is None or ".cls" not in parts:
                         missing = "an image" if image is None else "a .cls label"
                         raise ValueError(f"webdataset: sample {key!r} in {path} has no {missing}")
-                    raw = tar.extractfile(parts[".cls"]).read().decode().strip()
+                    label_file = tar.extractfile(parts[".cls"])  # a regular file (isfile above)
+                    if label_file is None:
+                        raise ValueError(
+                            f"webdataset: the .cls label of {key!r} in {path} is not a regular file"
+                        )
+                    raw = label_file.read().decode().strip()
                     try:
                         labels.append(int(raw))
                     except ValueError:

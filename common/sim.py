@@ -74,7 +74,7 @@ class SimResult:
     rounds: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
-    master: dict[str, torch.Tensor] | None = None
+    master: dict[str, torch.Tensor] = field(default_factory=dict)  # the final weights (every run sets them)
 
     def summary(self) -> dict[str, Any]:
         final = self.history[-1] if self.history else {}

@@ -166,8 +166,9 @@ def write_token_files(
         ids.tofile(out / f"{split}.bin")
         meta[f"{split}_tokens"] = int(ids.size)
         meta[f"{split}_bytes"] = len(part.encode("utf-8"))
-    if tokenizer.to_json() is not None:
-        (out / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
+    tokenizer_json = tokenizer.to_json()
+    if tokenizer_json is not None:
+        (out / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
     (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -346,13 +347,14 @@ def evaluation_sample(
     continued by ``SAMPLE_NEW_TOKENS`` sampled tokens (temperature 0.8, top-k 40, generator seeded
     with ``seed``) from the model's current weights; ``{}`` for other data or a model that cannot
     generate. The server calls it after each evaluation, on its evaluator thread."""
-    if getattr(dataset, "task", "") != "lm" or not hasattr(model, "generate"):
+    generate = getattr(model, "generate", None)
+    if getattr(dataset, "task", "") != "lm" or generate is None:
         return {}
     was_training = model.training
     model.eval()
     prompt = read_windows(dataset.val_tokens, torch.tensor([0]), SAMPLE_PROMPT_TOKENS).to(device)
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    out = model.generate(prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, generator=gen)
+    out = generate(prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, generator=gen)
     model.train(was_training)
     return {"sample": dataset.tokenizer().decode(out[0].tolist())}
 

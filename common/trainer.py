@@ -36,6 +36,7 @@ from lte.common.models import build_model
 from lte.common.policy import classify_model, expect_stacked_batch
 from lte.common.precision import MixedPrecision
 from lte.common.quant import QuantizedTensor, quantize
+from lte.common.text import TokenDataset, check_token_data, evaluate_lm
 
 
 def build_job_model(job: JobConfig, seed: int | None = None) -> nn.Module:
@@ -98,7 +99,7 @@ _log = logging.getLogger("lte.eval")
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset | TokenDataset,
     *,
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
@@ -113,10 +114,8 @@ def evaluate(
     images about 2**20 input values per batch (85 images at 3x64x64, 32 at least), so the peak memory
     of an evaluation is bounded by the image size, not by the test split's.
     """
-    if dataset.task == "lm":  # perplexity and bits per byte over the validation tokens
-        from lte.common.text import evaluate_lm
-
-        return evaluate_lm(model, dataset, _model_context(model), device=device)
+    if isinstance(dataset, TokenDataset):  # task "lm": perplexity and bits per byte over val tokens
+        return dict(evaluate_lm(model, dataset, _model_context(model), device=device))
     n = len(dataset.test_y)
     if n == 0:
         _log.warning("the %s test split has no samples: no test metrics", dataset.name)
@@ -141,7 +140,7 @@ def evaluate(
             correct += int((out.argmax(dim=1) == y).sum())
         total += x.shape[0]
     model.train(was_training)
-    result = {"test_loss": loss_sum / max(1, total)}
+    result: dict[str, float | None] = {"test_loss": loss_sum / max(1, total)}
     if dataset.task == "classification":
         result["test_accuracy"] = correct / max(1, total)
     return result
@@ -187,7 +186,7 @@ class LocalTrainer:
         self,
         job: JobConfig,
         head_ids: Sequence[int],
-        dataset: Dataset,
+        dataset: Dataset | TokenDataset,
         *,
         device: str | torch.device = "cpu",
         steps_done: Sequence[int] | None = None,
@@ -233,9 +232,7 @@ class LocalTrainer:
         self.model.train()
         expect_stacked_batch(self.model, job.batch_size * len(self.head_ids))
         self.optimizer = make_optimizer(trainable_parameters(self.model), job)
-        if dataset.task == "lm":
-            from lte.common.text import check_token_data
-
+        if isinstance(dataset, TokenDataset):  # task "lm"
             check_token_data(job, dataset)
             self.streams = [
                 head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context)

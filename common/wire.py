@@ -59,10 +59,11 @@ class TensorAssembler:
                     f"tensor {self._header.name!r} is incomplete ({self._received} of "
                     f"{self._header.payload_nbytes} bytes) when a new header arrived"
                 )
-            self._start(chunk.header)
+            header = self._start(chunk.header)
         elif self._header is None:
             raise WireError("a tensor chunk without a header arrived outside any tensor")
-        header = self._header
+        else:
+            header = self._header
         self._received += len(chunk.data)
         self.total_bytes += len(chunk.data)
         if self._received > header.payload_nbytes:
@@ -86,7 +87,7 @@ class TensorAssembler:
             raw_nbytes=header.raw_nbytes,
         )
 
-    def _start(self, header: pb.TensorHeader) -> None:
+    def _start(self, header: pb.TensorHeader) -> pb.TensorHeader:
         if not header.name:
             raise WireError("tensor header without a name")
         if header.name in self.names:
@@ -100,6 +101,7 @@ class TensorAssembler:
         self.names.add(header.name)
         self._header = header
         # An empty payload is complete with its first (empty) chunk: handled by the caller's add().
+        return header
 
     def finish(self) -> None:
         """The stream ended: a half-sent tensor is an error."""

@@ -403,7 +403,7 @@ class Coordinator:
 
     def expected_tensors(self, head_ids: Sequence[int]) -> dict[str, tuple[int, ...]]:
         """Wire name -> shape of every tensor a push of ``head_ids`` carries."""
-        out = {}
+        out: dict[str, tuple[int, ...]] = {}
         for h in head_ids:
             for layer in self.layer_names:
                 m, n = self.master[layer].flatten(1).shape
@@ -834,7 +834,7 @@ class Coordinator:
 
 def _effective(job: Mapping[str, Any]) -> dict[str, Any]:
     """Job settings with placeholders resolved, as lists where the TOML and JSON have lists."""
-    out = {k: list(v) if isinstance(v, tuple) else v for k, v in job.items()}
+    out: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in job.items()}
     if out.get("warmup_steps", -1) == -1 and "steps" in out:
         out["warmup_steps"] = max(1, int(out["steps"]) // 20)  # JobConfig.warmup's rule
     return out

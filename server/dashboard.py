@@ -318,7 +318,7 @@ class StatusCollector:
         yield workers
 
         labels = ["worker_id", "name", "device"]
-        per_worker = {
+        per_worker: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "heads": GaugeMetricFamily("lte_worker_heads", "Heads leased to the worker.", labels=labels),
             "last_seen": GaugeMetricFamily(
                 "lte_worker_last_seen_seconds", "Seconds since the worker's last RPC.", labels=labels

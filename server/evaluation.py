@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
 from lte.common.config import JobConfig
 from lte.common.text import evaluation_sample
 from lte.common.trainer import build_job_model, evaluate
@@ -53,17 +55,20 @@ class Evaluator:
 
     def __init__(self, job: JobConfig, dataset, device: str) -> None:
         self.job, self.dataset, self.device = job, dataset, device
-        self._model = None
+        self._model: nn.Module | None = None
         self._lock = threading.Lock()  # one evaluation at a time: the model copy is shared
 
     def run(
         self, load: Callable[[Any], tuple[int, int]], loader_workers: int = 0
-    ) -> tuple[int, int, dict[str, float | None]]:
+    ) -> tuple[int, int, dict[str, float | str | None]]:
         with self._lock:
-            if self._model is None:
-                self._model = build_job_model(self.job).to(self.device)
-            version, samples = load(self._model)
-            result = evaluate(self._model, self.dataset, device=self.device, loader_workers=loader_workers)
+            model = self._model
+            if model is None:
+                model = self._model = build_job_model(self.job).to(self.device)
+            version, samples = load(model)
+            result: dict[str, float | str | None] = dict(
+                evaluate(model, self.dataset, device=self.device, loader_workers=loader_workers)
+            )
             # language models: a short text sample from these weights (the dashboard shows it)
-            result.update(evaluation_sample(self._model, self.dataset, seed=version, device=self.device))
+            result.update(evaluation_sample(model, self.dataset, seed=version, device=self.device))
             return version, samples, result

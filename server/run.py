@@ -13,10 +13,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lte.common.progress import Progress, format_bytes
 from lte.server.startup import local_worker_command
+
+if TYPE_CHECKING:  # imported where used: start() pulls in torch and gRPC
+    from lte.server.app import ParameterServer
+    from lte.server.coordinator import Coordinator
+    from lte.server.dashboard import DashboardServer
 
 _log = logging.getLogger("lte.server")
 
@@ -40,11 +45,12 @@ def start_worker_processes(
         env["LTE_TOKEN"] = token
     procs = []
     for i, extra in enumerate(per_worker_args):
-        log = open(log_dir / f"worker-{i}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
         cmd = [*local_worker_command(sys.executable, address), *extra]  # a ./lte folder cannot shadow it
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-        if log_dir:
-            log.close()  # the child holds its own descriptor
+        if log_dir is None:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env))
+            continue
+        with open(log_dir / f"worker-{i}.log", "w") as log:  # closed here: the child holds its own descriptor
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
     return procs
 
 
@@ -134,9 +140,9 @@ class ServerRun:
         )
         self.config_text = config_text
         self.out_dir = Path(srv["out"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-        self.coordinator = None
-        self.server = None
-        self.dashboard = None
+        self.coordinator: Coordinator | None = None
+        self.server: ParameterServer | None = None
+        self.dashboard: DashboardServer | None = None
         self.procs: list[subprocess.Popen] = []
         self.summary: dict[str, Any] | None = None
 
@@ -199,7 +205,7 @@ class ServerRun:
         text = self.config_text(effective) if callable(self.config_text) else self.config_text
         (self.out_dir / "config.toml").write_text(text)
         try:
-            self.server = ParameterServer(
+            server = self.server = ParameterServer(
                 c,
                 host=srv["host"],
                 port=srv["port"],
@@ -222,7 +228,7 @@ class ServerRun:
             from lte.server.dashboard import DashboardServer
 
             try:
-                self.dashboard = DashboardServer(
+                dashboard = self.dashboard = DashboardServer(
                     c.status,
                     host=srv["dashboard_host"],
                     port=srv["dashboard_port"],
@@ -234,9 +240,9 @@ class ServerRun:
                     f"dashboard: {exc} (pick another --dashboard-port, or -1 for none)"
                 ) from None
             if self.quiet and self.log_format == "text":  # even with --quiet: the one line a user needs
-                print(f"lte-server: dashboard at {self.dashboard.url}", file=sys.stderr, flush=True)
+                print(f"lte-server: dashboard at {dashboard.url}", file=sys.stderr, flush=True)
             else:
-                _log.info("dashboard at %s", self.dashboard.url, extra={"url": self.dashboard.url})
+                _log.info("dashboard at %s", dashboard.url, extra={"url": dashboard.url})
         _log.info(
             "%s on %s, N=%d r=%d T=%d mode=%s quant=%s; %d rounds per head",
             job.model,
@@ -250,14 +256,14 @@ class ServerRun:
         )
         _log.info(
             "serving lte.v1.ParameterServer on %s  (run folder %s)",
-            self.server.address,
+            server.address,
             self.out_dir,
-            extra={"address": self.server.address, "run_dir": str(self.out_dir)},
+            extra={"address": server.address, "run_dir": str(self.out_dir)},
         )
         if not local:
             _log.info(
                 "start workers with: lte-worker --server %s",
-                format_address(public_host(srv["host"]), self.server.port),
+                format_address(public_host(srv["host"]), server.port),
             )
         if credentials is not None:  # the certificate names the host; local workers reach it as localhost
             local_host = "localhost"
@@ -278,20 +284,25 @@ class ServerRun:
             for i in range(local)
         ]
         self.procs = start_worker_processes(
-            format_address(local_host, self.server.port), local_args, self.out_dir, token=token
+            format_address(local_host, server.port), local_args, self.out_dir, token=token
         )
         return self
 
     # -- run --------------------------------------------------------------------------------------
+    def _started(self) -> tuple[Coordinator, ParameterServer]:
+        if self.coordinator is None or self.server is None:
+            raise RuntimeError("the server is not running: call start() first")
+        return self.coordinator, self.server
+
     def _watch(self) -> None:
         """Progress until the job is done; RuntimeError when every local worker died first."""
-        c = self.coordinator
+        c, server = self._started()
         progress = None
         if not self.quiet and self.log_format == "text":
             progress = Progress(c.progress()[1], "lte-server")
         last_status_log = 0.0
         try:
-            while not self.server.wait_done(timeout=1.0):
+            while not server.wait_done(timeout=1.0):
                 st = c.status()
                 if progress:
                     fields = {
@@ -334,7 +345,7 @@ class ServerRun:
         from lte.server.disk import export_with_fallback, final_checkpoint
         from lte.server.finish import linger, linger_seconds
 
-        c = self.coordinator
+        c, _ = self._started()
         started = time.perf_counter()
         signal.signal(signal.SIGTERM, _interrupt)
         try:

@@ -221,11 +221,15 @@ def plan(
     if policy.mode != "sync":
         for idle in [l for l in able if not held[l.lease_id]]:
             candidates = [
-                h for l in able if len(held[l.lease_id]) > 1 for h in held[l.lease_id] if not heads[h].pending
+                (heads[h].next_round, h, l.lease_id)
+                for l in able
+                if len(held[l.lease_id]) > 1
+                for h in held[l.lease_id]
+                if not heads[h].pending
             ]
             if candidates:
-                h = min(candidates, key=lambda h: (heads[h].next_round, h))
-                revoke(holder[h], h, "moved to an idle worker")
+                _, h, owner = min(candidates)  # h is unique: the lease id never breaks a tie
+                revoke(owner, h, "moved to an idle worker")
                 give(idle, h)
     for lease in able:
         for h in held[lease.lease_id][lease.room :]:

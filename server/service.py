@@ -122,15 +122,15 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         except Refused as exc:
             self._abort(context, exc)
         wait_s, retry_after_s = min(request.wait_newer_s, MAX_WAIT_S), 0.0
-        slot = wait_s > 0 and self._waiting is not None
-        if slot and not self._waiting.acquire(blocking=False):
-            slot, wait_s, retry_after_s = False, 0.0, PULL_RETRY_AFTER_S
+        slot = self._waiting if wait_s > 0 else None
+        if slot is not None and not slot.acquire(blocking=False):
+            slot, wait_s, retry_after_s = None, 0.0, PULL_RETRY_AFTER_S
             self.c.count_turned_away()
         try:
             version, done = self.c.wait_for_version(request.have_version, wait_s, lease, request.lease_epoch)
         finally:
-            if slot:
-                self._waiting.release()
+            if slot is not None:
+                slot.release()
         if version <= request.have_version and not factor_msgs:
             header = pb.ModelHeader(
                 version=version, current=True, done=done, retry_after_s=retry_after_s, lease_epoch=lease.epoch

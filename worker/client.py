@@ -44,6 +44,8 @@ from lte.common.protocol import (
     job_from_proto,
     refusal_of,
 )
+from lte.common.quant import QuantizedTensor
+from lte.common.text import TokenDataset
 from lte.common.trainer import LocalTrainer
 from lte.common.wire import TensorAssembler, tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
@@ -167,7 +169,7 @@ class Worker:
         self.worker_id = ""
         self.job: JobConfig | None = None
         self.turns: list[Turn] = []
-        self.dataset: Dataset | None = None
+        self.dataset: Dataset | TokenDataset | None = None
         self.version = -1
         self.epoch = -1  # the lease epoch whose heads the turns hold
         self.room = 1
@@ -193,6 +195,12 @@ class Worker:
     @property
     def head_ids(self) -> list[int]:
         return [h for t in self.turns for h in t.head_ids]
+
+    def _joined(self) -> tuple[JobConfig, Dataset | TokenDataset]:
+        """The job and its data: known from ``register()`` on."""
+        if self.job is None or self.dataset is None:
+            raise RuntimeError("the worker has not registered yet")
+        return self.job, self.dataset
 
     # -- network plumbing ----------------------------------------------------------------------
     def _call(self, fn: Callable, *args, what: str, **kwargs):
@@ -264,7 +272,7 @@ class Worker:
         ids = self.head_ids
         self._say(
             f"registered: heads {ids} of {job.heads}, {job.model} on {self.device}, mode {job.mode}, "
-            f"precision {self.trainer.precision.precision}"
+            f"precision {self.turns[0].trainer.precision.precision}"  # ids: the turns hold heads
             + (f", in {len(self.turns)} turns of at most {self.room}" if len(self.turns) > 1 else "")
             if ids
             else f"the job is full: all {job.heads} heads are leased; standing by for a head that frees up"
@@ -298,10 +306,11 @@ class Worker:
             by_step.setdefault(h.steps_done, []).append(h)
         for group in by_step.values():
             for ids in turn_groups([h.head_id for h in group], self.room):
+                job, dataset = self._joined()
                 trainer = LocalTrainer(
-                    self.job,
+                    job,
                     ids,
-                    self.dataset,
+                    dataset,
                     device=self.device,
                     steps_done=[held[h].steps_done for h in ids],
                     wire_rounded=True,  # push() rounds the factors to the uplink codec before each commit
@@ -359,7 +368,7 @@ class Worker:
         )
         stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + 300)
         header = None
-        weights: dict[str, object] = {}
+        weights: dict[str, torch.Tensor | QuantizedTensor] = {}
         factors: dict[str, torch.Tensor] = {}
         assembler = TensorAssembler(
             max_chunk_bytes=grpc_options.MAX_CHUNK_BYTES,
@@ -381,7 +390,7 @@ class Worker:
                 elif enc.codec in QUANTIZED_SNAPSHOT_CODECS:
                     weights[enc.name] = decode_tensor_quantized(enc)
                 else:
-                    weights[enc.name] = decode_tensor(enc).to(self.job.torch_dtype)
+                    weights[enc.name] = decode_tensor(enc).to(self._joined()[0].torch_dtype)
             assembler.finish()
         except grpc.RpcError as err:
             # errors of a server stream surface here, not in _call: map them the same way
@@ -419,8 +428,9 @@ class Worker:
 
     def _round_factors_to_wire(self, trainer: LocalTrainer) -> None:
         """Make the live factors exactly what the server will hold, so both sides agree on B', A'."""
-        codec = get_codec(codec_for(Role.HEAD_FACTOR, self.job))
-        if self.job.uplink == "fp32" and self.job.dtype == "float32":
+        job, _ = self._joined()
+        codec = get_codec(codec_for(Role.HEAD_FACTOR, job))
+        if job.uplink == "fp32" and job.dtype == "float32":
             return
         with torch.no_grad():
             for layer in lte_layers(trainer.model).values():
@@ -429,9 +439,10 @@ class Worker:
                     p.copy_(sent.to(p.device, p.dtype))
 
     def _push_messages(self, meta: PushMeta, encoded: list) -> Iterator[pb.UpdateChunk]:
+        job, _ = self._joined()
         yield pb.UpdateChunk(header=meta.to_proto())
         for enc in encoded:
-            for chunk in tensor_chunks(enc, self.job.max_chunk_bytes):
+            for chunk in tensor_chunks(enc, job.max_chunk_bytes):
                 yield pb.UpdateChunk(tensor=chunk)
 
     def push(self, turn: Turn, stats) -> pb.PushReply:
@@ -439,7 +450,7 @@ class Worker:
         self.state = "pushing"
         self._round_factors_to_wire(turn.trainer)
         heads, replica = turn.trainer.export_update()
-        encoded = list(encode_update(heads, replica, self.job))
+        encoded = list(encode_update(heads, replica, self._joined()[0]))
         meta = PushMeta(
             lease_id=self.lease_id,
             base_version=self.version,
@@ -534,16 +545,15 @@ class Worker:
     def _train_loop(self, progress: Progress | None) -> None:
         started = time.perf_counter()
         samples = 0
-        sync = self.job.mode == "sync"
+        job, _ = self._joined()
+        sync = job.mode == "sync"
         while not self.stop.is_set():
             if self.lease_lost.is_set():
                 raise LeaseLost("heartbeat refused")
             self._sync_lease()
-            due = [
-                t for t in self.turns if t.unfinished(self.job) and (not sync or t.last_base < self.version)
-            ]
+            due = [t for t in self.turns if t.unfinished(job) and (not sync or t.last_base < self.version)]
             if not due:
-                if any(t.unfinished(self.job) for t in self.turns):  # sync: the round closes, then train
+                if any(t.unfinished(job) for t in self.turns):  # sync: the round closes, then train
                     self.pull(wait_s=30.0)
                 else:  # standing by (no heads, or all finished): no snapshots, ask for heads each heartbeat
                     self.state = "waiting"
