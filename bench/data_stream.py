@@ -5,6 +5,7 @@ what a vit-tiny worker consumes, and folder/shard writers for the real runs.
   python bench/data_stream.py rss /tmp/jpeg2k [--code OLD_TREE]        # peak RSS of lte-server and lte-worker
   python bench/data_stream.py make /tmp/big --count 300 --size 448 --noise 24
   python bench/data_stream.py throughput /tmp/big --workers 1 2        # loader images/s at 224 px vs vit-tiny
+  python bench/data_stream.py throughput /tmp/big --workers 1 --randaugment 2 9   # also with RandAugment N=2, M=9
   python bench/data_stream.py fashion /tmp/fmnist-png [--shards /tmp/fmnist-wds]   # Fashion-MNIST as PNGs
 
 ``--code OLD_TREE`` runs another checkout of the package (``git archive REV | tar -x -C OLD_TREE``)
@@ -122,12 +123,15 @@ def peak_rss_run(data: Path, code: Path | None, args: argparse.Namespace) -> dic
     }
 
 
-def loader_throughput(data: Path, size: int, workers: int, batch: int, steps: int) -> float:
-    """Images/s that ``workers`` DataLoader processes deliver as training batches (crop-flip) of ``batch``."""
+def loader_throughput(
+    data: Path, size: int, workers: int, batch: int, steps: int, randaugment: tuple[int, int] = (0, 0)
+) -> float:
+    """Images/s that ``workers`` DataLoader processes deliver as training batches (crop-flip, then
+    RandAugment's (N, M) when N > 0) of ``batch``."""
     from lte.common.data import HeadBatches, load_dataset
     from lte.common.loader import PrefetchedBatches
 
-    ds = load_dataset("imagefolder", str(data), image_size=size)
+    ds = load_dataset("imagefolder", str(data), image_size=size, randaugment=randaugment)
     stream = HeadBatches(ds.train_x, ds.train_y, 0, 1, batch, 0)
     batches = PrefetchedBatches([stream], workers, horizon=steps + 10)
     batches.get([0])  # start-up (spawning the loader processes) is not throughput
@@ -137,6 +141,28 @@ def loader_throughput(data: Path, size: int, workers: int, batch: int, steps: in
     seconds = time.perf_counter() - start
     batches.close()
     return steps * batch / seconds
+
+
+def cpu_rates(
+    data: Path, size: int, batch: int, steps: int, settings: list[tuple[int, int]], reps: int = 5
+) -> dict[tuple[int, int], float]:
+    """Median images per CPU-second of training batches decoded in this process (no loader
+    processes), per RandAugment setting (N, M); the settings alternate ``reps`` times, each rep on a
+    new seed, so the load of other processes falls on all of them alike. CPU time, not wall time."""
+    import statistics
+
+    from lte.common.data import HeadBatches, load_dataset
+
+    sets = {ra: load_dataset("imagefolder", str(data), image_size=size, randaugment=ra) for ra in settings}
+    rates: dict[tuple[int, int], list[float]] = {ra: [] for ra in settings}
+    for rep in range(reps):
+        for ra, ds in sets.items():
+            stream = HeadBatches(ds.train_x, ds.train_y, 0, 1, batch, rep)
+            start = time.process_time()
+            for k in range(steps):
+                stream.batch(k)
+            rates[ra].append(steps * batch / (time.process_time() - start))
+    return {ra: statistics.median(r) for ra, r in rates.items()}
 
 
 def vit_tiny_consumption(size: int, batch: int, steps: int) -> float:
@@ -216,6 +242,13 @@ def main() -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--randaugment",
+        type=int,
+        nargs=2,
+        metavar=("N", "M"),
+        help="also measure with RandAugment N ops at M",
+    )
     p = sub.add_parser("fashion")
     p.add_argument("root", type=Path)
     p.add_argument("--shards", type=Path)
@@ -238,9 +271,17 @@ def main() -> int:
         torch.set_num_threads(1)
         consumed = vit_tiny_consumption(args.size, args.batch, 3)
         print(f"vit-tiny LTE worker (1 thread) trains {consumed:.1f} images/s at {args.size} px")
+        settings = [(0, 0)] + ([tuple(args.randaugment)] if args.randaugment else [])
         for w in args.workers:
-            rate = loader_throughput(args.root, args.size, w, args.batch, args.steps)
-            print(f"loader, {w} process(es): {rate:.1f} images/s at {args.size} px (crop-flip)")
+            for n, m in settings:
+                rate = loader_throughput(args.root, args.size, w, args.batch, args.steps, (n, m))
+                what = f"crop-flip + RandAugment N={n} M={m}" if n else "crop-flip"
+                print(f"loader, {w} process(es): {rate:.1f} images/s at {args.size} px ({what})")
+        if args.randaugment:
+            rates = cpu_rates(args.root, args.size, args.batch, args.steps, settings)
+            for (n, m), rate in rates.items():
+                what = f"crop-flip + RandAugment N={n} M={m}" if n else "crop-flip"
+                print(f"in-process, median of 5: {rate:.0f} images per CPU-second at {args.size} px ({what})")
     else:
         write_fashion(args.root, args.shards)
         print(

@@ -14,6 +14,7 @@ from lte.common.images import AUGMENTS
 from lte.common.lte import A_INITS, LTEConfig
 from lte.common.precision import PRECISIONS
 from lte.common.quant import QUANT_KINDS
+from lte.common.randaugment import DEFAULT_MAGNITUDE, MAX_MAGNITUDE, RANDAUGMENT_OPS
 
 MODES = ("sync", "async", "buffered")
 UPLINK_CODECS = ("fp32", "fp16", "bf16", "int8-block")
@@ -63,6 +64,8 @@ class JobConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     mixup: float = 0.0  # mixup Beta(a, a) parameter; 0: off
     cutmix: float = 0.0  # CutMix Beta(a, a) parameter; 0: off (with mixup too: one of them per head and step)
+    randaugment_ops: int = 0  # RandAugment's N: ops per training image (image folders, shards); 0: off
+    randaugment_magnitude: int = DEFAULT_MAGNITUDE  # RandAugment's M on torchvision's 0..30 scale
     context: int = 0  # language models: tokens per sequence; 0: the zoo preset's
     embedding_heads: bool = True  # embeddings get LTE heads; False: full-size replica deltas
     tokenizer: str = ""  # language models: the token data's tokenizer id (filled from the data)
@@ -108,6 +111,16 @@ class JobConfig:
             (
                 self.mixup >= 0 and self.cutmix >= 0,
                 f"mixup and cutmix must be >= 0, got {self.mixup}, {self.cutmix}",
+            ),
+            (
+                0 <= self.randaugment_ops <= len(RANDAUGMENT_OPS),
+                f"--randaugment-ops {self.randaugment_ops}: must be in [0, {len(RANDAUGMENT_OPS)}] "
+                "(ops per image, drawn from RandAugment's 14; 0: off; 2 is the usual)",
+            ),
+            (
+                0 <= self.randaugment_magnitude <= MAX_MAGNITUDE,
+                f"--randaugment-magnitude {self.randaugment_magnitude}: must be in [0, {MAX_MAGNITUDE}] "
+                "(torchvision's scale; 9 is the usual)",
             ),
             (-1 <= self.zstd_level <= 22, f"zstd_level must be in [-1, 22], got {self.zstd_level}"),
             (
@@ -294,6 +307,18 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--mixup", type=float, help="mixup with lam ~ Beta(a, a), e.g. 0.8 [off]")
     g.add_argument("--cutmix", type=float, help="CutMix with lam ~ Beta(a, a), e.g. 1.0 [off]")
+    g.add_argument(
+        "--randaugment-ops",
+        type=int,
+        metavar="N",
+        help="RandAugment on image folders and shards: N ops per training image, e.g. 2 [0: off]",
+    )
+    g.add_argument(
+        "--randaugment-magnitude",
+        type=int,
+        metavar="M",
+        help=f"RandAugment's magnitude, 0..{MAX_MAGNITUDE} as torchvision's [{d.randaugment_magnitude}]",
+    )
     g.add_argument("--patch-size", type=int, help="ViT patch size [zoo default for the image size]")
     g.add_argument("--heads", type=int, help=f"N, LoRA heads in the whole job [{d.heads}]")
     g.add_argument("--rank", type=int, help=f"r, rank of each head [{d.rank}]")

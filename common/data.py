@@ -124,7 +124,7 @@ def load_dataset(
       digits: test_fraction=0.2
       fashion-mnist: none (the official 60000/10000 split)
       imagefolder, webdataset: image_size=32, grayscale=False, channels=0, test_fraction=0.2,
-        classes=None, augment="crop-flip", skip_bad_images=False (data_dir required)
+        classes=None, augment="crop-flip", randaugment=(0, 0), skip_bad_images=False (data_dir required)
       synthetic-regression: d_in=64, d_out=64, num_train=4096, num_test=1024, noise_std=0.0
       text: eval_tokens=65536 (data_dir required: token files from lte-prepare-text; returns a
         lte.common.text.TokenDataset, task "lm")
@@ -368,11 +368,13 @@ def _load_imagefolder(
     classes: tuple[str, ...] | list[str] | None = None,
     augment: str = "",
     skip_bad_images: bool = False,
+    randaugment: tuple[int, int] = (0, 0),
 ) -> Dataset:
     """Class-per-folder images, streamed from disk (``ImageFiles``); see ``common/images.py``.
 
     ``image_size`` 0: 32. ``channels`` 1 or 3 (0: 1 if ``grayscale`` else 3). ``classes``: the
     job's class names, to map a worker's own folders by name. ``augment`` "": crop-flip.
+    ``randaugment``: (num_ops, magnitude) of RandAugment on the training view; 0 ops: off.
     Normalisation: per-channel mean and std of a fixed sample of training files (EVAL_STATS_SAMPLE).
     """
     if data_dir is None:
@@ -418,7 +420,9 @@ def _load_imagefolder(
         train_files = [files[i] for i in train_idx.tolist()]
         test_files = [files[i] for i in test_idx.tolist()]
         train_y, test_y = y[train_idx], y[test_idx]
-    train_x = ImageFiles(train_files, image_size, channels, augment=augment, skip_bad=skip_bad_images)
+    train_x = ImageFiles(
+        train_files, image_size, channels, augment=augment, skip_bad=skip_bad_images, randaugment=randaugment
+    )
     test_x = ImageFiles(test_files, image_size, channels, skip_bad=skip_bad_images)
     return _image_dataset("imagefolder", root, train_x, train_y, test_x, test_y, class_names, seed)
 
@@ -470,6 +474,7 @@ def _load_webdataset(
     classes: tuple[str, ...] | list[str] | None = None,
     augment: str = "",
     skip_bad_images: bool = False,
+    randaugment: tuple[int, int] = (0, 0),
 ) -> Dataset:
     """Samples of WebDataset shards, streamed by random access; options as for imagefolder.
 
@@ -522,7 +527,14 @@ def _load_webdataset(
         test_paths, test_members, test_y = paths, members[test_idx.numpy()], y[test_idx]
         members, y = members[train_idx.numpy()], y[train_idx]
     train_x = ImageFiles(
-        [], image_size, channels, augment=augment, skip_bad=skip_bad_images, shards=paths, members=members
+        [],
+        image_size,
+        channels,
+        augment=augment,
+        skip_bad=skip_bad_images,
+        shards=paths,
+        members=members,
+        randaugment=randaugment,
     )
     test_x = ImageFiles(
         [],
@@ -666,7 +678,7 @@ class HeadBatches:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.indices(step)
-        if isinstance(self.x, ImageFiles) and self.x.augment != "none":
+        if isinstance(self.x, ImageFiles) and self.x.augmented:
             return self.x.load(idx.tolist(), self.sample_seeds(step)), self.y[idx]
         return self.x[idx], self.y[idx]
 
@@ -790,6 +802,11 @@ def load_job_dataset(
         data_dir = own_data
     if job.augment not in ("", "none") and name not in ("imagefolder", "webdataset"):
         raise ValueError(f"--augment {job.augment}: augmentations apply to image folders, not to {name}")
+    if job.randaugment_ops and name not in ("imagefolder", "webdataset"):
+        raise ValueError(
+            f"--randaugment-ops {job.randaugment_ops}: RandAugment applies to image folders and shards, "
+            f"not to {name}; leave it out (or 0)"
+        )
     if name == "text":  # token files: no image options
         if job.image_size:
             raise ValueError(f"--image-size {job.image_size}: token data has no image size")
@@ -801,6 +818,7 @@ def load_job_dataset(
             classes=job.classes or None,
             augment=job.augment,
             skip_bad_images=skip_bad_images,
+            randaugment=(job.randaugment_ops, job.randaugment_magnitude),
         )
     dataset = load_dataset(name, data_dir, seed=job.seed, **kwargs)
     _check_against_job(dataset, job, own_data or data_dir or name)

@@ -15,6 +15,8 @@ Augmentations (Pillow crop-and-resize in one call, on uint8, in the loader proce
          ``torchvision.transforms.RandomResizedCrop``) to ``image_size``, then a horizontal flip
          with probability 1/2;
   eval:  resize the shorter side to ``image_size`` and take the centre square.
+  RandAugment (``randaugment=(N, M)``, ``common/randaugment.py``): after the crop and flip, N ops at
+         magnitude M, drawn from the same per-sample generator (so the crop does not change with it).
 Kornia was the other candidate; it works on float tensors of the full decoded image, and the
 crop happens better before the float conversion, where Pillow does it in one pass.
 """
@@ -30,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from lte.common.randaugment import MAX_MAGNITUDE, rand_augment
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUGMENTS = ("none", "crop-flip")
@@ -160,14 +164,16 @@ def image_tensor(
     augment: str = "none",
     seed: int | None = None,
     data: bytes | None = None,
+    randaugment: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
     """One file (or ``data``, see decode_image) as a uint8 tensor [C, image_size, image_size]: eval
-    view, or augmented from ``seed``."""
+    view, or augmented from ``seed`` (``augment``, then RandAugment's ``(num_ops, magnitude)``; 0 ops:
+    none). Without a seed, neither applies."""
     from PIL import Image
 
     im = decode_image(path, channels, data)
-    if augment == "crop-flip" and seed is not None:
-        rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if seed is not None else None
+    if augment == "crop-flip" and rng is not None:
         box = random_resized_box(im.width, im.height, rng)
         flip = bool(rng.random() < 0.5)
     else:
@@ -175,6 +181,8 @@ def image_tensor(
     im = im.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if randaugment[0] and rng is not None:
+        im = rand_augment(im, randaugment[0], randaugment[1], rng)
     a = np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels)
     return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
@@ -183,12 +191,14 @@ class ImageFiles:
     """Images on disk, decoded on indexing: ``x[i]``, ``x[a:b]``, ``x[tensor]`` give float32
     [.., C, S, S] tensors normalised with ``mean`` and ``std`` (per channel, of pixels / 255), eval view.
 
-    ``load(indices, seeds)`` gives the training view: sample k augmented from ``seeds[k]``.
+    ``load(indices, seeds)`` gives the training view: sample k augmented from ``seeds[k]`` (``augment``,
+    then ``randaugment=(num_ops, magnitude)`` when num_ops > 0).
     ``shards`` and ``members`` (``common/shards.py``): the samples are tar members, sample i is
     ``members[i] = (shard, offset, size)``, and ``files[i]`` only names it in messages.
     With ``skip_bad``, a file that does not decode is replaced by the next one in the list that does
     (deterministic: the same in every process), counted in ``bad_files``, warned once per file;
-    without it, BadImageError names the file.
+    without it, BadImageError names the file. Raises ValueError for channels other than 1 or 3, a size
+    below 1, an unknown ``augment`` or a ``randaugment`` outside (>= 0 ops, magnitude 0..30).
     """
 
     def __init__(
@@ -203,6 +213,7 @@ class ImageFiles:
         skip_bad: bool = False,
         shards: Sequence[str] | None = None,
         members: np.ndarray | None = None,
+        randaugment: tuple[int, int] = (0, 0),
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"image folders give 1 (grayscale) or 3 (RGB) channels, not {channels}")
@@ -210,6 +221,12 @@ class ImageFiles:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        num_ops, magnitude = (int(v) for v in randaugment)
+        if num_ops < 0 or not 0 <= magnitude <= MAX_MAGNITUDE:
+            raise ValueError(
+                f"randaugment (num_ops, magnitude) must be (>= 0, 0..{MAX_MAGNITUDE}), got {randaugment}"
+            )
+        self.randaugment = (num_ops, magnitude)
         self.shards: list[str] | None = None
         self.members: np.ndarray | None = None
         if members is not None:
@@ -227,6 +244,11 @@ class ImageFiles:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.files), self.channels, self.image_size, self.image_size)
 
+    @property
+    def augmented(self) -> bool:
+        """Whether the training view differs from the eval view (crop-flip or RandAugment on)."""
+        return self.augment != "none" or self.randaugment[0] > 0
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -243,6 +265,7 @@ class ImageFiles:
             skip_bad=self.skip_bad,
             shards=self.shards,
             members=None if self.members is None else self.members[idx],
+            randaugment=self.randaugment,
         )
         return out
 
@@ -263,7 +286,9 @@ class ImageFiles:
                         data = read_member(self.shards, self.members[j])
                     except OSError as e:
                         raise BadImageError(path, str(e)) from e
-                return image_tensor(path, self.image_size, self.channels, self.augment, seed, data)
+                return image_tensor(
+                    path, self.image_size, self.channels, self.augment, seed, data, self.randaugment
+                )
             except BadImageError as e:
                 if not self.skip_bad:
                     raise
@@ -299,7 +324,7 @@ class ImageFiles:
     def __repr__(self) -> str:
         return (
             f"ImageFiles({len(self)} files, {self.channels}x{self.image_size}x{self.image_size}, "
-            f"augment={self.augment!r}, skip_bad={self.skip_bad})"
+            f"augment={self.augment!r}, randaugment={self.randaugment}, skip_bad={self.skip_bad})"
         )
 
 

@@ -287,8 +287,12 @@ def test_sync_over_the_network_on_a_streamed_augmented_folder_equals_the_emulato
         mixup=0.8,
         cutmix=1.0,
         label_smoothing=0.1,
+        randaugment_ops=2,
+        randaugment_magnitude=9,
     )
     assert job.augment == "crop-flip"
+    ds = load_job_dataset(job, str(data))  # as lte-server and lte-sim load it: RandAugment from the job
+    assert ds.train_x.randaugment == (2, 9)
     expected = run_lte(job, ds, workers=2).master
     server = ParameterServer(Coordinator(job, ds, heads_per_worker=1), host="127.0.0.1", port=0).start()
     try:

@@ -65,6 +65,11 @@ SERVER_CASES = {
     "negative straggler factor": (["--straggler-factor", "-1"], ["--straggler-factor -1.0", ">= 0"]),
     "straggler factor not a number": (["--straggler-factor", "nan"], ["--straggler-factor nan", "finite"]),
     "infinite learning rate": (["--lr", "inf"], ["lr must be a finite number", "got inf"]),
+    "negative RandAugment ops": (["--randaugment-ops", "-1"], ["--randaugment-ops -1", "[0, 14]"]),
+    "RandAugment magnitude above 30": (
+        ["--randaugment-ops", "2", "--randaugment-magnitude", "31"],
+        ["--randaugment-magnitude 31", "[0, 30]"],
+    ),
 }
 
 
@@ -195,6 +200,14 @@ def test_worker_names_the_environment_variable_of_a_bad_token():
 def test_sim_refuses_modes_it_does_not_emulate():
     for mode in ("async", "buffered"):
         assert_refused(run("sim", "--mode", mode), f"--mode {mode}", "sync aggregation only", "lte-server")
+
+
+def test_sim_refuses_randaugment_on_data_that_is_not_image_files():
+    assert_refused(
+        run("sim", "--dataset", "digits", "--randaugment-ops", "2"),
+        "--randaugment-ops 2",
+        "RandAugment applies to image folders and shards, not to digits",
+    )
 
 
 def test_sim_refuses_more_workers_than_heads():

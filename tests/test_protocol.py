@@ -18,7 +18,16 @@ from tests.cluster import DIGITS, digits_job
 def test_every_job_field_travels_and_comes_back_equal():
     assert protocol.unmapped_job_fields() == []  # a new JobConfig field needs a proto field of its name
     job = JobConfig(
-        heads=3, rank=5, alpha=7.5, quant="nf4", uplink="bf16", steps=77, dtype="float64", lr=0.25
+        heads=3,
+        rank=5,
+        alpha=7.5,
+        quant="nf4",
+        uplink="bf16",
+        steps=77,
+        dtype="float64",
+        lr=0.25,
+        randaugment_ops=3,
+        randaugment_magnitude=14,
     )
     assert protocol.job_from_proto(protocol.job_to_proto(job)) == job
 
