@@ -2,7 +2,7 @@
 
     python bench/round_cost.py --model vit-b --heads 32 --rank 64 --merge-every 10 --quant int8
     python bench/round_cost.py --model gpt2-small --dataset text --data-dir data/kjv --num-classes 50257 \
-        --context 64 --batch-size 1 --heads 32 --rank 64 --quant int8 --rounds 1 [--no-embedding-heads]
+        --context 1024 --batch-size 1 --heads 32 --rank 64 --quant int8 --rounds 1 [--no-embedding-heads]
 
 A real ParameterServer runs on loopback with the job's model; one real Worker (in this process,
 holding ``--worker-heads`` heads) registers, pulls the snapshot, trains T steps, pushes, and
@@ -37,8 +37,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit-b")
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=0, help="0: the dataset's (28 for fashion-mnist)")
+    p.add_argument("--patch-size", type=int, default=0, help="0: the zoo default (4 on 28x28)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=4096)

@@ -337,26 +337,46 @@ def evaluate_lm(
 
 SAMPLE_PROMPT_TOKENS = 32
 SAMPLE_NEW_TOKENS = 160
+SAMPLE_LINE_SEARCH = 512  # tokens of val.bin searched for the first line start
+
+
+def sample_prompt_start(tokens: np.ndarray, tokenizer: Any) -> int:
+    """Where the evaluation sample's prompt starts in ``tokens`` (val.bin): just after the first
+    token that ends a line within the first ``SAMPLE_LINE_SEARCH`` tokens, so the prompt opens a
+    line instead of cutting a word where the split fell; 0 when no line ends there."""
+    last = len(tokens) - SAMPLE_PROMPT_TOKENS
+    head = np.asarray(tokens[: min(SAMPLE_LINE_SEARCH, max(last, 0))], dtype=np.int64).tolist()
+    for i, token in enumerate(head):
+        if tokenizer.decode([token]).endswith("\n"):
+            return i + 1
+    return 0
 
 
 @torch.no_grad()
 def evaluation_sample(
     model: torch.nn.Module, dataset: Any, *, seed: int, device: str | torch.device = "cpu"
 ) -> dict[str, str]:
-    """For token data, ``{"sample": text}``: the first ``SAMPLE_PROMPT_TOKENS`` tokens of val.bin
-    continued by ``SAMPLE_NEW_TOKENS`` sampled tokens (temperature 0.8, top-k 40, generator seeded
-    with ``seed``) from the model's current weights; ``{}`` for other data or a model that cannot
-    generate. The server calls it after each evaluation, on its evaluator thread."""
+    """For token data, ``{"sample": text, "sample_prompt": prompt}``: ``SAMPLE_PROMPT_TOKENS``
+    tokens of val.bin from its first line start (``sample_prompt_start``), continued by
+    ``SAMPLE_NEW_TOKENS`` sampled tokens (temperature 0.8, top-k 40, generator seeded with
+    ``seed``) from the model's current weights; ``sample`` holds the prompt and the continuation.
+    ``{}`` for other data or a model that cannot generate. The server calls it after each
+    evaluation, on its evaluator thread."""
     generate = getattr(model, "generate", None)
     if getattr(dataset, "task", "") != "lm" or generate is None:
         return {}
     was_training = model.training
     model.eval()
-    prompt = read_windows(dataset.val_tokens, torch.tensor([0]), SAMPLE_PROMPT_TOKENS).to(device)
+    tokenizer = dataset.tokenizer()
+    start = sample_prompt_start(dataset.val_tokens, tokenizer)
+    prompt = read_windows(dataset.val_tokens, torch.tensor([start]), SAMPLE_PROMPT_TOKENS).to(device)
     gen = torch.Generator(device=device).manual_seed(int(seed))
     out = generate(prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, generator=gen)
     model.train(was_training)
-    return {"sample": dataset.tokenizer().decode(out[0].tolist())}
+    return {
+        "sample": tokenizer.decode(out[0].tolist()),
+        "sample_prompt": tokenizer.decode(prompt[0].tolist()),
+    }
 
 
 def check_token_data(job: Any, dataset: TokenDataset) -> None:

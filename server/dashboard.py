@@ -141,6 +141,9 @@ class JobStatus(BaseModel):
         None, description="language models: text generated at the newest evaluation"
     )
     text_sample_version: int | None = Field(None, description="the version that generated text_sample")
+    text_sample_prompt: str | None = Field(
+        None, description="the prompt text_sample starts with (tokens of val.bin); the rest is generated"
+    )
     workers: list[WorkerStatus]
     free_heads: list[int] = Field(default_factory=list, description="heads no worker holds")
     history: list[HistoryPoint] = Field(description="the newest merges, oldest first")
@@ -235,6 +238,7 @@ def job_status(st: dict[str, Any]) -> JobStatus:
         bits_per_byte=finite(evals[-1].get("bits_per_byte")) if evals else None,
         text_sample=samples[-1]["sample"] if samples else None,
         text_sample_version=samples[-1]["version"] if samples else None,
+        text_sample_prompt=samples[-1].get("sample_prompt") if samples else None,
         workers=[
             WorkerStatus(
                 **{

@@ -379,6 +379,10 @@ class ServerRun:
                 if summary["test_accuracy"] is not None
                 else ""
             )
+            if summary.get("perplexity") is not None:  # a language model: its validation scores
+                acc = f"val loss {summary['test_loss']:.4f}, perplexity {summary['perplexity']:.2f}, " + (
+                    f"{summary['bits_per_byte']:.3f} bits/byte, " if summary.get("bits_per_byte") else ""
+                )
             _log.info(
                 "done: version %d, %sup %s, down %s, %.1f s; model saved to %s",
                 summary["version"],

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -302,6 +307,37 @@ def test_sync_over_the_network_reproduces_the_emulator_and_the_export_evaluates_
     assert evaluate(model, data)["test_loss"] == record["test_loss"]  # the export's loss is the server's
 
 
+def test_lte_server_ends_with_the_validation_scores_and_an_export_that_lte_generate_reads(
+    byte_data, tmp_path
+):
+    # make lm-cluster's shape, tiny: lte-server with a local worker, then README's lte-generate line
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict({k: v for k, v in os.environ.items() if k != "LTE_TOKEN"}, OMP_NUM_THREADS="1")
+    job = ["--model", "gpt-micro", "--dataset", "text", "--data-dir", str(byte_data), "--context", "16"]
+    job += ["--heads", "2", "--rank", "4", "--steps", "4", "--merge-every", "2", "--batch-size", "2"]
+    job += ["--local-workers", "1", "--port", "0", "--dashboard-port", "-1", "--out", "run"]
+    run = functools.partial(
+        subprocess.run, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    server = run([os.path.join(bin_dir, "lte-server"), *job])
+    assert server.returncode == 0, server.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    line = (
+        f"val loss {summary['test_loss']:.4f}, perplexity {summary['perplexity']:.2f}, "
+        f"{summary['bits_per_byte']:.3f} bits/byte, "
+    )
+    assert re.search(r"done: version 2, " + re.escape(line), server.stderr), server.stderr[-2000:]
+    gen = [
+        os.path.join(bin_dir, "lte-generate"),
+        "--model",
+        "run/model.safetensors",
+        "--prompt",
+        "And God said",
+    ]
+    out = run([*gen, "--max-new-tokens", "20"])
+    assert out.returncode == 0 and out.stdout.startswith("And God said"), out.stderr
+
+
 def test_lte_generate_samples_from_an_lte_sim_export(byte_data, tmp_path, capsys):
     from lte.common.generate import load_exported
     from lte.common.generate import main as generate_main
@@ -336,6 +372,23 @@ def test_token_data_of_another_tokenizer_is_refused(byte_data):
         LocalTrainer(small, [0], data)
 
 
+def test_the_evaluation_sample_starts_at_a_line_of_val_bin_and_names_its_prompt(tmp_path):
+    from lte.common.text import SAMPLE_PROMPT_TOKENS, evaluation_sample, sample_prompt_start
+
+    lines = "".join(f"Ge1:{i} And God said, Let there be light number {i}.\n" for i in range(200))
+    write_token_files(tmp_path, [lines], ByteTokenizer(), val_fraction=0.5)
+    data = load_text(str(tmp_path), eval_tokens=256)
+    val = ByteTokenizer().decode(np.asarray(data.val_tokens).tolist())
+    start = sample_prompt_start(data.val_tokens, ByteTokenizer())
+    assert start == val.index("\n") + 1 and val[start - 1] == "\n"  # the split fell mid-line
+    record = evaluation_sample(tiny_gpt(vocab=256, context=48), data, seed=0)
+    assert record["sample_prompt"] == val[start : start + SAMPLE_PROMPT_TOKENS]
+    assert (
+        record["sample"].startswith(record["sample_prompt"]) and len(record["sample"]) > SAMPLE_PROMPT_TOKENS
+    )
+    assert sample_prompt_start(np.frombuffer(b"no line ends here at all" * 4, np.uint8), ByteTokenizer()) == 0
+
+
 # -- the dashboard ------------------------------------------------------------------------------------
 def test_dashboard_status_and_metrics_carry_perplexity_and_the_text_sample():
     from prometheus_client.parser import text_string_to_metric_families
@@ -346,13 +399,14 @@ def test_dashboard_status_and_metrics_carry_perplexity_and_the_text_sample():
         {"version": 5, "samples": 80, "time": 1.0, "test_loss": 3.2, "perplexity": 24.5, "bits_per_byte": 4.6,
          "sample": "old"},
         {"version": 10, "samples": 160, "time": 2.0, "test_loss": 3.0, "perplexity": 20.1, "bits_per_byte": 4.3,
-         "sample": "<script>alert(1)</script> & the word"},
+         "sample": "<script>alert(1)</script> & the word", "sample_prompt": "<script>"},
     ]  # fmt: skip
     st = {"job": {"task": "lm", "model": "gpt-micro"}, "version": 10, "done": False, "samples": 160,
           "bytes_up": 1, "bytes_down": 2, "workers": [], "history": [], "evals": evals}  # fmt: skip
     doc = job_status(st)
     assert doc.task == "lm" and doc.perplexity == 20.1 and doc.bits_per_byte == 4.3
     assert doc.text_sample == evals[-1]["sample"] and doc.text_sample_version == 10  # raw: the page escapes
+    assert doc.text_sample_prompt == "<script>"
     assert [e.perplexity for e in doc.evals] == [24.5, 20.1]
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -368,5 +422,9 @@ def test_dashboard_page_puts_the_sample_in_through_text_content_only():
 
     js = (STATIC_DIR / "dashboard.js").read_text()
     body = js[js.index("function renderSample") : js.index("function render(st)")]
-    assert 'setText("#text-sample", st.text_sample)' in body and "innerHTML" not in body
-    assert 'id="text-sample"' in (STATIC_DIR / "index.html").read_text()
+    assert 'setText("#text-sample-prompt", prompt)' in body and "innerHTML" not in body
+    assert 'setText("#text-sample-rest", text.slice(prompt.length))' in body
+    html = (STATIC_DIR / "index.html").read_text()
+    assert (
+        'id="text-sample"' in html and 'id="text-sample-prompt"' in html and 'id="text-sample-rest"' in html
+    )

@@ -213,6 +213,8 @@
     const lm = st.task === "lm"; // language models: perplexity where images show accuracy
     setText("#stat-accuracy-label", lm ? "val perplexity" : "test accuracy");
     setText("#stat-accuracy", lm ? fmtNum(st.perplexity, 4) : fmtPercent(st.test_accuracy));
+    $("#stat-bpb-card").hidden = !lm;
+    if (lm) setText("#stat-bpb", fmtNum(st.bits_per_byte, 4));
     setText("#stat-bytes-up", fmtBytes(st.bytes_up));
     setText("#stat-bytes-down", fmtBytes(st.bytes_down));
     $("#stat-progress").value = st.progress || 0;
@@ -272,12 +274,16 @@
     $("#workers-empty").hidden = workers.length > 0;
   }
 
+  // options that only image jobs use: a language model's page leaves them out
+  const IMAGE_ONLY = new Set(["image_size", "in_channels", "classes", "augment", "label_smoothing", "mixup", "cutmix"]);
+
   function renderJob(job) {
     const key = JSON.stringify(job);
     if (key === lastJobKey) return;
     lastJobKey = key;
+    const shown = Object.entries(job).filter(([k]) => job.task !== "lm" || !IMAGE_ONLY.has(k));
     $("#job").replaceChildren(
-      ...Object.entries(job).map(([k, v]) => {
+      ...shown.map(([k, v]) => {
         const item = document.createElement("div");
         const dt = document.createElement("dt");
         const dd = document.createElement("dd");
@@ -337,9 +343,13 @@
 
   function renderSample(st) {
     // textContent only: generated text is untrusted and must never become markup
-    $("#text-sample-section").hidden = typeof st.text_sample !== "string";
-    if (typeof st.text_sample !== "string") return;
-    setText("#text-sample", st.text_sample);
+    const text = st.text_sample;
+    $("#text-sample-section").hidden = typeof text !== "string";
+    if (typeof text !== "string") return;
+    const given = st.text_sample_prompt;
+    const prompt = typeof given === "string" && text.startsWith(given) ? given : "";
+    setText("#text-sample-prompt", prompt);
+    setText("#text-sample-rest", text.slice(prompt.length));
     setText("#text-sample-version", `· version ${st.text_sample_version}`);
   }
 
