@@ -97,35 +97,42 @@ def train_one(base: dict[str, Any], run: dict[str, Any], seed: int, dataset, dev
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    """Markdown: one row per label, mean accuracy over seeds, gap to the best full run."""
+    """Markdown: one row per label, the mean over seeds, the gap to the best full run.
+
+    Classification: test accuracy in %, higher is better. Language models (no accuracy): the
+    validation loss in nats per token, lower is better, so a negative gap means LTE is ahead.
+    """
     by_label: dict[str, dict[int, dict[str, Any]]] = {}
     for r in records:
         by_label.setdefault(r["label"], {})[r["seed"]] = r
-    means = {
-        label: statistics.mean(r["test_accuracy"] for r in runs.values()) for label, runs in by_label.items()
-    }
+    lm = all(r.get("test_accuracy") is None for r in records)
+    key, unit, factor = ("test_loss", "", 1.0) if lm else ("test_accuracy", " %", 100.0)
+    better = min if lm else max
+    means = {label: statistics.mean(r[key] for r in runs.values()) for label, runs in by_label.items()}
     full = [label for label in by_label if label.split()[0] == "full"]
-    best_full = max(full, key=lambda label: means[label]) if full else None
+    best_full = better(full, key=lambda label: means[label]) if full else None
+    measure = "validation loss (mean)" if lm else "test accuracy (mean)"
     lines = [
-        "| run | steps | seeds | test accuracy (mean) | per seed | gap to best full | minutes per run |",
+        f"| run | steps | seeds | {measure} | per seed | gap to best full | minutes per run |",
         "| --- | ---: | --- | ---: | --- | ---: | ---: |",
     ]
+    digits = 4 if lm else 2
     for label in sorted(by_label, key=lambda label: (label.split()[0] != "full", label)):
         runs = by_label[label]
         seeds = sorted(runs)
-        per_seed = ", ".join(f"{100 * runs[s]['test_accuracy']:.2f}" for s in seeds)
-        if best_full is None:
-            gap = "-"
+        per_seed = ", ".join(f"{factor * runs[s][key]:.{digits}f}" for s in seeds)
+        common = [s for s in seeds if best_full is not None and s in by_label[best_full]]
+        if common:
+            ref = statistics.mean(by_label[best_full][s][key] for s in common)
+            mine = statistics.mean(runs[s][key] for s in common)
+            gap = f"{factor * (mine - ref):+.{digits}f}"
         else:
-            common = [s for s in seeds if s in by_label[best_full]]
-            ref = statistics.mean(by_label[best_full][s]["test_accuracy"] for s in common) if common else None
-            mine = statistics.mean(runs[s]["test_accuracy"] for s in common) if common else None
-            gap = f"{100 * (mine - ref):+.2f}" if common else "-"
+            gap = "-"
         minutes = statistics.mean(r["seconds"] for r in runs.values()) / 60
         steps = runs[seeds[0]]["steps"]
         mark = " (best full)" if label == best_full else ""
         lines.append(
-            f"| `{label}`{mark} | {steps} | {' '.join(map(str, seeds))} | {100 * means[label]:.2f} % "
+            f"| `{label}`{mark} | {steps} | {' '.join(map(str, seeds))} | {factor * means[label]:.{digits}f}{unit} "
             f"| {per_seed} | {gap} | {minutes:.1f} |"
         )
     return "\n".join(lines)
@@ -186,12 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                 record = train_one(base, run, seed, dataset, args.device)
                 with args.results.open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
-                print(f"{record['label']} seed {seed}: {100 * record['test_accuracy']:.2f} % "
-                      f"in {record['seconds']:.0f} s", flush=True)  # fmt: skip
+                score = (
+                    f"validation loss {record['test_loss']:.4f}"
+                    if record["test_accuracy"] is None
+                    else f"{100 * record['test_accuracy']:.2f} %"
+                )
+                print(f"{record['label']} seed {seed}: {score} in {record['seconds']:.0f} s", flush=True)
     records = [
         r for r in load_results(args.results) if r["model"] == args.model and r["base_steps"] == args.steps
     ]
-    print(f"\n{args.model} on {args.dataset}, {args.steps} steps at 1.0x (results: {args.results})\n")
+    dataset_name = records[0]["dataset"] if records else args.dataset
+    print(f"\n{args.model} on {dataset_name}, {args.steps} steps at 1.0x (results: {args.results})\n")
     print(table(records))
     print(f"\ncommand: python bench/quality.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
     return 0

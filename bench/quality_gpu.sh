@@ -2,6 +2,7 @@
 # Issue 15 on one GPU in one prepared, bounded run: the acceptance sweep of bench/quality.py.
 #
 #   bash bench/quality_gpu.sh [--deadline SECONDS] [--parallel K] [--data-dir DIR] [--mps] [--device D]
+#                             [--queue FILE]
 #
 # vit-micro on Fashion-MNIST at 1500 steps of 128 samples (3.2 epochs): full training at three
 # learning rates against LTE (N 8, T 10, r 64 so that N * r = 512 = the MLP width) at 1.3x the
@@ -13,6 +14,9 @@
 # --mps starts NVIDIA's multi-process service first (many small processes then share the GPU
 # without context switches) and falls back to plain time-slicing if it does not start.
 # --device cpu with --steps-scale makes the same run small enough to check on a CPU.
+# --queue FILE replaces the sweep: one run per line, as `bench/quality.py` arguments (--model,
+# --steps, --seeds, --run, and --dataset, --data-dir, --heads ... where they differ from its
+# defaults); '#' lines are skipped. Results go to $OUT/quality-<model>-<steps>.jsonl.
 set -u -o pipefail
 DEADLINE=420
 PARALLEL=8
@@ -20,6 +24,7 @@ DATA_DIR=/usr/share/datasets/fashion-mnist
 DEVICE=cuda
 MPS=0
 SCALE=100
+QUEUE_FILE=
 while [ $# -gt 0 ]; do
   case "$1" in
     --deadline) DEADLINE=$2; shift 2 ;;
@@ -28,6 +33,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --steps-scale) SCALE=$2; shift 2 ;;
     --mps) MPS=1; shift ;;
+    --queue) QUEUE_FILE=$2; shift 2 ;;
     *) echo "quality_gpu.sh: error: unknown option $1 (see the header of this file)" >&2; exit 2 ;;
   esac
 done
@@ -56,46 +62,56 @@ fi
 scaled() { echo $(($1 * SCALE / 100)); }  # --steps-scale is a percentage
 MICRO=$(scaled 1500)
 TINY=$(scaled 1400)
-# model steps seed run, in priority order
+# one line of bench/quality.py arguments per run, in priority order
 QUEUE=()
-for seed in 0 1; do
-  QUEUE+=("vit-micro $MICRO $seed full lr=1e-3")
-  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=256 lr=1e-3 x=1.3")
-  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=128 lr=1e-3 x=1.3")
-  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=64 lr=2e-3 x=1.3")
-  if [ $seed = 0 ]; then
-    QUEUE+=("vit-tiny $TINY 0 full lr=1e-3")
-    QUEUE+=("vit-tiny $TINY 0 lte rank=96 alpha=384 lr=1e-3 x=1.3")
-  fi
-  QUEUE+=("vit-micro $MICRO $seed full lr=3e-4")
-  QUEUE+=("vit-micro $MICRO $seed full lr=2e-3")
-  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=256 lr=5e-4 x=1.3")
-  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=128 lr=2e-3 x=1.3")
-  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=64 lr=4e-3 x=1.3")
-  QUEUE+=("vit-micro $MICRO $seed lte rank=64 alpha=512 lr=5e-4 x=1.3")
-  QUEUE+=("vit-micro $MICRO $seed lte rank=16 alpha=64 lr=1e-3 x=1.3")
-done
+if [ -n "$QUEUE_FILE" ]; then
+  while IFS= read -r line; do
+    case "$line" in '' | '#'*) continue ;; esac
+    QUEUE+=("$line")
+  done <"$QUEUE_FILE"
+else
+  for seed in 0 1; do
+    for run in "full lr=1e-3" "lte rank=64 alpha=256 lr=1e-3 x=1.3" "lte rank=64 alpha=128 lr=1e-3 x=1.3" \
+      "lte rank=64 alpha=64 lr=2e-3 x=1.3"; do
+      QUEUE+=("--model vit-micro --steps $MICRO --seeds $seed --data-dir $DATA_DIR --run '$run'")
+    done
+    if [ $seed = 0 ]; then
+      for run in "full lr=1e-3" "lte rank=96 alpha=384 lr=1e-3 x=1.3"; do
+        QUEUE+=("--model vit-tiny --steps $TINY --seeds 0 --data-dir $DATA_DIR --run '$run'")
+      done
+    fi
+    for run in "full lr=3e-4" "full lr=2e-3" "lte rank=64 alpha=256 lr=5e-4 x=1.3" "lte rank=64 alpha=128 lr=2e-3 x=1.3" \
+      "lte rank=64 alpha=64 lr=4e-3 x=1.3" "lte rank=64 alpha=512 lr=5e-4 x=1.3" "lte rank=16 alpha=64 lr=1e-3 x=1.3"; do
+      QUEUE+=("--model vit-micro --steps $MICRO --seeds $seed --data-dir $DATA_DIR --run '$run'")
+    done
+  done
+fi
 
-one() {  # one "model steps seed run..." line, bounded by the deadline
-  local model=$1 nsteps=$2 seed=$3
-  shift 3
-  local left=$((END - SECONDS)) tag
-  tag=$(echo "$model-$seed-$*" | tr -c 'A-Za-z0-9.\n-' '_')
+one() {  # one queue line (bench/quality.py arguments), bounded by the deadline
+  local line=$1 left=$((END - SECONDS)) tag model="" steps=""
+  eval "set -- $line"
+  local args=("$@")
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --model) model=$2; shift ;;
+      --steps) steps=$2; shift ;;
+    esac
+    shift
+  done
+  tag=$(echo "$line" | tr -c 'A-Za-z0-9.\n-' '_' | cut -c1-150)
   if [ $left -lt 10 ]; then return 0; fi
   local t0=$SECONDS
-  timeout --signal=TERM "$left" "$PY" bench/quality.py --device "$DEVICE" --model "$model" --steps "$nsteps" \
-    --seeds "$seed" --run "$*" --results "$OUT/quality-$model.jsonl" --data-dir "$DATA_DIR" \
-    >"$OUT/logs/$tag.log" 2>&1
+  timeout --signal=TERM "$left" "$PY" bench/quality.py --device "$DEVICE" "${args[@]}" \
+    --results "$OUT/quality-$model-$steps.jsonl" >"$OUT/logs/$tag.log" 2>&1
   local rc=$?
-  echo "[$((SECONDS - START)) s] $model seed $seed '$*': exit $rc after $((SECONDS - t0)) s: $(grep -m1 -E '%|rror' "$OUT/logs/$tag.log")"
+  echo "[$((SECONDS - START)) s] $line: exit $rc after $((SECONDS - t0)) s: $(grep -m1 -E ' seed [0-9]+: |rror' "$OUT/logs/$tag.log")"
 }
 
 echo "$(date -u) $DEVICE, ${#QUEUE[@]} runs, $PARALLEL at a time, deadline $DEADLINE s"
 running=0
 for item in "${QUEUE[@]}"; do
   if [ $((END - SECONDS)) -lt 10 ]; then break; fi
-  # shellcheck disable=SC2086
-  one $item &
+  one "$item" &
   running=$((running + 1))
   if [ $running -ge "$PARALLEL" ]; then
     wait -n
@@ -104,12 +120,12 @@ for item in "${QUEUE[@]}"; do
 done
 wait
 if [ "$MPS" = 1 ] && [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then echo quit | timeout 10 nvidia-cuda-mps-control; fi
-for model in vit-micro vit-tiny; do
-  if [ -s "$OUT/quality-$model.jsonl" ]; then
-    steps=$MICRO
-    if [ $model = vit-tiny ]; then steps=$TINY; fi
-    "$PY" bench/quality.py --model $model --steps "$steps" --results "$OUT/quality-$model.jsonl" --table-only \
-      | tee "$OUT/table-$model.md"
-  fi
+for results in "$OUT"/quality-*.jsonl; do
+  [ -s "$results" ] || continue
+  name=$(basename "$results" .jsonl)
+  steps=${name##*-}
+  model=${name#quality-}
+  model=${model%-"$steps"}
+  "$PY" bench/quality.py --model "$model" --steps "$steps" --results "$results" --table-only | tee "$OUT/table-$model-$steps.md"
 done
 echo "done in $((SECONDS - START)) s"

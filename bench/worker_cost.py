@@ -63,7 +63,9 @@ def snapshot_like(shapes: dict, layers: set[str], quant: str, device) -> dict:
     return out
 
 
-def measure(cfg: dict) -> dict:
+def build(cfg: dict):
+    """The model of one configuration as a worker (LTE) or plain training (full) holds it on the
+    device: (model, trainable parameters, optimizer, job, device, build peak bytes)."""
     device = torch.device(cfg["device"])
     job = JobConfig(
         model=cfg["model"],
@@ -101,12 +103,24 @@ def measure(cfg: dict) -> dict:
     model.train()
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, job)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    return model, params, optimizer, job, device, build_peak
+
+
+def example_batch(cfg: dict, job: JobConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and labels of one step: batch-size per head, times the heads for LTE."""
     gen = torch.Generator().manual_seed(0)
     batch = cfg["batch_size"] * (cfg["heads"] if cfg["mode"] == "lte" else 1)
     x = torch.randn(batch, 3, job.image_size, job.image_size, generator=gen).to(device)
     y = torch.randint(0, job.num_classes, (batch,), generator=gen).to(device)
+    return x, y
+
+
+def measure(cfg: dict) -> dict:
+    model, params, optimizer, job, device, build_peak = build(cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    x, y = example_batch(cfg, job, device)
+    batch = x.shape[0]
     times = []
     mp = MixedPrecision(cfg["precision"], device)
     for step in range(cfg["warmup"] + cfg["steps"]):

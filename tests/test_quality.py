@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,56 @@ def test_quality_harness_trains_both_kinds_resumes_and_tabulates(tmp_path, capsy
     assert len(results.read_text().splitlines()) == 4
     with pytest.raises(SystemExit):
         quality.main(["--results", str(results), "--run", "lte nosuchfield=1"])
+
+
+def test_language_model_rows_rank_by_validation_loss_lower_is_better():
+    quality = _load_bench()
+
+    def record(label: str, seed: int, loss: float) -> dict:
+        return {"label": label, "seed": seed, "test_accuracy": None, "test_loss": loss,
+                "steps": 10, "seconds": 6.0}  # fmt: skip
+
+    text = quality.table(
+        [
+            record("full lr=0.001", 0, 2.0),
+            record("full lr=0.003", 0, 1.5),
+            record("lte rank=8 x=1.3", 0, 1.75),
+        ]
+    )
+    assert "validation loss (mean)" in text
+    assert "| `full lr=0.003` (best full) | 10 | 0 | 1.5000 |" in text  # the lowest loss, not the highest
+    assert "| `lte rank=8 x=1.3` | 10 | 0 | 1.7500 | 1.7500 | +0.2500 |" in text  # above full: a positive gap
+
+
+QUEUE_SCRIPT = BENCH.parent / "quality_gpu.sh"
+
+
+def test_the_gpu_sweep_script_runs_a_queue_in_parallel_and_tabulates(tmp_path):
+    queue = tmp_path / "queue.txt"
+    queue.write_text(
+        "# a comment line\n"
+        "--model mlp --dataset digits --heads 2 --steps 6 --seeds 0 --run 'full lr=1e-2'\n"
+        "\n"
+        "--model mlp --dataset digits --heads 2 --steps 6 --seeds 0 --run 'lte rank=4 lr=1e-2 x=1.5'\n"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PY": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(QUEUE_SCRIPT), "--device", "cpu", "--queue", str(queue), "--parallel", "2", "--deadline", "240"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (out / "quality-mlp-6.jsonl").read_text().splitlines()]
+    assert sorted((r["label"], r["steps"], r["device"]) for r in records) == [
+        ("full lr=0.01", 6, "cpu"), ("lte rank=4 lr=0.01 x=1.5", 9, "cpu"),
+    ]  # fmt: skip
+    assert "(best full)" in (out / "table-mlp-6.md").read_text()
+    assert "2 runs, 2 at a time" in proc.stdout
+
+
+def test_the_gpu_sweep_script_refuses_an_unknown_option_in_one_line():
+    proc = subprocess.run(["bash", str(QUEUE_SCRIPT), "--nosuch"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip() == "quality_gpu.sh: error: unknown option --nosuch (see the header of this file)"
+    )
