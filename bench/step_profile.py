@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from worker_cost import build, example_batch  # noqa: E402
+from worker_cost import add_model_arguments, build, example_batch, model_config  # noqa: E402
 
 from lte.common.lte import lte_layers  # noqa: E402
 from lte.common.precision import MixedPrecision  # noqa: E402
@@ -81,13 +81,7 @@ def profile_side(cfg: dict, warmup: int, steps: int, rows: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit-b")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=8, help="samples per step (one LTE head)")
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--alpha", type=float, default=4096)
+    add_model_arguments(p)
     p.add_argument("--quant", default="int8", choices=("int8", "nf4", "none"))
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument(
@@ -97,17 +91,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=18, help="operators per table")
     args = p.parse_args()
-    base = {
-        "model": args.model,
-        "device": args.device,
-        "image_size": args.image_size,
-        "patch_size": args.patch_size,
-        "batch_size": args.batch_size,
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "precision": args.precision,
-        "heads": 1,
-    }
+    base = {**model_config(args, args.precision), "heads": 1}
     cache = {"on": True, "off": False}.get(args.cache, torch.device(args.device).type == "cuda")
     for cfg in (
         {**base, "mode": "full", "quant": "none"},

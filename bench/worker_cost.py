@@ -166,16 +166,27 @@ def peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and its size, shared with ``bench/step_profile.py``."""
     p.add_argument("--model", default="vit-b")
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8, help="samples per head (and per full-training step)")
-    p.add_argument("--heads", type=int, default=1, help="LTE heads on the worker")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=4096)
+
+
+def model_config(args: argparse.Namespace, precision: str) -> dict:
+    """The configuration keys that ``build`` reads, from ``add_model_arguments``'s flags."""
+    names = ("model", "device", "image_size", "patch_size", "batch_size", "rank", "alpha")
+    return {**{name: getattr(args, name) for name in names}, "precision": precision}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--heads", type=int, default=1, help="LTE heads on the worker")
     p.add_argument("--quants", default="int8,nf4,none")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
@@ -206,16 +217,9 @@ def main() -> int:
         print(json.dumps(measure(json.loads(args.one))))
         return 0
     base = {
-        "model": args.model,
-        "device": args.device,
-        "image_size": args.image_size,
-        "patch_size": args.patch_size,
-        "batch_size": args.batch_size,
-        "rank": args.rank,
-        "alpha": args.alpha,
+        **model_config(args, "bf16" if args.amp else args.precision),
         "warmup": args.warmup,
         "steps": args.steps,
-        "precision": "bf16" if args.amp else args.precision,
     }
     cache = {"on": True, "off": False}.get(args.frozen_cache, torch.device(args.device).type == "cuda")
     configs = [{**base, "mode": "full", "quant": "none", "heads": 1}]

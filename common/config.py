@@ -249,11 +249,18 @@ def load_toml(path: str | Path, extra_types: dict[str, type] | None = None) -> d
     """
     data = read_toml(path)
     flat: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # the key as the file wrote it, for the duplicate message
+    entries = []
     for key, value in data.items():
         if isinstance(value, dict):  # allow [job] / [server] tables: flatten one level
-            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+            entries += [(f"{key}.{k}", k, v) for k, v in value.items()]
         else:
-            flat[key.replace("-", "_")] = value
+            entries.append((key, key, value))
+    for written, key, value in entries:
+        name = key.replace("-", "_")
+        if name in flat:  # merge-every and merge_every, or the same key in two tables
+            raise ConfigError(f"{path}: {spelled[name]} and {written} set the same option {name}; keep one")
+        flat[name], spelled[name] = value, written
     return coerce_types(flat, {**JOB_TYPES, **(extra_types or {})}, source=str(path))
 
 

@@ -8,6 +8,7 @@ images are standardised with the *training* mean and std stored in the file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -56,8 +57,15 @@ def _run_data_dir(model_file: Path) -> str | None:
 
 
 def restandardise(dataset, prep: dict) -> None:
-    """Standardise the test images with the training run's mean/std instead of this dataset's own."""
+    """Standardise the test images with the training run's mean/std instead of this dataset's own.
+
+    Streamed image files (``ImageFiles``) take the run's statistics as their normalisation, so
+    nothing is decoded here; in-memory images (a tensor, or ``ResizedImages``) are rescaled.
+    Raises ConfigError when the channel counts differ.
+    """
     import torch
+
+    from lte.common.data import ResizedImages
 
     extras = dataset.extras
     if not {"mean", "std"} <= set(prep) or not {"mean", "std"} <= set(extras):
@@ -68,9 +76,14 @@ def restandardise(dataset, prep: dict) -> None:
         raise ConfigError(
             f"--dataset {dataset.name}: {own_mean.numel()} channels, the model was trained on {mean.numel()}"
         )
+    test_x = dataset.test_x
+    if hasattr(test_x, "with_normalisation"):  # files decoded per batch: normalised as they load
+        dataset.test_x = test_x.with_normalisation(mean, std)
+        return
     shape = (1, -1, 1, 1)
-    raw = dataset.test_x * own_std.view(shape) + own_mean.view(shape)
-    dataset.test_x = (raw - mean.view(shape)) / std.view(shape)
+    images = test_x.images if isinstance(test_x, ResizedImages) else test_x
+    images = (images * own_std.view(shape) + own_mean.view(shape) - mean.view(shape)) / std.view(shape)
+    dataset.test_x = ResizedImages(images, test_x.size) if isinstance(test_x, ResizedImages) else images
 
 
 def _test_samples(dataset: Dataset | TokenDataset, context: int) -> int:
@@ -99,16 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     job = job_from_metadata(metadata, source=str(model_file))
     prep = json.loads(metadata.get("lte_preprocessing") or "{}")
     dataset_name = args.dataset or job.dataset
-    from lte.common.data import DATASET_NAMES, load_dataset
+    from lte.common.data import DATASET_NAMES, load_job_dataset
 
     if dataset_name not in DATASET_NAMES:
         raise ConfigError(f"--dataset {dataset_name!r}: must be one of {', '.join(DATASET_NAMES)}")
-    dataset = load_dataset(dataset_name, args.data_dir or _run_data_dir(model_file), seed=job.seed)
-    for key, want in (("image_size", job.image_size), ("in_channels", job.in_channels)):
-        if want and getattr(dataset, key) != want:
-            raise ConfigError(
-                f"--dataset {dataset_name}: {key} {getattr(dataset, key)}, the model was trained on {want}"
-            )
+    # loaded as the server loaded it: the job's image size, channels and class names (the test
+    # view is never augmented, so the training augmentations are left out)
+    eval_job = dataclasses.replace(job, dataset=dataset_name, augment="", randaugment_ops=0)
+    try:
+        dataset = load_job_dataset(eval_job, args.data_dir or _run_data_dir(model_file))
+    except ValueError as exc:
+        raise ConfigError(f"--dataset {dataset_name}: {exc}") from None
     if dataset.output_dim != job.num_classes:
         raise ConfigError(
             f"--dataset {dataset_name}: {dataset.output_dim} outputs, the model has {job.num_classes}"

@@ -94,6 +94,21 @@ def test_config_file_values_of_the_wrong_type_name_the_key_and_the_file(tmp_path
     )
 
 
+def test_a_config_key_set_twice_in_two_spellings_or_tables_is_refused(tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text("merge-every = 5\nmerge_every = 10\n")  # TOML itself sees two keys
+    assert_refused(
+        run("server", "--config", str(config), "--print-config"),
+        str(config),
+        "merge-every and merge_every set the same option merge_every; keep one",
+    )
+    config.write_text("[job]\nheads = 4\n[server]\nheads = 8\n")
+    assert_refused(run("sim", "--config", str(config)), "job.heads and server.heads")
+    config.write_text("merge-every = 5\n")  # one spelling alone is fine
+    result = run("server", "--config", str(config), "--print-config")
+    assert result.returncode == 0 and "merge_every = 5" in result.stdout, result.stderr
+
+
 def test_config_file_range_errors_are_caught_like_flags(tmp_path):
     config = tmp_path / "job.toml"
     config.write_text("[server]\nport = -5\n")

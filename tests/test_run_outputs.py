@@ -142,3 +142,34 @@ def test_a_trained_export_runs_in_plain_torch_from_its_metadata_alone(cluster_ru
     assert not torch.equal(
         initial.state_dict()["head.weight"], weights["head.weight"]
     )  # trained, not the init
+
+
+def test_lte_eval_loads_an_image_folder_at_the_job_s_size_and_streams_it(tmp_path):
+    """An imagefolder model trained at --image-size 8 (not the loader's default 32) evaluates to
+    exactly lte-sim's figures, and its test split stays files decoded per batch."""
+    from tests.test_image_data import write_classes
+
+    write_classes(tmp_path / "data", {"cat": 12, "dog": 12, "owl": 12}, size=16)
+    trained = run(
+        command("sim"),
+        *("--model", "mlp", "--dataset", "imagefolder", "--data-dir", "data", "--image-size", "8"),
+        *("--heads", "2", "--steps", "10", "--batch-size", "4", "--export", "m/model.safetensors"),
+        *("--json", "--quiet"),
+        cwd=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr
+    want = json.loads(trained.stdout.strip().splitlines()[-1])
+    result = run(command("eval"), "m/model.safetensors", "--data-dir", "data", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert (got["test_accuracy"], got["test_loss"]) == (want["test_accuracy"], want["test_loss"])
+
+    from lte.common.data import load_job_dataset
+    from lte.common.eval_cli import restandardise
+    from lte.common.images import ImageFiles
+
+    job = JobConfig(dataset="imagefolder", image_size=8, seed=0)
+    dataset = load_job_dataset(job, str(tmp_path / "data"))
+    restandardise(dataset, {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    assert isinstance(dataset.test_x, ImageFiles)  # not decoded into one tensor
+    assert dataset.test_x.mean.tolist() == [0.5] * 3 and dataset.test_x.std.tolist() == [0.25] * 3
