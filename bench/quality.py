@@ -68,15 +68,36 @@ def run_label(run: dict[str, Any]) -> str:
 
 
 def load_results(path: Path) -> list[dict[str, Any]]:
+    """The records of ``path`` (none if it does not exist). A line that is not a JSON object (one
+    cut short when a run was stopped mid-write) is skipped with a warning: that run counts as not
+    done, so a resumed sweep trains it again."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            record = exc
+        if not isinstance(record, dict):
+            print(f"quality: warning: {path} line {number} is not a JSON record; skipped", file=sys.stderr)
+            continue
+        records.append(record)
+    return records
+
+
+def run_job(base: dict[str, Any], run: dict[str, Any], seed: int) -> JobConfig:
+    """The job of one (run, seed): ``base`` with the run's fields, its steps times ``x``
+    (ConfigError, a ValueError, naming the field when the result is not a valid job)."""
+    values = {**base, **run["job"], "seed": seed}
+    values["steps"] = round(values["steps"] * run["x"])
+    return JobConfig(**values)
 
 
 def train_one(base: dict[str, Any], run: dict[str, Any], seed: int, dataset, device: str) -> dict[str, Any]:
-    values = {**base, **run["job"], "seed": seed}
-    values["steps"] = round(values["steps"] * run["x"])
-    job = JobConfig(**values).with_dataset(dataset)
+    job = run_job(base, run, seed).with_dataset(dataset)
     trainer = run_full if run["kind"] == "full" else run_lte
     start = time.perf_counter()
     result = trainer(job, dataset, device=device)
@@ -105,7 +126,7 @@ def table(records: list[dict[str, Any]]) -> str:
     by_label: dict[str, dict[int, dict[str, Any]]] = {}
     for r in records:
         by_label.setdefault(r["label"], {})[r["seed"]] = r
-    lm = all(r.get("test_accuracy") is None for r in records)
+    lm = bool(records) and all(r.get("test_accuracy") is None for r in records)
     key, unit, factor = ("test_loss", "", 1.0) if lm else ("test_accuracy", " %", 100.0)
     better = min if lm else max
     means = {label: statistics.mean(r[key] for r in runs.values()) for label, runs in by_label.items()}
@@ -179,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
         )
         try:
+            for run in args.run:  # an invalid job stops the sweep before anything trains
+                try:
+                    run_job(base, run, args.seeds[0])
+                except ValueError as exc:
+                    raise ValueError(f"--run {run_label(run)!r}: {exc}") from None
             dataset = load_dataset(args.dataset, args.data_dir, seed=0)
         except (ValueError, FileNotFoundError, OSError) as exc:
             print(f"quality: error: {exc}", file=sys.stderr)

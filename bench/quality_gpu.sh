@@ -25,18 +25,50 @@ DEVICE=cuda
 MPS=0
 SCALE=100
 QUEUE_FILE=
+fail() { echo "quality_gpu.sh: error: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --deadline) DEADLINE=$2; shift 2 ;;
-    --parallel) PARALLEL=$2; shift 2 ;;
-    --data-dir) DATA_DIR=$2; shift 2 ;;
-    --device) DEVICE=$2; shift 2 ;;
-    --steps-scale) SCALE=$2; shift 2 ;;
-    --mps) MPS=1; shift ;;
-    --queue) QUEUE_FILE=$2; shift 2 ;;
-    *) echo "quality_gpu.sh: error: unknown option $1 (see the header of this file)" >&2; exit 2 ;;
+    --mps) MPS=1; shift; continue ;;
+    --deadline | --parallel | --data-dir | --device | --steps-scale | --queue)
+      [ $# -ge 2 ] || fail "$1 needs a value (see the header of this file)" ;;
   esac
+  case "$1" in
+    --deadline) DEADLINE=$2 ;;
+    --parallel) PARALLEL=$2 ;;
+    --data-dir) DATA_DIR=$2 ;;
+    --device) DEVICE=$2 ;;
+    --steps-scale) SCALE=$2 ;;
+    --queue) QUEUE_FILE=$2 ;;
+    *) fail "unknown option $1 (see the header of this file)" ;;
+  esac
+  shift 2
 done
+for pair in "--deadline $DEADLINE" "--parallel $PARALLEL" "--steps-scale $SCALE"; do
+  case "${pair#* }" in '' | *[!0-9]*) fail "$pair: must be a whole number" ;; esac
+done
+[ "$PARALLEL" -ge 1 ] || fail "--parallel $PARALLEL: must be at least 1"
+has_word() {  # has_word WORD LINES: whether one of the newline-separated LINES is WORD
+  case $'\n'"$2"$'\n' in *$'\n'"$1"$'\n'*) return 0 ;; esac
+  return 1
+}
+QUEUE=()  # one line of bench/quality.py arguments per run, in priority order
+if [ -n "$QUEUE_FILE" ]; then  # read before the cd below: a relative path is the caller's
+  [ -f "$QUEUE_FILE" ] && [ -r "$QUEUE_FILE" ] || fail "--queue $QUEUE_FILE: no such readable file"
+  number=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    number=$((number + 1))
+    trimmed=${line#"${line%%[![:space:]]*}"}
+    case "$trimmed" in '' | '#'*) continue ;; esac
+    # split as one() will (quotes group a --run's words); the results file is named after the
+    # line's --model and --steps, so both must be there
+    words=$( (eval "set -- $line" && printf '%s\n' "$@") 2>/dev/null) ||
+      fail "--queue $QUEUE_FILE line $number: unbalanced quotes or shell syntax: $line"
+    has_word --model "$words" || fail "--queue $QUEUE_FILE line $number: no '--model NAME': $line"
+    has_word --steps "$words" || fail "--queue $QUEUE_FILE line $number: no '--steps N': $line"
+    QUEUE+=("$line")
+  done <"$QUEUE_FILE"
+  [ ${#QUEUE[@]} -gt 0 ] || fail "--queue $QUEUE_FILE: no runs in it (only blank or '#' lines)"
+fi
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-bench/results/quality-$DEVICE-$(date -u +%Y-%m-%d-%H%M)}
 mkdir -p "$OUT/logs"
@@ -62,14 +94,7 @@ fi
 scaled() { echo $(($1 * SCALE / 100)); }  # --steps-scale is a percentage
 MICRO=$(scaled 1500)
 TINY=$(scaled 1400)
-# one line of bench/quality.py arguments per run, in priority order
-QUEUE=()
-if [ -n "$QUEUE_FILE" ]; then
-  while IFS= read -r line; do
-    case "$line" in '' | '#'*) continue ;; esac
-    QUEUE+=("$line")
-  done <"$QUEUE_FILE"
-else
+if [ -z "$QUEUE_FILE" ]; then
   for seed in 0 1; do
     for run in "full lr=1e-3" "lte rank=64 alpha=256 lr=1e-3 x=1.3" "lte rank=64 alpha=128 lr=1e-3 x=1.3" \
       "lte rank=64 alpha=64 lr=2e-3 x=1.3"; do
@@ -101,7 +126,7 @@ one() {  # one queue line (bench/quality.py arguments), bounded by the deadline
   tag=$(echo "$line" | tr -c 'A-Za-z0-9.\n-' '_' | cut -c1-150)
   if [ $left -lt 10 ]; then return 0; fi
   local t0=$SECONDS
-  timeout --signal=TERM "$left" "$PY" bench/quality.py --device "$DEVICE" "${args[@]}" \
+  timeout --signal=TERM --kill-after=30 "$left" "$PY" bench/quality.py --device "$DEVICE" "${args[@]}" \
     --results "$OUT/quality-$model-$steps.jsonl" >"$OUT/logs/$tag.log" 2>&1
   local rc=$?
   echo "[$((SECONDS - START)) s] $line: exit $rc after $((SECONDS - t0)) s: $(grep -m1 -E ' seed [0-9]+: |rror' "$OUT/logs/$tag.log")"

@@ -49,11 +49,27 @@ def _model_file(path: Path) -> Path:
 
 
 def _run_data_dir(model_file: Path) -> str | None:
-    """The data_dir the run used, from the config.toml beside the model (None when absent)."""
+    """The data_dir the run used, from the config.toml beside the model (None when absent).
+
+    A relative data_dir is relative to the folder lte-server ran in: used as it is when it exists
+    from here, else found from the run folder (its ``out`` setting names it from that folder)."""
     from lte.common.checks import read_toml
 
-    config = model_file.parent / "config.toml"
-    return read_toml(config).get("data_dir") if config.is_file() else None
+    config_file = model_file.parent / "config.toml"
+    if not config_file.is_file():
+        return None
+    config = read_toml(config_file)
+    data_dir, out = config.get("data_dir"), config.get("out")
+    if not isinstance(data_dir, str) or not data_dir:
+        return None
+    if Path(data_dir).is_absolute() or Path(data_dir).exists() or not isinstance(out, str):
+        return data_dir
+    run_dir, out_parts = model_file.parent.absolute(), Path(out).parts
+    if Path(out).is_absolute() or not out_parts or run_dir.parts[-len(out_parts) :] != out_parts:
+        return data_dir
+    server_cwd = run_dir.parents[len(out_parts) - 1]
+    found = server_cwd / data_dir
+    return str(found) if found.exists() else data_dir
 
 
 def restandardise(dataset, prep: dict) -> None:
@@ -116,12 +132,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if dataset_name not in DATASET_NAMES:
         raise ConfigError(f"--dataset {dataset_name!r}: must be one of {', '.join(DATASET_NAMES)}")
+    data_dir = args.data_dir
+    if data_dir is None and dataset_name == job.dataset:  # the run's folder holds the run's dataset only
+        data_dir = _run_data_dir(model_file)
     # loaded as the server loaded it: the job's image size, channels and class names (the test
     # view is never augmented, so the training augmentations are left out)
     eval_job = dataclasses.replace(job, dataset=dataset_name, augment="", randaugment_ops=0)
     try:
-        dataset = load_job_dataset(eval_job, args.data_dir or _run_data_dir(model_file))
-    except ValueError as exc:
+        dataset = load_job_dataset(eval_job, data_dir)
+    except (ValueError, OSError) as exc:  # a missing or unfit dataset folder (FileNotFoundError too)
         raise ConfigError(f"--dataset {dataset_name}: {exc}") from None
     if dataset.output_dim != job.num_classes:
         raise ConfigError(
@@ -150,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         print(json.dumps(summary))
+    elif result.get("perplexity") is not None:  # a language model: validation windows of val.bin
+        bpb = result.get("bits_per_byte")
+        print(
+            f"lte-eval: {job.model} v{summary['version']} on {dataset_name} "
+            f"({summary['test_samples']} validation windows): val loss {result['test_loss']:.4f}, "
+            f"perplexity {result['perplexity']:.2f}" + (f", {bpb:.3f} bits/byte" if bpb else "")
+        )
     else:
         acc = f"test accuracy {result['test_accuracy']:.4f}, " if "test_accuracy" in result else ""
         print(

@@ -360,6 +360,34 @@ def test_lte_generate_samples_from_an_lte_sim_export(byte_data, tmp_path, capsys
     assert "no such model file" in capsys.readouterr().err
 
 
+def test_lte_eval_finds_a_runs_relative_token_folder_from_anywhere_and_names_what_is_missing(
+    byte_data, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    from lte.common.eval_cli import main as eval_main
+
+    project = tmp_path / "project"  # where lte-server ran: data_dir and out are relative to it
+    shutil.copytree(byte_data, project / "data" / "kjv")
+    run_dir = project / "runs" / "r1"
+    base = ["--model", "gpt-micro", "--dataset", "text", "--data-dir", str(byte_data), "--context", "16"]
+    base += ["--heads", "2", "--rank", "4", "--steps", "2", "--merge-every", "2", "--batch-size", "2"]
+    assert sim_main([*base, "--quiet", "--export", str(run_dir / "model.safetensors")]) == 0
+    (run_dir / "config.toml").write_text('data_dir = "data/kjv"\nout = "runs/r1"\n')
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # not the project folder: data/kjv does not exist from here
+    assert eval_main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"validation windows\): val loss \d\.\d{4}, perplexity \d+\.\d\d, \d\.\d{3} bits/byte", out
+    )
+    # another dataset does not look in the run's token folder; a folder without token files is named
+    assert eval_main([str(run_dir), "--dataset", "fashion-mnist"]) == 2
+    assert eval_main([str(run_dir), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unexpected" not in err and f"--dataset text: {tmp_path}/meta.json: missing" in err
+
+
 def test_token_data_of_another_tokenizer_is_refused(byte_data):
     from lte.common.trainer import LocalTrainer
 
@@ -415,6 +443,20 @@ def test_dashboard_status_and_metrics_carry_perplexity_and_the_text_sample():
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     assert families["lte_perplexity"].samples[0].value == pytest.approx(20.1)
     assert families["lte_bits_per_byte"].samples[0].value == pytest.approx(4.3)
+
+
+def test_dashboard_leaves_every_image_option_out_of_a_language_models_job():
+    from lte.server.dashboard import STATIC_DIR
+
+    js = (STATIC_DIR / "dashboard.js").read_text()
+    listed = js[js.index("const IMAGE_ONLY = new Set([") : js.index("]);", js.index("const IMAGE_ONLY"))]
+    hidden = set(re.findall(r'"([a-z_]+)"', listed))
+    job_fields = {f.name for f in dataclasses.fields(JobConfig)}
+    assert hidden <= job_fields  # a renamed field would silently show again
+    # the options of image data and of classification heads, RandAugment's two included
+    image_options = {"image_size", "in_channels", "classes", "augment", "label_smoothing", "mixup", "cutmix"}
+    image_options |= {name for name in job_fields if name.startswith("randaugment")}
+    assert hidden == image_options
 
 
 def test_dashboard_page_puts_the_sample_in_through_text_content_only():

@@ -106,3 +106,57 @@ def test_the_gpu_sweep_script_refuses_an_unknown_option_in_one_line():
     assert (
         proc.stderr.strip() == "quality_gpu.sh: error: unknown option --nosuch (see the header of this file)"
     )
+
+
+def test_the_gpu_sweep_script_refuses_bad_input_in_one_line_before_starting_anything(tmp_path):
+    def refused(*args: str, queue: str | None = None) -> str:
+        argv = list(args)
+        if queue is not None:
+            (tmp_path / "queue.txt").write_text(queue)
+            argv += ["--queue", "queue.txt"]  # relative: the caller's folder, not the repository's
+        env = {**os.environ, "OUT": str(tmp_path / "out"), "PY": sys.executable}
+        proc = subprocess.run(
+            ["bash", str(QUEUE_SCRIPT), "--device", "cpu", *argv],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+        return proc.stderr.strip()
+
+    run = "--model mlp --dataset digits --steps 6 --seeds 0 --run 'full lr=1e-2'\n"
+    assert refused("--queue", "nope.txt") == "quality_gpu.sh: error: --queue nope.txt: no such readable file"
+    assert refused(queue="# only a comment\n\n   \n").endswith("no runs in it (only blank or '#' lines)")
+    assert refused(queue=run + run.replace("--steps 6 ", "")) == (
+        "quality_gpu.sh: error: --queue queue.txt line 2: no '--steps N': "
+        "--model mlp --dataset digits --seeds 0 --run 'full lr=1e-2'"
+    )
+    assert "line 1: no '--model NAME'" in refused(queue=run.replace("--model mlp ", ""))
+    assert "line 2: unbalanced quotes" in refused(queue="# c\n" + run.replace("lr=1e-2'", "lr=1e-2"))
+    assert (
+        refused("--deadline", "soon", queue=run)
+        == "quality_gpu.sh: error: --deadline soon: must be a whole number"
+    )
+    assert refused("--parallel", "0", queue=run) == "quality_gpu.sh: error: --parallel 0: must be at least 1"
+    assert (
+        refused("--deadline")
+        == "quality_gpu.sh: error: --deadline needs a value (see the header of this file)"
+    )
+
+
+def test_quality_refuses_an_invalid_run_before_training_and_skips_a_cut_off_results_line(tmp_path, capsys):
+    quality = _load_bench()
+    results = tmp_path / "q.jsonl"
+    argv = ["--model", "mlp", "--dataset", "digits", "--steps", "4", "--heads", "2", "--seeds", "0",
+            "--results", str(results), "--run", "full lr=1e-2", "--run", "lte rank=0"]  # fmt: skip
+    assert quality.main(argv) == 2
+    assert capsys.readouterr().err.strip() == "quality: error: --run 'lte rank=0': rank must be >= 1, got 0"
+    assert not results.exists()  # the valid run before it did not train either
+    assert "| test accuracy (mean) |" in quality.table([])  # no records: not a language model's table
+    record = {"label": "full lr=0.01", "seed": 0, "model": "mlp", "dataset": "digits", "base_steps": 4, "steps": 4,
+              "test_accuracy": 0.5, "test_loss": 1.0, "seconds": 1.0}  # fmt: skip
+    results.write_text(json.dumps(record) + "\n" + json.dumps(record)[:40])  # a line cut off mid-write
+    assert quality.load_results(results) == [record]
+    assert "line 2 is not a JSON record; skipped" in capsys.readouterr().err
+    assert quality.main(["--model", "mlp", "--steps", "4", "--results", str(results), "--table-only"]) == 0
+    assert "| `full lr=0.01` (best full) | 4 | 0 | 50.00 % |" in capsys.readouterr().out

@@ -275,7 +275,10 @@
   }
 
   // options that only image jobs use: a language model's page leaves them out
-  const IMAGE_ONLY = new Set(["image_size", "in_channels", "classes", "augment", "label_smoothing", "mixup", "cutmix"]);
+  const IMAGE_ONLY = new Set([
+    "image_size", "in_channels", "classes", "augment", "label_smoothing", "mixup", "cutmix",
+    "randaugment_ops", "randaugment_magnitude",
+  ]);
 
   function renderJob(job) {
     const key = JSON.stringify(job);
