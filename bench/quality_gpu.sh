@@ -11,6 +11,8 @@
 # below (seed 0 of everything before seed 1), so a run cut short by the deadline loses the least
 # useful rows. At the deadline the processes still running are stopped; the table holds what
 # finished (one JSON line per finished run, in $OUT/quality-<model>.jsonl).
+# Exit status: 0 when every run of the queue finished, 1 when any failed, was stopped or never
+# started (the table still holds the finished ones), 2 for bad options or a bad queue file.
 # --mps starts NVIDIA's multi-process service first (many small processes then share the GPU
 # without context switches) and falls back to plain time-slicing if it does not start.
 # --device cpu with --steps-scale makes the same run small enough to check on a CPU.
@@ -72,6 +74,7 @@ fi
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-bench/results/quality-$DEVICE-$(date -u +%Y-%m-%d-%H%M)}
 mkdir -p "$OUT/logs"
+rm -f "$OUT/logs/exit-codes"  # this run's exit codes only
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 PY=${PY:-python3}
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
@@ -129,6 +132,7 @@ one() {  # one queue line (bench/quality.py arguments), bounded by the deadline
   timeout --signal=TERM --kill-after=30 "$left" "$PY" bench/quality.py --device "$DEVICE" "${args[@]}" \
     --results "$OUT/quality-$model-$steps.jsonl" >"$OUT/logs/$tag.log" 2>&1
   local rc=$?
+  echo "$rc" >>"$OUT/logs/exit-codes"
   echo "[$((SECONDS - START)) s] $line: exit $rc after $((SECONDS - t0)) s: $(grep -m1 -E ' seed [0-9]+: |rror' "$OUT/logs/$tag.log")"
 }
 
@@ -153,4 +157,9 @@ for results in "$OUT"/quality-*.jsonl; do
   model=${model%-"$steps"}
   "$PY" bench/quality.py --model "$model" --steps "$steps" --results "$results" --table-only | tee "$OUT/table-$model-$steps.md"
 done
-echo "done in $((SECONDS - START)) s"
+finished=$(grep -c '^0$' "$OUT/logs/exit-codes" 2>/dev/null)
+echo "done in $((SECONDS - START)) s: ${finished:-0} of ${#QUEUE[@]} runs finished"
+if [ "${finished:-0}" -lt ${#QUEUE[@]} ]; then
+  echo "quality_gpu.sh: $((${#QUEUE[@]} - ${finished:-0})) run(s) failed, were stopped at the deadline or never started; logs in $OUT/logs" >&2
+  exit 1
+fi

@@ -241,6 +241,9 @@ def job_from_dict(values: dict[str, Any], *, source: str = "config") -> JobConfi
 JOB_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(JobConfig)}
 
 
+CONFIG_TABLES = ("job", "server")  # the tables a config file may group its keys in
+
+
 def load_toml(path: str | Path, extra_types: dict[str, type] | None = None) -> dict[str, Any]:
     """Read a TOML config file; keys may use dashes or underscores.
 
@@ -252,8 +255,13 @@ def load_toml(path: str | Path, extra_types: dict[str, type] | None = None) -> d
     spelled: dict[str, str] = {}  # the key as the file wrote it, for the duplicate message
     entries = []
     for key, value in data.items():
-        if isinstance(value, dict):  # allow [job] / [server] tables: flatten one level
+        if isinstance(value, dict) and key in CONFIG_TABLES:  # [job] / [server] tables: flatten one level
             entries += [(f"{key}.{k}", k, v) for k, v in value.items()]
+        elif isinstance(value, dict):
+            raise ConfigError(
+                f"{path}: key {key!r} holds a table; options take plain values, and the only tables "
+                f"are {' and '.join(f'[{t}]' for t in CONFIG_TABLES)}"
+            )
         else:
             entries.append((key, key, value))
     for written, key, value in entries:

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -351,11 +351,27 @@ def check_sim_args(args: argparse.Namespace, job: JobConfig) -> None:
     check_range("threads", args.threads, low=0, note="0 is torch's default")
 
 
+def check_file_keys(path: str | None, values: dict) -> None:
+    """Refuse a config-file key that no command knows (a typo must not be silently ignored).
+
+    lte-sim reads job keys and its own flags; lte-server's settings are accepted and unused, so
+    that a run's ``config.toml`` runs here as it is. Raises ConfigError naming the file and keys.
+    """
+    from lte.server.startup import SERVER_TYPES  # names only: nothing of the server starts
+
+    own = {action.dest for action in build_parser()._actions}
+    known = {f.name for f in fields(JobConfig)} | own | set(SERVER_TYPES)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {unknown}; lte-sim --help lists the options")
+
+
 @one_line_errors("lte-sim")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         file_values = load_toml(args.config) if args.config else {}
+        check_file_keys(args.config, file_values)
         job = resolve_job(args, file_values)
         if job.dataset not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {job.dataset!r}; choose one of {DATASET_NAMES}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -107,6 +108,33 @@ def test_a_config_key_set_twice_in_two_spellings_or_tables_is_refused(tmp_path):
     config.write_text("merge-every = 5\n")  # one spelling alone is fine
     result = run("server", "--config", str(config), "--print-config")
     assert result.returncode == 0 and "merge_every = 5" in result.stdout, result.stderr
+
+
+def test_lte_sim_refuses_unknown_config_keys_but_runs_a_server_run_s_config(tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text("rand_augment_ops = 2\n")  # a typo: training without it would be silent
+    assert_refused(run("sim", "--config", str(config)), str(config), "unknown key(s) ['rand_augment_ops']")
+    config.write_text("randaugment_ops = {a = 1}\n")  # a table where a value belongs
+    assert_refused(
+        run("server", "--config", str(config), "--print-config"), "key 'randaugment_ops' holds a table"
+    )
+    assert_refused(run("sim", "--config", str(config)), "key 'randaugment_ops' holds a table")
+    # what lte-server writes as a run's config.toml (job keys and server settings) runs in lte-sim
+    written = run(
+        "server", "--model", "mlp", "--dataset", "digits", "--heads", "2", "--steps", "4", "--print-config"
+    )
+    assert written.returncode == 0, written.stderr
+    config.write_text(written.stdout)
+    result = run("sim", "--config", str(config), "--json", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 4
+
+
+def test_every_server_setting_has_a_checked_file_type():
+    from lte.server.cli import SERVER_KEYS
+    from lte.server.startup import SERVER_TYPES
+
+    assert set(SERVER_KEYS) == set(SERVER_TYPES)
 
 
 def test_config_file_range_errors_are_caught_like_flags(tmp_path):

@@ -97,7 +97,21 @@ def test_the_gpu_sweep_script_runs_a_queue_in_parallel_and_tabulates(tmp_path):
         ("full lr=0.01", 6, "cpu"), ("lte rank=4 lr=0.01 x=1.5", 9, "cpu"),
     ]  # fmt: skip
     assert "(best full)" in (out / "table-mlp-6.md").read_text()
-    assert "2 runs, 2 at a time" in proc.stdout
+    assert "2 runs, 2 at a time" in proc.stdout and "2 of 2 runs finished" in proc.stdout
+
+    # a run that fails (its data folder is missing) leaves the others' rows and fails the script
+    queue.write_text(
+        "--model mlp --dataset digits --heads 2 --steps 6 --seeds 1 --run 'full lr=1e-2'\n"
+        f"--model mlp --dataset imagefolder --data-dir {tmp_path / 'nowhere'} --steps 6 --seeds 0 --run 'full'\n"
+    )
+    proc = subprocess.run(
+        ["bash", str(QUEUE_SCRIPT), "--device", "cpu", "--queue", str(queue), "--parallel", "2", "--deadline", "240"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "1 of 2 runs finished" in proc.stdout
+    assert "1 run(s) failed, were stopped at the deadline or never started" in proc.stderr
+    assert len((out / "quality-mlp-6.jsonl").read_text().splitlines()) == 3  # seed 1 added to the two
 
 
 def test_the_gpu_sweep_script_refuses_an_unknown_option_in_one_line():
