@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from lte.common.config import JobConfig
@@ -173,3 +174,28 @@ def test_lte_eval_loads_an_image_folder_at_the_job_s_size_and_streams_it(tmp_pat
     restandardise(dataset, {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
     assert isinstance(dataset.test_x, ImageFiles)  # not decoded into one tensor
     assert dataset.test_x.mean.tolist() == [0.5] * 3 and dataset.test_x.std.tolist() == [0.25] * 3
+
+
+def test_the_readme_s_parity_claim_holds_through_the_commands(tmp_path):
+    """README: lte-server --local-workers 2 and lte-sim --workers 2, both --uplink fp32 and one
+    thread, export exactly the same weights (the network adds nothing to the arithmetic)."""
+    from safetensors.torch import load_file
+
+    job = ("--model", "mlp", "--dataset", "digits", "--heads", "4", "--steps", "20", "--batch-size", "8")
+    job += ("--seed", "3", "--uplink", "fp32", "--threads", "1")
+    sim = run(command("sim"), *job, "--workers", "2", "--export", "sim.safetensors", "--quiet", cwd=tmp_path)
+    assert sim.returncode == 0, sim.stderr
+    server = run(
+        command("server"),
+        *job,
+        *("--local-workers", "2", "--port", "0", "--dashboard-port", "-1", "--out", "run", "--quiet"),
+        cwd=tmp_path,
+    )
+    assert server.returncode == 0, server.stderr
+    a, b = (
+        load_file(str(tmp_path / "sim.safetensors")),
+        load_file(str(tmp_path / "run" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a)  # trained weights, not two empty files
