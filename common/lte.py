@@ -409,7 +409,7 @@ class LTELinear(nn.Module):
         m, n, h = self.out_features, self.in_features, self.heads
         if not self.training:  # eval: W alone
             y = _FrozenBaseMatmul.apply(x.reshape(1, -1, n), self, False).reshape(*x.shape[:-1], m)
-            return y if self.bias is None else y + self.bias
+            return self._add_bias(y)
         self.check_layout(x)
         xh = x.reshape(h, -1, n)  # head i gets samples [i*B/h, (i+1)*B/h)
         A: torch.Tensor = self.lora_A
@@ -419,13 +419,24 @@ class LTELinear(nn.Module):
         # equation head by head). The last-merged term is folded into the weight when a head's rows
         # outnumber m n / (m + n), where that is the cheaper way to compute it.
         fold = self.has_prev and xh.shape[1] * (m + n) >= m * n
+        # one cast to the compute dtype for both products: under autocast an fp32 input (a
+        # LayerNorm's output) was cast once per product, and its two gradients cast back to fp32
+        # and summed there (BENCHMARKS: the copies and adds an LTE step adds on a GPU)
+        xh = xh.to(_compute_dtype(xh))
         y = _FrozenBaseMatmul.apply(xh, self, fold)  # one GEMM over all heads' rows (a bmm if folded)
         if self.has_prev and not fold:  # both low-rank terms as one: x [A_i; A'_i]^T [B_i, -B'_i]^T
             A = torch.cat([A, A_prev.to(A.dtype)], dim=1)  # [h, 2r, n]
             B = torch.cat([B, -B_prev.to(B.dtype)], dim=2)  # [h, m, 2r]
-        y = torch.baddbmm(y, xh @ A.mT, B.mT, alpha=s)  # two batched GEMMs, the add fused in the second
-        y = y.reshape(*x.shape[:-1], m)
-        return y if self.bias is None else y + self.bias
+        # two batched GEMMs, the second accumulating into y in place (out of place, baddbmm first
+        # copies all of y); in place autocast casts nothing, so B goes to y's dtype here
+        y = y.baddbmm_((xh @ A.mT).to(y.dtype), B.mT.to(y.dtype), alpha=s)
+        return self._add_bias(y.reshape(*x.shape[:-1], m))
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """``y + b`` in ``y``'s dtype, as ``nn.Linear`` under autocast: a bf16 output stays bf16
+        (type promotion with the fp32 bias would make every LTE layer's output fp32, twice the
+        bytes, and cast its gradient back). Without autocast the dtypes agree and nothing changes."""
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """DESIGN section 2 as written, one head at a time (the check on ``forward``; slow).

@@ -245,3 +245,34 @@ def test_in_bf16_the_cached_frozen_weight_trains_bit_for_bit_as_the_rebuilt_one(
                 trainer.load_snapshot(make_snapshot(plain.state_dict(), linear_weight_names(plain), "int8"))
     a, b = cached.model.state_dict(), rebuilt.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cast_traffic():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "cast_traffic.py"
+    spec = importlib.util.spec_from_file_location("cast_traffic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_under_autocast_an_lte_layer_moves_no_more_activation_bytes_than_nn_linear():
+    """The output stays in the compute dtype (a bf16 layer output, as nn.Linear's, not fp32 by type
+    promotion with the fp32 bias) and an fp32 input is cast once for both products: an LTE layer
+    whose B'A' is zero copies and adds no more activation elements than nn.Linear of its shape."""
+    bench = _cast_traffic()
+    rows = 1576
+    _, linear, linear_dtype = bench.activation_traffic(torch.nn.Linear(768, 3072), rows, torch.bfloat16)
+    count, lte, lte_dtype = bench.activation_traffic(
+        bench.lte_layer(768, 3072, 64, False), rows, torch.bfloat16
+    )
+    assert lte_dtype == linear_dtype == torch.bfloat16
+    assert 0 < lte <= linear, (lte, linear)
+    # and in fp32 (no autocast) the layer is what it was: fp32 out, the same values as the reference
+    layer = bench.lte_layer(64, 32, 8, True)
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(2))
+    y = layer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, layer.reference_forward(x), rtol=1e-5, atol=1e-6)
