@@ -354,14 +354,22 @@ def check_sim_args(args: argparse.Namespace, job: JobConfig) -> None:
 def check_file_keys(path: str | None, values: dict) -> None:
     """Refuse a config-file key that no command knows (a typo must not be silently ignored).
 
-    lte-sim reads job keys and its own flags; lte-server's settings are accepted and unused, so
-    that a run's ``config.toml`` runs here as it is. Raises ConfigError naming the file and keys.
+    lte-sim reads the job keys and ``data_dir`` from a file; lte-server's other settings are
+    accepted and unused, so that a run's ``config.toml`` runs here as it is. lte-sim's own flags
+    (``full``, ``workers``, ``export``, ...) are read from the command line only: in a file they
+    would be ignored, so they are refused too. Raises ConfigError naming the file and keys.
     """
     from lte.server.startup import SERVER_TYPES  # names only: nothing of the server starts
 
-    own = {action.dest for action in build_parser()._actions}
-    known = {f.name for f in fields(JobConfig)} | own | set(SERVER_TYPES)
+    known = {f.name for f in fields(JobConfig)} | set(SERVER_TYPES)
     unknown = sorted(set(values) - known)
+    own = {action.dest for action in build_parser()._actions}
+    flags = [key for key in unknown if key in own]
+    if flags:
+        raise ConfigError(
+            f"--config {path}: {flags} are lte-sim flags, read from the command line only "
+            f"(give {' '.join('--' + key.replace('_', '-') for key in flags)} there)"
+        )
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {unknown}; lte-sim --help lists the options")
 
@@ -370,7 +378,9 @@ def check_file_keys(path: str | None, values: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        file_values = load_toml(args.config) if args.config else {}
+        from lte.server.startup import SERVER_TYPES  # a run's server settings: type-checked, unused
+
+        file_values = load_toml(args.config, SERVER_TYPES) if args.config else {}
         check_file_keys(args.config, file_values)
         job = resolve_job(args, file_values)
         if job.dataset not in DATASET_NAMES:

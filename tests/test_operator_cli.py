@@ -130,6 +130,25 @@ def test_lte_sim_refuses_unknown_config_keys_but_runs_a_server_run_s_config(tmp_
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 4
 
 
+def test_lte_sim_refuses_its_own_flags_in_a_config_file_where_they_would_be_ignored(tmp_path):
+    """lte-sim reads --full, --workers, --export ... from the command line only: in a file they
+    were accepted and silently ignored (an LTE run where full training was asked, no export)."""
+    config = tmp_path / "job.toml"
+    config.write_text('model = "mlp"\ndataset = "digits"\nsteps = 2\nfull = true\nexport = "m.safetensors"\n')
+    assert_refused(
+        run("sim", "--config", str(config), "--quiet", cwd=tmp_path),
+        str(config),
+        "['export', 'full'] are lte-sim flags",
+        "--export --full",
+    )
+    assert not (tmp_path / "m.safetensors").exists()
+    config.write_text("workers = 2\n")
+    assert_refused(run("sim", "--config", str(config)), "['workers'] are lte-sim flags")
+    # a server setting's value is checked as lte-server checks it (data_dir = 5 was a TypeError, exit 1)
+    config.write_text('model = "mlp"\ndataset = "imagefolder"\ndata_dir = 5\n')
+    assert_refused(run("sim", "--config", str(config)), "key 'data_dir' must be a string, got 5")
+
+
 def test_every_server_setting_has_a_checked_file_type():
     from lte.server.cli import SERVER_KEYS
     from lte.server.startup import SERVER_TYPES
