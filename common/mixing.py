@@ -84,5 +84,5 @@ def mixed_loss(
     if bool((lam == 1).all()):
         return ce.mean()
     ce_partner = F.cross_entropy(logits, partner, reduction="none", label_smoothing=label_smoothing)
-    lam = lam.to(logits.device, logits.dtype)
+    lam = lam.to(logits.device, ce.dtype)  # ce is fp32 under autocast: bf16 logits would round lam
     return (lam * ce + (1 - lam) * ce_partner).mean()

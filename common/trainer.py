@@ -89,7 +89,9 @@ def loss_fn(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     if task == "lm":
         return F.cross_entropy(logits.flatten(0, 1), target.flatten())
     if task == "regression":
-        return F.mse_loss(logits, target.to(logits.dtype))
+        # the target keeps its precision: under autocast the logits are bf16 / fp16 (mse_loss then
+        # runs in fp32), and casting the target to them would round it
+        return F.mse_loss(logits, target.to(torch.promote_types(logits.dtype, target.dtype)))
     return F.cross_entropy(logits, target)
 
 

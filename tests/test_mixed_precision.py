@@ -276,3 +276,27 @@ def test_under_autocast_an_lte_layer_moves_no_more_activation_bytes_than_nn_line
     y = layer(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, layer.reference_forward(x), rtol=1e-5, atol=1e-6)
+
+
+def test_under_autocast_the_losses_keep_the_targets_and_mixing_weights_in_fp32():
+    """An LTE layer's output is bf16 under autocast (as nn.Linear's): the regression target and the
+    mixup/cutmix weights must not be rounded to it (MSE and cross-entropy run in fp32 there)."""
+    from lte.common.mixing import mixed_loss
+    from lte.common.trainer import loss_fn
+
+    gen = torch.Generator().manual_seed(0)
+    layer = LTELinear(16, 8, heads=1, rank=4)
+    layer.set_base_weight(torch.randn(8, 16, generator=gen))
+    x, target = torch.randn(32, 16, generator=gen), torch.randn(32, 8, generator=gen)
+    y, partner = torch.randint(0, 8, (32,), generator=gen), torch.randint(0, 8, (32,), generator=gen)
+    lam = torch.full((32,), 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.train()(x)
+        regression = loss_fn("regression", out, target)
+        mixed = mixed_loss(out, y, partner, lam, 0.0)
+    assert out.dtype == torch.bfloat16
+    logits = out.float()
+    assert torch.equal(regression, torch.nn.functional.mse_loss(logits, target))
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    ce_partner = torch.nn.functional.cross_entropy(logits, partner, reduction="none")
+    assert torch.equal(mixed, (lam * ce + (1 - lam) * ce_partner).mean())
