@@ -6,9 +6,11 @@
 One forward and backward of an ``LTELinear`` (int8 base, r 64, frozen weight cached, as a CUDA
 worker holds it) and of ``nn.Linear`` of the same shape, on an fp32 input (a LayerNorm's output
 under autocast) that needs a gradient, the output summed in fp32. ``torch.profiler`` lists every
-``aten::copy_`` (dtype casts, layout copies) and ``aten::add``/``add_`` whose first operand has at
-least ``rows x 256`` elements; the table gives their number and the elements they move, which
-are what a GPU spends memory bandwidth on besides the GEMMs (BENCHMARKS: the H200 step profile).
+``aten::copy_`` (dtype casts, layout copies) and ``aten::add``/``add_`` whose first operand is an
+activation (``rows`` rows: its dims before the last multiply to ``rows``) of at least ``rows x 256``
+elements; the table gives their number and the elements they move, which are what a GPU spends
+memory bandwidth on besides the GEMMs (BENCHMARKS: the H200 step profile). Weight-sized copies
+(``nn.Linear``'s weight cast and its gradient's) are left out at any ``rows``.
 The counts depend on the operators, not on the device, so the CPU measures them.
 """
 
@@ -46,6 +48,7 @@ def activation_traffic(
             event.name in ("aten::copy_", "aten::add", "aten::add_")
             and event.input_shapes
             and event.input_shapes[0]
+            and math.prod(event.input_shapes[0][:-1]) == rows
         ):
             numel = math.prod(event.input_shapes[0])
             if numel >= rows * 256:
