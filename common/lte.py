@@ -628,7 +628,7 @@ class LTEMultiheadAttention(nn.Module):
         else:
             q, k, v = (self.in_proj(t)[..., i * e : (i + 1) * e] for i, t in enumerate((query, key, value)))
         if self.in_proj_bias is not None:
-            bq, bk, bv = self.in_proj_bias.split(e)
+            bq, bk, bv = self.in_proj_bias.to(q.dtype).split(e)  # in the product's dtype, as LTELinear
             q, k, v = q + bq, k + bk, v + bv
         b, length, source = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(b, -1, nh, hd).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, hd]

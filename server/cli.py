@@ -217,10 +217,11 @@ def resolve_server(args: argparse.Namespace, file_values: dict) -> dict:
     return out
 
 
-def check_config_keys(file_values: dict, job_keys: set[str]) -> None:
+def check_config_keys(path: str, file_values: dict, job_keys: set[str]) -> None:
+    """Refuse a key of the file at ``path`` that is neither a job field nor a server setting."""
     unknown = sorted(set(file_values) - job_keys - SERVER_KEYS)
     if unknown:
-        raise ValueError(f"config file: unknown key(s) {unknown}")
+        raise ValueError(f"--config {path}: unknown key(s) {unknown}; lte-server --help lists the options")
 
 
 SECRETS = ("token",)
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from lte.common.config import JobConfig
 
-        check_config_keys(file_values, {f.name for f in fields(JobConfig)} | {"data_dir"})
+        check_config_keys(args.config, file_values, {f.name for f in fields(JobConfig)} | {"data_dir"})
         job = resolve_job(args, file_values)
         srv = resolve_server(args, file_values)
         check_server_settings(job, srv)

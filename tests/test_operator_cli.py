@@ -105,6 +105,11 @@ def test_a_config_key_set_twice_in_two_spellings_or_tables_is_refused(tmp_path):
     )
     config.write_text("[job]\nheads = 4\n[server]\nheads = 8\n")
     assert_refused(run("sim", "--config", str(config)), "job.heads and server.heads")
+    config.write_text("merge_evrey = 5\n")  # a typo: the server names the file and the key
+    assert_refused(
+        run("server", "--config", str(config), "--print-config"),
+        f"--config {config}: unknown key(s) ['merge_evrey']",
+    )
     config.write_text("merge-every = 5\n")  # one spelling alone is fine
     result = run("server", "--config", str(config), "--print-config")
     assert result.returncode == 0 and "merge_every = 5" in result.stdout, result.stderr
