@@ -29,12 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lte.common.config import JobConfig  # noqa: E402
-from lte.common.lte import (  # noqa: E402
+from lte.common.lte import lte_layers, trainable_parameters  # noqa: E402
+from lte.common.policy import (  # noqa: E402
     load_master_weights,
-    lte_layers,
     prepare_model,
     prepare_model_on_device,
-    trainable_parameters,
 )
 from lte.common.precision import MixedPrecision  # noqa: E402
 from lte.common.quant import quantized_zeros  # noqa: E402

@@ -241,6 +241,41 @@ def job_from_dict(values: dict[str, Any], *, source: str = "config") -> JobConfi
 JOB_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(JobConfig)}
 
 
+# the type each server key of a config file must have (lte-server's settings; lte-sim accepts and
+# ignores them, so that a run's config.toml runs there as it is) (None-default keys hold paths or names)
+SERVER_TYPES: dict[str, type] = {
+    "host": str,
+    "port": int,
+    "device": str,
+    "heads_per_worker": int,
+    "lease_timeout": float,
+    "heartbeat_interval": float,
+    "straggler_factor": float,
+    "max_staleness": int,
+    "buffer_size": int,
+    "eval_every": int,
+    "out": str,
+    "local_workers": int,
+    "worker_device": str,
+    "data_dir": str,
+    "skip_bad_images": bool,
+    "loader_workers": int,
+    "eval_samples": int,
+    "threads": int,
+    "rpc_threads": int,
+    "dashboard_host": str,
+    "dashboard_port": int,
+    "dashboard_auth": bool,
+    "checkpoint_every": int,
+    "keep_checkpoints": int,
+    "linger": float,
+    "resume": str,
+    "token": str,
+    "tls_cert": str,
+    "tls_key": str,
+    "tls_ca": str,
+}
+
 CONFIG_TABLES = ("job", "server")  # the tables a config file may group its keys in
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import logging
 import os
 import zlib
@@ -20,16 +19,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # text imports this module
-    from lte.common.text import TokenDataset
-
 from lte.common.images import IMAGE_EXTENSIONS, ImageFiles, channel_stats, scan_class_folders
+from lte.common.seeds import generator, mixed_seed
+from lte.common.shards import index_shards, shard_files
+from lte.common.text import TokenBatches, TokenDataset, load_text
 
 _log = logging.getLogger("lte.data")
 
@@ -151,8 +150,6 @@ def _resized(x: torch.Tensor, image_size: int, name: str, native: int):
 
 
 def _load_text(data_dir: str | None, *, seed: int, **kwargs: Any):
-    from lte.common.text import load_text  # text imports this module's seeding helpers
-
     return load_text(data_dir, seed=seed, **kwargs)
 
 
@@ -160,23 +157,11 @@ def _load_text(data_dir: str | None, *, seed: int, **kwargs: Any):
 # Shared helpers
 
 
-def _mixed_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, identical in every process (unlike Python's hash())."""
-    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _generator(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
 def _stratified_split(y: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted train and test indices; each class contributes round(test_fraction * count) to test."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    g = _generator(seed)
+    g = generator(seed)
     train, test = [], []
     for c in torch.unique(y):
         members = torch.nonzero(y == c).squeeze(1)
@@ -480,8 +465,6 @@ def _load_webdataset(
 
     Class names: ``root/classes.txt`` (one per line, label i on line i), else "0", "1", ...
     """
-    from lte.common.shards import index_shards, shard_files
-
     if data_dir is None:
         raise ValueError("the webdataset dataset needs a folder of .tar shards: pass --data-dir")
     root = Path(data_dir)
@@ -570,7 +553,7 @@ def _load_synthetic_regression(
     """
     if image_size not in (0, 1):
         raise ValueError(f"--image-size {image_size}: synthetic-regression has no images; leave it out")
-    g = _generator(seed)
+    g = generator(seed)
     target_weight = torch.randn(d_out, d_in, generator=g) / d_in**0.5
     x = torch.randn(num_train + num_test, d_in, generator=g)
     y = x @ target_weight.T
@@ -603,7 +586,7 @@ def shard_indices(num_samples: int, shard_id: int, num_shards: int, seed: int) -
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id {shard_id} out of range for {num_shards} shards")
-    perm = torch.randperm(num_samples, generator=_generator(seed))
+    perm = torch.randperm(num_samples, generator=generator(seed))
     return perm[shard_id::num_shards]
 
 
@@ -654,7 +637,7 @@ class HeadBatches:
         if epoch not in self._epoch_cache:
             if len(self._epoch_cache) >= 4:  # batches move forward; old epochs are rarely revisited
                 self._epoch_cache.clear()
-            g = _generator(_mixed_seed(self.seed, self.head_id, epoch))
+            g = generator(mixed_seed(self.seed, self.head_id, epoch))
             self._epoch_cache[epoch] = self.shard[torch.randperm(self.shard_size, generator=g)]
         return self._epoch_cache[epoch]
 
@@ -674,7 +657,7 @@ class HeadBatches:
 
     def sample_seeds(self, step: int) -> list[int]:
         """The augmentation seed of each position of batch ``step``: a function of (seed, head, step, position)."""
-        return [_mixed_seed(self.seed, self.head_id, step, pos) for pos in range(self.batch_size)]
+        return [mixed_seed(self.seed, self.head_id, step, pos) for pos in range(self.batch_size)]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.indices(step)
@@ -693,8 +676,6 @@ def head_batches(dataset: Any, head_id: int, num_heads: int, batch_size: int, se
     """A head's batch stream: ``HeadBatches`` over a sample dataset, ``TokenBatches`` of ``context``
     tokens over token data (task "lm"). Both are pure functions of (seed, head_id, step)."""
     if dataset.task == "lm":
-        from lte.common.text import TokenBatches
-
         return TokenBatches(dataset.train_tokens, head_id, num_heads, batch_size, seed, context)
     return HeadBatches(dataset.train_x, dataset.train_y, head_id, num_heads, batch_size, seed)
 
@@ -733,9 +714,9 @@ def eval_subset(dataset: Dataset | TokenDataset, count: int, seed: int) -> Datas
     if count >= n:
         return dataset
     if dataset.task != "classification":
-        keep = torch.randperm(n, generator=_generator(seed))[:count].sort().values
+        keep = torch.randperm(n, generator=generator(seed))[:count].sort().values
     else:
-        g = _generator(_mixed_seed(seed, 0xE7A1))
+        g = generator(mixed_seed(seed, 0xE7A1))
         per_class = [
             members[torch.randperm(members.numel(), generator=g)]
             for c in torch.unique(dataset.test_y)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from lte.common.randaugment import MAX_MAGNITUDE, rand_augment
+from lte.common.seeds import generator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUGMENTS = ("none", "crop-flip")
@@ -331,10 +332,8 @@ class ImageFiles:
 def channel_stats(images: ImageFiles, sample: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of pixels / 255 over a fixed sample of ``sample`` files (eval view):
     the same numbers in every process that has the same files and seed, without a pass over all."""
-    from lte.common.data import _generator
-
     n = len(images)
-    idx = torch.randperm(n, generator=_generator(seed))[: min(n, sample)].sort().values.tolist()
+    idx = torch.randperm(n, generator=generator(seed))[: min(n, sample)].sort().values.tolist()
     x = images.load_uint8(idx).double() / 255.0
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-6) if x.numel() > x.shape[1] else torch.ones(images.channels)

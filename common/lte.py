@@ -1,4 +1,4 @@
-"""LoRA-the-Explorer layers, model conversion and the tensor-level merge.
+"""LoRA-the-Explorer layers and the tensor-level merge (model conversion: ``lte.common.policy``).
 
 The math (DESIGN.md section 2). Scale ``s = alpha / r``; ``N`` heads in the whole job. Head ``i``
 with factors ``(B_i, A_i)`` and the factors of its last merge ``(B'_i, A'_i)`` computes
@@ -11,7 +11,7 @@ and a merge folds every head's progress since its last merge into ``W``:
 
 ``LTELinear`` holds ``h`` local heads vectorised (the batch is split evenly across them).
 Everything the network needs is a plain function over tensors (``export_head_factors``,
-``export_replica_deltas``, ``merge_head_deltas``, ``apply_updates``): the emulator uses them,
+``merge_head_deltas``, ``apply_updates``; ``policy.export_replica_deltas``): the emulator uses them,
 and so does the parameter server.
 """
 
@@ -929,43 +929,7 @@ def apply_updates(
         master[name].add_(total.round().to(master[name].dtype))
 
 
-# -- model conversion --------------------------------------------------------------------------
-def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
-    """Convert ``model`` in place by the state policy (``lte.common.policy``): every matrix weight of
-    ``LTE_MODULES`` (Linear and its subclasses, MultiheadAttention's projections, Conv2d) becomes an
-    LTE layer; other trainable parameters are replicas; ties keep one owner.
-
-    Raises ``ModelRefused`` (a ValueError) in strict mode for a trainable parameter that neither
-    heads nor replicas cover (an excluded Linear left trainable, or any when ``replicas=False``).
-    """
-    from lte.common.policy import convert_model
-
-    return convert_model(model, config)
-
-
-def prepare_model_on_device(
-    meta_model: nn.Module, config: LTEConfig, device: torch.device | str
-) -> nn.Module:
-    """``prepare_model`` for a model built on the meta device, allocated on ``device`` without its base.
-
-    The heads' factors are initialised exactly as ``prepare_model`` does; the base weights (their
-    quantised codes), biases and replicas are allocated but left uninitialised, for
-    ``load_master_weights`` to fill. A worker, whose base always comes from the server, so never
-    holds a full-precision copy of the model (for vit-b, 340 MB of fp32 it would only discard).
-    Tied parameters are tied again after allocation (``to_empty`` gives each module its own).
-    """
-    from lte.common.policy import retie, tied_groups
-
-    ties = tied_groups(meta_model)
-    model = prepare_model(meta_model, config).to_empty(device=device)
-    retie(model, ties)
-    for layer in lte_layers(model).values():
-        layer.reset_parameters(
-            config.head_ids, config.seed, layer.layer_index, config.a_init, config.a_init_gain
-        )
-    return model
-
-
+# -- an LTE model's layers and replicas, by name ---------------------------------------------
 def _module_path(param_name: str) -> str:
     return param_name.rpartition(".")[0]
 
@@ -993,13 +957,6 @@ def replica_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def uplink_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a worker pushes besides factors: replicas and averaged buffers (running statistics)."""
-    from lte.common.policy import averaged_buffers
-
-    return {**replica_parameters(model), **averaged_buffers(model)}
-
-
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -1010,46 +967,6 @@ def export_head_factors(model: nn.Module, local_index: int) -> dict[str, Factors
         name: (m.lora_B[local_index].detach().clone(), m.lora_A[local_index].detach().clone())
         for name, m in lte_layers(model).items()
     }
-
-
-def export_replica_deltas(model: nn.Module, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replica (and averaged buffer) value now minus its value in the snapshot the process trained from."""
-    return {name: (p.detach() - base[name].to(p.dtype)) for name, p in uplink_tensors(model).items()}
-
-
-@torch.no_grad()
-def load_master_weights(model: nn.Module, weights: Mapping[str, torch.Tensor | QuantizedTensor]) -> None:
-    """Load base weights (full or quantised) and replica values from a master state dict.
-
-    Names are those of the plain zoo model. Missing or unexpected names are errors, so a
-    snapshot can never silently leave part of the model behind.
-    """
-    layers = lte_layers(model)
-    replicas = uplink_tensors(model)
-    expected = set(layers) | set(replicas)
-    missing, unexpected = expected - set(weights), set(weights) - expected
-    unexpected -= set(model.state_dict())  # frozen params, buffers and tied names may travel too
-    if missing or unexpected:
-        raise KeyError(
-            f"master weights do not match the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
-        )
-    for name, value in weights.items():
-        if name in layers:
-            layers[name].set_base_weight(
-                value if isinstance(value, QuantizedTensor) else value.to(layers[name].lora_A.dtype)
-            )
-        elif isinstance(value, QuantizedTensor):
-            raise TypeError(f"{name}: only the weights of LTE layers travel quantised")
-        elif name in replicas:
-            replicas[name].copy_(value)
-        else:
-            _set_tensor(model, name, value)
-
-
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    getattr(owner, attr).copy_(value)
 
 
 @torch.no_grad()

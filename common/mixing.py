@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lte.common.data import _generator, _mixed_seed
+from lte.common.seeds import generator, mixed_seed
 
 _MIX_SALT = 0x4D1C  # keeps the mixing stream apart from the sample order and crop streams
 
@@ -37,7 +37,7 @@ def mix_heads(
     partner = y.clone()
     lam = torch.ones(y.shape[0], dtype=torch.float64)
     for i, (head, step) in enumerate(zip(head_ids, steps, strict=True)):
-        g = _generator(_mixed_seed(seed, head, step, _MIX_SALT))
+        g = generator(mixed_seed(seed, head, step, _MIX_SALT))
         rows = slice(i * per_head, (i + 1) * per_head)
         perm = torch.randperm(per_head, generator=g) + i * per_head
         use_cutmix = cutmix > 0 and (mixup <= 0 or bool(torch.rand((), generator=g) < 0.5))

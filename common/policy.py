@@ -23,7 +23,7 @@ interface (``matrices``, ``unsupported``, ``from_module``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,7 +31,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from lte.common.lte import LTEConfig, LTEConv2d, LTEEmbedding, LTELinear, LTEMultiheadAttention, lte_layers
+from lte.common.lte import (
+    LTEConfig,
+    LTEConv2d,
+    LTEEmbedding,
+    LTELinear,
+    LTEMultiheadAttention,
+    lte_layers,
+    replica_parameters,
+)
+from lte.common.quant import QuantizedTensor
 
 HEADS, REPLICA, AVERAGED, LOCAL, FROZEN, TIED = (
     "lte heads",
@@ -289,3 +298,81 @@ def expect_stacked_batch(model: nn.Module, rows: int | None) -> None:
     """Every LTE layer checks in training that dim 0 of its input is ``rows`` (heads x batch)."""
     for layer in lte_layers(model).values():
         layer.expected_rows = rows
+
+
+# -- model conversion and the worker's state by policy (moved from lte.py: it needs the table above) --
+def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
+    """Convert ``model`` in place by the state policy (``classify_model`` above): every matrix weight of
+    ``LTE_MODULES`` (Linear and its subclasses, MultiheadAttention's projections, Conv2d) becomes an
+    LTE layer; other trainable parameters are replicas; ties keep one owner.
+
+    Raises ``ModelRefused`` (a ValueError) in strict mode for a trainable parameter that neither
+    heads nor replicas cover (an excluded Linear left trainable, or any when ``replicas=False``).
+    """
+    return convert_model(model, config)
+
+
+def prepare_model_on_device(
+    meta_model: nn.Module, config: LTEConfig, device: torch.device | str
+) -> nn.Module:
+    """``prepare_model`` for a model built on the meta device, allocated on ``device`` without its base.
+
+    The heads' factors are initialised exactly as ``prepare_model`` does; the base weights (their
+    quantised codes), biases and replicas are allocated but left uninitialised, for
+    ``load_master_weights`` to fill. A worker, whose base always comes from the server, so never
+    holds a full-precision copy of the model (for vit-b, 340 MB of fp32 it would only discard).
+    Tied parameters are tied again after allocation (``to_empty`` gives each module its own).
+    """
+    ties = tied_groups(meta_model)
+    model = prepare_model(meta_model, config).to_empty(device=device)
+    retie(model, ties)
+    for layer in lte_layers(model).values():
+        layer.reset_parameters(
+            config.head_ids, config.seed, layer.layer_index, config.a_init, config.a_init_gain
+        )
+    return model
+
+
+def uplink_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a worker pushes besides factors: replicas and averaged buffers (running statistics)."""
+    return {**replica_parameters(model), **averaged_buffers(model)}
+
+
+def export_replica_deltas(model: nn.Module, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replica (and averaged buffer) value now minus its value in the snapshot the process trained from."""
+    return {name: (p.detach() - base[name].to(p.dtype)) for name, p in uplink_tensors(model).items()}
+
+
+@torch.no_grad()
+def load_master_weights(model: nn.Module, weights: Mapping[str, torch.Tensor | QuantizedTensor]) -> None:
+    """Load base weights (full or quantised) and replica values from a master state dict.
+
+    Names are those of the plain zoo model. Missing or unexpected names are errors, so a
+    snapshot can never silently leave part of the model behind.
+    """
+    layers = lte_layers(model)
+    replicas = uplink_tensors(model)
+    expected = set(layers) | set(replicas)
+    missing, unexpected = expected - set(weights), set(weights) - expected
+    unexpected -= set(model.state_dict())  # frozen params, buffers and tied names may travel too
+    if missing or unexpected:
+        raise KeyError(
+            f"master weights do not match the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
+    for name, value in weights.items():
+        if name in layers:
+            layers[name].set_base_weight(
+                value if isinstance(value, QuantizedTensor) else value.to(layers[name].lora_A.dtype)
+            )
+        elif isinstance(value, QuantizedTensor):
+            raise TypeError(f"{name}: only the weights of LTE layers travel quantised")
+        elif name in replicas:
+            replicas[name].copy_(value)
+        else:
+            _set_tensor(model, name, value)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    getattr(owner, attr).copy_(value)

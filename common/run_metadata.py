@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lte import __version__
 from lte.common.config import JobConfig
+from lte.common.version import __version__
 
 # raw pixel range per dataset: the loaders divide by it before standardising
 PIXEL_SCALE = {"digits": 16.0, "fashion-mnist": 255.0, "imagefolder": 255.0}

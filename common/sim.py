@@ -20,6 +20,7 @@ import torch
 from lte.common.checks import ConfigError, check_range, one_line_errors
 from lte.common.config import (
     EXPLAIN_HELP,
+    SERVER_TYPES,
     JobConfig,
     add_job_arguments,
     check_job,
@@ -359,8 +360,6 @@ def check_file_keys(path: str | None, values: dict) -> None:
     (``full``, ``workers``, ``export``, ...) are read from the command line only: in a file they
     would be ignored, so they are refused too. Raises ConfigError naming the file and keys.
     """
-    from lte.server.startup import SERVER_TYPES  # names only: nothing of the server starts
-
     known = {f.name for f in fields(JobConfig)} | set(SERVER_TYPES)
     unknown = sorted(set(values) - known)
     own = {action.dest for action in build_parser()._actions}
@@ -378,8 +377,6 @@ def check_file_keys(path: str | None, values: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from lte.server.startup import SERVER_TYPES  # a run's server settings: type-checked, unused
-
         file_values = load_toml(args.config, SERVER_TYPES) if args.config else {}
         check_file_keys(args.config, file_values)
         job = resolve_job(args, file_values)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lte.common.data import _generator, _mixed_seed
+from lte.common.seeds import generator, mixed_seed
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -280,7 +280,7 @@ class TokenBatches:
     def starts(self, step: int) -> torch.Tensor:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        g = _generator(_mixed_seed(self.seed, self.head_id, step, 0x7E47))
+        g = generator(mixed_seed(self.seed, self.head_id, step, 0x7E47))
         return torch.randint(0, len(self.tokens) - self.context, (self.batch_size,), generator=g)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,18 +22,21 @@ from lte.common.lte import (
     ReplicaUpdate,
     commit_merge,
     export_head_factors,
-    export_replica_deltas,
     load_head_factors,
-    load_master_weights,
     lte_layers,
-    prepare_model,
-    prepare_model_on_device,
     trainable_parameters,
-    uplink_tensors,
 )
 from lte.common.mixing import mix_heads, mixed_loss
 from lte.common.models import build_model
-from lte.common.policy import classify_model, expect_stacked_batch
+from lte.common.policy import (
+    classify_model,
+    expect_stacked_batch,
+    export_replica_deltas,
+    load_master_weights,
+    prepare_model,
+    prepare_model_on_device,
+    uplink_tensors,
+)
 from lte.common.precision import MixedPrecision
 from lte.common.quant import QuantizedTensor, quantize
 from lte.common.text import TokenDataset, check_token_data, evaluate_lm

@@ -23,40 +23,9 @@ from lte.common.checks import (
     check_token,
     flag,
 )
+from lte.common.config import SERVER_TYPES  # noqa: F401 (re-exported: server.cli, tests)
 
-# the type each server key of a config file must have (None-default keys hold paths or names)
-SERVER_TYPES: dict[str, type] = {
-    "host": str,
-    "port": int,
-    "device": str,
-    "heads_per_worker": int,
-    "lease_timeout": float,
-    "heartbeat_interval": float,
-    "straggler_factor": float,
-    "max_staleness": int,
-    "buffer_size": int,
-    "eval_every": int,
-    "out": str,
-    "local_workers": int,
-    "worker_device": str,
-    "data_dir": str,
-    "skip_bad_images": bool,
-    "loader_workers": int,
-    "eval_samples": int,
-    "threads": int,
-    "rpc_threads": int,
-    "dashboard_host": str,
-    "dashboard_port": int,
-    "dashboard_auth": bool,
-    "checkpoint_every": int,
-    "keep_checkpoints": int,
-    "linger": float,
-    "resume": str,
-    "token": str,
-    "tls_cert": str,
-    "tls_key": str,
-    "tls_ca": str,
-}
+# the server keys of a config file live beside the job's (lte-sim reads a run's file too)
 
 
 def effective_token(srv: dict[str, Any]) -> str | None:

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lte.common.config import JobConfig
-from lte.common.lte import LTEConfig, LTEEmbedding, prepare_model
+from lte.common.lte import LTEConfig, LTEEmbedding
 from lte.common.models import GPT, GPTConfig, build_model
+from lte.common.policy import prepare_model
 from lte.common.sim import main as sim_main
 from lte.common.sim import run_full, run_lte
 from lte.common.text import (

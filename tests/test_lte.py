@@ -16,14 +16,12 @@ from lte.common.lte import (
     apply_updates,
     commit_merge,
     export_head_factors,
-    export_replica_deltas,
-    load_master_weights,
     lte_layers,
     merge_head_deltas,
     plain_state_dict,
-    prepare_model,
     replica_parameters,
 )
+from lte.common.policy import export_replica_deltas, load_master_weights, prepare_model
 from lte.common.quant import quantize
 
 TOL = dict(rtol=1e-10, atol=1e-10)

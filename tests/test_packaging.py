@@ -47,3 +47,13 @@ def test_the_development_install_lays_out_lte_as_files_static_tools_can_read():
     path = Path(lte.common.__file__)
     assert path.parent.name == "common" and path.parent.parent.name == "lte", path
     assert path.resolve() == ROOT / "common" / "__init__.py"
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    """``lte.__version__`` (kept in ``lte.common.version`` so no sub-package imports ``lte``) is the
+    version the wheel is built with."""
+    import lte
+    from lte.common.checks import read_toml
+
+    declared = read_toml(ROOT / "pyproject.toml")["project"]["version"]
+    assert lte.__version__ == declared

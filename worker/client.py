@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from lte import __version__
 from lte.common import grpc_options
 from lte.common.checks import check_chunk_fits
 from lte.common.codec import decode_tensor, decode_tensor_quantized, get_codec
@@ -47,6 +46,7 @@ from lte.common.protocol import (
 from lte.common.quant import QuantizedTensor
 from lte.common.text import TokenDataset
 from lte.common.trainer import LocalTrainer
+from lte.common.version import __version__
 from lte.common.wire import TensorAssembler, tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
