@@ -119,6 +119,173 @@ def straggler_timeout(policy: Policy, median_round_s: float | None) -> float | N
     return max(policy.straggler_factor * median_round_s, policy.straggler_floor_s)
 
 
+@dataclass
+class _Draft:
+    """The plan being built and who holds what in it, as the rules change it."""
+
+    out: Plan
+    holder: dict[int, str | None]  # head -> live lease holding it in the draft
+    held: dict[str, list[int]]  # live lease -> its unfinished heads in the draft
+
+    def revoke(self, lease_id: str, h: int, why: str) -> None:
+        self.out.revoke.append((lease_id, h, why))
+        self.held[lease_id].remove(h)
+        self.holder[h] = None
+
+    def give(self, lease: Lease, h: int) -> None:
+        self.out.assign.append((lease.lease_id, h))
+        self.held[lease.lease_id].append(h)
+        self.holder[h] = lease.lease_id
+
+    def free_room(self, lease: Lease) -> int:
+        return lease.room - len(self.held[lease.lease_id])
+
+    def least_loaded(self, leases: list[Lease]) -> Lease:
+        return min(leases, key=lambda l: (len(self.held[l.lease_id]) / max(1, l.room), l.registered_at))
+
+    def roomiest(self, leases: list[Lease]) -> Lease | None:
+        """The lease with the most free room, None when none has any."""
+        roomy = [l for l in leases if self.free_room(l) > 0]
+        return max(roomy, key=self.free_room) if roomy else None
+
+
+def expire_silent_leases(leases: Mapping[str, Lease], now: float, policy: Policy, out: Plan) -> list[Lease]:
+    """Rule 1: a live lease silent past ``lease_timeout_s`` expires. Returns the leases still live."""
+    live = [l for l in leases.values() if l.live]
+    for lease in live:
+        if now - lease.last_seen > policy.lease_timeout_s:
+            out.expire.append(lease.lease_id)
+    gone = set(out.expire)
+    return [l for l in live if l.lease_id not in gone]
+
+
+def _draft(heads: Mapping[int, HeadState], live: list[Lease], policy: Policy, out: Plan) -> _Draft:
+    live_ids = {l.lease_id for l in live}
+    holder = {h.head_id: h.lease_id if h.lease_id in live_ids else None for h in heads.values()}
+    held: dict[str, list[int]] = {l.lease_id: [] for l in live}
+    for h, lease_id in holder.items():
+        if lease_id is not None and not finished(heads[h], policy):
+            held[lease_id].append(h)
+    return _Draft(out, holder, held)
+
+
+def stuck_leases(
+    draft: _Draft, heads: Mapping[int, HeadState], live: list[Lease], now: float, timeout: float | None
+) -> set[str]:
+    """Rule 2's test: live leases all of whose heads have waited past ``timeout`` with no push in."""
+    stuck: set[str] = set()
+    if timeout is None:
+        return stuck
+    for lease in live:
+        held = draft.held[lease.lease_id]
+        late = [h for h in held if not heads[h].pending and now - heads[h].waiting_since > timeout]
+        if late and len(held) == len(late):
+            stuck.add(lease.lease_id)
+    return stuck
+
+
+def able_leases(live: list[Lease], stuck: set[str]) -> list[Lease]:
+    """The leases that may receive heads: not stuck, and not a past straggler that has not pushed
+    since, unless such are all there is (heads moved back to a worker that is still stuck would
+    bounce between the two)."""
+    able = [l for l in live if l.lease_id not in stuck and not l.straggler]
+    return able or [l for l in live if l.lease_id not in stuck]
+
+
+def take_from_stragglers(
+    draft: _Draft,
+    heads: Mapping[int, HeadState],
+    stuck: set[str],
+    able: list[Lease],
+    now: float,
+    timeout: float | None,
+) -> None:
+    """Rule 2: a stuck lease's heads go to another able worker at once (with room, else in turns);
+    with nobody to move them to, the straggler keeps them."""
+    for lease_id in sorted(stuck):
+        if not able:
+            break
+        draft.out.stragglers.append(lease_id)
+        for h in list(draft.held[lease_id]):
+            draft.revoke(
+                lease_id, h, f"no push for {now - heads[h].waiting_since:.1f} s (limit {timeout:.1f} s)"
+            )
+            draft.give(draft.roomiest(able) or draft.least_loaded(able), h)
+
+
+def move_turns_to_room(draft: _Draft, heads: Mapping[int, HeadState], able: list[Lease]) -> None:
+    """Rule 4: heads a worker trains in turns (beyond its room, none with a push in) move to a worker
+    with free room."""
+    for lease in able:
+        extra = len(draft.held[lease.lease_id]) - lease.room
+        movable = [h for h in sorted(draft.held[lease.lease_id], reverse=True) if not heads[h].pending]
+        for h in movable[: max(0, extra)]:
+            target = draft.roomiest([o for o in able if o is not lease])
+            if target is not None:
+                draft.revoke(lease.lease_id, h, "moved from turns to a worker with room")
+                draft.give(target, h)
+
+
+def assign_free_heads(
+    draft: _Draft, heads: Mapping[int, HeadState], able: list[Lease], now: float, policy: Policy
+) -> None:
+    """Rule 3: free unfinished heads (fewest rounds first) go first to a worker that trained them
+    before (its optimiser state is theirs), then to the one with the most free room; when nobody has
+    room for ``turn_grace_s``, to the least loaded as a turn."""
+    free = sorted(
+        (h for h in heads.values() if draft.holder[h.head_id] is None and not finished(h, policy)),
+        key=lambda h: (h.next_round, h.head_id),
+    )
+    for lease in able:
+        for head in free:
+            if head.head_id in (lease.worker.get("preferred_heads") or ()) and draft.free_room(lease) > 0:
+                draft.give(lease, head.head_id)
+    for head in [h for h in free if draft.holder[h.head_id] is None]:
+        if not able:
+            draft.out.waiting[head.head_id] = "no live worker holds it: waiting for a worker to join"
+            continue
+        target = draft.roomiest(able)
+        if target is not None:
+            draft.give(target, head.head_id)
+        elif now - head.free_since < policy.turn_grace_s:
+            draft.out.waiting[head.head_id] = (
+                f"waiting up to {policy.turn_grace_s:g} s for a worker with room, then turns"
+            )
+        else:
+            draft.give(draft.least_loaded(able), head.head_id)
+
+
+def balance_idle_workers(
+    draft: _Draft, heads: Mapping[int, HeadState], able: list[Lease], policy: Policy
+) -> None:
+    """Rule 4, async and buffered: a worker with nothing left to train takes the most-behind head
+    (no push in) of a worker that holds several."""
+    if policy.mode == "sync":
+        return
+    for idle in [l for l in able if not draft.held[l.lease_id]]:
+        candidates = [
+            (heads[h].next_round, h, l.lease_id)
+            for l in able
+            if len(draft.held[l.lease_id]) > 1
+            for h in draft.held[l.lease_id]
+            if not heads[h].pending
+        ]
+        if candidates:
+            _, h, owner = min(candidates)  # h is unique: the lease id never breaks a tie
+            draft.revoke(owner, h, "moved to an idle worker")
+            draft.give(idle, h)
+
+
+def note_turns(draft: _Draft, able: list[Lease]) -> None:
+    """Why a held head beyond its lease's room is not training now: it waits for its turn."""
+    for lease in able:
+        held = draft.held[lease.lease_id]
+        for h in held[lease.room :]:
+            draft.out.waiting[h] = (
+                f"trained in turns by {lease.worker_id} ({len(held)} heads, room {lease.room})"
+            )
+
+
 def plan(
     heads: Mapping[int, HeadState],
     leases: Mapping[str, Lease],
@@ -126,114 +293,17 @@ def plan(
     policy: Policy,
     median_round_s: float | None = None,
 ) -> Plan:
-    """What the scheduler would change now. Reads its arguments only; applies nothing."""
+    """What the scheduler would change now: the rules above, in order. Reads its arguments only;
+    applies nothing."""
     out = Plan()
-    live = [l for l in leases.values() if l.live]
-    for lease in live:
-        if now - lease.last_seen > policy.lease_timeout_s:
-            out.expire.append(lease.lease_id)
-    gone = set(out.expire)
-    live = [l for l in live if l.lease_id not in gone]
-    holder = {
-        h.head_id: h.lease_id if h.lease_id in {l.lease_id for l in live} else None for h in heads.values()
-    }
-    held: dict[str, list[int]] = {l.lease_id: [] for l in live}
-    for h, lease_id in holder.items():
-        if lease_id is not None and not finished(heads[h], policy):
-            held[lease_id].append(h)
-
-    def revoke(lease_id: str, h: int, why: str) -> None:
-        out.revoke.append((lease_id, h, why))
-        held[lease_id].remove(h)
-        holder[h] = None
-
-    def free_room(lease: Lease) -> int:
-        return lease.room - len(held[lease.lease_id])
-
-    def give(lease: Lease, h: int) -> None:
-        out.assign.append((lease.lease_id, h))
-        held[lease.lease_id].append(h)
-        holder[h] = lease.lease_id
-
-    def least_loaded(leases: list[Lease]) -> Lease:
-        return min(leases, key=lambda l: (len(held[l.lease_id]) / max(1, l.room), l.registered_at))
-
-    # rule 2: stragglers' heads go to another live worker at once (with room, else in turns)
+    live = expire_silent_leases(leases, now, policy, out)
+    draft = _draft(heads, live, policy, out)
     timeout = straggler_timeout(policy, median_round_s)
-    stuck: set[str] = set()
-    if timeout is not None:
-        for lease in live:
-            late = [
-                h
-                for h in held[lease.lease_id]
-                if not heads[h].pending and now - heads[h].waiting_since > timeout
-            ]
-            if late and len(held[lease.lease_id]) == len(late):
-                stuck.add(lease.lease_id)
-    # a lease that was a straggler receives no heads until it shows progress (a push), unless it is
-    # all there is: heads moved back to a worker that is still stuck would bounce between the two
-    able = [l for l in live if l.lease_id not in stuck and not l.straggler]
-    if not able:
-        able = [l for l in live if l.lease_id not in stuck]
-    for lease_id in sorted(stuck):
-        if not able:
-            break  # nobody to move them to: the straggler is all there is
-        out.stragglers.append(lease_id)
-        for h in list(held[lease_id]):
-            revoke(lease_id, h, f"no push for {now - heads[h].waiting_since:.1f} s (limit {timeout:.1f} s)")
-            roomy = [l for l in able if free_room(l) > 0]
-            give(max(roomy, key=free_room) if roomy else least_loaded(able), h)
-
-    # rule 4: heads in turns move to free room
-    for lease in able:
-        extra = len(held[lease.lease_id]) - lease.room
-        movable = [h for h in sorted(held[lease.lease_id], reverse=True) if not heads[h].pending]
-        for h in movable[: max(0, extra)]:
-            roomy = [o for o in able if o is not lease and free_room(o) > 0]
-            if roomy:
-                revoke(lease.lease_id, h, "moved from turns to a worker with room")
-                give(max(roomy, key=free_room), h)
-
-    # rule 3: free heads to live workers, with room first, in turns when nobody has room
-    free = sorted(
-        (h for h in heads.values() if holder[h.head_id] is None and not finished(h, policy)),
-        key=lambda h: (h.next_round, h.head_id),
-    )
-    for lease in able:  # first the heads a worker trained before: its optimiser state is theirs
-        for head in free:
-            if head.head_id in (lease.worker.get("preferred_heads") or ()) and free_room(lease) > 0:
-                give(lease, head.head_id)
-    free = [h for h in free if holder[h.head_id] is None]
-    for head in free:
-        if not able:
-            out.waiting[head.head_id] = "no live worker holds it: waiting for a worker to join"
-            continue
-        roomy = [l for l in able if free_room(l) > 0]
-        if roomy:
-            give(max(roomy, key=free_room), head.head_id)
-        elif now - head.free_since < policy.turn_grace_s:
-            out.waiting[head.head_id] = (
-                f"waiting up to {policy.turn_grace_s:g} s for a worker with room, then turns"
-            )
-        else:
-            give(least_loaded(able), head.head_id)
-    # rule 4, async and buffered: a worker with nothing left to train takes a behind head of a busy one
-    if policy.mode != "sync":
-        for idle in [l for l in able if not held[l.lease_id]]:
-            candidates = [
-                (heads[h].next_round, h, l.lease_id)
-                for l in able
-                if len(held[l.lease_id]) > 1
-                for h in held[l.lease_id]
-                if not heads[h].pending
-            ]
-            if candidates:
-                _, h, owner = min(candidates)  # h is unique: the lease id never breaks a tie
-                revoke(owner, h, "moved to an idle worker")
-                give(idle, h)
-    for lease in able:
-        for h in held[lease.lease_id][lease.room :]:
-            out.waiting[h] = (
-                f"trained in turns by {lease.worker_id} ({len(held[lease.lease_id])} heads, room {lease.room})"
-            )
+    stuck = stuck_leases(draft, heads, live, now, timeout)
+    able = able_leases(live, stuck)
+    take_from_stragglers(draft, heads, stuck, able, now, timeout)
+    move_turns_to_room(draft, heads, able)
+    assign_free_heads(draft, heads, able, now, policy)
+    balance_idle_workers(draft, heads, able, policy)
+    note_turns(draft, able)
     return out
