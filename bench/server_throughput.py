@@ -622,10 +622,6 @@ def run(args) -> dict:
 
 
 # -- tables -------------------------------------------------------------------------------------
-def median_alone(res: dict, stage: str) -> float:
-    return statistics.median(row["alone"][stage] for row in res["levels"])
-
-
 def render(res: dict, meta: dict) -> list[str]:
     mb = 1e6
     dev = res["device"] + (f" ({res['device_name']})" if res["device_name"] else "")

@@ -57,23 +57,19 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
 
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+# a TOML value's type in words: what a key expects, and what a file gave
+_TYPE_WORDS = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a table",
+    list: "an array",
+}
 
 
-def _type_word(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return type(value).__name__
+def _type_word(kind: type) -> str:
+    return _TYPE_WORDS.get(kind, kind.__name__)
 
 
 def coerce_types(values: dict[str, Any], types: dict[str, type], *, source: str) -> dict[str, Any]:
@@ -91,7 +87,7 @@ def coerce_types(values: dict[str, Any], types: dict[str, type], *, source: str)
         if want is tuple:  # a list of names (e.g. classes): a TOML array
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(
-                    f"{source}: key '{key}' must be a list, got {value!r} ({_type_word(value)})"
+                    f"{source}: key '{key}' must be a list, got {value!r} ({_type_word(type(value))})"
                 )
             out[key] = tuple(value)
             continue
@@ -106,7 +102,7 @@ def coerce_types(values: dict[str, Any], types: dict[str, type], *, source: str)
         )
         if not ok:
             raise ConfigError(
-                f"{source}: key '{key}' must be {_TYPE_WORDS[want]}, got {value!r} ({_type_word(value)})"
+                f"{source}: key '{key}' must be {_type_word(want)}, got {value!r} ({_type_word(type(value))})"
             )
         if want is float:
             out[key] = float(value)

@@ -18,7 +18,7 @@ and so does the parameter server.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -1009,7 +1009,3 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in layers.items():
         out[name] = layer.base_weight().detach().clone().reshape(layer.master_shape)
     return out
-
-
-def factor_names(model: nn.Module) -> Iterable[str]:
-    return lte_layers(model).keys()

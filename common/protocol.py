@@ -63,10 +63,6 @@ def parse_tensor_name(name: str) -> TensorName:
     raise ValueError(f"tensor name {name!r} is neither head/<id>/<layer>/<B|A> nor replica/<name>")
 
 
-def head_factor_names(head_id: int, layers: Iterable[str]) -> list[str]:
-    return [head_tensor_name(head_id, layer, part) for layer in layers for part in PARTS]
-
-
 def group_head_factors(tensors: Mapping[str, torch.Tensor]) -> dict[int, dict[str, Factors]]:
     """``{head: {layer: (B, A)}}`` from head-factor tensors by wire name (other names are ignored)."""
     pairs: dict[int, dict[str, list]] = {}

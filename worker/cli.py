@@ -186,15 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a clear last word instead of a bare traceback for network errors
         import grpc
 
-        if isinstance(exc, ValueError):  # a job this box cannot run as asked (e.g. --precision)
-            print(f"lte-worker: error: {exc}", file=sys.stderr)
-            return 2
         if isinstance(exc, grpc.RpcError):
             print(f"lte-worker: error: {exc.code().name}: {exc.details()}{rpc_hint(exc)}", file=sys.stderr)
             return 1
-        if isinstance(exc, (ValueError, FileNotFoundError)):  # its data: missing, or not the job's
-            print(f"lte-worker: error: {exc}", file=sys.stderr)
-            return 2
         raise
 
 
