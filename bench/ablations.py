@@ -49,7 +49,7 @@ SECTION_TITLE = "## The paper's ablations, reproduced small (issue 6, item 7)"
 SCALE = 64.0  # s = alpha / r, fixed
 
 # What the paper reports (ViT-S on ImageNet100, as summarised in shared/seed/paper-summary.md and
-# DESIGN.md section 2) at its base configuration; its trends are in FACTORS below.
+# docs/design.md section 2) at its base configuration; its trends are in FACTORS below.
 PAPER_NUMBERS = "full training 71.97 %, LTE 73.73 % at N = 32, r = 64, T = 10"
 
 

@@ -1,5 +1,5 @@
 """One LTE layer's training step, heads batched (``LTELinear.forward``) against head by head
-(``LTELinear.reference_forward``, DESIGN section 2 as written): time and matmul launches.
+(``LTELinear.reference_forward``, docs/design.md section 2 as written): time and matmul launches.
 
     python bench/lte_layer_cost.py --device cpu --heads 1,4 --rows 16,256
     python bench/lte_layer_cost.py --device cuda --precision bf16 --rows 64,12608

@@ -1,6 +1,6 @@
 """LoRA-the-Explorer layers and the tensor-level merge (model conversion: ``lte.common.policy``).
 
-The math (DESIGN.md section 2). Scale ``s = alpha / r``; ``N`` heads in the whole job. Head ``i``
+The math (docs/design.md section 2). Scale ``s = alpha / r``; ``N`` heads in the whole job. Head ``i``
 with factors ``(B_i, A_i)`` and the factors of its last merge ``(B'_i, A'_i)`` computes
 
     y = W x + s * (B_i A_i x - B'_i A'_i x)
@@ -439,7 +439,7 @@ class LTELinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """DESIGN section 2 as written, one head at a time (the check on ``forward``; slow).
+        """docs/design.md section 2 as written, one head at a time (the check on ``forward``; slow).
 
         Training: ``y_i = W x_i + s (B_i A_i x_i - B'_i A'_i x_i) (+ b)`` on head i's slice of the
         batch; eval: ``W x + b``. ``x [batch, ..., n]`` -> ``[batch, ..., m]``.
@@ -497,7 +497,7 @@ class LTEConv2d(LTELinear):
 
     The kernel ``[out, in, kh, kw]`` is the matrix ``W [m = out, n = in * kh * kw]`` (the paper's
     reference code treats conv projections so); head ``i`` convolves its share of the batch with
-    the kernel ``W + s (B_i A_i - B'_i A'_i)`` reshaped: DESIGN.md section 2 with ``x`` the patches.
+    the kernel ``W + s (B_i A_i - B'_i A'_i)`` reshaped: docs/design.md section 2 with ``x`` the patches.
     All heads run as one grouped convolution. Input ``[heads * batch, in, H, W]``.
     """
 

@@ -1,4 +1,4 @@
-"""The protocol's vocabulary, in one place both sides call (DESIGN.md sections 3 and 4).
+"""The protocol's vocabulary, in one place both sides call (docs/design.md sections 3 and 4).
 
 - **Tensor names.** A head's factor travels as ``head/<id>/<layer>/<B|A>`` (``B``: ``[m, r]``,
   ``A``: ``[r, n]``), a replica's delta as ``replica/<name>``; checkpoints use the same head names.

@@ -1,8 +1,8 @@
-"""Folding pushes into the master weights: sync rounds, async staleness, buffered merges (DESIGN.md section 5).
+"""Folding pushes into the master weights: sync rounds, async staleness, buffered merges (docs/design.md section 5).
 
 ``Aggregator`` holds the open round (sync) or buffer (buffered) and each head's last merged factors
 ``(B'_i, A'_i)``. It is plain Python over tensors: the coordinator calls it under its lock, after the
-push was validated. The merge itself is ``lte.common.lte.apply_updates`` (DESIGN.md section 2):
+push was validated. The merge itself is ``lte.common.lte.apply_updates`` (docs/design.md section 2):
 
     W <- W + sum_i w_i * s * (B_i A_i - B'_i A'_i),    w_i = 1/N  (sync)  or  1/N * 1/sqrt(1 + staleness)
 """

@@ -1,4 +1,4 @@
-"""Head leases and the head scheduler: a pure function of (state, now) (DESIGN.md section 5).
+"""Head leases and the head scheduler: a pure function of (state, now) (docs/design.md section 5).
 
 ``plan(heads, leases, now, policy)`` reads the heads and leases and returns what should change;
 ``Coordinator`` applies it under its lock. Nothing here reads a clock, takes a lock or touches a

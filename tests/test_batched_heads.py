@@ -1,5 +1,5 @@
 """Few large kernels (issue 14), each pinned in float64 against the plain computation it replaces:
-the LTE layer's heads batched against DESIGN section 2 head by head, and the grouped server merge
+the LTE layer's heads batched against docs/design.md section 2 head by head, and the grouped server merge
 against the per-layer one."""
 
 from __future__ import annotations

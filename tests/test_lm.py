@@ -189,7 +189,7 @@ def test_lte_embedding_merge_then_every_head_computes_new_w():
 
 
 def test_t1_lookup_mean_over_heads_equals_multihead_lora():
-    """DESIGN 2 for the table: with every head on the same batch and B' = 0, the mean head's lookup
+    """docs/design.md section 2 for the table: with every head on the same batch and B' = 0, the mean head's lookup
     is multi-head LoRA's, (W + (s/N) sum_i B_i A_i)[t]."""
     torch.manual_seed(0)
     emb = LTEEmbedding(13, 5, heads=4, total_heads=4, rank=2, alpha=4.0, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The LTE invariants of DESIGN.md section 2, pinned in float64."""
+"""The LTE invariants of docs/design.md section 2, pinned in float64."""
 
 from __future__ import annotations
 
