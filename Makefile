@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (see README.md):
 #   make cluster   # a real local cluster: lte-server + 3 lte-worker processes, dashboard URL printed
 #   make test      # the whole test suite
+#   make test-fast # the unit tests only (no processes, no servers)
 # Both create .venv and install what they need first. PYTHON may point at any Python >= 3.10.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ TORCH_CPU ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: cluster lm-cluster screenshot test install data data-kjv browser lint proto-check typecheck clean
+.PHONY: cluster lm-cluster screenshot test test-fast install data data-kjv browser lint proto-check typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +84,12 @@ test: install data browser
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	LTE_NO_SKIPS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The unit tier: no test that starts a process or a server, none marked slow (markers in
+# pyproject.toml; tests/conftest.py fails an unmarked test that starts a process or a server).
+FAST_TESTS := -m "not process and not server and not slow"
+test-fast: install data
+	LTE_NO_SKIPS=1 $(BIN)/python -m pytest -q $(FAST_TESTS) $(PYTEST_ARGS)
 
 # mypy over lte.common, lte.server and lte.worker (config in pyproject.toml); `make test` runs it too.
 typecheck: install

@@ -1,12 +1,24 @@
-"""Suite-wide policy: under ``LTE_NO_SKIPS=1`` (set by ``make test`` and CI) a skipped test fails.
+"""Suite-wide policy.
 
-A skip there means a missing dependency (a browser, a dataset, a validator) hid a test that the
-README's command promises to run; the failure names what was missing.
+Skips: under ``LTE_NO_SKIPS=1`` (set by ``make test`` and CI) a skipped test fails. A skip there
+means a missing dependency (a browser, a dataset, a validator) hid a test that the README's
+command promises to run; the failure names what was missing.
+
+Tiers: a test that starts a process carries the ``process`` marker, one that starts a gRPC or
+HTTP server in this process the ``server`` marker (pyproject.toml registers both; a whole file
+says ``pytestmark = pytest.mark.process``). ``make test-fast`` runs ``-m "not process and not
+server and not slow"``. In that tier the markers are checked, not trusted: while a test without
+them sets up, runs or tears down, starting a process (``subprocess``, ``multiprocessing``,
+``os.fork``, ``posix_spawn``) or a server (``grpc.server``, ``uvicorn.Server``) fails the test,
+naming the marker it needs. (Any run whose ``-m`` names ``process`` or ``server`` checks so, or
+any run under ``LTE_TIER_CHECK=1``; ``make test`` runs everything and does not.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import pytest
 
@@ -20,10 +32,102 @@ def _fail_skip(report) -> None:
         report.longrepr = f"skipped under LTE_NO_SKIPS=1 (a dependency the suite needs is missing): {reason}"
 
 
+# what a test without the marker may not start: (module, attribute, marker, what it starts)
+_GUARDED = (
+    ("subprocess", "_fork_exec", "process", "a process"),  # Python >= 3.11's subprocess
+    ("_posixsubprocess", "fork_exec", "process", "a process"),  # 3.10's subprocess, multiprocessing spawn
+    ("os", "fork", "process", "a process"),  # multiprocessing fork, os.fork
+    ("os", "forkpty", "process", "a process"),
+    ("os", "posix_spawn", "process", "a process"),
+    ("os", "posix_spawnp", "process", "a process"),
+    ("grpc", "server", "server", "a gRPC server"),
+    ("uvicorn.server", "Server.startup", "server", "an HTTP server"),
+)
+_violations: pytest.StashKey[list[str]] = pytest.StashKey()
+_guard_lock = threading.Lock()
+_check_tiers = False
+
+
+def pytest_configure(config):
+    global _check_tiers
+    expression = config.getoption("markexpr", "") or ""
+    _check_tiers = os.environ.get("LTE_TIER_CHECK") == "1" or any(
+        marker in expression for marker in ("process", "server")
+    )
+
+
+@contextlib.contextmanager
+def _tier_guard(item):
+    """Make starting a process or a server fail ``item`` unless it carries the marker for it."""
+    import importlib
+
+    if not _check_tiers:
+        yield
+        return
+    allowed = {m.name for m in item.iter_markers()} & {"process", "server"}
+    violations = item.stash.setdefault(_violations, [])
+    restore = []
+    for module_name, attribute, marker, what in _GUARDED:
+        if marker in allowed:
+            continue
+        try:
+            owner = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name, None)
+        if original is None:
+            continue
+
+        def refuse(*args, _what=what, _marker=marker, _name=f"{module_name}.{attribute}", **kwargs):
+            message = (
+                f"{item.nodeid} starts {_what} ({_name}) without the '{_marker}' marker: "
+                f"mark it @pytest.mark.{_marker} (make test-fast runs only unmarked tests)"
+            )
+            with _guard_lock:
+                violations.append(message)
+            pytest.fail(message, pytrace=False)  # a BaseException: `except Exception` cannot hide it
+
+        setattr(owner, name, refuse)
+        restore.append((owner, name, original))
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(restore):
+            setattr(owner, name, original)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _tier_guard(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _tier_guard(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    with _tier_guard(item):
+        yield
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    _fail_skip(outcome.get_result())
+    report = outcome.get_result()
+    violations = item.stash.get(_violations, [])
+    if violations:
+        if not report.failed:  # started from a thread, or the refusal was swallowed: still a failure
+            report.outcome = "failed"
+            report.longrepr = violations[0]
+        violations.clear()
+    _fail_skip(report)
 
 
 @pytest.hookimpl(hookwrapper=True)

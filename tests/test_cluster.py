@@ -14,6 +14,8 @@ from lte.worker.client import Worker
 from tests.cluster import DIGITS, digits_job, run_in_thread, running_server, worker_processes
 from tests.faults import wait_until
 
+pytestmark = [pytest.mark.process, pytest.mark.server]  # tier: see tests/conftest.py
+
 TIMEOUT_S = 240  # every wait below is bounded; CI machines are slow and shared
 
 

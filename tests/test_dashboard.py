@@ -411,6 +411,7 @@ def test_importing_the_dashboard_loads_no_torch():
 
 
 # -- the uvicorn thread --------------------------------------------------------------------------
+@pytest.mark.server
 def test_dashboard_server_binds_port_zero_and_stops():
     with DashboardServer(fake_status, host="127.0.0.1", port=0) as dashboard:
         assert dashboard.port > 0
@@ -444,6 +445,7 @@ def test_dashboard_server_reports_a_port_in_use():
             DashboardServer(fake_status, port=taken.getsockname()[1]).start()
 
 
+@pytest.mark.server
 def test_a_slow_status_does_not_block_other_requests():
     """Handlers run in a thread pool: a status() waiting on the coordinator's lock stalls only its caller."""
     release, entered = threading.Event(), threading.Event()

@@ -22,6 +22,8 @@ import pytest
 
 from lte.server.dashboard import DashboardServer
 
+pytestmark = [pytest.mark.process, pytest.mark.server]  # tier: see tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

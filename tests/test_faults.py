@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
 
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
@@ -34,6 +35,8 @@ from tests.faults import (
     wait_for,
     wait_until,
 )
+
+pytestmark = [pytest.mark.process, pytest.mark.server]  # tier: see tests/conftest.py
 
 TIMEOUT_S = 240
 

@@ -18,6 +18,8 @@ from lte.common.sim import run_lte
 from tests.cluster import DIGITS, digits_job, running_server, worker_processes
 from tests.faults import wait_for, wait_until
 
+pytestmark = [pytest.mark.process, pytest.mark.server]  # tier: see tests/conftest.py
+
 TIMEOUT_S = 240
 
 

@@ -50,6 +50,8 @@ FUZZ = settings(
 TALLY: Counter = Counter()  # (rpc, status) -> requests
 RAN: set[str] = set()
 
+pytestmark = pytest.mark.server  # tier: see tests/conftest.py
+
 
 class Target:
     """The server under fuzz, a channel to it, and live leases whose ids the fuzz may use."""

@@ -221,6 +221,7 @@ def test_augmented_batches_are_a_function_of_seed_head_and_step(tmp_path: Path) 
     assert len(rng_boxes) == 50 and all(0 <= l < r <= 100 and 0 <= t < b <= 60 for l, t, r, b in rng_boxes)
 
 
+@pytest.mark.process
 def test_loader_processes_give_exactly_the_in_process_batches(tmp_path: Path) -> None:
     write_classes(tmp_path, {"a": 6, "b": 6}, size=20)
     ds = load_dataset("imagefolder", str(tmp_path), image_size=8, test_fraction=0.25)
@@ -268,6 +269,8 @@ def test_local_workers_stream_the_servers_folder_and_export_survives_a_failed_ev
     assert "final evaluation failed" in run.stderr and "9.jpg" in run.stderr
 
 
+@pytest.mark.process
+@pytest.mark.server
 def test_sync_over_the_network_on_a_streamed_augmented_folder_equals_the_emulator(tmp_path: Path) -> None:
     from lte.common.sim import run_lte
     from lte.server.app import ParameterServer

@@ -11,8 +11,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from lte.server.finish import linger_seconds
 from lte.worker.client import EXIT_JOB_OVER
+
+pytestmark = pytest.mark.process  # tier: see tests/conftest.py
 
 
 def test_the_default_lingers_only_on_a_terminal_with_a_dashboard():

@@ -11,12 +11,16 @@ import sys
 import time
 from collections.abc import Iterator
 
+import pytest
+
 from lte.common.auth import TOKEN_ENV
 from lte.server.app import ParameterServer
 from lte.server.coordinator import Coordinator
 from lte.worker.client import EXIT_JOB_OVER
 from tests.cluster import DIGITS, digits_job
 from tests.faults import wait_until
+
+pytestmark = [pytest.mark.process, pytest.mark.server]  # tier: see tests/conftest.py
 
 TOKEN = "a-token-of-sufficient-length-0123"
 

@@ -17,6 +17,8 @@ from lte.server.checkpoint import latest_checkpoint, load_checkpoint
 from tests.cluster import digits_job, running_server
 from tests.faults import wait_for, wait_until
 
+pytestmark = [pytest.mark.process, pytest.mark.server]  # tier: see tests/conftest.py
+
 BIN = Path(sys.executable).parent
 ENV = dict({k: v for k, v in os.environ.items() if k != "LTE_TOKEN"}, OMP_NUM_THREADS="1")
 
