@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -52,6 +54,7 @@ def test_invalid_values_are_refused_with_the_reason(capsys):
     assert "heads must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_json_logs_and_tensorboard_scalars_of_a_real_local_cluster(tmp_path):
     import tensorboard  # noqa: F401  a declared dev dependency: missing, the test fails
 

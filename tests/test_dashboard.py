@@ -402,6 +402,7 @@ def test_the_real_coordinator_status_after_merges_and_an_evaluation_fits_the_sch
         coordinator.close()
 
 
+@pytest.mark.process
 def test_importing_the_dashboard_loads_no_torch():
     code = "import sys, lte.server.dashboard; print('torch' in sys.modules)"
     out = subprocess.run(

@@ -156,6 +156,7 @@ def test_server_probes_use_grpc_health_and_healthz():
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
 
 
+@pytest.mark.process
 def test_server_start_script_is_valid_shell():
     (container,) = k8s_object("Job", "lte-server")["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["sh", "-c"]

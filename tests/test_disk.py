@@ -90,6 +90,7 @@ def test_the_final_model_goes_to_a_named_fallback_when_the_run_folder_refuses_it
     assert f"exporting to {path} instead" in caplog.text
 
 
+@pytest.mark.process
 def test_a_real_server_whose_checkpoints_fail_still_trains_and_exports(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.process  # tier: see tests/conftest.py (both run bench/gpu_check.sh)
 
 
 def test_gpu_check_refuses_an_unknown_device_or_option_in_one_line():

@@ -114,6 +114,7 @@ def test_a_damaged_file_is_named_or_skipped_and_counted(tmp_path: Path, kind: st
     assert torch.equal(x[-1], lenient[0])  # replaced by the next file that decodes (wrapping round)
 
 
+@pytest.mark.process
 def test_a_damaged_file_stops_lte_sim_with_one_line(tmp_path: Path) -> None:
     write_classes(tmp_path, {"a": 6, "b": 6})
     (tmp_path / "b" / "7.jpg").write_text("<html>not an image</html>")
@@ -250,6 +251,7 @@ def test_eval_samples_is_a_fixed_class_balanced_subset() -> None:
 # --- a real server: local workers get --data-dir; the model is exported after a failed evaluation -
 
 
+@pytest.mark.process
 def test_local_workers_stream_the_servers_folder_and_export_survives_a_failed_eval(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_classes(data / "train", {"a": 8, "b": 8})
@@ -309,6 +311,8 @@ def test_sync_over_the_network_on_a_streamed_augmented_folder_equals_the_emulato
         assert torch.equal(got[name], value), name
 
 
+@pytest.mark.process
+@pytest.mark.server
 def test_a_worker_whose_folders_do_not_fit_the_job_stops_with_one_line(tmp_path: Path) -> None:
     from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator

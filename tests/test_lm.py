@@ -203,6 +203,7 @@ def test_t1_lookup_mean_over_heads_equals_multihead_lora():
     torch.testing.assert_close(mean, lora[ids[0]])
 
 
+@pytest.mark.slow
 def test_tie_survives_training_merge_and_export(byte_data, tmp_path):
     job = tiny_job(byte_data)
     result = run_lte(job, load_text(str(byte_data), eval_tokens=256))
@@ -231,6 +232,7 @@ def _hidden(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@pytest.mark.slow
 def test_embedding_heads_move_the_table_and_replicas_do_not_need_them(byte_data):
     job = tiny_job(byte_data, steps=2, merge_every=2)
     data = load_text(str(byte_data), eval_tokens=256)
@@ -244,6 +246,7 @@ def test_embedding_heads_move_the_table_and_replicas_do_not_need_them(byte_data)
 
 
 # -- lte-sim ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sim_runs_are_bit_identical(byte_data):
     job = tiny_job(byte_data)
     data = load_text(str(byte_data), eval_tokens=256)
@@ -257,6 +260,7 @@ def test_sim_runs_are_bit_identical(byte_data):
     assert one.history[-1]["bits_per_byte"] == pytest.approx(one.test_loss / np.log(2))
 
 
+@pytest.mark.slow
 def test_lte_sim_cli_text(byte_data, capsys):
     base = ["--model", "gpt-micro", "--dataset", "text", "--data-dir", str(byte_data), "--context", "16"]
     base += ["--heads", "2", "--rank", "4", "--steps", "4", "--merge-every", "2", "--batch-size", "2"]
@@ -268,6 +272,7 @@ def test_lte_sim_cli_text(byte_data, capsys):
     assert "--data-dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_full_training_learns(byte_data):
     job = tiny_job(byte_data, steps=30, merge_every=5, lr=3e-3, batch_size=4, dtype="float32")
     data = load_text(str(byte_data), eval_tokens=256)
@@ -276,6 +281,8 @@ def test_full_training_learns(byte_data):
 
 
 # -- over a real lte-server ---------------------------------------------------------------------
+@pytest.mark.process
+@pytest.mark.server
 def test_sync_over_the_network_reproduces_the_emulator_and_the_export_evaluates_the_same(byte_data, tmp_path):
     from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator
@@ -308,6 +315,7 @@ def test_sync_over_the_network_reproduces_the_emulator_and_the_export_evaluates_
     assert evaluate(model, data)["test_loss"] == record["test_loss"]  # the export's loss is the server's
 
 
+@pytest.mark.process
 def test_lte_server_ends_with_the_validation_scores_and_an_export_that_lte_generate_reads(
     byte_data, tmp_path
 ):
@@ -339,6 +347,7 @@ def test_lte_server_ends_with_the_validation_scores_and_an_export_that_lte_gener
     assert out.returncode == 0 and out.stdout.startswith("And God said"), out.stderr
 
 
+@pytest.mark.slow
 def test_lte_generate_samples_from_an_lte_sim_export(byte_data, tmp_path, capsys):
     from lte.common.generate import load_exported
     from lte.common.generate import main as generate_main
@@ -361,6 +370,7 @@ def test_lte_generate_samples_from_an_lte_sim_export(byte_data, tmp_path, capsys
     assert "no such model file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lte_eval_finds_a_runs_relative_token_folder_from_anywhere_and_names_what_is_missing(
     byte_data, tmp_path, monkeypatch, capsys
 ):
@@ -401,6 +411,7 @@ def test_token_data_of_another_tokenizer_is_refused(byte_data):
         LocalTrainer(small, [0], data)
 
 
+@pytest.mark.slow
 def test_the_evaluation_sample_starts_at_a_line_of_val_bin_and_names_its_prompt(tmp_path):
     from lte.common.text import SAMPLE_PROMPT_TOKENS, evaluation_sample, sample_prompt_start
 

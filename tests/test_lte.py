@@ -321,6 +321,7 @@ def test_quantized_layer_forward_backward_and_state_dict():
             layer.merge()
 
 
+@pytest.mark.slow
 def test_low_rank_merges_recover_a_full_rank_target():
     """Merged rank-2 heads reach a full-rank W* that no single rank-2 adapter can (Eckart-Young).
 
@@ -393,6 +394,7 @@ def test_last_merge_term_is_exact_whether_folded_into_w_or_not(rows_per_head, qu
         torch.testing.assert_close(g, g_ref, **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none", "int8", "nf4"])
 def test_a_trainer_built_without_its_base_trains_exactly_as_one_built_with_it(quant):
     """A worker builds on the meta device and takes its base from the snapshot: no fp32 model."""
@@ -441,6 +443,7 @@ def test_heads_that_continue_mid_job_ramp_their_lr_again_with_fresh_adamw_moment
     assert fresh.lr_now() == lr_at(0, job)  # a job's first steps already warm up: no second ramp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_a_cached_frozen_weight_trains_exactly_as_the_rebuilt_one_across_commits(quant):
     """The cache lives for a round: every change of the base or of B', A' must drop it."""

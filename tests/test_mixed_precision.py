@@ -202,6 +202,8 @@ def test_the_job_carries_its_precision_to_the_worker_and_the_worker_flag_parses(
     assert (args.precision, args.frozen_cache) == (None, None)  # the job's; the device's default
 
 
+@pytest.mark.process
+@pytest.mark.server
 def test_sync_over_the_network_in_bf16_reproduces_the_emulator_in_bf16(tmp_path):
     """The job's precision reaches the worker processes: same bits as lte-sim with bf16 autocast."""
     from lte.common.sim import run_lte

@@ -157,6 +157,7 @@ GALLERY = {
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("model", list(GALLERY))
 def test_gallery_model_trains_over_a_real_server(model, tmp_path):
     steps, lr, bar = GALLERY[model]
@@ -174,6 +175,7 @@ def test_gallery_model_trains_over_a_real_server(model, tmp_path):
         assert int(exported["2.num_batches_tracked"]) == steps
 
 
+@pytest.mark.process
 def test_refused_model_exits_2_in_one_line(tmp_path):
     proc = _serve("sequence_first", tmp_path)
     assert proc.returncode == 2
@@ -184,6 +186,8 @@ def test_refused_model_exits_2_in_one_line(tmp_path):
     )
 
 
+@pytest.mark.process
+@pytest.mark.server
 def test_worker_that_cannot_train_gives_its_lease_back(tmp_path):
     job = digits_job(model="tests.gallery_models:fails_on_workers", heads=2)
     with running_server(job, heartbeat_interval_s=0.5) as server:
@@ -219,6 +223,8 @@ def test_resume_after_the_model_code_changed_names_the_first_mismatch(tmp_path, 
     changed.close()
 
 
+@pytest.mark.process
+@pytest.mark.server
 @pytest.mark.parametrize("model", ["tied", "batchnorm", "conv", "mha"])
 def test_sync_over_the_network_reproduces_the_emulator_for_gallery_models(model, tmp_path):
     from lte.common.sim import run_lte

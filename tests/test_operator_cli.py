@@ -74,12 +74,14 @@ SERVER_CASES = {
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("argv, phrases", SERVER_CASES.values(), ids=SERVER_CASES.keys())
 def test_server_refuses_bad_flags_by_name_and_leaves_no_run_folder(tmp_path, argv, phrases):
     assert_refused(run("server", *argv, "--dashboard-port", "-1", cwd=tmp_path), *phrases)
     assert list(tmp_path.iterdir()) == []  # no runs/<time>/ of a start that never happened
 
 
+@pytest.mark.process
 def test_config_file_values_of_the_wrong_type_name_the_key_and_the_file(tmp_path):
     config = tmp_path / "job.toml"
     config.write_text('heads = "8"\n')
@@ -95,6 +97,7 @@ def test_config_file_values_of_the_wrong_type_name_the_key_and_the_file(tmp_path
     )
 
 
+@pytest.mark.process
 def test_a_config_key_set_twice_in_two_spellings_or_tables_is_refused(tmp_path):
     config = tmp_path / "job.toml"
     config.write_text("merge-every = 5\nmerge_every = 10\n")  # TOML itself sees two keys
@@ -115,6 +118,7 @@ def test_a_config_key_set_twice_in_two_spellings_or_tables_is_refused(tmp_path):
     assert result.returncode == 0 and "merge_every = 5" in result.stdout, result.stderr
 
 
+@pytest.mark.process
 def test_lte_sim_refuses_unknown_config_keys_but_runs_a_server_run_s_config(tmp_path):
     config = tmp_path / "job.toml"
     config.write_text("rand_augment_ops = 2\n")  # a typo: training without it would be silent
@@ -135,6 +139,7 @@ def test_lte_sim_refuses_unknown_config_keys_but_runs_a_server_run_s_config(tmp_
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 4
 
 
+@pytest.mark.process
 def test_lte_sim_refuses_its_own_flags_in_a_config_file_where_they_would_be_ignored(tmp_path):
     """lte-sim reads --full, --workers, --export ... from the command line only: in a file they
     were accepted and silently ignored (an LTE run where full training was asked, no export)."""
@@ -161,12 +166,14 @@ def test_every_server_setting_has_a_checked_file_type():
     assert set(SERVER_KEYS) == set(SERVER_TYPES)
 
 
+@pytest.mark.process
 def test_config_file_range_errors_are_caught_like_flags(tmp_path):
     config = tmp_path / "job.toml"
     config.write_text("[server]\nport = -5\n")
     assert_refused(run("server", "--config", str(config), "--print-config"), "--port -5", "[0, 65535]")
 
 
+@pytest.mark.process
 def test_a_config_file_with_bad_syntax_or_missing_is_named(tmp_path):
     config = tmp_path / "broken.toml"
     config.write_text("heads = = 8\n")
@@ -175,6 +182,7 @@ def test_a_config_file_with_bad_syntax_or_missing_is_named(tmp_path):
     assert_refused(run("sim", "--config", str(missing)), f"--config {missing}: no such file")
 
 
+@pytest.mark.process
 def test_a_chunk_bigger_than_the_grpc_message_limit_is_refused_at_start_up(tmp_path):
     result = run(
         "server", "--print-config", env={"LTE_GRPC_MAX_MESSAGE_BYTES": str(256 * 1024)}, cwd=tmp_path
@@ -184,6 +192,7 @@ def test_a_chunk_bigger_than_the_grpc_message_limit_is_refused_at_start_up(tmp_p
     )
 
 
+@pytest.mark.process
 def test_credential_files_are_checked_before_serving(tmp_path):
     not_pem = tmp_path / "cert.pem"
     not_pem.write_text("<html>not a certificate</html>\n")
@@ -198,6 +207,7 @@ def test_credential_files_are_checked_before_serving(tmp_path):
     )
 
 
+@pytest.mark.process
 def test_an_unwritable_run_folder_is_refused_before_training(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -207,6 +217,7 @@ def test_an_unwritable_run_folder_is_refused_before_training(tmp_path):
     assert_refused(result, f"--out {blocker / 'run'}", "not writable")
 
 
+@pytest.mark.process
 def test_a_failed_bind_leaves_no_run_folder(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -218,6 +229,7 @@ def test_a_failed_bind_leaves_no_run_folder(tmp_path):
     assert not (tmp_path / "runs").exists(), list((tmp_path / "runs").rglob("*"))
 
 
+@pytest.mark.process
 def test_an_unexpected_error_prints_one_line_and_where_the_trace_is(tmp_path):
     (tmp_path / "exploding.py").write_text(
         "def factory(**kwargs):\n    raise RuntimeError('the factory exploded')\n"
@@ -254,21 +266,25 @@ WORKER_CASES = {
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("argv, phrases", WORKER_CASES.values(), ids=WORKER_CASES.keys())
 def test_worker_refuses_bad_flags_by_name(argv, phrases):
     assert_refused(run("worker", *argv), *phrases)
 
 
+@pytest.mark.process
 def test_worker_names_the_environment_variable_of_a_bad_token():
     result = run("worker", "--server", "127.0.0.1:1", env={TOKEN_ENV: "too-short"})
     assert_refused(result, "LTE_TOKEN: the token must be at least 16 characters long (got 9)")
 
 
+@pytest.mark.process
 def test_sim_refuses_modes_it_does_not_emulate():
     for mode in ("async", "buffered"):
         assert_refused(run("sim", "--mode", mode), f"--mode {mode}", "sync aggregation only", "lte-server")
 
 
+@pytest.mark.process
 def test_sim_refuses_randaugment_on_data_that_is_not_image_files():
     assert_refused(
         run("sim", "--dataset", "digits", "--randaugment-ops", "2"),
@@ -277,6 +293,7 @@ def test_sim_refuses_randaugment_on_data_that_is_not_image_files():
     )
 
 
+@pytest.mark.process
 def test_sim_refuses_more_workers_than_heads():
     assert_refused(run("sim", "--heads", "4", "--workers", "5"), "--workers 5", "[1, 4]")
 
@@ -300,6 +317,7 @@ def test_bytes_and_rates_read_as_on_the_dashboard():
     ]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("tool", ["server", "worker", "sim", "eval"])
 def test_help_fits_an_80_column_terminal(tool):
     result = run(tool, "--help", env={"COLUMNS": "80"})

@@ -20,7 +20,7 @@ from lte.worker.client import EXIT_JOB_OVER
 from tests.cluster import DIGITS, digits_job
 from tests.faults import wait_until
 
-pytestmark = [pytest.mark.process, pytest.mark.server]  # tier: see tests/conftest.py
+pytestmark = pytest.mark.process  # tier: see tests/conftest.py (lte-server and lte-worker as processes)
 
 TOKEN = "a-token-of-sufficient-length-0123"
 

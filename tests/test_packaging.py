@@ -7,11 +7,14 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import lte.common
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.process
 def test_the_wheel_builds_without_warnings_and_carries_the_proto_and_the_dashboard(tmp_path):
     build = subprocess.run(
         [

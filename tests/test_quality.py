@@ -77,6 +77,7 @@ def test_language_model_rows_rank_by_validation_loss_lower_is_better():
 QUEUE_SCRIPT = BENCH.parent / "quality_gpu.sh"
 
 
+@pytest.mark.process
 def test_the_gpu_sweep_script_runs_a_queue_in_parallel_and_tabulates(tmp_path):
     queue = tmp_path / "queue.txt"
     queue.write_text(
@@ -114,6 +115,7 @@ def test_the_gpu_sweep_script_runs_a_queue_in_parallel_and_tabulates(tmp_path):
     assert len((out / "quality-mlp-6.jsonl").read_text().splitlines()) == 3  # seed 1 added to the two
 
 
+@pytest.mark.process
 def test_the_gpu_sweep_script_refuses_an_unknown_option_in_one_line():
     proc = subprocess.run(["bash", str(QUEUE_SCRIPT), "--nosuch"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
@@ -122,6 +124,7 @@ def test_the_gpu_sweep_script_refuses_an_unknown_option_in_one_line():
     )
 
 
+@pytest.mark.process
 def test_the_gpu_sweep_script_refuses_bad_input_in_one_line_before_starting_anything(tmp_path):
     def refused(*args: str, queue: str | None = None) -> str:
         argv = list(args)

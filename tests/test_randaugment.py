@@ -159,6 +159,7 @@ def test_augmented_batches_are_a_function_of_seed_head_and_step(folder: Path) ->
     assert not torch.equal(s.batch(0)[0], bare.train_x.load(s.indices(0).tolist()))
 
 
+@pytest.mark.process
 def test_loader_processes_give_the_in_process_randaugment_batches(folder: Path) -> None:
     ds = load_dataset("imagefolder", str(folder), image_size=12, test_fraction=0.25, randaugment=(3, 15))
     streams = [HeadBatches(ds.train_x, ds.train_y, h, 2, 3, 7) for h in (0, 1)]

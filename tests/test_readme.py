@@ -22,6 +22,10 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = (
+    pytest.mark.process
+)  # tier: see tests/conftest.py (every block runs or parses through a real command)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MARKER = re.compile(r"<!-- readme-test: ([a-z-]+) -->")

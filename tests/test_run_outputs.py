@@ -45,6 +45,7 @@ def cluster_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return cwd / "run", result
 
 
+@pytest.mark.process
 def test_local_workers_ignore_an_lte_folder_in_the_cwd_and_log_to_their_files(cluster_run):
     run_dir, result = cluster_run
     for i in range(2):
@@ -56,6 +57,7 @@ def test_local_workers_ignore_an_lte_folder_in_the_cwd_and_log_to_their_files(cl
     assert re.search(r"up \d+(\.\d)? [KM]iB, down \d+(\.\d)? [KM]iB", result.stderr), result.stderr
 
 
+@pytest.mark.process
 def test_the_exported_model_says_how_to_rebuild_and_feed_it(cluster_run):
     run_dir, _ = cluster_run
     with safe_open(str(run_dir / "model.safetensors"), framework="pt") as fh:
@@ -73,6 +75,7 @@ def test_the_exported_model_says_how_to_rebuild_and_feed_it(cluster_run):
     assert meta["lte_version"] == __version__ and meta["version"] == "2"
 
 
+@pytest.mark.process
 def test_the_run_config_holds_effective_values_not_placeholders(cluster_run):
     from lte.common.checks import read_toml
 
@@ -81,6 +84,7 @@ def test_the_run_config_holds_effective_values_not_placeholders(cluster_run):
     assert config["heads_per_worker"] == 1  # N / local workers
 
 
+@pytest.mark.process
 def test_lte_eval_reproduces_the_server_s_final_evaluation(cluster_run):
     run_dir, _ = cluster_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -92,6 +96,7 @@ def test_lte_eval_reproduces_the_server_s_final_evaluation(cluster_run):
     assert evaluated["version"] == summary["version"] == 2
 
 
+@pytest.mark.process
 def test_lte_eval_refuses_a_file_that_is_not_an_export(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     result = run(command("eval"), str(tmp_path), cwd=tmp_path)
@@ -108,6 +113,7 @@ def test_a_vit_export_names_its_patch_size():
     assert values["patch_size"] == 2 and values["warmup_steps"] == 5
 
 
+@pytest.mark.process
 def test_a_trained_export_runs_in_plain_torch_from_its_metadata_alone(cluster_run):
     """No lte layer, no lte model class: safetensors, torch.nn.functional and the file's metadata."""
     import torch
@@ -145,6 +151,7 @@ def test_a_trained_export_runs_in_plain_torch_from_its_metadata_alone(cluster_ru
     )  # trained, not the init
 
 
+@pytest.mark.process
 def test_lte_eval_loads_an_image_folder_at_the_job_s_size_and_streams_it(tmp_path):
     """An imagefolder model trained at --image-size 8 (not the loader's default 32) evaluates to
     exactly lte-sim's figures, and its test split stays files decoded per batch."""
@@ -176,6 +183,7 @@ def test_lte_eval_loads_an_image_folder_at_the_job_s_size_and_streams_it(tmp_pat
     assert dataset.test_x.mean.tolist() == [0.5] * 3 and dataset.test_x.std.tolist() == [0.25] * 3
 
 
+@pytest.mark.process
 def test_the_readme_s_parity_claim_holds_through_the_commands(tmp_path):
     """README: lte-server --local-workers 2 and lte-sim --workers 2, both --uplink fp32 and one
     thread, export exactly the same weights (the network adds nothing to the arithmetic)."""

@@ -170,6 +170,7 @@ def _every_rpc(channel: grpc.Channel, metadata, lease_id: str = "x") -> dict[str
     ],
     ids=["missing", "wrong", "no-scheme", "trailing-space", "lowercase-scheme", "other-header"],
 )
+@pytest.mark.server
 def test_every_rpc_without_the_right_token_is_unauthenticated_and_changes_nothing(metadata):
     with serving(token=TOKEN) as server, grpc.insecure_channel(server.address) as channel:
         c = server.coordinator
@@ -182,6 +183,7 @@ def test_every_rpc_without_the_right_token_is_unauthenticated_and_changes_nothin
         assert c.leases == {} and master_hash(c) == before
 
 
+@pytest.mark.server
 def test_the_right_token_works_on_every_rpc_and_health_needs_none():
     with serving(token=TOKEN) as server, grpc.insecure_channel(server.address) as channel:
         auth = bearer_metadata(TOKEN)
@@ -204,6 +206,8 @@ def test_the_right_token_works_on_every_rpc_and_health_needs_none():
             assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.process
+@pytest.mark.server
 def test_a_worker_process_with_the_token_in_its_environment_trains_to_the_end(tmp_path, monkeypatch):
     job = digits_job(heads=2, steps=20)
     with serving(job, token=TOKEN) as server:
@@ -214,6 +218,7 @@ def test_a_worker_process_with_the_token_in_its_environment_trains_to_the_end(tm
         assert server.coordinator.version == job.rounds
 
 
+@pytest.mark.server
 def test_a_worker_with_the_wrong_token_gives_up_with_unauthenticated():
     with serving(token=TOKEN) as server:
         worker = Worker(server.address, quiet=True, metadata=bearer_metadata("x" * 20), give_up_after_s=5)
@@ -278,6 +283,7 @@ def _register(address: str, credentials: grpc.ChannelCredentials | None) -> grpc
         return grpc.StatusCode.OK
 
 
+@pytest.mark.server
 def test_tls_a_client_must_trust_the_ca(pki):
     creds = server_credentials(pki["server_cert"], pki["server_key"], None)
     with serving(credentials=creds) as server:
@@ -290,6 +296,7 @@ def test_tls_a_client_must_trust_the_ca(pki):
         assert len(server.coordinator.leases) == 1
 
 
+@pytest.mark.server
 def test_tls_a_worker_without_the_ca_fails_instead_of_hanging(pki):
     creds = server_credentials(pki["server_cert"], pki["server_key"], None)
     with serving(credentials=creds) as server:
@@ -300,6 +307,7 @@ def test_tls_a_worker_without_the_ca_fails_instead_of_hanging(pki):
         assert server.coordinator.leases == {}
 
 
+@pytest.mark.server
 def test_mutual_tls_refuses_clients_without_a_certificate_from_the_ca(pki):
     creds = server_credentials(pki["server_cert"], pki["server_key"], pki["ca"])
     with serving(credentials=creds) as server:
@@ -312,6 +320,8 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_the_ca(pki):
         assert _register(server.address, good) == grpc.StatusCode.OK
 
 
+@pytest.mark.process
+@pytest.mark.server
 def test_a_worker_process_over_mutual_tls_with_a_token_trains_to_the_end(pki, tmp_path, monkeypatch):
     job = digits_job(heads=2, steps=20)
     creds = server_credentials(pki["server_cert"], pki["server_key"], pki["ca"])

@@ -8,6 +8,8 @@ CONFTEST = (Path(__file__).parent / "conftest.py").read_text().split("pytest_plu
 TESTS = """
 import pytest
 
+pytestmark = pytest.mark.process  # tier: see tests/conftest.py (runs a child pytest)
+
 def test_needs_a_browser():
     pytest.skip("/usr/bin/chromium is missing")
 

@@ -365,6 +365,7 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(("make", "code", "pattern"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_a_malformed_push_is_refused_precisely_and_changes_nothing(server, stub, lease, make, code, pattern):
     msgs = make(lease)
@@ -377,6 +378,7 @@ def test_a_malformed_push_is_refused_precisely_and_changes_nothing(server, stub,
     assert reply.applied and not reply.duplicate
 
 
+@pytest.mark.server
 def test_a_message_over_the_grpc_limit_is_refused_by_grpc_itself(server, stub, lease):
     too_big = pb.UpdateChunk(tensor=pb.TensorChunk(data=b"\x00" * (2 << 20)))
     with weights_unchanged(server):
@@ -387,6 +389,7 @@ def test_a_message_over_the_grpc_limit_is_refused_by_grpc_itself(server, stub, l
         )
 
 
+@pytest.mark.server
 def test_a_correct_push_is_applied_and_its_replay_is_acknowledged_without_effect(server, stub, lease):
     c = server.coordinator
     msgs = lease.push()
@@ -401,6 +404,7 @@ def test_a_correct_push_is_applied_and_its_replay_is_acknowledged_without_effect
             assert replay.version == version + 1
 
 
+@pytest.mark.server
 def test_a_push_on_a_head_leased_to_another_worker_is_refused(server, stub, lease):
     with registered(stub, server) as other:
         theirs = lease.push(head_rounds=other.rounds())  # this lease, the other lease's heads
@@ -412,6 +416,7 @@ def test_a_push_on_a_head_leased_to_another_worker_is_refused(server, stub, leas
             )
 
 
+@pytest.mark.server
 def test_a_push_staler_than_the_bound_is_refused_in_async_mode(server, stub, lease):
     base = server.coordinator.version
     for seed in range(MAX_STALENESS + 1):  # move W on by MAX_STALENESS + 1 versions
@@ -427,6 +432,7 @@ def test_a_push_staler_than_the_bound_is_refused_in_async_mode(server, stub, lea
     assert server.coordinator.pushes_refused == refused_before + 1
 
 
+@pytest.mark.server
 def test_a_push_after_leave_is_refused(server, stub):
     with registered(stub, server) as gone:
         msgs = gone.push()
@@ -436,6 +442,7 @@ def test_a_push_after_leave_is_refused(server, stub):
         )
 
 
+@pytest.mark.server
 def test_sync_mode_refuses_a_push_trained_on_an_older_version():
     job = digits_job(heads=2, mode="sync", steps=1000)
     with running_server(job, heads_per_worker=2) as server, grpc.insecure_channel(server.address) as ch:
@@ -453,6 +460,7 @@ def test_sync_mode_refuses_a_push_trained_on_an_older_version():
             assert stub.PushUpdate(iter(lease.push()), timeout=30).applied
 
 
+@pytest.mark.server
 def test_other_rpcs_validate_their_fields(server, stub, lease):
     cases = [
         (
@@ -526,6 +534,7 @@ def test_other_rpcs_validate_their_fields(server, stub, lease):
         stub.Leave(pb.LeaveRequest(lease_id="never-registered"), timeout=10)  # idempotent: OK, no effect
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("state", ["left", "expired", "registered", "x" * 40])
 def test_a_heartbeat_cannot_move_its_lease_into_a_server_state(state):
     # regression: a heartbeat saying "left" once froze the lease, so its heads never returned
