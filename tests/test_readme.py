@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = (
-    pytest.mark.process
-)  # tier: see tests/conftest.py (every block runs or parses through a real command)
+# tier (tests/conftest.py): every block runs, or parses through, a real command
+pytestmark = pytest.mark.process
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

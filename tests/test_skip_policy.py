@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONFTEST = (Path(__file__).parent / "conftest.py").read_text().split("pytest_plugins")[0]
-TESTS = """
 import pytest
 
 pytestmark = pytest.mark.process  # tier: see tests/conftest.py (runs a child pytest)
+
+CONFTEST = (Path(__file__).parent / "conftest.py").read_text().split("pytest_plugins")[0]
+TESTS = """
+import pytest
 
 def test_needs_a_browser():
     pytest.skip("/usr/bin/chromium is missing")
