@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [
         r
         for r in quality.load_results(args.results)
-        if r["model"] == MODEL
+        if r.get("base_model", r["model"]) == MODEL
         and r["base_steps"] == args.steps
         and r["label"] in {quality.run_label(x) for x in runs}
     ]

@@ -82,3 +82,13 @@ def small_vit(image_size: int, in_channels: int, num_classes: int) -> SmallViT:
 def small_vit_plain_norm(image_size: int, in_channels: int, num_classes: int) -> SmallViT:
     """The same ViT with LayerNorms without affine parameters."""
     return SmallViT(128, 4, 4, 512, 4, image_size, in_channels, num_classes, affine=False)
+
+
+def small_vit_frozen_bias(image_size: int, in_channels: int, num_classes: int) -> SmallViT:
+    """The same ViT with every Linear bias frozen at its initial value (``requires_grad=False``),
+    as the authors' LTE layers keep theirs; LayerNorms and the position table still train."""
+    model = small_vit(image_size, in_channels, num_classes)
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.requires_grad_(False)
+    return model
