@@ -36,10 +36,10 @@ class JobConfig:
     task: str = ""  # filled from the dataset
     heads: int = 8  # N: LoRA heads in the whole job
     rank: int = 16
-    alpha: float = 64.0
+    alpha: float = 16.0  # s = alpha / r = 1: with the reference A init, W moves about lr per entry and step
     merge_every: int = 10  # T: local steps per round
     reset: bool = False
-    a_init: str = "semi-orthogonal"
+    a_init: str = "reference"  # the paper authors' A scale, spectral norm sqrt(n / r) (common/lte.py)
     a_init_gain: float = 1.0
     quant: str = "none"  # base weights on the workers: none | int8 | nf4
     uplink: str = "fp16"  # factors on the wire: fp32 | fp16 | bf16 | int8-block

@@ -40,9 +40,9 @@ class LTEConfig:
     heads: int = 1  # h: heads held (vectorised) by this process
     total_heads: int | None = None  # N: heads in the whole job (merge weight 1/N); None -> heads
     rank: int = 16
-    alpha: float = 64.0
+    alpha: float = 16.0
     reset: bool = False  # the paper's reset variant: B <- 0 after every merge
-    a_init: str = "semi-orthogonal"
+    a_init: str = "reference"  # init_lora_a's kinds; reference: the paper authors' scale
     a_init_gain: float = 1.0  # extra factor on top of the init's own scale
     quant: str = "none"  # base weight storage: none | int8 | nf4
     # storage of B', A': the uplink's dtype when a worker rounds its factors to it before a merge
@@ -311,7 +311,7 @@ class LTELinear(nn.Module):
         head_ids: Sequence[int] | None = None,
         seed: int = 0,
         layer_index: int = 0,
-        a_init: str = "semi-orthogonal",
+        a_init: str = "reference",
         gain: float = 1.0,
     ) -> None:
         """``B = 0``; each head's ``A`` drawn from its own generator seeded by (seed, head id, layer)."""
