@@ -36,7 +36,7 @@ class JobConfig:
     task: str = ""  # filled from the dataset
     heads: int = 8  # N: LoRA heads in the whole job
     rank: int = 16
-    alpha: float = 16.0  # s = alpha / r = 1: with the reference A init, W moves about lr per entry and step
+    alpha: float = 64.0  # s = alpha / r = 4; README "Tuning LTE for a new model" has the measured band
     merge_every: int = 10  # T: local steps per round
     reset: bool = False
     a_init: str = "reference"  # the paper authors' A scale, spectral norm sqrt(n / r) (common/lte.py)

@@ -40,7 +40,7 @@ class LTEConfig:
     heads: int = 1  # h: heads held (vectorised) by this process
     total_heads: int | None = None  # N: heads in the whole job (merge weight 1/N); None -> heads
     rank: int = 16
-    alpha: float = 16.0
+    alpha: float = 64.0
     reset: bool = False  # the paper's reset variant: B <- 0 after every merge
     a_init: str = "reference"  # init_lora_a's kinds; reference: the paper authors' scale
     a_init_gain: float = 1.0  # extra factor on top of the init's own scale

@@ -31,7 +31,7 @@ def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path, capsys):
     job.write_text('model = "vit-tiny"\nheads = 32\nrank = 8\n[server]\nport = 6000\n')
     cfg = print_config(capsys, "--config", str(job), "--heads", "4")
     assert (cfg["model"], cfg["heads"], cfg["rank"], cfg["port"]) == ("vit-tiny", 4, 8, 6000)
-    assert cfg["alpha"] == JobConfig().alpha == 16.0  # untouched default (s = 1 at the default rank 16)
+    assert cfg["alpha"] == JobConfig().alpha == 64.0  # untouched default
 
 
 def test_unknown_config_keys_are_errors_that_name_them(tmp_path, capsys):
