@@ -156,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 f"Machine: {machine()}, one thread per run. Date: "
                 f"{datetime.datetime.now(datetime.timezone.utc):%a %b %d %Y} (UTC). "
-                f"Load: {os.getloadavg()[0]:.1f}.",
+                + (
+                    "Tabulated from the results file (the runs' commands are in the notes below)."
+                    if args.table_only
+                    else f"Load average at the end: {os.getloadavg()[0]:.1f} (the minutes are inflated by it)."
+                ),
                 "",
                 *lines,
                 "",
