@@ -105,6 +105,7 @@ def train_one(base: dict[str, Any], run: dict[str, Any], seed: int, dataset, dev
         "label": run_label(run),
         "seed": seed,
         "model": job.model,
+        "base_model": base["model"],  # the sweep's --model (a run may set its own model=)
         "dataset": job.dataset,
         "base_steps": base["steps"],
         "steps": job.steps,
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in args.run:
             for seed in args.seeds:
                 done = {
-                    (r["label"], r["seed"], r["base_steps"], r["model"]) for r in load_results(args.results)
+                    (r["label"], r["seed"], r["base_steps"], r.get("base_model", r["model"]))
+                    for r in load_results(args.results)
                 }
                 if (run_label(run), seed, args.steps, args.model) in done:
                     continue
@@ -226,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"{record['label']} seed {seed}: {score} in {record['seconds']:.0f} s", flush=True)
     records = [
-        r for r in load_results(args.results) if r["model"] == args.model and r["base_steps"] == args.steps
+        r
+        for r in load_results(args.results)
+        if r.get("base_model", r["model"]) == args.model and r["base_steps"] == args.steps
     ]
     dataset_name = records[0]["dataset"] if records else args.dataset
     print(f"\n{args.model} on {dataset_name}, {args.steps} steps at 1.0x (results: {args.results})\n")

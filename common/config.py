@@ -20,6 +20,7 @@ MODES = ("sync", "async", "buffered")
 UPLINK_CODECS = ("fp32", "fp16", "bf16", "int8-block")
 SNAPSHOT_CODEC = {"none": "fp32", "int8": "int8-row", "nf4": "nf4"}  # base quantisation -> downlink codec
 DTYPES = ("float32", "float64")
+HEAD_DATA = ("shard", "iid")  # what each head reads: a fixed 1/N shard, or the whole training set
 
 
 @dataclass
@@ -35,10 +36,10 @@ class JobConfig:
     task: str = ""  # filled from the dataset
     heads: int = 8  # N: LoRA heads in the whole job
     rank: int = 16
-    alpha: float = 64.0
+    alpha: float = 64.0  # s = alpha / r = 4; README "Tuning LTE for a new model" has the measured band
     merge_every: int = 10  # T: local steps per round
     reset: bool = False
-    a_init: str = "semi-orthogonal"
+    a_init: str = "reference"  # the paper authors' A scale, spectral norm sqrt(n / r) (common/lte.py)
     a_init_gain: float = 1.0
     quant: str = "none"  # base weights on the workers: none | int8 | nf4
     uplink: str = "fp16"  # factors on the wire: fp32 | fp16 | bf16 | int8-block
@@ -69,6 +70,9 @@ class JobConfig:
     context: int = 0  # language models: tokens per sequence; 0: the zoo preset's
     embedding_heads: bool = True  # embeddings get LTE heads; False: full-size replica deltas
     tokenizer: str = ""  # language models: the token data's tokenizer id (filled from the data)
+    # what each head of a sample dataset reads (token data is always drawn from the whole file):
+    # shard: a fixed 1/N of the training set; iid: the whole set, its own reshuffle per epoch
+    head_data: str = "shard"
 
     def __post_init__(self) -> None:
         self.classes = tuple(str(c) for c in self.classes)  # a TOML list or a proto repeated field
@@ -96,6 +100,7 @@ class JobConfig:
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.a_init in A_INITS, f"a_init must be one of {A_INITS}, got {self.a_init!r}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (self.head_data in HEAD_DATA, f"head_data must be one of {HEAD_DATA}, got {self.head_data!r}"),
             (
                 self.precision in PRECISIONS,
                 f"precision must be one of {PRECISIONS}, got {self.precision!r}",
@@ -379,6 +384,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--a-init", choices=A_INITS, help=f"init of each head's A [{d.a_init}]")
     g.add_argument("--a-init-gain", type=float, help=f"extra factor on A's init scale [{d.a_init_gain:g}]")
+    g.add_argument(
+        "--head-data",
+        choices=HEAD_DATA,
+        help="what each head reads: shard (a fixed 1/N of the training set) | iid (the whole set, "
+        f"reshuffled per head and epoch, as the paper's code) [{d.head_data}]",
+    )
     g.add_argument("--quant", choices=QUANT_KINDS, help=f"worker base weights: none | int8 | nf4 [{d.quant}]")
     g.add_argument("--uplink", choices=UPLINK_CODECS, help=f"codec of factors on the wire [{d.uplink}]")
     g.add_argument("--zstd-level", type=int, help=f"zstd level of the uplink, -1 for none [{d.zstd_level}]")

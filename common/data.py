@@ -672,12 +672,34 @@ class HeadBatches:
         )
 
 
-def head_batches(dataset: Any, head_id: int, num_heads: int, batch_size: int, seed: int, context: int = 0):
-    """A head's batch stream: ``HeadBatches`` over a sample dataset, ``TokenBatches`` of ``context``
-    tokens over token data (task "lm"). Both are pure functions of (seed, head_id, step)."""
+def head_shard(head_id: int, num_heads: int, head_data: str = "shard") -> tuple[int, int]:
+    """``(shard, of)`` a head reads of a sample dataset: ``(head_id, num_heads)``, its fixed 1/N
+    (``head_data`` "shard"), or ``(0, 1)``, the whole set (``"iid"``: every head draws from all of
+    it, as the paper authors' code does, each head in its own order). Raises ``ValueError`` for
+    another ``head_data``."""
+    if head_data == "shard":
+        return head_id, num_heads
+    if head_data == "iid":
+        return 0, 1
+    raise ValueError(f"head_data must be 'shard' or 'iid', got {head_data!r}")
+
+
+def head_batches(
+    dataset: Any,
+    head_id: int,
+    num_heads: int,
+    batch_size: int,
+    seed: int,
+    context: int = 0,
+    head_data: str = "shard",
+):
+    """A head's batch stream: ``HeadBatches`` over a sample dataset (its shard, or the whole set:
+    ``head_shard``), ``TokenBatches`` of ``context`` tokens over token data (task "lm", always the
+    whole file). Both are pure functions of (seed, head_id, step)."""
     if dataset.task == "lm":
         return TokenBatches(dataset.train_tokens, head_id, num_heads, batch_size, seed, context)
-    return HeadBatches(dataset.train_x, dataset.train_y, head_id, num_heads, batch_size, seed)
+    shard = head_shard(head_id, num_heads, head_data)
+    return HeadBatches(dataset.train_x, dataset.train_y, head_id, num_heads, batch_size, seed, shard_of=shard)
 
 
 def stacked_batch(streams: list[HeadBatches], step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -690,10 +712,15 @@ def stacked_batch(streams: list[HeadBatches], step: int) -> tuple[torch.Tensor, 
     return torch.cat(xs), torch.cat(ys)
 
 
-def own_data_shards(num_samples: int, head_ids: list[int]) -> list[tuple[int, int] | None]:
+def own_data_shards(
+    num_samples: int, head_ids: list[int], head_data: str = "shard"
+) -> list[tuple[int, int] | None]:
     """How a worker's own data (``--data``) is split over the heads it holds: shard i of k for its
-    i-th head, or, when it has fewer samples than heads, all of it for every head."""
+    i-th head, or, when it has fewer samples than heads, all of it for every head; with
+    ``head_data`` "iid" every head reads all of it (the worker's own folder, never the job's)."""
     k = len(head_ids)
+    if head_data == "iid":
+        return [(0, 1)] * k
     if num_samples < k:
         _log.warning("own data: %d samples for %d heads; every head reads all of them", num_samples, k)
         return [(0, 1)] * k

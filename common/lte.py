@@ -28,7 +28,7 @@ from torch import nn
 
 from lte.common.quant import QUANT_KINDS, QuantizedTensor, quantize, quantized_zeros
 
-A_INITS = ("semi-orthogonal", "kaiming", "xavier")
+A_INITS = ("semi-orthogonal", "reference", "kaiming", "xavier")
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (B [m, r], A [r, n])
 
@@ -42,7 +42,7 @@ class LTEConfig:
     rank: int = 16
     alpha: float = 64.0
     reset: bool = False  # the paper's reset variant: B <- 0 after every merge
-    a_init: str = "semi-orthogonal"
+    a_init: str = "reference"  # init_lora_a's kinds; reference: the paper authors' scale
     a_init_gain: float = 1.0  # extra factor on top of the init's own scale
     quant: str = "none"  # base weight storage: none | int8 | nf4
     # storage of B', A': the uplink's dtype when a worker rounds its factors to it before a merge
@@ -95,19 +95,29 @@ def _seed_for(seed: int, head_id: int, layer_index: int) -> int:
 
 
 def init_lora_a(a: torch.Tensor, kind: str, generator: torch.Generator, gain: float = 1.0) -> None:
-    """Initialise one head's ``A [r, n]`` in place.
+    """Initialise one head's ``A [r, n]`` in place (``n``: the layer's fan-in; a conv's
+    ``in * kh * kw``, an embedding's width ``D``), times ``gain``.
 
-    semi-orthogonal: orthonormal rows scaled to spectral norm sqrt(r / n), the spectral
-    condition of Bernstein et al. (fan_out / fan_in); kaiming / xavier: the usual uniform inits.
+    - semi-orthogonal: orthonormal rows (columns when ``r > n``) scaled to spectral norm
+      ``sqrt(r / n)``, the spectral condition of Bernstein et al. (fan_out / fan_in of ``A``).
+    - reference: the same orthogonal draw scaled to spectral norm ``sqrt(n / r)``, as the paper
+      authors' code does (github minyoungg/LTE, ``lte/ddp/linear.py`` and ``lte/mhlora/linear.py``,
+      ``reset_lora_parameters``: ``orthogonal_(A)`` then ``A *= sqrt(A.shape[1] / A.shape[0])``).
+      That is ``n / r`` times semi-orthogonal's: entries of size about ``1 / sqrt(r)``, rows of norm
+      ``sqrt(n / r)`` (for ``r <= n``), whatever the fan-in.
+    - kaiming / xavier: the usual uniform inits (bounds ``sqrt(3 / n)``, ``sqrt(6 / (n + r))``).
+
+    Raises ``ValueError`` for an unknown ``kind``.
     """
     r, n = a.shape
     with torch.no_grad():
-        if kind == "semi-orthogonal":
+        if kind in ("semi-orthogonal", "reference"):
             g = torch.randn(max(r, n), min(r, n), generator=generator, dtype=torch.float64)
             q, rr = torch.linalg.qr(g)
             q = q * torch.sign(torch.diagonal(rr)).clamp(min=0).mul(2).sub(1)  # unique Haar sample
             q = q.T if r < n else q
-            a.copy_(q[:r, :n] * (math.sqrt(r / n) * gain))
+            norm = math.sqrt(r / n) if kind == "semi-orthogonal" else math.sqrt(n / r)
+            a.copy_(q[:r, :n] * (norm * gain))
         elif kind == "kaiming":
             bound = gain * math.sqrt(3.0 / n)
             a.copy_(torch.rand(r, n, generator=generator, dtype=torch.float64) * 2 * bound - bound)
@@ -301,7 +311,7 @@ class LTELinear(nn.Module):
         head_ids: Sequence[int] | None = None,
         seed: int = 0,
         layer_index: int = 0,
-        a_init: str = "semi-orthogonal",
+        a_init: str = "reference",
         gain: float = 1.0,
     ) -> None:
         """``B = 0``; each head's ``A`` drawn from its own generator seeded by (seed, head id, layer)."""

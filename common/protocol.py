@@ -168,6 +168,24 @@ def job_from_proto(message) -> JobConfig:
     return JobConfig(**values)
 
 
+# Job options that change what a worker trains, added after workers were released that ignore them
+# (proto3 drops a field it does not know), with the value such an older worker behaves as. A worker
+# lists those it applies in WorkerInfo.job_options; the server refuses one that lacks an option the
+# job sets otherwise (``missing_job_options``), so no older worker silently trains something else.
+WORKER_JOB_OPTIONS: dict[str, object] = {"head_data": "shard"}
+
+
+def missing_job_options(job: JobConfig, known: Iterable[str]) -> list[str]:
+    """``"name=value"`` of each option in ``WORKER_JOB_OPTIONS`` that ``job`` sets to other than an
+    older worker's behaviour and that is not in ``known`` (the worker's ``job_options``)."""
+    known = set(known)
+    return [
+        f"{name}={getattr(job, name)}"
+        for name, legacy in WORKER_JOB_OPTIONS.items()
+        if getattr(job, name) != legacy and name not in known
+    ]
+
+
 def unmapped_job_fields() -> list[str]:
     """JobConfig fields with no proto field of their name (a test keeps this empty)."""
     proto = _proto_job_fields()
@@ -291,6 +309,7 @@ class Refusal(enum.Enum):
     STALE = "stale"  # trained on a version too old for the mode [pull, retrain]
     VERSION_OUT_OF_RANGE = "version-out-of-range"  # a base version the server never had [a bug: give up]
     JOB_DONE = "job-done"  # the job has ended [leave, exit 0]
+    OUTDATED_WORKER = "outdated-worker"  # the job sets an option the worker lacks [give up: upgrade]
 
 
 # Refusals after which the worker registers again (its lease is gone).

@@ -197,7 +197,8 @@ def run_full(
     model.train()
     optimizer = make_optimizer(model.parameters(), job)
     streams = [
-        head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context) for h in range(job.heads)
+        head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context, job.head_data)
+        for h in range(job.heads)
     ]
     steps = job.steps
     samples, losses = 0, []
@@ -239,7 +240,10 @@ def run_diloco(
         r.train()
     optimizers = [make_optimizer(r.parameters(), job) for r in replicas]
     streams = [
-        [head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context) for h in ids]
+        [
+            head_batches(dataset, h, job.heads, job.batch_size, job.seed, job.context, job.head_data)
+            for h in ids
+        ]
         for ids in blocks
     ]
     samples, losses, syncs = 0, [], 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lte.common.config import JobConfig
-from lte.common.data import Dataset, HeadBatches, head_batches, own_data_shards
+from lte.common.data import Dataset, HeadBatches, head_batches, head_shard, own_data_shards
 from lte.common.images import ImageFiles
 from lte.common.loader import PrefetchedBatches, eval_batches
 from lte.common.lte import (
@@ -245,9 +245,9 @@ class LocalTrainer:
             ]
         else:
             shards = (
-                own_data_shards(len(dataset.train_y), self.head_ids)
+                own_data_shards(len(dataset.train_y), self.head_ids, job.head_data)
                 if dataset.extras.get("own_data")
-                else [None] * len(self.head_ids)
+                else [head_shard(h, job.heads, job.head_data) for h in self.head_ids]
             )
             self.streams = [
                 HeadBatches(

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "device", "free_memory_bytes", "max_heads", "hostname", "pid", "lte_version", "preferred_heads")
+    __slots__ = ("name", "device", "free_memory_bytes", "max_heads", "hostname", "pid", "lte_version", "preferred_heads", "job_options")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     FREE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class WorkerInfo(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     LTE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_HEADS_FIELD_NUMBER: _ClassVar[int]
+    JOB_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     free_memory_bytes: int
@@ -24,7 +25,8 @@ class WorkerInfo(_message.Message):
     pid: int
     lte_version: str
     preferred_heads: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., max_heads: _Optional[int] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., lte_version: _Optional[str] = ..., preferred_heads: _Optional[_Iterable[int]] = ...) -> None: ...
+    job_options: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., max_heads: _Optional[int] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., lte_version: _Optional[str] = ..., preferred_heads: _Optional[_Iterable[int]] = ..., job_options: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker",)
@@ -33,7 +35,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = ("model", "image_size", "in_channels", "num_classes", "patch_size", "dataset", "task", "total_heads", "rank", "alpha", "merge_every", "reset", "a_init", "a_init_gain", "snapshot_codec", "uplink_codec", "lr", "weight_decay", "warmup_steps", "total_steps", "min_lr_ratio", "batch_size", "seed", "mode", "max_chunk_bytes", "beta1", "beta2", "eps", "compute_dtype", "zstd_level", "precision", "classes", "augment", "label_smoothing", "mixup", "cutmix", "randaugment_ops", "randaugment_magnitude", "context", "embedding_heads", "tokenizer")
+    __slots__ = ("model", "image_size", "in_channels", "num_classes", "patch_size", "dataset", "task", "total_heads", "rank", "alpha", "merge_every", "reset", "a_init", "a_init_gain", "snapshot_codec", "uplink_codec", "lr", "weight_decay", "warmup_steps", "total_steps", "min_lr_ratio", "batch_size", "seed", "mode", "max_chunk_bytes", "beta1", "beta2", "eps", "compute_dtype", "zstd_level", "precision", "classes", "augment", "label_smoothing", "mixup", "cutmix", "randaugment_ops", "randaugment_magnitude", "context", "embedding_heads", "tokenizer", "head_data")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     IN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +77,7 @@ class JobConfig(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_HEADS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DATA_FIELD_NUMBER: _ClassVar[int]
     model: str
     image_size: int
     in_channels: int
@@ -116,7 +119,8 @@ class JobConfig(_message.Message):
     context: int
     embedding_heads: bool
     tokenizer: str
-    def __init__(self, model: _Optional[str] = ..., image_size: _Optional[int] = ..., in_channels: _Optional[int] = ..., num_classes: _Optional[int] = ..., patch_size: _Optional[int] = ..., dataset: _Optional[str] = ..., task: _Optional[str] = ..., total_heads: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., merge_every: _Optional[int] = ..., reset: _Optional[bool] = ..., a_init: _Optional[str] = ..., a_init_gain: _Optional[float] = ..., snapshot_codec: _Optional[str] = ..., uplink_codec: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., compute_dtype: _Optional[str] = ..., zstd_level: _Optional[int] = ..., precision: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., augment: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., mixup: _Optional[float] = ..., cutmix: _Optional[float] = ..., randaugment_ops: _Optional[int] = ..., randaugment_magnitude: _Optional[int] = ..., context: _Optional[int] = ..., embedding_heads: _Optional[bool] = ..., tokenizer: _Optional[str] = ...) -> None: ...
+    head_data: str
+    def __init__(self, model: _Optional[str] = ..., image_size: _Optional[int] = ..., in_channels: _Optional[int] = ..., num_classes: _Optional[int] = ..., patch_size: _Optional[int] = ..., dataset: _Optional[str] = ..., task: _Optional[str] = ..., total_heads: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., merge_every: _Optional[int] = ..., reset: _Optional[bool] = ..., a_init: _Optional[str] = ..., a_init_gain: _Optional[float] = ..., snapshot_codec: _Optional[str] = ..., uplink_codec: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., compute_dtype: _Optional[str] = ..., zstd_level: _Optional[int] = ..., precision: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., augment: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., mixup: _Optional[float] = ..., cutmix: _Optional[float] = ..., randaugment_ops: _Optional[int] = ..., randaugment_magnitude: _Optional[int] = ..., context: _Optional[int] = ..., embedding_heads: _Optional[bool] = ..., tokenizer: _Optional[str] = ..., head_data: _Optional[str] = ...) -> None: ...
 
 class HeadAssignment(_message.Message):
     __slots__ = ("head_id", "next_round", "steps_done", "has_factors")

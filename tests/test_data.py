@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,8 +15,11 @@ from lte.common.data import (
     DATASET_NAMES,
     FASHION_MNIST_DIR,
     HeadBatches,
+    head_batches,
+    head_shard,
     iterate_eval,
     load_dataset,
+    own_data_shards,
     read_idx,
     shard_indices,
     stacked_batch,
@@ -258,6 +262,30 @@ def test_batches_straddle_epochs_and_wrap_small_shards() -> None:
     bx, by = tiny.batch(0)
     assert bx.shape == (32, 3) and set(by.tolist()) == set(tiny.shard.tolist())
     assert torch.equal(by, HeadBatches(x, y, 3, 4, 32, seed=0).batch(0)[1])
+
+
+def test_iid_heads_each_draw_from_the_whole_set_as_a_pure_function_of_seed_head_and_step() -> None:
+    x, y = toy(40)
+    assert head_shard(2, 4, "shard") == (2, 4) and head_shard(2, 4, "iid") == (0, 1)
+    with pytest.raises(ValueError, match="head_data must be 'shard' or 'iid', got 'all'"):
+        head_shard(0, 4, "all")
+    dataset = SimpleNamespace(task="classification", train_x=x, train_y=y)
+    streams = [head_batches(dataset, h, 4, batch_size=8, seed=3, head_data="iid") for h in range(4)]
+    for stream in streams:  # 5 batches of 8 = one epoch of the whole set, in this head's order
+        epoch = torch.cat([stream.batch(k)[1] for k in range(5)])
+        assert sorted(epoch.tolist()) == list(range(40))
+    orders = [torch.cat([s.batch(k)[1] for k in range(5)]) for s in streams]
+    assert all(not torch.equal(orders[0], o) for o in orders[1:])  # each head its own order
+    walked = [streams[2].batch(k) for k in range(12)]
+    fresh = head_batches(dataset, 2, 4, batch_size=8, seed=3, head_data="iid")  # a resumed head
+    for step in (11, 4, 0, 7):
+        assert torch.equal(fresh.batch(step)[1], walked[step][1])
+    shard = head_batches(dataset, 2, 4, batch_size=8, seed=3)  # the default reads its quarter only
+    assert set(torch.cat([shard.batch(k)[1] for k in range(5)]).tolist()) == set(shard.shard.tolist())
+    assert len(shard.shard) == 10
+    # a worker's own data: split over its heads with shards, all of it for every head with iid
+    assert own_data_shards(8, [5, 7], "iid") == [(0, 1), (0, 1)]
+    assert own_data_shards(8, [5, 7]) == [(0, 2), (1, 2)]
 
 
 def test_batching_errors() -> None:

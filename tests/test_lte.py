@@ -217,13 +217,54 @@ def test_extra_repr_tells_the_truth():
 
 
 def test_a_init_semi_orthogonal_scaled_and_distinct_per_head():
-    layer = LTELinear.from_linear(nn.Linear(32, 16).double(), LTEConfig(heads=3, rank=4, head_ids=[5, 6, 7]))
+    config = LTEConfig(heads=3, rank=4, a_init="semi-orthogonal", head_ids=[5, 6, 7])
+    layer = LTELinear.from_linear(nn.Linear(32, 16).double(), config)
     for i in range(3):
         a = layer.lora_A[i].detach()
         torch.testing.assert_close(a @ a.T, torch.eye(4, dtype=torch.float64) * (4 / 32), **TOL)
     assert not torch.allclose(layer.lora_A[0], layer.lora_A[1])
-    again = LTELinear.from_linear(nn.Linear(32, 16).double(), LTEConfig(heads=1, rank=4, head_ids=[6]))
+    again_config = LTEConfig(heads=1, rank=4, a_init="semi-orthogonal", head_ids=[6])
+    again = LTELinear.from_linear(nn.Linear(32, 16).double(), again_config)
     torch.testing.assert_close(again.lora_A[0], layer.lora_A[1], **TOL)  # a head inits the same anywhere
+
+
+class _EveryKind(nn.Module):
+    """One layer of every LTE kind: Linear (fan-in 32), attention projections (24), Conv2d
+    (3 x 3 x 3 = 27), Embedding (width 20)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 16)
+        self.attn = nn.MultiheadAttention(24, 4, batch_first=True)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.emb = nn.Embedding(50, 20)
+
+
+@pytest.mark.parametrize("rank", [4, 40])  # r < n everywhere, and r > n everywhere
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_a_init_reference_has_spectral_norm_sqrt_n_over_r_in_every_layer_kind(rank, gain):
+    """The authors' scaling (github minyoungg/LTE, reset_lora_parameters): every singular value of
+    each head's A [r, n] is sqrt(n / r) (times the gain); n is the fan-in of the layer's matrix."""
+    torch.manual_seed(0)
+    config = LTEConfig(heads=2, rank=rank, a_init="reference", a_init_gain=gain, head_ids=[3, 9])
+    model = prepare_model(_EveryKind().double(), config)
+    fan_in = {"fc.weight": 32, "attn.in_proj_weight": 24, "attn.out_proj.weight": 24}
+    fan_in |= {"conv.weight": 27, "emb.weight": 20}
+    layers = lte_layers(model)
+    assert sorted(layers) == sorted(fan_in)  # every kind was converted
+    for name, layer in layers.items():
+        n = fan_in[name]
+        assert tuple(layer.lora_A.shape) == (2, rank, n), name
+        for head in range(2):
+            sv = torch.linalg.svdvals(layer.lora_A[head].detach())
+            expected = torch.full((min(rank, n),), gain * (n / rank) ** 0.5, dtype=torch.float64)
+            torch.testing.assert_close(sv, expected, **TOL, msg=name)
+        assert not torch.allclose(layer.lora_A[0], layer.lora_A[1])  # each head its own draw
+        semi_config = LTEConfig(heads=2, rank=rank, a_init="semi-orthogonal", head_ids=[3, 9])
+        semi = prepare_model(_EveryKind().double(), semi_config)
+        old = lte_layers(semi)[name].lora_A.detach()
+        # the same orthogonal draw as semi-orthogonal, n / r times larger (times the gain)
+        torch.testing.assert_close(layer.lora_A.detach(), old * (gain * n / rank), **TOL, msg=name)
 
 
 def test_strict_conversion_names_uncovered_parameters():

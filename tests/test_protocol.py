@@ -28,6 +28,7 @@ def test_every_job_field_travels_and_comes_back_equal():
         lr=0.25,
         randaugment_ops=3,
         randaugment_magnitude=14,
+        head_data="iid",
     )
     assert protocol.job_from_proto(protocol.job_to_proto(job)) == job
 

@@ -177,3 +177,41 @@ def test_quality_refuses_an_invalid_run_before_training_and_skips_a_cut_off_resu
     assert "line 2 is not a JSON record; skipped" in capsys.readouterr().err
     assert quality.main(["--model", "mlp", "--steps", "4", "--results", str(results), "--table-only"]) == 0
     assert "| `full lr=0.01` (best full) | 4 | 0 | 50.00 % |" in capsys.readouterr().out
+
+
+def _load_parity():
+    spec = importlib.util.spec_from_file_location("parity_bench", BENCH.parent / "parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # puts bench/ on sys.path: small_vit, quality, mdsections
+    return module
+
+
+def test_the_parity_model_is_the_issues_small_vit_and_its_variants_change_only_what_they_say():
+    _load_parity()
+    import small_vit
+
+    model = small_vit.small_vit(28, 1, 10)
+    # patch 16 -> 128, 4 blocks of (qkv, proj, fc1, fc2), 10-way head, 49 positions, 9 LayerNorms
+    linears = 16 * 128 + 128 + 4 * (128 * 384 + 384 + 128 * 128 + 128 + 2 * 128 * 512 + 512 + 128) + 1290
+    assert count_parameters(model) == linears + 9 * 2 * 128 + 49 * 128
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    plain = small_vit.small_vit_plain_norm(28, 1, 10)
+    assert count_parameters(plain) == linears + 49 * 128
+    frozen = small_vit.small_vit_frozen_bias(28, 1, 10)
+    still = {n for n, p in frozen.named_parameters() if not p.requires_grad}
+    assert len(still) == 4 * 4 + 2 and all(n.endswith(".bias") for n in still)
+    assert "blocks.0.n1.bias" not in still and "embed.bias" in still
+
+
+def test_the_parity_table_checks_each_seed_against_the_reference_within_half_a_point():
+    parity = _load_parity()
+    ref = parity.REFERENCE
+    records = [
+        {"label": "lte a", "seed": 0, "test_accuracy": ref[0] - 0.004, "seconds": 60},
+        {"label": "lte a", "seed": 1, "test_accuracy": ref[1] + 0.01, "seconds": 60},
+        {"label": "lte b", "seed": 0, "test_accuracy": ref[0] + 0.02, "seconds": 60},
+        {"label": "lte b", "seed": 1, "test_accuracy": ref[1] - 0.006, "seconds": 60},
+    ]
+    rows = {line.split("|")[1].strip(): line for line in parity.parity_table(records, {"lte a"})[3:]}
+    assert "| yes |" in rows["`lte a` (the defaults)"] and "| no |" in rows["`lte b`"]
+    assert f"{100 * (ref[0] - 0.004):.2f} %" in rows["`lte a` (the defaults)"]

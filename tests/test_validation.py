@@ -571,3 +571,31 @@ def test_all_finite_is_exact_where_the_fast_sum_overflows():
         big[999] = 3e38
     pair = torch.tensor([float("inf"), -float("inf")])  # a sum of NaN, not a cancellation
     assert not all_finite(pair) and all_finite(torch.zeros(0))
+
+
+def test_a_worker_that_does_not_apply_the_jobs_head_data_is_refused_at_register():
+    """An older worker drops the unknown JobConfig.head_data and would train on shards: the server
+    refuses it by name unless its WorkerInfo lists the option (a shard job still takes it)."""
+    from lte.common.protocol import REFUSAL_KEY, Refusal
+
+    with (
+        running_server(digits_job(heads=2, head_data="iid"), lease_timeout_s=600) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.ParameterServerStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Register(pb.RegisterRequest(worker=pb.WorkerInfo(lte_version="0.9")), timeout=10)
+        assert err.value.code() == PRECONDITION
+        assert re.search(
+            r"sets head_data=iid, which this worker \(lte 0\.9\) does not apply", err.value.details()
+        )
+        assert (REFUSAL_KEY, Refusal.OUTDATED_WORKER.value) in tuple(err.value.trailing_metadata())
+        assert server.coordinator.leases == {}  # refused before touching state
+        reply = stub.Register(pb.RegisterRequest(worker=pb.WorkerInfo(job_options=["head_data"])), timeout=10)
+        assert reply.job.head_data == "iid" and len(reply.heads) == 2
+    with (
+        running_server(digits_job(heads=2, head_data="shard"), lease_timeout_s=600) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        reply = pb_grpc.ParameterServerStub(channel).Register(pb.RegisterRequest(), timeout=10)
+        assert reply.job.head_data == "shard" and len(reply.heads) == 2

@@ -34,6 +34,7 @@ from lte.common.protocol import (
     QUANTIZED_SNAPSHOT_CODECS,
     REREGISTER,
     RESYNC,
+    WORKER_JOB_OPTIONS,
     PushMeta,
     Refusal,
     Role,
@@ -251,6 +252,7 @@ class Worker:
             pid=os.getpid(),
             lte_version=__version__,
             preferred_heads=self.head_ids,
+            job_options=list(WORKER_JOB_OPTIONS),
         )
         reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
