@@ -38,7 +38,7 @@ from lte.common.protocol import (
     head_tensor_name,
     replica_tensor_name,
 )
-from lte.common.run_metadata import export_metadata, resolved_job
+from lte.common.run_metadata import export_metadata, resolved_job, share_as_umask
 from lte.common.text import copy_tokenizer
 from lte.common.trainer import build_job_model, lr_at
 from lte.server import checkpoint as ckpt
@@ -133,12 +133,12 @@ class Coordinator:
         self.bytes_up = 0
         self.bytes_down = 0
         self.done = False
-        # durations come from the monotonic clock (a wall clock stepped back by NTP or by hand must
+        # durations come from ``clock``, monotonic (a wall clock stepped back by NTP or by hand must
         # not show a negative elapsed time, 0 merges/min, or reach a checkpoint); wall time is only
         # a timestamp (started_at)
         self.started_at = time.time()
         self._elapsed_before = 0.0  # seconds the job ran before this process (a resumed checkpoint)
-        self._started_mono = time.monotonic()
+        self._started_mono = clock()
         self._ended_mono: float | None = None  # the job's end: the elapsed clock stops there
         self._rounds_at_start = 0  # head-rounds done when this process started (for the ETA's rate)
         self.history: list[dict[str, Any]] = []
@@ -166,7 +166,7 @@ class Coordinator:
 
     def elapsed_s(self) -> float:
         """Seconds the job has run (across resumes), by the monotonic clock; it stops at the job's end."""
-        end = self._ended_mono if self._ended_mono is not None else time.monotonic()
+        end = self._ended_mono if self._ended_mono is not None else self.clock()
         return self._elapsed_before + max(0.0, end - self._started_mono)
 
     def eta_s(self) -> float | None:
@@ -178,7 +178,7 @@ class Coordinator:
         ran = done - self._rounds_at_start
         if ran <= 0:
             return None
-        return (planned - done) * (time.monotonic() - self._started_mono) / ran
+        return (planned - done) * (self.clock() - self._started_mono) / ran
 
     # -- the aggregator's state, read by tests, benchmarks and the service --------------------------
     @property
@@ -622,7 +622,7 @@ class Coordinator:
         self._log(record)
         if all(h.next_round >= self.rounds_planned and not h.pending for h in self.heads.values()):
             self.done = True
-            self._ended_mono = time.monotonic()
+            self._ended_mono = self.clock()
         if self.eval_every and self.version % self.eval_every == 0 and not self.done and self._evaluator:
             self._evaluator.poke()
         if self._checkpointer and self.checkpoint_every and self.version % self.checkpoint_every == 0:
@@ -752,7 +752,7 @@ class Coordinator:
             self.history, self.evals = list(state["history"]), list(state["evals"])
             elapsed = float(state.get("elapsed_s", 0.0))  # an old server's wall-clock value may be < 0
             self._elapsed_before = elapsed if math.isfinite(elapsed) and elapsed > 0 else 0.0
-            self._started_mono = time.monotonic()
+            self._started_mono = self.clock()
             self.done = bool(state.get("done", False))
             self._ended_mono = self._started_mono if self.done else None
             self._rounds_at_start = self.progress()[0]
@@ -790,6 +790,7 @@ class Coordinator:
             str(path),
             metadata=export_metadata(self.job, self.dataset, self.version),  # resolved job, preprocessing
         )
+        share_as_umask(path)  # 0644 under the usual umask, not safetensors' 0600
         copy_tokenizer(self.dataset, path.parent)  # language models: the tokenizer goes beside the weights
         return path
 

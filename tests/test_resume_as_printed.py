@@ -38,16 +38,20 @@ COMMON = [
 ]  # fmt: skip
 
 
-def gpt_data(folder: Path) -> list[str]:
+def gpt_data(folder: Path) -> Path:
     text = "In the beginning God created the heaven and the earth. And the earth was without form. " * 60
     write_token_files(folder, [text], ByteTokenizer())
-    return ["--dataset", "text", "--data-dir", str(folder), "--context", "16"]
+    return folder
 
 
-FAMILIES = {
-    "mlp": lambda tmp: ["--model", "mlp", "--dataset", "digits"],
-    "vit": lambda tmp: ["--model", "vit-micro", "--dataset", "digits"],  # patch_size resolved: 2
-    "gpt": lambda tmp: ["--model", "gpt-micro", *gpt_data(tmp / "kjv tiny")],
+FAMILIES = {  # the job's flags; a worker's own flags
+    "mlp": lambda tmp: (["--model", "mlp", "--dataset", "digits"], []),
+    "vit": lambda tmp: (["--model", "vit-micro", "--dataset", "digits"], []),  # patch_size resolved: 2
+    "gpt": lambda tmp: (
+        ["--model", "gpt-micro", "--dataset", "text", "--data-dir", str(data := gpt_data(tmp / "kjv tiny"))]
+        + ["--context", "16"],
+        ["--data-dir", str(data)],
+    ),
 }
 
 
@@ -104,12 +108,15 @@ def phase(command, log: Path, cwd: Path, run: Path, *, worker_args: list[str], s
         assert proc.poll() is None, read(log)[-3000:]
         start = newest_version(run)
         (workers := log.parent / f"{log.stem}-worker").mkdir()
-        with worker_processes(address_of(log), [worker_args], log_dir=workers):
+        with worker_processes(address_of(log), [worker_args], log_dir=workers) as procs:
             if stop is None:
                 return proc.wait(timeout=BOUND_S * 2), start
             wait_until(
-                lambda: newest_version(run) > start or proc.poll() is not None, BOUND_S, "a new checkpoint"
+                lambda: newest_version(run) > start or proc.poll() is not None or procs[0].poll() is not None,
+                BOUND_S,
+                "a new checkpoint",
             )
+            assert procs[0].poll() is None, read(workers / "worker-0.log")[-3000:]
             assert proc.poll() is None, f"the job ended before {stop.name}:\n{read(log)[-3000:]}"
             return interrupt(proc, stop, log), start
     finally:
@@ -119,16 +126,20 @@ def phase(command, log: Path, cwd: Path, run: Path, *, worker_args: list[str], s
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_the_printed_resume_command_continues_the_job_after_sigterm_and_ctrl_c(tmp_path, family):
+def test_the_printed_resume_command_continues_the_job_after_sigterm_and_ctrl_c(
+    tmp_path, family, capsys, monkeypatch
+):
     cwd = tmp_path / "work dir"
     cwd.mkdir()
     (log_dir := tmp_path / "logs").mkdir()
     run = cwd / "runs" / f"{family} 'first' run"  # a space and quotes: the command must be quoted
-    slow = ["--quiet", "--slow-down", "1.0"]  # >= 12 s of rounds left after any checkpoint
-    first = [str(BIN / "lte-server"), *FAMILIES[family](tmp_path), *COMMON, "--out", str(run)]
+    job, own = FAMILIES[family](tmp_path)
+    slow = ["--quiet", "--slow-down", "1.0", *own]  # >= 10 s of rounds left after any checkpoint
+    first = [str(BIN / "lte-server"), *job, *COMMON, "--out", str(run)]
 
     code, _ = phase(first, log_dir / "1.log", cwd, run, worker_args=slow, stop=signal.SIGTERM)
     assert code == 130, read(log_dir / "1.log")[-3000:]
+    assert "terminate called" not in read(log_dir / "1.log")
     command = printed_command(log_dir / "1.log")
     assert command.startswith("lte-server --config ") and "--resume" in command
 
@@ -138,13 +149,25 @@ def test_the_printed_resume_command_continues_the_job_after_sigterm_and_ctrl_c(t
     assert "terminate called" not in read(log_dir / "2.log")  # an orderly stop, no native abort
     again = printed_command(log_dir / "2.log")
 
-    code, resumed_at = phase(again, log_dir / "3.log", cwd, run, worker_args=["--quiet"], stop=None)
+    code, resumed_at = phase(again, log_dir / "3.log", cwd, run, worker_args=["--quiet", *own], stop=None)
     log = read(log_dir / "3.log")
     assert code == 0, log[-3000:]
     assert f"resumed at version {resumed_at}" in log and resumed_at >= 2, log[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["version"] == 12  # 24 steps / T=2: every round once, none lost or repeated
     config = (run / "config.toml").read_text()
-    assert "image_size = 0" not in config and "patch_size = 0" not in config, config
+    assert "patch_size = 0" not in config and "warmup_steps = -1" not in config, config
+    if family != "gpt":  # a language model has no image size: its 0 there is no placeholder
+        assert "image_size = 0" not in config, config
     if family == "vit":
         assert "patch_size = 2" in config, config
+    # `--resume RUN` alone: the run's own config.toml, nothing retyped
+    from lte.server.cli import main
+
+    monkeypatch.chdir(cwd)
+    assert main(["--resume", str(run), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    for line in config.splitlines():
+        key = line.split(" = ")[0]
+        if key in ("model", "patch_size", "steps", "warmup_steps", "data_dir", "heads", "image_size"):
+            assert line in printed.splitlines(), (line, printed)
