@@ -31,9 +31,12 @@ SERVER_EXAMPLES = """examples:
   # other machines need a shared token (16+ characters); then on each box:
   #   LTE_TOKEN=<the same token> lte-worker --server <this host>:50051
   export LTE_TOKEN=$(python3 -c 'import secrets;print(secrets.token_hex(24))')
-  lte-server --model vit-b --dataset fashion-mnist --heads 32 \\
-      --rank 64 --alpha 4096 --merge-every 10 --mode async \\
-      --host 0.0.0.0 --port 50051"""
+  lte-server --model vit-micro --dataset fashion-mnist --heads 8 \\
+      --rank 64 --alpha 32 --lr 1e-3 --merge-every 10 --mode async \\
+      --host 0.0.0.0 --port 50051
+
+  # stopped (Ctrl+C, SIGTERM, SIGHUP): continue from the run's checkpoint
+  lte-server --resume runs/<time>"""
 
 
 def build_parser() -> argparse.ArgumentParser:
