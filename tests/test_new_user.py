@@ -256,3 +256,26 @@ def test_ctrl_c_on_a_terminal_during_evaluations_stops_in_order_without_a_native
     assert code == 130, text[-3000:]
     assert "continue with: lte-server --config" in text, text[-3000:]
     assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
+
+
+def test_routine_scheduling_is_logged_at_info_and_off_a_terminal_the_dashboard_says_it_closes(caplog):
+    """Issue 25 item 6: a head moved off turns is routine (info, not a warning); with no linger the
+    log says the dashboard closes now and how to keep it."""
+    import logging
+
+    from lte.server.finish import linger
+
+    clock = FakeClock()
+    c = Coordinator(digits_job(heads=4), None, lease_timeout_s=30.0, heartbeat_interval_s=1.0, clock=clock)
+    caplog.set_level(logging.INFO, logger="lte.server")
+    a, _ = c.register({"max_heads": 2})
+    clock.advance(31.0)
+    c.heartbeat(a.lease_id, 0, 0.0, "training")  # a takes all 4 heads in turns
+    c.register({"max_heads": 2})  # a worker with room: two heads move off turns
+    moved = [r for r in caplog.records if "taken from" in r.getMessage()]
+    assert len(moved) == 2 and {r.levelno for r in moved} == {logging.INFO}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    linger(0.0, "http://127.0.0.1:8080/")
+    closing = [r for r in caplog.records if "closes now" in r.getMessage()]
+    assert len(closing) == 1 and "--linger" in closing[0].getMessage()
+    c.close()
