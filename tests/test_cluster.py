@@ -186,8 +186,8 @@ def test_more_waiting_workers_than_server_threads_do_not_starve_pushes_or_heartb
         # of a shared machine but the counters below: pulls were turned away, no lease expired.
         assert server.wait_done(timeout=TIMEOUT_S), f"version {coordinator.version} of {job.rounds}"
         for thread, out in threads:
-            thread.join(timeout=30)
-            assert out.get("result") == 0, out
+            thread.join(timeout=TIMEOUT_S)  # six workers leaving on a loaded 2-core machine
+            assert out.get("result") == 0, out  # a head moved mid-round kills none of them (issue 25)
     finally:
         server.stop(grace=0.5)
     assert coordinator.pulls_turned_away > 0  # the limit (4 threads - 2 kept free) was reached
