@@ -67,7 +67,7 @@ class HistoryPoint(BaseModel):
     """One merge: the version it produced and the job's counters right after it."""
 
     version: int
-    time: float = Field(description="seconds since the server started")
+    time: float = Field(description="seconds the job had run (monotonic clock, across resumes)")
     samples: int = Field(description="samples trained in the whole job so far")
     train_loss: float | None = Field(description="sample-weighted training loss of the merged pushes")
     pushes: int = Field(description="pushes folded into this merge")
@@ -81,7 +81,7 @@ class EvalPoint(BaseModel):
 
     version: int
     samples: int
-    time: float = Field(description="seconds since the server started")
+    time: float = Field(description="seconds the job had run (monotonic clock, across resumes)")
     test_loss: float | None = None
     test_accuracy: float | None = Field(None, description="absent for regression tasks")
     perplexity: float | None = Field(None, description="language models: exp(test_loss)")
