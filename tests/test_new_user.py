@@ -279,3 +279,30 @@ def test_routine_scheduling_is_logged_at_info_and_off_a_terminal_the_dashboard_s
     closing = [r for r in caplog.records if "closes now" in r.getMessage()]
     assert len(closing) == 1 and "--linger" in closing[0].getMessage()
     c.close()
+
+
+def test_a_checkpoint_with_placeholders_resumes_into_the_resolved_job_and_a_real_difference_is_refused(
+    tmp_path,
+):
+    """Issue 25 item 1: a checkpoint of an older server holds ``patch_size = 0`` and
+    ``warmup_steps = -1``; the run's config.toml (and a server now) the values they stand for."""
+    import dataclasses
+
+    from lte.common.config import job_from_dict
+    from lte.common.run_metadata import resolved_job
+    from lte.server.checkpoint import load_checkpoint
+
+    old_job = digits_job(model="vit-micro", heads=2, steps=20)
+    assert old_job.patch_size == 0 and old_job.warmup_steps == -1
+    old = Coordinator(old_job, None, checkpoint_dir=tmp_path)
+    path = old.save_checkpoint()
+    old.close()
+    job = job_from_dict(resolved_job(old_job))
+    assert job.patch_size == 2 and job.warmup_steps == 1
+    resumed = Coordinator(job, None)
+    resumed.restore(*load_checkpoint(path))  # the same job, compared resolved
+    other = Coordinator(dataclasses.replace(job, patch_size=4), None)
+    with pytest.raises(ValueError, match=r"patch_size \(checkpoint 2, now 4\)"):
+        other.restore(*load_checkpoint(path))
+    for c in (resumed, other):
+        c.close()
