@@ -306,3 +306,33 @@ def test_a_checkpoint_with_placeholders_resumes_into_the_resolved_job_and_a_real
         other.restore(*load_checkpoint(path))
     for c in (resumed, other):
         c.close()
+
+
+def test_stopping_cancels_an_evaluation_in_progress_and_joins_its_thread(monkeypatch):
+    """Issue 25 item 3: the evaluation thread must not outlive the server's stop (it ran native code
+    while the interpreter exited: ``terminate called without an active exception``)."""
+    import threading
+
+    from lte.server import evaluation
+
+    started, real = threading.Event(), evaluation.evaluate
+    batches = []
+
+    def evaluate(model, *args, **kwargs):
+        model.register_forward_pre_hook(lambda m, a: batches.append(1))
+        started.set()
+        return real(model, *args, batch_size=1, **kwargs)  # one image per batch: a long evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    c = Coordinator(digits_job(model="vit-micro", heads=2), DIGITS)
+    c.start_evaluator()
+    c._evaluator.poke()
+    assert started.wait(BOUND_S)
+    wait_until(lambda: batches, BOUND_S, "the evaluation's first batch")
+    c.stop_background()
+    assert not c._evaluator._thread.is_alive()  # joined, not left running
+    assert len(batches) < len(DIGITS.test_y)  # cancelled: it did not run to the end
+    assert c.evals == []
+    monkeypatch.setattr(evaluation, "evaluate", real)
+    assert c.evaluate_now()["test_accuracy"] is not None  # a stopped coordinator still evaluates
+    c.close()
