@@ -134,10 +134,9 @@ def test_the_exported_model_respects_the_umask(tmp_path):
 
 
 def test_prepared_text_data_is_git_ignored():
-    result = subprocess.run(
-        ["git", "check-ignore", "-q", "data/kjv/kjv.txt", "data/kjv/train.bin"], cwd=REPO, check=False
-    )
-    assert result.returncode == 0, "make lm-cluster's data/kjv files must be git-ignored"
+    for path in ("data/kjv/kjv.txt", "data/kjv/train.bin"):
+        result = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, check=False)
+        assert result.returncode == 0, f"make lm-cluster's {path} must be git-ignored"
 
 
 # -- signals: the whole process group, as a terminal sends them ------------------------------------

@@ -124,7 +124,14 @@ def pick_device(name: str) -> str:
     return "cpu"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _interrupt(signum, frame) -> None:
+    # the first stop signal wins: a second one (Ctrl+C to the group, then the server's SIGTERM to
+    # its local workers) must not raise again while the worker leaves or the interpreter exits
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from lte.common.logs import setup_logging
 
     setup_logging(args.log_format, "INFO", prog="lte-worker")
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # leave the job the same way as on Ctrl+C
+    for sig in STOP_SIGNALS:  # Ctrl+C, SIGTERM, a closed terminal: leave the job the same way
         signal.signal(sig, _interrupt)
     from lte.common.auth import bearer_metadata, channel_credentials, token_from
     from lte.worker.client import EXIT_JOB_OVER, Worker
