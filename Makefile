@@ -11,6 +11,9 @@ BIN    := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# apt waits up to 10 minutes for another apt/dpkg (a fresh machine's unattended upgrades) to let
+# go of its lock, instead of failing at once with "Could not get lock /var/lib/dpkg/lock-frontend"
+APT := $(SUDO) apt-get -o DPkg::Lock::Timeout=600
 
 .PHONY: cluster lm-cluster screenshot test test-fast install data data-kjv browser lint proto-check typecheck clean
 
@@ -37,7 +40,7 @@ install: $(VENV)/.installed $(VENV)/.linked
 
 $(FASHION_MNIST):
 	@command -v apt-get >/dev/null || { echo "install Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist (Debian: dataset-fashion-mnist)"; exit 1; }
-	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+	$(APT) update -qq && $(APT) install -y -qq dataset-fashion-mnist
 
 data: $(FASHION_MNIST)
 
@@ -45,7 +48,7 @@ data: $(FASHION_MNIST)
 CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "install chromium at $(CHROMIUM) for the browser test"; exit 1; }
-	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
+	$(APT) update -qq && $(APT) install -y -qq chromium
 
 browser: $(CHROMIUM)
 
@@ -66,7 +69,7 @@ screenshot: install data browser
 KJV_DIR := data/kjv
 
 $(KJV_DIR)/train.bin: | $(VENV)/.installed
-	@command -v bible >/dev/null || { command -v apt-get >/dev/null || { echo "install Debian's bible-kjv (the 'bible' command)"; exit 1; }; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bible-kjv; }
+	@command -v bible >/dev/null || { command -v apt-get >/dev/null || { echo "install Debian's bible-kjv (the 'bible' command)"; exit 1; }; $(APT) update -qq && $(APT) install -y -qq bible-kjv; }
 	mkdir -p $(KJV_DIR)
 	bible -f "Genesis 1:1-Revelation 22:21" > $(KJV_DIR)/kjv.txt
 	$(BIN)/lte-prepare-text $(KJV_DIR)/kjv.txt --out $(KJV_DIR)

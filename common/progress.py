@@ -28,6 +28,16 @@ def format_count(n: float) -> str:
     return f"{n:.0f}" if float(n).is_integer() else f"{n:.1f}"
 
 
+def format_duration(seconds: float) -> str:
+    """A duration as the dashboard writes it: ``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         if key.startswith("bytes"):

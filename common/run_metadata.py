@@ -15,6 +15,8 @@ Keys of the metadata (each value a string; the dicts are JSON):
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from lte.common.config import JobConfig
@@ -80,3 +82,22 @@ def job_from_metadata(metadata: dict[str, str], *, source: str) -> JobConfig:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{source}: its lte_job metadata is not JSON ({exc})") from None
     return job_from_dict(values, source=f"{source} lte_job")
+
+
+def process_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (a brief window for other threads' files)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask(path: str | Path) -> None:
+    """Give an exported file the mode ``open()`` gives a new file (0666 less the umask: 0644 under the
+    usual 022). safetensors' writer creates files 0600, which others on a shared box cannot read."""
+    os.chmod(path, 0o666 & ~process_umask())

@@ -290,6 +290,9 @@ def export_model(path: str, state: dict[str, torch.Tensor], job: JobConfig, data
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, path, metadata={"lte_job": json.dumps(job.to_dict()), "version": str(version)})
+    from lte.common.run_metadata import share_as_umask
+
+    share_as_umask(path)  # as lte-server's export: the umask's mode, not safetensors' 0600
     copy_tokenizer(dataset, Path(path).parent)
 
 

@@ -14,10 +14,12 @@ from lte.common.config import (
     add_job_arguments,
     check_job,
     check_job_data,
+    job_from_dict,
     load_toml,
     resolve_job,
 )
 from lte.common.logs import setup_logging
+from lte.common.run_metadata import resolved_job
 from lte.server.run import ServerRun, StartError
 from lte.server.startup import SERVER_TYPES, check_server_settings, discard_run_folder, prepare_run_folder
 
@@ -29,9 +31,12 @@ SERVER_EXAMPLES = """examples:
   # other machines need a shared token (16+ characters); then on each box:
   #   LTE_TOKEN=<the same token> lte-worker --server <this host>:50051
   export LTE_TOKEN=$(python3 -c 'import secrets;print(secrets.token_hex(24))')
-  lte-server --model vit-b --dataset fashion-mnist --heads 32 \\
-      --rank 64 --alpha 4096 --merge-every 10 --mode async \\
-      --host 0.0.0.0 --port 50051"""
+  lte-server --model vit-micro --dataset fashion-mnist --heads 8 \\
+      --rank 64 --alpha 32 --lr 1e-3 --merge-every 10 --mode async \\
+      --host 0.0.0.0 --port 50051
+
+  # stopped (Ctrl+C, SIGTERM, SIGHUP): continue from the run's checkpoint
+  lte-server --resume runs/<time>"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,11 +230,12 @@ def check_config_keys(path: str, file_values: dict, job_keys: set[str]) -> None:
 
 
 SECRETS = ("token",)
+MASKED = "<set>"  # a secret's value where settings are printed (a config file holding it means "unset")
 
 
 def public_settings(values: dict) -> dict:
-    """Settings fit to print or write to disk: secrets masked."""
-    return {k: ("<set>" if k in SECRETS and v else v) for k, v in values.items()}
+    """Settings fit to print: secrets masked."""
+    return {k: (MASKED if k in SECRETS and v else v) for k, v in values.items()}
 
 
 def to_toml(values: dict) -> str:
@@ -245,7 +251,11 @@ def to_toml(values: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.resume and not args.config:  # `--resume RUN` alone: the run's own (resolved) job
+            own = resumed_run_folder(args.resume) / "config.toml"
+            args.config = str(own) if own.is_file() else None
         file_values = load_toml(args.config, SERVER_TYPES) if args.config else {}
+        file_values = {k: v for k, v in file_values.items() if not (k in SECRETS and v == MASKED)}
         from dataclasses import fields
 
         from lte.common.config import JobConfig
@@ -264,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = eval_subset(dataset, srv["eval_samples"], job.seed)
         job = job.with_dataset(dataset)
         check_job_data(job, dataset)
+        job = job_from_dict(resolved_job(job))  # no placeholder left: config.toml, checkpoints, workers
         from lte.common.model_check import startup_model_check
 
         local = int(srv["local_workers"] or 0)
@@ -274,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if explanation is not None:
             print(explanation)
             return 0
-        if srv["resume"] and not srv["out"]:  # a resumed run goes on writing into its own folder
+        if srv["resume"] and not args.out:  # a resumed run goes on writing into its own folder
             srv = {**srv, "out": str(resumed_run_folder(srv["resume"]))}
         out_dir, created = prepare_run_folder(srv["out"])
         srv = {**srv, "out": str(out_dir)}
@@ -282,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_format, "WARNING" if args.quiet else "INFO", prog="lte-server")
-    from lte.common.run_metadata import resolved_job
-
     try:
         run = ServerRun(
             job,
@@ -293,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             quiet=args.quiet,
             log_format=args.log_format,
             tensorboard=args.tensorboard,
-            config_text=lambda effective: to_toml(public_settings({**resolved_job(job), **srv, **effective})),
+            config_text=lambda effective: to_toml(
+                {k: v for k, v in {**resolved_job(job), **srv, **effective}.items() if k not in SECRETS}
+            ),  # what `--resume RUN` reads back: a secret stays in LTE_TOKEN, never on disk
         ).start()
     except StartError as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)

@@ -38,7 +38,7 @@ from lte.common.protocol import (
     head_tensor_name,
     replica_tensor_name,
 )
-from lte.common.run_metadata import export_metadata, resolved_job
+from lte.common.run_metadata import export_metadata, resolved_job, share_as_umask
 from lte.common.text import copy_tokenizer
 from lte.common.trainer import build_job_model, lr_at
 from lte.server import checkpoint as ckpt
@@ -133,7 +133,14 @@ class Coordinator:
         self.bytes_up = 0
         self.bytes_down = 0
         self.done = False
+        # durations come from ``clock``, monotonic (a wall clock stepped back by NTP or by hand must
+        # not show a negative elapsed time, 0 merges/min, or reach a checkpoint); wall time is only
+        # a timestamp (started_at)
         self.started_at = time.time()
+        self._elapsed_before = 0.0  # seconds the job ran before this process (a resumed checkpoint)
+        self._started_mono = clock()
+        self._ended_mono: float | None = None  # the job's end: the elapsed clock stops there
+        self._rounds_at_start = 0  # head-rounds done when this process started (for the ETA's rate)
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.pushes_refused = 0
@@ -156,6 +163,22 @@ class Coordinator:
             if self.checkpoint_dir
             else None
         )
+
+    def elapsed_s(self) -> float:
+        """Seconds the job has run (across resumes), by the monotonic clock; it stops at the job's end."""
+        end = self._ended_mono if self._ended_mono is not None else self.clock()
+        return self._elapsed_before + max(0.0, end - self._started_mono)
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate measured by this process (head-rounds done since it started, over
+        the monotonic time since): ``(planned - done) / rate``. None before the first round, 0 at the end."""
+        done, planned = self.progress()
+        if self.done or done >= planned:
+            return 0.0
+        ran = done - self._rounds_at_start
+        if ran <= 0:
+            return None
+        return (planned - done) * (self.clock() - self._started_mono) / ran
 
     # -- the aggregator's state, read by tests, benchmarks and the service --------------------------
     @property
@@ -265,7 +288,7 @@ class Coordinator:
             self.heads[h].free_since = now
             self.heads[h].moved += 1
             self.heads_moved += 1
-            _log.warning("head %d taken from %s: %s", h, lease.worker_id, why)
+            _log.info("head %d taken from %s: %s", h, lease.worker_id, why)  # routine scheduling
         for lease_id, h in plan.assign:
             lease = self.leases[lease_id]
             lease.head_ids.append(h)
@@ -583,7 +606,7 @@ class Coordinator:
         self.head_rounds_applied += merged.heads
         record = {
             "version": self.version,
-            "time": round(time.time() - self.started_at, 3),
+            "time": round(self.elapsed_s(), 3),
             "samples": self.samples,
             "train_loss": merged.train_loss,
             "pushes": merged.pushes,
@@ -599,6 +622,7 @@ class Coordinator:
         self._log(record)
         if all(h.next_round >= self.rounds_planned and not h.pending for h in self.heads.values()):
             self.done = True
+            self._ended_mono = self.clock()
         if self.eval_every and self.version % self.eval_every == 0 and not self.done and self._evaluator:
             self._evaluator.poke()
         if self._checkpointer and self.checkpoint_every and self.version % self.checkpoint_every == 0:
@@ -637,7 +661,7 @@ class Coordinator:
         record = {
             "version": version,
             "samples": samples,
-            "time": round(time.time() - self.started_at, 3),
+            "time": round(self.elapsed_s(), 3),
             **result,
         }
         with self.lock:
@@ -675,7 +699,7 @@ class Coordinator:
                     "bytes_up": self.bytes_up,
                     "bytes_down": self.bytes_down,
                     "head_rounds_applied": self.head_rounds_applied,
-                    "elapsed_s": time.time() - self.started_at,
+                    "elapsed_s": self.elapsed_s(),
                     "history": self.history,
                     "evals": self.evals,
                     "done": self.done,
@@ -726,8 +750,12 @@ class Coordinator:
             self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
             self.head_rounds_applied = int(state["head_rounds_applied"])
             self.history, self.evals = list(state["history"]), list(state["evals"])
-            self.started_at = time.time() - float(state.get("elapsed_s", 0.0))
+            elapsed = float(state.get("elapsed_s", 0.0))  # an old server's wall-clock value may be < 0
+            self._elapsed_before = elapsed if math.isfinite(elapsed) and elapsed > 0 else 0.0
+            self._started_mono = self.clock()
             self.done = bool(state.get("done", False))
+            self._ended_mono = self._started_mono if self.done else None
+            self._rounds_at_start = self.progress()[0]
             self.snapshots.invalidate()
             self.changed.notify_all()
 
@@ -736,10 +764,16 @@ class Coordinator:
             self._checkpointer.poke()
 
     def stop_background(self) -> None:
+        """Stop and join the background threads: an evaluation in progress is cancelled at its next
+        batch (its DataLoader processes end with it), a checkpoint being written is finished."""
         self.checkpoint_health.stop()
+        if self._evaluation is not None:
+            self._evaluation.cancel()
         for task in (self._evaluator, self._checkpointer):
             if task is not None:
                 task.stop()
+        if self._evaluation is not None:
+            self._evaluation.cancel(False)  # evaluate_now() on the stopped coordinator still works
 
     def plain_state(self) -> dict[str, torch.Tensor]:
         with self.lock:
@@ -756,6 +790,7 @@ class Coordinator:
             str(path),
             metadata=export_metadata(self.job, self.dataset, self.version),  # resolved job, preprocessing
         )
+        share_as_umask(path)  # 0644 under the usual umask, not safetensors' 0600
         copy_tokenizer(self.dataset, path.parent)  # language models: the tokenizer goes beside the weights
         return path
 
@@ -782,7 +817,8 @@ class Coordinator:
                 "target_head_rounds": planned,
                 "head_rounds_done": done,
                 "rounds_planned": self.rounds_planned,
-                "elapsed_s": round(time.time() - self.started_at, 3),
+                "elapsed_s": round(self.elapsed_s(), 3),
+                "eta_s": None if (eta := self.eta_s()) is None else round(eta, 1),
                 "pushes_refused": self.pushes_refused,
                 "checkpoint_warning": self.checkpoint_health.warning,
                 "snapshot_builds": self.snapshot_builds,
@@ -833,8 +869,17 @@ class Coordinator:
 
 
 def _effective(job: Mapping[str, Any]) -> dict[str, Any]:
-    """Job settings with placeholders resolved, as lists where the TOML and JSON have lists."""
+    """Job settings with placeholders resolved, as lists where the TOML and JSON have lists.
+
+    A checkpoint of an older server holds ``patch_size = 0`` and ``warmup_steps = -1`` where a run's
+    config.toml (and a server now) holds the values they stand for: both sides compare resolved.
+    """
+    from lte.common.models import VIT_PRESETS, default_patch_size
+
     out: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in job.items()}
     if out.get("warmup_steps", -1) == -1 and "steps" in out:
         out["warmup_steps"] = max(1, int(out["steps"]) // 20)  # JobConfig.warmup's rule
+    is_vit = str(out.get("model", "")).lower().replace("_", "-") in VIT_PRESETS
+    if is_vit and not out.get("patch_size") and out.get("image_size"):
+        out["patch_size"] = default_patch_size(int(out["image_size"]))  # the zoo's rule, as built
     return out

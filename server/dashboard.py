@@ -67,7 +67,7 @@ class HistoryPoint(BaseModel):
     """One merge: the version it produced and the job's counters right after it."""
 
     version: int
-    time: float = Field(description="seconds since the server started")
+    time: float = Field(description="seconds the job had run (monotonic clock, across resumes)")
     samples: int = Field(description="samples trained in the whole job so far")
     train_loss: float | None = Field(description="sample-weighted training loss of the merged pushes")
     pushes: int = Field(description="pushes folded into this merge")
@@ -81,7 +81,7 @@ class EvalPoint(BaseModel):
 
     version: int
     samples: int
-    time: float = Field(description="seconds since the server started")
+    time: float = Field(description="seconds the job had run (monotonic clock, across resumes)")
     test_loss: float | None = None
     test_accuracy: float | None = Field(None, description="absent for regression tasks")
     perplexity: float | None = Field(None, description="language models: exp(test_loss)")
@@ -110,7 +110,14 @@ class JobStatus(BaseModel):
     waiting_heads: dict[str, str] = Field(
         default_factory=dict, description="heads not training now (by id), and why"
     )
-    elapsed_s: float = Field(0.0, description="seconds since the server started")
+    elapsed_s: float = Field(
+        0.0, description="seconds the job has run (monotonic clock, across resumes); stops at its end"
+    )
+    eta_s: float | None = Field(
+        None,
+        description="seconds left at the head-round rate measured since the server started; "
+        "null before the first round, 0 once done",
+    )
     pushes_refused: int = Field(0, description="async pushes refused as staler than the bound")
     checkpoint_warning: str | None = Field(
         None, description="why the newest checkpoint failed (a full disk...); null once one succeeds"
@@ -223,6 +230,7 @@ def job_status(st: dict[str, Any]) -> JobStatus:
         heads_moved=st.get("heads_moved", 0),
         waiting_heads=dict(st.get("waiting_heads") or {}),
         elapsed_s=st.get("elapsed_s", 0.0),
+        eta_s=st.get("eta_s"),
         pushes_refused=st.get("pushes_refused", 0),
         checkpoint_warning=st.get("checkpoint_warning"),
         snapshot_builds=st.get("snapshot_builds", 0),

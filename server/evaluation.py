@@ -38,6 +38,8 @@ class BackgroundTask:
             try:
                 self.fn()
             except Exception as exc:
+                if self._stopped:  # stopping: a cancelled run (EvaluationCancelled) is no failure
+                    return
                 if self.on_error is None:
                     logging.getLogger("lte.server").exception("%s failed", self._thread.name)
                 else:
@@ -49,14 +51,35 @@ class BackgroundTask:
         self._thread.join(timeout)
 
 
+class EvaluationCancelled(Exception):
+    """The server is stopping: an evaluation in progress ends at its next batch."""
+
+
 class Evaluator:
     """Evaluates a copy of the master on the job's test split. ``load(model)`` copies the weights in
-    under the caller's lock and returns (version, samples) of that copy."""
+    under the caller's lock and returns (version, samples) of that copy.
+
+    ``cancel()`` ends an evaluation in progress before its next forward pass (raising
+    ``EvaluationCancelled`` in it), so a stopping server joins the evaluation thread in a batch's
+    time instead of leaving it running native code while the interpreter exits (issue 25: a
+    Ctrl+C during an evaluation ended in ``terminate called without an active exception``)."""
 
     def __init__(self, job: JobConfig, dataset, device: str) -> None:
         self.job, self.dataset, self.device = job, dataset, device
         self._model: nn.Module | None = None
         self._lock = threading.Lock()  # one evaluation at a time: the model copy is shared
+        self._cancelled = threading.Event()
+
+    def cancel(self, cancelled: bool = True) -> None:
+        """Cancel evaluations from now on (``False``: allow them again)."""
+        if cancelled:
+            self._cancelled.set()
+        else:
+            self._cancelled.clear()
+
+    def _check_cancelled(self, module: nn.Module, args: Any) -> None:
+        if self._cancelled.is_set():
+            raise EvaluationCancelled("the server is stopping")
 
     def run(
         self, load: Callable[[Any], tuple[int, int]], loader_workers: int = 0
@@ -65,10 +88,16 @@ class Evaluator:
             model = self._model
             if model is None:
                 model = self._model = build_job_model(self.job).to(self.device)
+            if self._cancelled.is_set():
+                raise EvaluationCancelled("the server is stopping")
             version, samples = load(model)
-            result: dict[str, float | str | None] = dict(
-                evaluate(model, self.dataset, device=self.device, loader_workers=loader_workers)
-            )
-            # language models: a short text sample from these weights (the dashboard shows it)
-            result.update(evaluation_sample(model, self.dataset, seed=version, device=self.device))
+            hook = model.register_forward_pre_hook(self._check_cancelled)  # each batch asks first
+            try:
+                result: dict[str, float | str | None] = dict(
+                    evaluate(model, self.dataset, device=self.device, loader_workers=loader_workers)
+                )
+                # language models: a short text sample from these weights (the dashboard shows it)
+                result.update(evaluation_sample(model, self.dataset, seed=version, device=self.device))
+            finally:
+                hook.remove()
             return version, samples, result

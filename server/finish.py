@@ -25,6 +25,12 @@ def linger_seconds(setting: float, *, has_dashboard: bool, interactive: bool | N
 def linger(seconds: float | None, url: str | None, stop: threading.Event | None = None) -> None:
     """Wait ``seconds`` (None: until Ctrl+C or SIGTERM), saying so once. Returns normally on Ctrl+C."""
     if seconds == 0:
+        if url:  # off a terminal (or --linger 0) the page goes now: say so, and how to keep it
+            _log.info(
+                "job done; the dashboard at %s closes now (--linger SECONDS keeps it serving)",
+                url,
+                extra={"linger_s": 0},
+            )
         return
     where = f"at {url}" if url else "on the gRPC port"
     until = "until Ctrl+C" if seconds is None else f"for {seconds:g} s (or until Ctrl+C)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lte.common.progress import Progress, format_bytes
+from lte.common.progress import Progress, format_bytes, format_duration
 from lte.server.startup import local_worker_command
 
 if TYPE_CHECKING:  # imported where used: start() pulls in torch and gRPC
@@ -78,8 +79,23 @@ def local_data_args(srv: dict) -> list[str]:
     return args
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the job of ``run_dir`` from its newest checkpoint, shell-quoted
+    (a folder name with a space or a quote pastes as one word): its config.toml holds the resolved job."""
+    return shlex.join(["lte-server", "--config", str(run_dir / "config.toml"), "--resume", str(run_dir)])
+
+
+# SIGHUP: the terminal closed (an ssh session dropped); the job stops as on SIGTERM or Ctrl+C,
+# with a checkpoint and the command that continues it (README: nohup or setsid for long jobs)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _already_stopping(signum, frame) -> None:
+    _log.warning("%s: already stopping (saving the checkpoint first)", signal.Signals(signum).name)
 
 
 def public_host(host: str) -> str:
@@ -262,8 +278,8 @@ class ServerRun:
         )
         if not local:
             _log.info(
-                "start workers with: lte-worker --server %s",
-                format_address(public_host(srv["host"]), server.port),
+                "start workers with: %s",
+                shlex.join(["lte-worker", "--server", format_address(public_host(srv["host"]), server.port)]),
             )
         if credentials is not None:  # the certificate names the host; local workers reach it as localhost
             local_host = "localhost"
@@ -318,6 +334,8 @@ class ServerRun:
                     if st["evals"] and "test_accuracy" in st["evals"][-1]:
                         fields["acc"] = st["evals"][-1]["test_accuracy"]
                     fields.update(bytes_up=float(st["bytes_up"]), bytes_down=float(st["bytes_down"]))
+                    if st.get("eta_s") is not None:  # from the head-round rate measured so far
+                        fields["eta"] = format_duration(st["eta_s"])
                     progress.update(st["head_rounds_done"], **fields)
                 elif self.log_format == "json" and time.monotonic() - last_status_log >= 10:
                     last_status_log = time.monotonic()
@@ -328,6 +346,8 @@ class ServerRun:
                         "samples",
                         "bytes_up",
                         "bytes_down",
+                        "elapsed_s",
+                        "eta_s",
                     )
                     _log.info("progress", extra={k: st[k] for k in keys})
                 if self.procs and all(p.poll() is not None for p in self.procs):
@@ -347,7 +367,8 @@ class ServerRun:
 
         c, _ = self._started()
         started = time.perf_counter()
-        signal.signal(signal.SIGTERM, _interrupt)
+        for sig in STOP_SIGNALS:  # a closed terminal (SIGHUP) stops the job as SIGTERM and Ctrl+C do
+            signal.signal(sig, _interrupt)
         try:
             self._watch()
             _log.info("final evaluation: version %d", c.version)
@@ -411,14 +432,16 @@ class ServerRun:
             )
             return 0
         except KeyboardInterrupt:
+            for sig in (*STOP_SIGNALS, signal.SIGINT):  # a second signal must not cut the save short
+                signal.signal(sig, _already_stopping)
             _log.warning("interrupted; saving a checkpoint, stopping workers and the server")
             path = final_checkpoint(c.save_checkpoint, c.export, self.out_dir)
             if path:
                 _log.warning(
-                    "checkpoint %s; continue with: lte-server --config %s --resume %s",
+                    "checkpoint %s; continue with: %s",
                     path,
-                    self.out_dir / "config.toml",
-                    self.out_dir,
+                    resume_command(self.out_dir),
+                    extra={"resume_command": resume_command(self.out_dir)},
                 )
             return 130
         except RuntimeError as exc:
@@ -427,9 +450,14 @@ class ServerRun:
 
     # -- stop ---------------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop the local workers (by pid), the dashboard and the server; safe to call twice."""
+        """Stop everything in a fixed order; safe to call twice. The local workers (by pid: they leave),
+        then the background evaluation (cancelled at its next batch, its loader processes with it)
+        and checkpoint writer (finished), joined; then the dashboard, gRPC (with a grace period) and
+        the metrics file. No thread runs native code while the interpreter exits (issue 25)."""
         stop_processes(self.procs)
         self.procs = []
+        if self.coordinator is not None:
+            self.coordinator.stop_background()
         if self.dashboard is not None:
             self.dashboard.stop()
             self.dashboard = None

@@ -50,10 +50,10 @@ def last_line(result: subprocess.CompletedProcess) -> str:
 def test_a_worker_without_the_token_is_told_about_token_and_lte_token():
     with server(token=TOKEN) as srv:
         result = worker(srv.address, "--quiet")
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # a credential, as README and --help say (issue 25)
     line = last_line(result)
-    assert "UNAUTHENTICATED: missing or wrong token" in line
-    assert "--token" in line and "LTE_TOKEN" in line
+    assert "refused the token (missing or wrong)" in line
+    assert line.count("--token") == 1 and line.count("LTE_TOKEN") == 1  # the hint once
 
 
 def test_a_spare_worker_is_told_the_job_is_full_stands_by_and_takes_a_head_that_frees_up(tmp_path):

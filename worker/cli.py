@@ -11,7 +11,7 @@ import torch
 
 from lte.common.checks import one_line_errors
 from lte.common.precision import PRECISIONS
-from lte.worker.startup import check_worker_args, rpc_hint
+from lte.worker.startup import TOKEN_HINT, check_resolves, check_worker_args, rpc_hint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +124,14 @@ def pick_device(name: str) -> str:
     return "cpu"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _interrupt(signum, frame) -> None:
+    # the first stop signal wins: a second one (Ctrl+C to the group, then the server's SIGTERM to
+    # its local workers) must not raise again while the worker leaves or the interpreter exits
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -137,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from lte.common.logs import setup_logging
 
     setup_logging(args.log_format, "INFO", prog="lte-worker")
-    signal.signal(signal.SIGTERM, _interrupt)  # leave the job the same way as on Ctrl+C
+    for sig in STOP_SIGNALS:  # Ctrl+C, SIGTERM, a closed terminal: leave the job the same way
+        signal.signal(sig, _interrupt)
     from lte.common.auth import bearer_metadata, channel_credentials, token_from
     from lte.worker.client import EXIT_JOB_OVER, Worker
     from lte.worker.hooks import FaultInjection
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         metadata = bearer_metadata(token_from(args.token))
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
         device = pick_device(args.device)
+        check_resolves(args.server)  # a mistyped host: exit 2 within seconds, not 300 s of retries
     except (ValueError, OSError) as exc:
         print(f"lte-worker: error: {exc}", file=sys.stderr)
         return 2
@@ -186,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a clear last word instead of a bare traceback for network errors
         import grpc
 
+        if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            # a credential, as a bad flag: exit 2, one line, the hint once (the server's own text
+            # names the header; the worker's user needs the flag)
+            print(
+                f"lte-worker: error: {args.server} refused the token (missing or wrong); {TOKEN_HINT}",
+                file=sys.stderr,
+            )
+            return 2
         if isinstance(exc, grpc.RpcError):
             print(f"lte-worker: error: {exc.code().name}: {exc.details()}{rpc_hint(exc)}", file=sys.stderr)
             return 1

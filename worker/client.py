@@ -566,6 +566,8 @@ class Worker:
             for turn in due:
                 if self.stop.is_set():
                     return
+                if turn not in self.turns:  # an earlier turn's push adopted a lease without its heads
+                    continue
                 self.state = "training"
                 stats = turn.trainer.train_round()
                 if self.rounds == 0 and stats.frozen_cache_bytes:
@@ -596,8 +598,14 @@ class Worker:
 
     def _push_turn(self, turn: Turn, stats) -> pb.PushReply | None:
         """Push a trained turn; adopt the server's view when it moved or finished some of its heads
-        and push the rest. None when nothing of the turn was applied."""
+        and push the rest. None when nothing of the turn was applied (or the lease no longer holds it).
+
+        ``_adopt`` may drop a turn between its training and its push (a head move racing the round:
+        another turn's refused push took the server's view); such a turn is never pushed, since its
+        heads' round ids (``next_rounds``) are the lease's no more."""
         while True:
+            if turn not in self.turns:
+                return None
             try:
                 reply = self.push(turn, stats)
             except Resync as exc:
@@ -605,8 +613,6 @@ class Worker:
                     f"push of heads {turn.head_ids} refused ({exc}); taking the server's view of the lease"
                 )
                 self._sync_lease(force=True)
-                if turn not in self.turns:
-                    return None
                 continue
             except grpc.RpcError as err:
                 if refusal(err) is Refusal.STALE:  # keep the factors, take the newest base

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -30,11 +32,42 @@ def check_worker_args(args: argparse.Namespace) -> None:
         check_pem("tls_key", args.tls_key, want="PRIVATE KEY")
 
 
+TOKEN_HINT = f"give the server's token with --token or the {TOKEN_ENV} environment variable"
+
+
 def rpc_hint(err: grpc.RpcError) -> str:
     """What the user can do about a refusal, appended to its one line."""
     code = err.code()
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return f" (give the server's token with --token or the {TOKEN_ENV} environment variable)"
+        return f" ({TOKEN_HINT})"
     if code == grpc.StatusCode.UNAVAILABLE:
         return " (is lte-server running, and are --server's host and port the ones it printed?)"
     return ""
+
+
+RESOLVE_BOUND_S = 10.0  # a name that does not resolve for this long is a typo, not an outage
+
+
+def check_resolves(address: str, bound_s: float = RESOLVE_BOUND_S, poll_s: float = 1.0) -> None:
+    """The host of ``--server host:port`` resolves, within ``bound_s`` seconds (a DNS answer that
+    comes late, e.g. a container name being registered, is waited for; an outage of the server
+    itself is not this check's business: the worker retries that for --give-up-after).
+
+    Raises ConfigError naming the host (issue 25: a mistyped name was retried for 300 s).
+    """
+    from lte.common.checks import parse_server_address
+
+    host, port = parse_server_address(address)
+    deadline = time.monotonic() + bound_s
+    while True:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            return
+        except (socket.gaierror, UnicodeError) as exc:
+            if time.monotonic() + poll_s > deadline:
+                reason = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
+                raise ConfigError(
+                    f"--server {address}: the host name {host!r} does not resolve ({reason}, "
+                    f"for {bound_s:g} s); check its spelling, or give the server's IP address"
+                ) from None
+            time.sleep(poll_s)  # a retry against the deadline above

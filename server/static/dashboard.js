@@ -220,7 +220,8 @@
     $("#stat-progress").value = st.progress || 0;
     setText(
       "#stat-progress-text",
-      `${st.head_rounds_done}/${st.target_head_rounds} head-rounds · ${fmtSeconds(st.elapsed_s)}`
+      `${st.head_rounds_done}/${st.target_head_rounds} head-rounds · ${fmtSeconds(st.elapsed_s)}` +
+        (!st.done && isNum(st.eta_s) ? ` · ETA ${fmtSeconds(st.eta_s)}` : "")
     );
     const waiting = Object.entries(st.waiting_heads || {});
     setText(
