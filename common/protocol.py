@@ -295,6 +295,10 @@ class Refusal(enum.Enum):
     STALE = "stale"  # trained on a version too old for the mode [pull, retrain]
     VERSION_OUT_OF_RANGE = "version-out-of-range"  # a base version the server never had [a bug: give up]
     JOB_DONE = "job-done"  # the job has ended [leave, exit 0]
+    # the update guard (server/guard.py): the push's contribution is out of bounds; its heads' round
+    # counts and merges nothing [roll those heads back to their last merged factors, next round]
+    OUTLIER = "outlier"
+    QUARANTINED = "quarantined"  # a push of this worker broke a merge; it may not take part [exit 2]
 
 
 # Refusals after which the worker registers again (its lease is gone).

@@ -155,6 +155,7 @@ class ServerRun:
         from lte.server.app import ParameterServer, format_address
         from lte.server.checkpoint import load_checkpoint
         from lte.server.coordinator import Coordinator
+        from lte.server.guard import GuardSettings
         from lte.server.security import server_credentials
 
         job, srv = self.job, self.srv
@@ -187,6 +188,7 @@ class ServerRun:
             checkpoint_every=checkpoint_every,
             keep_checkpoints=srv["keep_checkpoints"],
             metrics_path=self.out_dir / "metrics.jsonl",
+            guard=GuardSettings(mode=srv.get("update_guard") or "refuse"),
         )
         c.eval_loader_workers = max(0, srv["loader_workers"])
         if srv["resume"]:

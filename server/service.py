@@ -34,6 +34,8 @@ STATUS_OF = {
     Refusal.STALE: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.VERSION_OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
     Refusal.JOB_DONE: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.OUTLIER: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.QUARANTINED: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

@@ -83,6 +83,14 @@ class Resync(Exception):
     """The server moved or finished some of this worker's heads: adopt its view of the lease."""
 
 
+class OutlierRefused(Exception):
+    """The server's update guard refused the push: its round is discarded, the heads go on."""
+
+
+class Quarantined(Exception):
+    """A push of this worker broke a merge on the server, which will not take any more from it."""
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with full jitter, reset after every success."""
@@ -178,6 +186,7 @@ class Worker:
         self.rounds = 0  # pushes acknowledged
         self.head_rounds = 0  # rounds of heads acknowledged (a push of k heads counts k)
         self.failure = ""  # why this worker could not train its lease; sent with Leave
+        self.outliers_refused = 0  # pushes the server's update guard refused (their rounds discarded)
         self.state = "starting"
         self.samples_per_s = 0.0
         self.heartbeat_interval_s = 5.0
@@ -231,6 +240,10 @@ class Worker:
             raise Resync(err.details()) from None
         if reason is Refusal.JOB_DONE:
             raise JobDone() from None
+        if reason is Refusal.OUTLIER:
+            raise OutlierRefused(err.details()) from None
+        if reason is Refusal.QUARANTINED:
+            raise Quarantined(err.details()) from None
 
     def _check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -449,7 +462,7 @@ class Worker:
         """Push one turn's factors and replica deltas (idempotent: each head carries its round id)."""
         self.state = "pushing"
         self._round_factors_to_wire(turn.trainer)
-        heads, replica = turn.trainer.export_update()
+        heads, replica = self.hooks.outgoing(self.rounds, *turn.trainer.export_update())
         encoded = list(encode_update(heads, replica, self._joined()[0]))
         meta = PushMeta(
             lease_id=self.lease_id,
@@ -516,6 +529,10 @@ class Worker:
         except JobDone:
             self._say_finished()
             return 0 if self.worker_id else EXIT_JOB_OVER  # refused at registration: joined too late
+        except Quarantined as exc:
+            print(f"lte-worker: error: the server quarantined this worker: {exc}", file=sys.stderr)
+            self.lease_id = ""  # the lease is gone: nothing to give back
+            return 2
         except grpc.RpcError:
             raise
         except Exception as exc:  # cannot build or train this lease: give it back (leave, below), say why
@@ -606,6 +623,16 @@ class Worker:
                 if turn not in self.turns:
                     return None
                 continue
+            except OutlierRefused as exc:
+                # the server counted the round and merged nothing: go back to what it holds, go on
+                self._say(f"push of heads {turn.head_ids} refused: {exc}")
+                turn.trainer.discard_round()
+                for h in turn.head_ids:
+                    self.next_rounds[h] += 1
+                turn.last_base = self.version
+                self.rounds += 1
+                self.outliers_refused += 1
+                return None
             except grpc.RpcError as err:
                 if refusal(err) is Refusal.STALE:  # keep the factors, take the newest base
                     self._say(f"push not applied: {err.details()}")

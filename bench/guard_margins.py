@@ -1,0 +1,99 @@
+"""How far honest pushes stay inside the update guard's bounds, per zoo model (issue 24, item 1).
+
+Runs short sync LTE jobs (the emulator's loop: ``LocalTrainer`` per worker, ``apply_updates`` on plain
+master weights) and, before every merge, measures each head's per-layer contribution the way the
+server's guard does (``lte.server.guard``): its norm over the running median of accepted ones
+(``ratio``), and one head's share of the merge over the layer's norm (``weight``). Prints, per model,
+the largest of each over the run: the guard fires only past ``GuardSettings.ratio`` and
+``GuardSettings.weight_bound``.
+
+    python bench/guard_margins.py --models mlp vit-micro gpt-micro --rounds 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+
+import torch
+
+from lte.common.config import JobConfig
+from lte.common.data import load_dataset
+from lte.common.lte import apply_updates
+from lte.common.models import MODEL_NAMES
+from lte.common.sim import partition_heads
+from lte.common.text import ByteTokenizer, load_text, write_token_files
+from lte.common.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
+from lte.server.guard import GuardSettings, UpdateGuard, tensor_norms
+
+TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void. " * 40)
+
+
+def job_for(model: str, rounds: int, folder: str, **kw) -> tuple[JobConfig, object]:
+    if model.startswith("gpt"):
+        data = load_text(folder, eval_tokens=256)
+        base = dict(dataset="text", context=16, batch_size=2)
+    else:
+        data = load_dataset("digits", seed=0)
+        base = dict(dataset="digits", batch_size=8)
+    values = dict(model=model, heads=4, rank=8, alpha=32.0, merge_every=5, steps=5 * rounds, lr=1e-3, **base)
+    values.update(kw)
+    return JobConfig(**values).with_dataset(data), data
+
+
+def margins(job: JobConfig, data, workers: int = 2) -> dict:
+    master = build_job_model(job).state_dict()
+    layers = linear_weight_names(build_job_model(job), job.embedding_heads)
+    trainers = [LocalTrainer(job, ids, data) for ids in partition_heads(job.heads, workers)]
+    guard = UpdateGuard(GuardSettings(), scale=job.scale, heads=job.heads)
+    prev: dict = {}
+    worst_ratio, worst_weight = 0.0, 0.0
+    for _ in range(job.rounds):
+        snap = make_snapshot(master, layers, job.quant)
+        heads, reps = [], []
+        for t in trainers:
+            t.load_snapshot(snap)
+            t.train_round()
+            h, rep = t.export_update()
+            heads += h
+            reps.append((rep.heads / job.heads, rep))
+        norms = tensor_norms(master)
+        for (_, rep), t in zip(reps, trainers, strict=True):
+            v = guard.check({u.head_id: u.factors for u in heads if u.head_id in t.head_ids}, prev,
+                            rep.deltas, master, norms)
+            for (h, key), n in v.norms.items():
+                name = key if h >= 0 else "replica/" + key
+                med = guard._median(name)
+                if med:
+                    worst_ratio = max(worst_ratio, n / med)
+                w = job.scale / job.heads if h >= 0 else 1.0 / job.heads
+                numel = master[key].numel()
+                worst_weight = max(worst_weight, w * n / (norms[key] + GuardSettings.floor * math.sqrt(numel)))
+            guard.accept(v)
+        apply_updates(master, prev, heads, [1 / job.heads] * len(heads), reps, scale=job.scale, reset=job.reset)
+        for t in trainers:
+            t.commit()
+    return {"model": job.model, "max_ratio": round(worst_ratio, 3), "max_weight": round(worst_weight, 5)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="*", default=list(MODEL_NAMES))
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--lr", type=float, default=1e-3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        write_token_files(folder, [TEXT], ByteTokenizer())
+        for model in args.models:
+            start = time.perf_counter()
+            job, data = job_for(model, args.rounds, folder, lr=args.lr)
+            out = margins(job, data)
+            out["seconds"] = round(time.perf_counter() - start, 1)
+            print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
