@@ -628,8 +628,6 @@ class Coordinator:
         """Count and log an outlier push (under the lock)."""
         self.guard.outliers += 1
         self.guard.clipped += not refuse
-        if refuse:
-            self.pushes_refused += 1
         action = "refused" if refuse else "clipped"
         _log.warning(
             "update guard: push of heads %s from worker %s (%s) %s: %s",

@@ -19,7 +19,7 @@ from lte.common.sim import run_lte
 from lte.common.text import ByteTokenizer, load_text, write_token_files
 from lte.server.guard import GuardSettings, adam_step_bound, contribution_norm
 from lte.worker.hooks import poison_factors
-from tests.cluster import DIGITS, digits_job
+from tests.cluster import DIGITS, digits_job, running_server, worker_processes
 from tests.server_path import run_through_server
 
 TEXT = "And God said, Let there be light: and there was light. And God saw the light, that it was good. " * 30
@@ -168,3 +168,41 @@ def test_a_merge_that_breaks_the_master_is_rolled_back_and_its_worker_quarantine
     c.checkpoint_dir = tmp_path
     path = c.save_checkpoint()
     assert path is not None and finite(load_file(str(path / "tensors.safetensors")))
+
+
+# -- a rogue worker process among two honest ones ---------------------------------------------------
+@pytest.mark.rogue
+@pytest.mark.parametrize(
+    ("poison", "uplink"),
+    [("scale=300", "fp16"), ("value=1e19", "bf16"), ("nan", "fp16"), ("layer=300", "fp16")],
+)
+def test_a_rogue_worker_process_cannot_wreck_a_real_job(tmp_path, poison, uplink):
+    """Two honest lte-worker processes and one whose every push is poisoned: each poisoned push is
+    refused (OUTLIER, then quarantine; NaN: MALFORMED, the worker gives up), its heads go to the
+    honest workers, the job ends within 1 point of the same job without the rogue, and no
+    checkpoint or export holds a non-finite value."""
+    job = digits_job(heads=6, steps=200, uplink=uplink)
+    clean = run_lte(job, DIGITS, workers=3, eval_every=job.rounds)
+    with running_server(
+        job, heads_per_worker=2, turn_grace_s=1.0, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2
+    ) as server:
+        args = [["--quiet"], ["--quiet"], ["--quiet", "--poison-push", poison]]
+        with worker_processes(server.address, args, log_dir=tmp_path) as procs:
+            assert server.wait_done(timeout=600), "job did not finish in time; see worker logs"
+            for p in procs:
+                p.wait(timeout=120)
+            codes = [p.returncode for p in procs]
+        c = server.coordinator
+        accuracy = c.evaluate_now()["test_accuracy"]
+        export = c.export(tmp_path / "model.safetensors")
+    assert codes == [0, 0, 1 if poison == "nan" else 2], codes  # NaN: a malformed push, the worker gives up
+    rogue = [l for l in c.leases.values() if l.worker.get("name") == "t2"]
+    assert all(l.pushes == 0 or l.state == "quarantined" for l in rogue)
+    if poison == "nan":
+        assert c.guard.outliers == 0 and "NaN or Inf" in (tmp_path / "worker-2.log").read_text()
+    else:
+        assert c.guard.outliers == c.guard.settings.quarantine_after and c.guard.quarantined
+    assert accuracy >= clean.test_accuracy - 0.01, (accuracy, clean.test_accuracy)
+    assert finite(load_file(str(export)))
+    checkpoints = sorted((tmp_path / "ckpt").glob("*/tensors.safetensors"))
+    assert checkpoints and all(finite(load_file(str(p))) for p in checkpoints)

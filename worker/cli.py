@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             poison_from=args.poison_from,
         ),
         credentials=credentials,
+        tls_files=(args.tls_ca, args.tls_cert, args.tls_key),
         metadata=metadata,
         show_progress=args.log_format == "text",
         precision=args.precision,

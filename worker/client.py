@@ -51,6 +51,7 @@ from lte.common.wire import TensorAssembler, tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.worker.hooks import RoundHooks
+from lte.worker.startup import TLSProblem, tls_problem
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -155,6 +156,7 @@ class Worker:
         give_up_after_s: float = 300.0,
         parent_pid: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        tls_files: tuple[str | None, str | None, str | None] = (None, None, None),
         metadata: tuple[tuple[str, str], ...] = (),
         hooks: RoundHooks | None = None,
         show_progress: bool = True,
@@ -171,6 +173,8 @@ class Worker:
         self.metadata = metadata
         self.hooks = hooks or RoundHooks()
         self.channel = grpc_options.make_channel(server, credentials)
+        self.server_address = server
+        self.tls_files = tls_files  # (CA, client certificate, key): to name a failed handshake's cause
         self.stub = pb_grpc.ParameterServerStub(self.channel)
         self.stop = threading.Event()
         self.lease_id = ""
@@ -223,12 +227,25 @@ class Worker:
             except grpc.RpcError as err:
                 self._raise_refusal(err)
                 code = err.code()
+                self._check_tls(err)
                 if code not in RETRYABLE or time.monotonic() > deadline or self.stop.is_set():
                     raise
                 delay = backoff.next_delay()
                 self._say(f"{what}: {code.name.lower()} ({err.details()}); retrying in {delay:.1f} s")
                 if self.stop.wait(delay):
                     raise
+
+    def _check_tls(self, err: grpc.RpcError) -> None:
+        """A TLS handshake that fails for a certificate's reason is not retried: ``TLSProblem`` names
+        the cause (expired, not yet valid, another CA, another host name) instead of the address."""
+        details = (err.details() or "").lower()
+        if err.code() != grpc.StatusCode.UNAVAILABLE or not any(self.tls_files):
+            return
+        if not any(word in details for word in ("ssl", "handshake", "tsi", "certificate")):
+            return
+        problem = tls_problem(self.server_address, *self.tls_files)
+        if problem:
+            raise TLSProblem(problem)
 
     @staticmethod
     def _raise_refusal(err: grpc.RpcError) -> None:
