@@ -93,6 +93,8 @@ def _peer_dates(host: str, port: int, timeout_s: float) -> str:
             context.wrap_socket(sock, server_hostname=host) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
+        if der is None:
+            return ""
         cert = x509.load_der_x509_certificate(der)
     except (OSError, ValueError, TypeError):
         return ""
