@@ -155,6 +155,8 @@ class Coordinator:
         self._expected = self._expected_push_shapes()
         self._evaluation = Evaluator(job, dataset, device) if dataset is not None else None
         self._evaluator: BackgroundTask | None = None
+        self.eval_error: str | None = None  # why the newest evaluation failed (None: it succeeded)
+        self.eval_failures = 0
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self._checkpoint_lock = threading.Lock()  # one writer at a time
@@ -760,7 +762,28 @@ class Coordinator:
     def start_evaluator(self) -> None:
         """Evaluate in a background thread on a copy of W, so RPCs never wait for it."""
         if self._evaluation is not None and self._evaluator is None:
-            self._evaluator = BackgroundTask("lte-eval", self.evaluate_now)
+            self._evaluator = BackgroundTask("lte-eval", self.evaluate_now, on_error=self.evaluation_failed)
+
+    def evaluation_failed(self, exc: Exception) -> str:
+        """An evaluation that could not run (its split deleted or unreadable under the job): one
+        warning line, no traceback; the newest accuracy is marked stale (``status()["eval_error"]``).
+        Returns the reason."""
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        with self.lock:
+            version, self.eval_error = self.version, reason
+            self.eval_failures += 1
+            last = self.evals[-1]["version"] if self.evals else None
+            self._log({"eval": True, "version": version, "error": reason})
+        _log.warning(
+            "evaluation at version %d failed (%s); %s",
+            version,
+            reason,
+            f"the accuracy shown is version {last}'s (stale)"
+            if last is not None
+            else "no evaluation has succeeded yet",
+        )
+        return reason
 
     def evaluate_now(self) -> dict[str, Any]:
         if self._evaluation is None:
@@ -780,6 +803,7 @@ class Coordinator:
         }
         with self.lock:
             self.evals.append(record)
+            self.eval_error = None
             self._log({"eval": True, **record})
         return record
 
@@ -935,6 +959,7 @@ class Coordinator:
                 "heads_moved": self.heads_moved,
                 "late_pushes_refused": self.late_pushes_refused,
                 "guard": self.guard.status(),
+                "eval_error": self.eval_error,
                 "heads": [
                     {
                         "head_id": h.head_id,
