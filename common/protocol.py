@@ -277,6 +277,70 @@ def decode_update(
     return heads, ReplicaUpdate(len(heads), {n: tensors[replica_tensor_name(n)] for n in replicas})
 
 
+# -- the version handshake (issue 24, item 4) -----------------------------------------------------
+# The wire protocol's version: 2 added the handshake itself (WorkerInfo.protocol_version, job_fields).
+PROTOCOL_VERSION = 2
+# JobConfig fields every worker has known since the first wire protocol: a worker from before the
+# handshake (no job_fields) may join a job that uses no other field than these.
+CORE_JOB_FIELDS = frozenset(
+    [
+        "model",
+        "dataset",
+        "image_size",
+        "in_channels",
+        "num_classes",
+        "patch_size",
+        "task",
+        "heads",
+        "rank",
+        "alpha",
+        "merge_every",
+        "reset",
+        "quant",
+        "uplink",
+        "zstd_level",
+        "lr",
+        "weight_decay",
+        "warmup_steps",
+        "steps",
+        "min_lr_ratio",
+        "batch_size",
+        "seed",
+        "mode",
+        "beta1",
+        "beta2",
+        "eps",
+        "dtype",
+        "max_chunk_bytes",
+        "augment",
+    ]
+)
+
+
+def job_fields_in_use(job: JobConfig) -> list[str]:
+    """JobConfig fields whose value in ``job`` is not the default: a worker must know each of them."""
+    defaults = JobConfig()
+    return [f.name for f in fields(JobConfig) if getattr(job, f.name) != getattr(defaults, f.name)]
+
+
+def handshake_refusal(
+    job: JobConfig, protocol_version: int, job_fields: Sequence[str], lte_version: str
+) -> str | None:
+    """Why a worker that speaks ``protocol_version`` and knows ``job_fields`` cannot train ``job``
+    (None: it can). A worker from before the handshake sends neither: it knows ``CORE_JOB_FIELDS``."""
+    from lte import __version__
+
+    known = set(job_fields) if protocol_version >= 2 else set(CORE_JOB_FIELDS)
+    missing = [name for name in job_fields_in_use(job) if name not in known]
+    if not missing:
+        return None
+    who = f"lte-worker {lte_version or '(version unknown)'}, wire protocol {protocol_version or 1}"
+    return (
+        f"{who} does not know the job field(s) {', '.join(missing)} that this job uses; it would train "
+        f"as if they were unset: upgrade it to lte {__version__} (wire protocol {PROTOCOL_VERSION})"
+    )
+
+
 # -- refusals ------------------------------------------------------------------------------------
 REFUSAL_KEY = "lte-refusal"  # trailing metadata: the Refusal's name
 
@@ -299,6 +363,9 @@ class Refusal(enum.Enum):
     # counts and merges nothing [roll those heads back to their last merged factors, next round]
     OUTLIER = "outlier"
     QUARANTINED = "quarantined"  # a push of this worker broke a merge; it may not take part [exit 2]
+    INCOMPATIBLE = (
+        "incompatible"  # the worker's protocol lacks a job field in use (version handshake) [exit 2]
+    )
 
 
 # Refusals after which the worker registers again (its lease is gone).

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lte.common.config import UPLINK_CODECS, JobConfig
+from lte.common.fingerprint import model_fingerprint
 from lte.common.model_check import checkpoint_mismatch, model_summary
 from lte.common.policy import classify_model
 from lte.common.protocol import (
@@ -35,6 +36,7 @@ from lte.common.protocol import (
     decode_update,
     factor_tensors,
     group_head_factors,
+    handshake_refusal,
     head_tensor_name,
     replica_tensor_name,
 )
@@ -147,6 +149,7 @@ class Coordinator:
         self._sinks: list = []
         self.snapshots = SnapshotBuilder(job, self.layer_names)
         self.guard = UpdateGuard(guard or GuardSettings(), job)
+        self.fingerprint = model_fingerprint(job)  # (fingerprint, module tree): sent with each registration
         self._trained_replicas = frozenset(n for n, _ in self.model.named_parameters()) & set(
             self.replica_names
         )
@@ -196,6 +199,17 @@ class Coordinator:
     def register(self, worker: dict[str, Any]) -> tuple[Lease, list[HeadState]]:
         """A new lease; the scheduler gives it free heads (maybe none yet: it stands by for them)."""
         room = min(int(worker.get("max_heads") or 0) or self.heads_per_worker, self.heads_per_worker)
+        why = handshake_refusal(
+            self.job,
+            int(worker.get("protocol_version") or 0),
+            worker.get("job_fields") or (),
+            str(worker.get("lte_version") or ""),
+        )
+        if why is not None:
+            _log.warning(
+                "refused worker %s on %s: %s", worker.get("name", ""), worker.get("hostname", ""), why
+            )
+            raise Refused(Refusal.INCOMPATIBLE, why)
         with self.lock:
             if self.done:
                 raise Refused(Refusal.JOB_DONE, "the job has finished; nothing left to train")

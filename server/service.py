@@ -36,6 +36,7 @@ STATUS_OF = {
     Refusal.JOB_DONE: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.OUTLIER: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.QUARANTINED: grpc.StatusCode.PERMISSION_DENIED,
+    Refusal.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -93,6 +94,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 h for h in w.preferred_heads[:MAX_HEADS_PER_PUSH] if 0 <= h < self.c.job.heads
             ],
             "peer": context.peer(),
+            "protocol_version": w.protocol_version,
+            "job_fields": [name[:64] for name in w.job_fields[:1024]],
         }
         try:
             lease, heads = self.c.register(info)
@@ -108,6 +111,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             lease_timeout_s=self.c.lease_timeout_s,
             version=self.c.version,
             room=lease.room,
+            model_fingerprint=self.c.fingerprint[0],
+            model_tree=self.c.fingerprint[1],
             lease_epoch=lease.epoch,
         )
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 
 import grpc
 import torch
@@ -27,11 +28,13 @@ from lte.common.codec import decode_tensor, decode_tensor_quantized, get_codec
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_job_dataset
 from lte.common.failure import leave_reason, training_failure
+from lte.common.fingerprint import fingerprint_difference, model_fingerprint
 from lte.common.images import BadImageError
 from lte.common.lte import lte_layers
 from lte.common.progress import Progress, format_bytes
 from lte.common.protocol import (
     HEAD_PREFIX,
+    PROTOCOL_VERSION,
     QUANTIZED_SNAPSHOT_CODECS,
     REREGISTER,
     RESYNC,
@@ -82,6 +85,14 @@ class JobDone(Exception):
 
 class Resync(Exception):
     """The server moved or finished some of this worker's heads: adopt its view of the lease."""
+
+
+class ModelMismatch(ValueError):
+    """The job's model built here differs from the server's (the version handshake's fingerprint)."""
+
+
+class Incompatible(ValueError):
+    """The server refused this worker: its protocol lacks a job field the job uses."""
 
 
 class OutlierRefused(Exception):
@@ -191,6 +202,7 @@ class Worker:
         self.head_rounds = 0  # rounds of heads acknowledged (a push of k heads counts k)
         self.failure = ""  # why this worker could not train its lease; sent with Leave
         self.outliers_refused = 0  # pushes the server's update guard refused (their rounds discarded)
+        self.known_job_fields = [f.name for f in dataclass_fields(JobConfig)]  # the version handshake
         self.state = "starting"
         self.samples_per_s = 0.0
         self.heartbeat_interval_s = 5.0
@@ -261,6 +273,8 @@ class Worker:
             raise OutlierRefused(err.details()) from None
         if reason is Refusal.QUARANTINED:
             raise Quarantined(err.details()) from None
+        if reason is Refusal.INCOMPATIBLE:
+            raise Incompatible(f"the server refused this worker: {err.details()}") from None
 
     def _check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -281,10 +295,17 @@ class Worker:
             pid=os.getpid(),
             lte_version=__version__,
             preferred_heads=self.head_ids,
+            protocol_version=PROTOCOL_VERSION,
+            job_fields=self.known_job_fields,
         )
         reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
+        differs = fingerprint_difference(
+            (reply.model_fingerprint, reply.model_tree), model_fingerprint(job), job.model
+        )
+        if differs:  # raised as the worker's failure: its Leave tells the server the same line
+            raise ModelMismatch(f"this worker's model code is not the server's: {differs}")
         check_chunk_fits(job.max_chunk_bytes, grpc_options.MAX_MESSAGE_BYTES, side="worker")  # leaves
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         self._view = None
