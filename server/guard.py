@@ -1,36 +1,38 @@
 """The update guard: a push's contribution is checked against the job's history before it touches W
-(issue 24, item 1).
+(issue 24, item 1). Thresholds are ``GuardSettings``'s defaults.
 
-A head's contribution to LTE layer ``l`` is ``D = B A - B' A'`` (DESIGN.md section 2: the merge adds
-``s * w * D`` to ``W``). Its Frobenius norm is computed without forming the ``[m, n]`` product, from
-``r x r`` Gram matrices in float64 (``tr(X^T Y) = sum(X o Y)``):
+1. **The AdamW step bound** (no history needed, so the first round is covered too). AdamW moves an
+   entry by at most ``lr * (1 - b1) / sqrt(1 - b2) / sqrt(1 - b1^2 / b2)`` per step (7.27 lr for
+   b = 0.9, 0.999; ``adam_step_bound``), plus decoupled weight decay. A head's ``B`` and ``A`` may
+   differ from the server's last merged ``B', A'`` by at most ``step_slack`` (2) times that bound
+   summed over the round's scheduled learning rates, plus the uplink's rounding of the entry. (A
+   head never merged: ``B' = 0``, ``A'`` unknown, so only ``B`` is bounded.)
+2. **The running median.** A head's contribution to LTE layer ``l`` is ``D = B A - B' A'`` (the
+   merge adds ``s * w * D``, DESIGN.md section 2); its Frobenius norm comes from ``r x r`` Gram
+   matrices in float64 without forming ``[m, n]``:
+   ``||D||^2 = <B^T B, A A^T> - 2 <B^T B', A A'^T> + <B'^T B', A' A'^T>``. Divided by the round's
+   summed learning rates (so warm-up and decay do not look like outliers), it may be at most
+   ``ratio`` (10) times the median of the last ``window`` (64) accepted ones of that layer, once
+   there are ``min_history`` (4). A replica's delta is checked the same way (and, for trained
+   parameters, by the step bound).
 
-    ||D||^2 = <B^T B, A A^T> - 2 <B^T B', A A'^T> + <B'^T B', A' A'^T>
+Modes (``--update-guard``): ``refuse`` (default) refuses an outlier push (``Refusal.OUTLIER``): its
+heads' round counts and merges nothing, and the worker rolls those heads back to their last merged
+factors and trains the next round, so an honest worker refused by mistake loses one round and
+neither dies nor loops. ``clip`` merges each outlier layer scaled to its bound (``c * s * w * D``,
+``c = bound / norm``, 0 for a step-bound breach; ``B', A'`` still become ``B, A`` on both sides).
+``quarantine_after`` (3) outliers in a row quarantine the worker. ``off``: none of this (the paper's
+server; NaN or Inf pushes are refused in every mode). Pushes inside the bounds merge with the
+paper's arithmetic unchanged, so sync runs stay bit for bit equal to ``lte-sim``.
 
-A replica's contribution is its delta, ``||delta||``. For every layer (and replica) the guard keeps
-the norms of the last ``window`` accepted contributions; a new one is an **outlier** when
+After each merge (``refuse`` and ``clip``) every master tensor must be finite with
+``||W_after|| <= growth * ||W_before|| + growth_floor * sqrt(numel)`` (2 and 1); a merge that fails
+is rolled back (the pre-merge W and merged factors restored) and redone without the push that
+most exceeded its bounds, whose worker is quarantined.
 
-    norm > ratio * median(history)                 (once the history holds min_history norms), or
-    s * w_sync * norm > weight_bound * ||W_l|| + floor * sqrt(numel)   (always; w_sync = 1/N)
-
-The second bound covers the first rounds, before there is a history: one head's share of one
-merge may not move a layer by more than ``weight_bound`` times its own norm. Both bounds are
-generous by measurement: over short runs of every zoo model at the default thresholds, honest
-pushes stayed far inside them (tests/test_guard.py pins it; RELIABILITY.md has the figures).
-
-Modes (``--update-guard``): ``refuse`` (the default) refuses an outlier push (``Refusal.OUTLIER``);
-its heads' round is discarded: it counts as trained, merges nothing, and the worker rolls those
-heads back to their last merged factors and goes on with the next round, so an honest worker
-refused by mistake loses one round and neither dies nor loops. ``clip`` merges the outlier layer
-scaled down to the bound (``c * s * w * D``, ``c = bound / norm``; B', A' still become B, A on both
-sides). ``off``: no norm bounds and no post-merge check (the paper's server). Pushes inside the
-bounds merge with the paper's arithmetic unchanged in every mode, so sync runs stay bit for bit
-equal to ``lte-sim``.
-
-After each merge (``refuse`` and ``clip``) every master tensor the merge touched is checked finite
-and within ``||W_after|| <= growth * ||W_before|| + floor * sqrt(numel)``; a merge that fails is
-rolled back (the pre-merge W and merged factors restored) and re-done without the push that
-caused it, whose worker is quarantined.
+Honest jobs never trip it: tests/test_guard.py runs every zoo model through the server's push
+path at the default thresholds, and tests/conftest.py fails any test in which a guard fired
+unless the test is marked ``rogue``.
 """
 
 from __future__ import annotations

@@ -6,12 +6,13 @@ them. Cheap enough to run every zoo model, and bit for bit equal to ``lte-sim`` 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 
 import torch
 
 from lte.common.codec import decode_tensor
 from lte.common.config import JobConfig
-from lte.common.protocol import PushMeta, Refused, encode_update
+from lte.common.protocol import PROTOCOL_VERSION, PushMeta, Refused, encode_update
 from lte.common.trainer import LocalTrainer, make_snapshot
 from lte.server.coordinator import Coordinator
 from lte.server.guard import GuardSettings
@@ -70,7 +71,14 @@ def run_through_server(
 
 def _join(c: Coordinator, job: JobConfig, dataset, name: str) -> tuple:
     """Register a worker; its trainer continues each head it gets from the server's merged factors."""
-    lease, heads = c.register({"name": name, "max_heads": c.heads_per_worker})
+    lease, heads = c.register(
+        {
+            "name": name,
+            "max_heads": c.heads_per_worker,
+            "protocol_version": PROTOCOL_VERSION,
+            "job_fields": [f.name for f in fields(JobConfig)],
+        }
+    )
     t = LocalTrainer(
         job,
         list(lease.head_ids),

@@ -195,6 +195,10 @@ def test_a_rogue_worker_process_cannot_wreck_a_real_job(tmp_path, poison, uplink
         c = server.coordinator
         accuracy = c.evaluate_now()["test_accuracy"]
         export = c.export(tmp_path / "model.safetensors")
+    print(  # the figure RELIABILITY.md quotes (pytest -s)
+        f"rogue {poison} over {uplink}: exit codes {codes}, guard {c.guard.outliers} outliers, "
+        f"{len(c.guard.quarantined)} quarantined; accuracy {accuracy:.4f} vs {clean.test_accuracy:.4f} without it"
+    )
     assert codes == [0, 0, 1 if poison == "nan" else 2], codes  # NaN: a malformed push, the worker gives up
     rogue = [l for l in c.leases.values() if l.worker.get("name") == "t2"]
     assert all(l.pushes == 0 or l.state == "quarantined" for l in rogue)
