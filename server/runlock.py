@@ -56,7 +56,8 @@ class RunLock:
                 if owner is None:
                     continue  # removed meanwhile, or half-written by a starting server: read again
                 pid, host = owner.get("pid", -1), owner.get("host", "")
-                if host == socket.gethostname() and not pid_alive(int(pid)):
+                # our own pid in the lock: a previous run of a container restarted with pid 1 again
+                if host == socket.gethostname() and (not pid_alive(int(pid)) or int(pid) == os.getpid()):
                     print(
                         f"lte-server: warning: {self.path} was left by process {pid} on {host}, which is "
                         "gone; taking the run folder over",

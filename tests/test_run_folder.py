@@ -109,3 +109,10 @@ def test_a_reused_out_with_an_export_is_refused_unless_overwrite(tmp_path):
     assert (out / "model.safetensors").read_bytes() == b"an earlier job's model"
     assert not (out / LOCK_NAME).exists()
     stop(start_server(out, "--overwrite"))  # with --overwrite it starts (and holds the folder)
+
+
+def test_a_lock_with_this_very_pid_is_a_restarted_container_s_and_is_taken_over(tmp_path, capsys):
+    """In a container restarted with ``--resume`` the server is pid 1 again, on the same host name."""
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    RunLock(tmp_path).acquire().release()
+    assert "taking the run folder over" in capsys.readouterr().err
