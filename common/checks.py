@@ -8,6 +8,7 @@ Nothing here imports torch or opens a socket.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import re
@@ -261,6 +262,35 @@ def check_pem(key: str, path: str, *, want: str) -> None:
     begins = [line for line in text.splitlines() if line.startswith(b"-----BEGIN ")]
     if not any(want.encode() in line for line in begins):
         raise ConfigError(f"{flag(key)} {path}: not a PEM file holding a {want.lower()}")
+    if want == "CERTIFICATE":
+        check_certificate_dates(key, path, text)
+
+
+def check_certificate_dates(key: str, path: str, text: bytes, now: datetime.datetime | None = None) -> None:
+    """Refuse a PEM file holding a certificate that has expired or is not valid yet (RFC 5280
+    section 4.1.2.5: notBefore <= now <= notAfter), naming the certificate and the date: a TLS peer
+    would refuse it at every handshake, and the error there does not say why. ConfigError."""
+    from cryptography import x509
+
+    try:
+        certificates = x509.load_pem_x509_certificates(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag(key)} {path}: the certificate does not parse ({exc})") from None
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    for cert in certificates:
+        subject = cert.subject.rfc4514_string() or "(no subject)"
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        if now < start:
+            raise ConfigError(
+                f"{flag(key)} {path}: certificate {subject} is not valid before "
+                f"{start:%Y-%m-%d %H:%M:%S} UTC (now {now:%Y-%m-%d %H:%M:%S} UTC): check this machine's "
+                "clock, or issue one valid now"
+            )
+        if now > end:
+            raise ConfigError(
+                f"{flag(key)} {path}: certificate {subject} expired on {end:%Y-%m-%d %H:%M:%S} UTC "
+                f"(now {now:%Y-%m-%d %H:%M:%S} UTC): renew it"
+            )
 
 
 # -- errors nobody expected ------------------------------------------------------------------------

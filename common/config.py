@@ -275,6 +275,8 @@ SERVER_TYPES: dict[str, type] = {
     "keep_checkpoints": int,
     "linger": float,
     "resume": str,
+    "overwrite": bool,
+    "update_guard": str,
     "token": str,
     "tls_cert": str,
     "tls_key": str,

@@ -168,24 +168,6 @@ def job_from_proto(message) -> JobConfig:
     return JobConfig(**values)
 
 
-# Job options that change what a worker trains, added after workers were released that ignore them
-# (proto3 drops a field it does not know), with the value such an older worker behaves as. A worker
-# lists those it applies in WorkerInfo.job_options; the server refuses one that lacks an option the
-# job sets otherwise (``missing_job_options``), so no older worker silently trains something else.
-WORKER_JOB_OPTIONS: dict[str, object] = {"head_data": "shard"}
-
-
-def missing_job_options(job: JobConfig, known: Iterable[str]) -> list[str]:
-    """``"name=value"`` of each option in ``WORKER_JOB_OPTIONS`` that ``job`` sets to other than an
-    older worker's behaviour and that is not in ``known`` (the worker's ``job_options``)."""
-    known = set(known)
-    return [
-        f"{name}={getattr(job, name)}"
-        for name, legacy in WORKER_JOB_OPTIONS.items()
-        if getattr(job, name) != legacy and name not in known
-    ]
-
-
 def unmapped_job_fields() -> list[str]:
     """JobConfig fields with no proto field of their name (a test keeps this empty)."""
     proto = _proto_job_fields()
@@ -291,6 +273,70 @@ def decode_update(
     return heads, ReplicaUpdate(len(heads), {n: tensors[replica_tensor_name(n)] for n in replicas})
 
 
+# -- the version handshake (issue 24, item 4) -----------------------------------------------------
+# The wire protocol's version: 2 added the handshake itself (WorkerInfo.protocol_version, job_fields).
+PROTOCOL_VERSION = 2
+# JobConfig fields every worker has known since the first wire protocol: a worker from before the
+# handshake (no job_fields) may join a job that uses no other field than these.
+CORE_JOB_FIELDS = frozenset(
+    [
+        "model",
+        "dataset",
+        "image_size",
+        "in_channels",
+        "num_classes",
+        "patch_size",
+        "task",
+        "heads",
+        "rank",
+        "alpha",
+        "merge_every",
+        "reset",
+        "quant",
+        "uplink",
+        "zstd_level",
+        "lr",
+        "weight_decay",
+        "warmup_steps",
+        "steps",
+        "min_lr_ratio",
+        "batch_size",
+        "seed",
+        "mode",
+        "beta1",
+        "beta2",
+        "eps",
+        "dtype",
+        "max_chunk_bytes",
+        "augment",
+    ]
+)
+
+
+def job_fields_in_use(job: JobConfig) -> list[str]:
+    """JobConfig fields whose value in ``job`` is not the default: a worker must know each of them."""
+    defaults = JobConfig()
+    return [f.name for f in fields(JobConfig) if getattr(job, f.name) != getattr(defaults, f.name)]
+
+
+def handshake_refusal(
+    job: JobConfig, protocol_version: int, job_fields: Sequence[str], lte_version: str
+) -> str | None:
+    """Why a worker that speaks ``protocol_version`` and knows ``job_fields`` cannot train ``job``
+    (None: it can). A worker from before the handshake sends neither: it knows ``CORE_JOB_FIELDS``."""
+    from lte import __version__
+
+    known = set(job_fields) if protocol_version >= 2 else set(CORE_JOB_FIELDS)
+    missing = [name for name in job_fields_in_use(job) if name not in known]
+    if not missing:
+        return None
+    who = f"lte-worker {lte_version or '(version unknown)'}, wire protocol {protocol_version or 1}"
+    return (
+        f"{who} does not know the job field(s) {', '.join(missing)} that this job uses; it would train "
+        f"as if they were unset: upgrade it to lte {__version__} (wire protocol {PROTOCOL_VERSION})"
+    )
+
+
 # -- refusals ------------------------------------------------------------------------------------
 REFUSAL_KEY = "lte-refusal"  # trailing metadata: the Refusal's name
 
@@ -309,7 +355,13 @@ class Refusal(enum.Enum):
     STALE = "stale"  # trained on a version too old for the mode [pull, retrain]
     VERSION_OUT_OF_RANGE = "version-out-of-range"  # a base version the server never had [a bug: give up]
     JOB_DONE = "job-done"  # the job has ended [leave, exit 0]
-    OUTDATED_WORKER = "outdated-worker"  # the job sets an option the worker lacks [give up: upgrade]
+    # the update guard (server/guard.py): the push's contribution is out of bounds; its heads' round
+    # counts and merges nothing [roll those heads back to their last merged factors, next round]
+    OUTLIER = "outlier"
+    QUARANTINED = "quarantined"  # a push of this worker broke a merge; it may not take part [exit 2]
+    INCOMPATIBLE = (
+        "incompatible"  # the worker's protocol lacks a job field in use (version handshake) [exit 2]
+    )
 
 
 # Refusals after which the worker registers again (its lease is gone).

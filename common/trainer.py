@@ -348,6 +348,23 @@ class LocalTrainer:
         commit_merge(self.model)
 
     @torch.no_grad()
+    def discard_round(self) -> None:
+        """The server refused this round's push (``Refusal.OUTLIER``): go back to what it holds.
+
+        Each head's factors return to its last merged ``B', A'`` (a head never merged keeps its ``A``:
+        its ``A'`` is unknown to the server and ``B' = 0`` makes it irrelevant there); replicas return
+        to the snapshot's values. The steps stay taken: the next round trains on new batches."""
+        for layer in lte_layers(self.model).values():
+            layer.lora_B.copy_(layer.lora_B_prev.to(layer.lora_B.dtype))
+            for i in range(layer.heads):
+                if bool(layer.lora_A_prev[i].any()):
+                    layer.lora_A[i].copy_(layer.lora_A_prev[i].to(layer.lora_A.dtype))
+            layer.invalidate_frozen()
+        for name, p in uplink_tensors(self.model).items():
+            if name in self.replica_base:
+                p.copy_(self.replica_base[name])
+
+    @torch.no_grad()
     def keep_heads(self, keep: Sequence[int]) -> None:
         """Train only the local heads ``keep`` (local indices) from now on: their factors, last-merged
         factors, data streams and AdamW moments carry over exactly; the others are dropped (moved away)."""

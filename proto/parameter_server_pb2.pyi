@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "device", "free_memory_bytes", "max_heads", "hostname", "pid", "lte_version", "preferred_heads", "job_options")
+    __slots__ = ("name", "device", "free_memory_bytes", "max_heads", "hostname", "pid", "lte_version", "preferred_heads", "protocol_version", "job_fields")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     FREE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -16,7 +16,8 @@ class WorkerInfo(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     LTE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_HEADS_FIELD_NUMBER: _ClassVar[int]
-    JOB_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     free_memory_bytes: int
@@ -25,8 +26,9 @@ class WorkerInfo(_message.Message):
     pid: int
     lte_version: str
     preferred_heads: _containers.RepeatedScalarFieldContainer[int]
-    job_options: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., max_heads: _Optional[int] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., lte_version: _Optional[str] = ..., preferred_heads: _Optional[_Iterable[int]] = ..., job_options: _Optional[_Iterable[str]] = ...) -> None: ...
+    protocol_version: int
+    job_fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., max_heads: _Optional[int] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., lte_version: _Optional[str] = ..., preferred_heads: _Optional[_Iterable[int]] = ..., protocol_version: _Optional[int] = ..., job_fields: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker",)
@@ -135,7 +137,7 @@ class HeadAssignment(_message.Message):
     def __init__(self, head_id: _Optional[int] = ..., next_round: _Optional[int] = ..., steps_done: _Optional[int] = ..., has_factors: _Optional[bool] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "lease_id", "heads", "job", "heartbeat_interval_s", "lease_timeout_s", "version", "room", "lease_epoch")
+    __slots__ = ("worker_id", "lease_id", "heads", "job", "heartbeat_interval_s", "lease_timeout_s", "version", "room", "lease_epoch", "model_fingerprint", "model_tree")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +147,8 @@ class RegisterReply(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROOM_FIELD_NUMBER: _ClassVar[int]
     LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TREE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     lease_id: str
     heads: _containers.RepeatedCompositeFieldContainer[HeadAssignment]
@@ -154,7 +158,9 @@ class RegisterReply(_message.Message):
     version: int
     room: int
     lease_epoch: int
-    def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., job: _Optional[_Union[JobConfig, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., version: _Optional[int] = ..., room: _Optional[int] = ..., lease_epoch: _Optional[int] = ...) -> None: ...
+    model_fingerprint: str
+    model_tree: str
+    def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., job: _Optional[_Union[JobConfig, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., version: _Optional[int] = ..., room: _Optional[int] = ..., lease_epoch: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model_tree: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors", "lease_epoch")

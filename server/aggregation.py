@@ -10,7 +10,7 @@ push was validated. The merge itself is ``lte.common.lte.apply_updates`` (docs/d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -44,6 +44,13 @@ class AcceptedPush:
     samples: int
     train_loss: float
     lr_start: float = float("nan")  # learning rate at the round's first step (the schedule's, per head)
+    # the update guard (server/guard.py): heads refused whose round counts but merges nothing, the
+    # factor each clipped (head or -1 for a replica, layer or replica name) merges with, and the
+    # push's largest value over its bound (which push a failed merge blames)
+    skipped: list[int] = field(default_factory=list)
+    clip: dict[tuple[int, str], float] = field(default_factory=dict)
+    guard_ratio: float = 0.0
+    impact: float = 0.0  # its largest ||s w D|| / ||W_l|| (the blame when guard ratios tie)
 
 
 @dataclass
@@ -88,7 +95,7 @@ class Aggregator:
         """Take ``push`` in; whether the round or buffer is now ready to merge."""
         self.pending.append(push)
         if self.job.mode == "sync":
-            return sum(len(a.heads) for a in self.pending) == self.job.heads
+            return sum(len(a.heads) + len(a.skipped) for a in self.pending) == self.job.heads
         if self.job.mode == "buffered":
             return len(self.pending) >= self.buffer_size
         return True
@@ -100,23 +107,65 @@ class Aggregator:
         return dropped
 
     def merge(self) -> Merged:
-        """Fold everything pending into ``master``. In head order, not arrival order: float sums are not
-        associative, and a round must merge to the same bits however the network ordered its pushes
-        (the emulator merges so too)."""
+        """Fold everything pending into ``master`` (``merge_pushes``)."""
         accepted, self.pending = self.pending, []
-        accepted.sort(key=lambda a: min(u.head_id for u in a.heads))
-        heads = [h for a in accepted for h in a.heads]
+        return self.merge_pushes(accepted)
+
+    def merge_pushes(self, accepted: list[AcceptedPush]) -> Merged:
+        """Fold ``accepted`` into ``master``. In head order, not arrival order: float sums are not
+        associative, and a round must merge to the same bits however the network ordered its pushes
+        (the emulator merges so too). A push's skipped heads merge nothing; a clipped layer of a head
+        merges ``c * (B A - B' A')`` (its B', A' still become B, A)."""
+        accepted = sorted(accepted, key=lambda a: min([u.head_id for u in a.heads] + a.skipped))
+        heads = [_clipped(h, a.clip, self.prev_factors) for a in accepted for h in a.heads]
         apply_updates(
             self.master,
             self.prev_factors,
-            heads,
+            [h for h, _ in heads],
             [a.weight for a in accepted for _ in a.heads],
-            [(a.weight * len(a.heads), a.replica) for a in accepted],
+            [(a.weight * len(a.heads), _clipped_replica(a.replica, a.clip)) for a in accepted if a.heads],
             scale=self.job.scale,
             reset=self.job.reset,
         )
+        for update, original in heads:
+            if original is not None:  # a clipped head: B', A' are what the worker holds, unscaled
+                self.prev_factors[update.head_id] = {
+                    name: (torch.zeros_like(b) if self.job.reset else b.detach().clone(), a.detach().clone())
+                    for name, (b, a) in original.factors.items()
+                }
         samples = sum(a.samples for a in accepted)
         loss = sum(a.train_loss * a.samples for a in accepted) / samples if samples else float("nan")
         return Merged(
-            len(accepted), len(heads), samples, loss, min((a.lr_start for a in accepted), default=0.0)
+            sum(bool(a.heads) for a in accepted),
+            len(heads),
+            samples,
+            loss,
+            min((a.lr_start for a in accepted), default=0.0),
         )
+
+
+def _clipped(
+    update: HeadUpdate, clip: dict[tuple[int, str], float], prev: dict[int, dict[str, Factors]]
+) -> tuple[HeadUpdate, HeadUpdate | None]:
+    """The update to merge for a head: itself, or with each clipped layer's ``B`` and ``B'`` scaled by
+    ``c`` (``c B A - c B' A' = c (B A - B' A')``; its ``B'`` is put back after the merge)."""
+    mine = {layer: c for (h, layer), c in clip.items() if h == update.head_id}
+    if not mine:
+        return update, None
+    factors = dict(update.factors)
+    old = prev.setdefault(update.head_id, {})
+    for layer, c in mine.items():
+        b, a = factors[layer]
+        factors[layer] = (b * c, a)
+        if layer in old:
+            b_prev, a_prev = old[layer]
+            old[layer] = (b_prev * c, a_prev)
+    return replace(update, factors=factors), update
+
+
+def _clipped_replica(replica: ReplicaUpdate, clip: dict[tuple[int, str], float]) -> ReplicaUpdate:
+    mine = {name: c for (h, name), c in clip.items() if h == -1}
+    if not mine:
+        return replica
+    deltas = {n: d * mine[n] if n in mine else d for n, d in replica.deltas.items()}
+    return replace(replica, deltas=deltas)

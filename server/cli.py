@@ -159,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--resume", default=None, help="continue from a checkpoint folder or a run folder's newest one"
     )
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="reuse an --out folder that holds an earlier job's model.safetensors (replacing it)",
+    )
+    s.add_argument(
+        "--update-guard",
+        choices=("refuse", "clip", "off"),
+        default=None,
+        help="pushes whose per-layer contribution is out of bounds (server/guard.py): refuse them, "
+        "clip them to the bound, or merge everything (off) [refuse]",
+    )
     sec = parser.add_argument_group("security")
     sec.add_argument(
         "--token",
@@ -206,6 +219,8 @@ SERVER_DEFAULTS = {
     "keep_checkpoints": 3,
     "linger": -1.0,
     "resume": None,
+    "overwrite": False,
+    "update_guard": "refuse",
     "token": None,
     "tls_cert": None,
     "tls_key": None,
@@ -289,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
             srv = {**srv, "out": str(resumed_run_folder(srv["resume"]))}
         out_dir, created = prepare_run_folder(srv["out"])
         srv = {**srv, "out": str(out_dir)}
+        from lte.common.checks import ConfigError
+        from lte.server.runlock import RunLock, check_reused_out
+
+        lock = RunLock(out_dir).acquire()  # one job per run folder: a second server is refused here
+        try:
+            check_reused_out(out_dir, overwrite=bool(srv["overwrite"]), resume=bool(srv["resume"]))
+        except ConfigError:
+            lock.release()
+            raise
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
         return 2
@@ -308,12 +332,14 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
     except StartError as exc:
         print(f"lte-server: error: {exc}", file=sys.stderr)
+        lock.release()
         discard_run_folder(out_dir, created)  # a refused start leaves no empty run folder behind
         return 2
     try:
         return run.run()
     finally:
         run.stop()
+        lock.release()
 
 
 def resumed_run_folder(resume: str) -> Path:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lte.common.config import UPLINK_CODECS, JobConfig
+from lte.common.fingerprint import model_fingerprint
 from lte.common.model_check import checkpoint_mismatch, model_summary
 from lte.common.policy import classify_model
 from lte.common.protocol import (
@@ -35,6 +36,7 @@ from lte.common.protocol import (
     decode_update,
     factor_tensors,
     group_head_factors,
+    handshake_refusal,
     head_tensor_name,
     replica_tensor_name,
 )
@@ -47,6 +49,7 @@ from lte.server.aggregation import AcceptedPush, Aggregator, all_finite, stalene
 from lte.server.disk import CheckpointHealth
 from lte.server.evaluation import BackgroundTask, Evaluator
 from lte.server.failures import note_worker_failure
+from lte.server.guard import GuardSettings, UpdateGuard, all_master_finite, merge_within_bounds, tensor_norms
 from lte.server.scheduler import HeadState, Lease, Policy, RoundTimes
 from lte.server.snapshots import SNAPSHOT_ZSTD_LEVEL, Snapshot, SnapshotBuilder
 
@@ -93,6 +96,7 @@ class Coordinator:
         keep_checkpoints: int = 3,
         metrics_path: str | Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        guard: GuardSettings | None = None,
     ) -> None:
         self.job, self.dataset, self.device = job, dataset, device
         self.clock = clock
@@ -151,9 +155,18 @@ class Coordinator:
         self._metrics_file = open(metrics_path, "a", buffering=1) if metrics_path else None  # noqa: SIM115
         self._sinks: list = []
         self.snapshots = SnapshotBuilder(job, self.layer_names)
+        self.guard = UpdateGuard(guard or GuardSettings(), job)
+        self.fingerprint = model_fingerprint(job)  # (fingerprint, module tree): sent with each registration
+        self._trained_replicas = frozenset(n for n, _ in self.model.named_parameters()) & set(
+            self.replica_names
+        )
+        self._master_norms = tensor_norms(self.master)  # before the next merge: its growth bound
+        self._refused_rounds: dict[int, int] = {}  # head -> its round the guard refused (a retried push)
         self._expected = self._expected_push_shapes()
         self._evaluation = Evaluator(job, dataset, device) if dataset is not None else None
         self._evaluator: BackgroundTask | None = None
+        self.eval_error: str | None = None  # why the newest evaluation failed (None: it succeeded)
+        self.eval_failures = 0
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self._checkpoint_lock = threading.Lock()  # one writer at a time
@@ -209,6 +222,17 @@ class Coordinator:
     def register(self, worker: dict[str, Any]) -> tuple[Lease, list[HeadState]]:
         """A new lease; the scheduler gives it free heads (maybe none yet: it stands by for them)."""
         room = min(int(worker.get("max_heads") or 0) or self.heads_per_worker, self.heads_per_worker)
+        why = handshake_refusal(
+            self.job,
+            int(worker.get("protocol_version") or 0),
+            worker.get("job_fields") or (),
+            str(worker.get("lte_version") or ""),
+        )
+        if why is not None:
+            _log.warning(
+                "refused worker %s on %s: %s", worker.get("name", ""), worker.get("hostname", ""), why
+            )
+            raise Refused(Refusal.INCOMPATIBLE, why)
         with self.lock:
             if self.done:
                 raise Refused(Refusal.JOB_DONE, "the job has finished; nothing left to train")
@@ -241,6 +265,11 @@ class Coordinator:
                 Refusal.LEASE_EXPIRED,
                 f"lease {lease_id[:12]!r} expired after {self.lease_timeout_s:g} s without a heartbeat; "
                 "its heads went back to the pool: register again",
+            )
+        if lease.state == "quarantined":
+            raise Refused(
+                Refusal.QUARANTINED,
+                f"worker {lease.worker_id} is quarantined: a push of it broke a merge ({lease.failure})",
             )
         if lease.state in ("left", "failed"):
             raise Refused(Refusal.LEASE_ENDED, f"lease {lease_id[:12]!r} was given back: register again")
@@ -333,8 +362,8 @@ class Coordinator:
         """
         for a in self.aggregator.drop(lease_id):
             self.samples -= a.samples
-            for update in a.heads:
-                head = self.heads[update.head_id]
+            for h in [u.head_id for u in a.heads] + a.skipped:
+                head = self.heads[h]
                 head.next_round -= 1
                 head.steps_done -= a.steps
                 head.pending = False
@@ -513,6 +542,9 @@ class Coordinator:
                 raise Refused(Refusal.JOB_DONE, "the job has finished; the push was not applied")
             rounds = {h: self.heads[h].next_round for h in header.head_rounds}
             if all(header.head_rounds[h] < rounds[h] for h in rounds):
+                refused = [h for h in rounds if self._refused_rounds.get(h) == header.head_rounds[h]]
+                if refused:  # a retry of a push the guard refused: the same answer
+                    raise Refused(Refusal.OUTLIER, f"heads {refused}: this round was refused as an outlier")
                 return {
                     "applied": False,
                     "duplicate": True,
@@ -542,6 +574,21 @@ class Coordinator:
             except Refused:
                 self.pushes_refused += 1
                 raise
+            verdict = self.guard.check(
+                {u.head_id: u.factors for u in heads},
+                self.prev_factors,
+                replica.deltas,
+                {h: self._round_lr_sum(self.heads[h].steps_done) for h in header.head_rounds},
+                self._trained_replicas,
+                self._master_norms,
+            )
+            refuse = bool(verdict.outliers) and self.guard.settings.mode == "refuse"
+            if verdict.outliers:
+                self._note_outlier(lease, header, verdict, refuse)
+                lease.outliers_in_row += 1
+            else:
+                self.guard.accept(verdict)
+                lease.outliers_in_row = 0
             now = self.clock()
             lr_start = min(lr_at(self.heads[h].steps_done, self.job) for h in header.head_rounds)
             for h in header.head_rounds:
@@ -549,20 +596,23 @@ class Coordinator:
                 self.round_times.add(now - head.waiting_since)
                 head.next_round += 1
                 head.steps_done += header.steps
-                head.pending = True
+                head.pending = not refuse or self.job.mode == "sync"  # a refused round waits only in sync
                 head.waiting_since = now
-            ready = self.aggregator.add(
-                AcceptedPush(
-                    lease.lease_id,
-                    heads,
-                    weight,
-                    replica,
-                    header.steps,
-                    header.samples,
-                    header.train_loss,
-                    lr_start,
-                )
+            push = AcceptedPush(
+                lease.lease_id,
+                [] if refuse else heads,
+                weight,
+                replica,
+                header.steps,
+                0 if refuse else header.samples,
+                header.train_loss,
+                lr_start,
+                skipped=sorted(header.head_rounds) if refuse else [],
+                clip=dict(verdict.clip) if verdict.outliers else {},
+                guard_ratio=verdict.worst_ratio,
+                impact=verdict.impact,
             )
+            ready = (not refuse or self.job.mode == "sync") and self.aggregator.add(push)
             self.push_log.append(
                 {
                     "worker_id": lease.worker_id,
@@ -578,11 +628,26 @@ class Coordinator:
                 lease.samples_per_s = header.samples / header.seconds
             lease.samples += header.samples
             lease.last_loss = header.train_loss
-            self.samples += header.samples
+            if not refuse:
+                self.samples += header.samples
             # the last pushes of a job merge even when a buffer is not full
             if ready or all(h.next_round >= self.rounds_planned for h in self.heads.values()):
-                self._merge_pending()
+                if self.pending:
+                    self._merge_pending()
+                elif all(not h.pending for h in self.heads.values()):
+                    self.done = True  # the last round was refused: nothing left to merge
+                    self.changed.notify_all()
+            if lease.outliers_in_row >= self.guard.settings.quarantine_after:
+                self._quarantine(lease.lease_id, f"{lease.outliers_in_row} outlier pushes in a row")
             self._schedule(now)
+            if refuse:
+                for h, r in header.head_rounds.items():
+                    self._refused_rounds[h] = r
+                raise Refused(
+                    Refusal.OUTLIER,
+                    f"push of heads {sorted(header.head_rounds)} refused by the update guard: "
+                    f"{verdict.describe()}; the round is discarded: roll these heads back and go on",
+                )
             return {
                 "applied": True,
                 "duplicate": False,
@@ -592,10 +657,99 @@ class Coordinator:
                 "done": self.done,
             }
 
+    def _round_lr_sum(self, steps_done: int) -> float:
+        """The learning rates of a round starting at ``steps_done``, summed (the guard's step bound)."""
+        return sum(
+            lr_at(t, self.job) for t in range(steps_done, steps_done + self.job.round_steps(steps_done))
+        )
+
+    def _note_outlier(self, lease: Lease, header: PushMeta, verdict, refuse: bool) -> None:
+        """Count and log an outlier push (under the lock)."""
+        self.guard.outliers += 1
+        self.guard.clipped += not refuse
+        action = "refused" if refuse else "clipped"
+        _log.warning(
+            "update guard: push of heads %s from worker %s (%s) %s: %s",
+            sorted(header.head_rounds),
+            lease.worker_id,
+            lease.worker.get("name", ""),
+            action,
+            verdict.describe(),
+        )
+        self.guard.fired(
+            {
+                "version": self.version,
+                "worker_id": lease.worker_id,
+                "action": action,
+                "what": verdict.describe(),
+            }
+        )
+        self._log(
+            {
+                "guard": action,
+                "worker_id": lease.worker_id,
+                "version": self.version,
+                "what": verdict.describe(),
+            }
+        )
+
+    def _merge_guarded(self, accepted: list[AcceptedPush]):
+        """Merge ``accepted``; with the guard on, check the master after it and roll a bad merge back
+        (the pre-merge W and merged factors restored), then merge again without the push that most
+        exceeded its bounds, whose worker is quarantined."""
+        if not self.guard.settings.on:
+            return self.aggregator.merge_pushes(accepted)
+        backup = {k: v.detach().clone() for k, v in self.master.items()}
+        prev_backup = {h: dict(layers) for h, layers in self.prev_factors.items()}
+        while True:
+            merged = self.aggregator.merge_pushes(accepted)
+            problem, norms = merge_within_bounds(self.master, self._master_norms, self.guard.settings)
+            if problem is None:
+                self._master_norms = norms
+                return merged
+            for k, v in backup.items():
+                self.master[k].copy_(v)
+            self.prev_factors.clear()
+            self.prev_factors.update({h: dict(layers) for h, layers in prev_backup.items()})
+            self.guard.rollbacks += 1
+            culprits = [a for a in accepted if a.heads]
+            if not culprits:
+                _log.error("update guard: the master is out of bounds with nothing merged: %s", problem)
+                return self.aggregator.merge_pushes(accepted)
+            culprit = max(culprits, key=lambda a: (a.guard_ratio, a.impact))
+            culprit.skipped = sorted([u.head_id for u in culprit.heads] + culprit.skipped)
+            culprit.heads, culprit.samples = [], 0
+            self._quarantine(culprit.lease_id, f"merge rolled back: {problem}")
+
+    def _quarantine(self, lease_id: str, problem: str) -> None:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return
+        _log.error(
+            "update guard: %s; worker %s (%s) quarantined, its heads %s go back to the pool",
+            problem,
+            lease.worker_id,
+            lease.worker.get("name", ""),
+            list(lease.head_ids),
+        )
+        self.guard.quarantined.append(lease.worker_id)
+        self.guard.fired(
+            {"version": self.version, "worker_id": lease.worker_id, "action": "quarantined", "what": problem}
+        )
+        self._log(
+            {"guard": "quarantined", "worker_id": lease.worker_id, "version": self.version, "what": problem}
+        )
+        lease.failure = problem
+        if lease.live:
+            self._release(lease, "quarantined")
+
     def _merge_pending(self) -> None:
         now = self.clock()
-        merged_heads = [u.head_id for a in self.pending for u in a.heads]
-        merged = self.aggregator.merge()
+        accepted, self.aggregator.pending = self.aggregator.pending, []
+        merged_heads = [u.head_id for a in accepted for u in a.heads] + [
+            h for a in accepted for h in a.skipped
+        ]
+        merged = self._merge_guarded(accepted)
         for h in merged_heads:
             self.heads[h].pending = False
             self.heads[h].waiting_since = now  # the server now waits for this head's next round
@@ -646,7 +800,28 @@ class Coordinator:
     def start_evaluator(self) -> None:
         """Evaluate in a background thread on a copy of W, so RPCs never wait for it."""
         if self._evaluation is not None and self._evaluator is None:
-            self._evaluator = BackgroundTask("lte-eval", self.evaluate_now)
+            self._evaluator = BackgroundTask("lte-eval", self.evaluate_now, on_error=self.evaluation_failed)
+
+    def evaluation_failed(self, exc: Exception) -> str:
+        """An evaluation that could not run (its split deleted or unreadable under the job): one
+        warning line, no traceback; the newest accuracy is marked stale (``status()["eval_error"]``).
+        Returns the reason."""
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        with self.lock:
+            version, self.eval_error = self.version, reason
+            self.eval_failures += 1
+            last = self.evals[-1]["version"] if self.evals else None
+            self._log({"eval": True, "version": version, "error": reason})
+        _log.warning(
+            "evaluation at version %d failed (%s); %s",
+            version,
+            reason,
+            f"the accuracy shown is version {last}'s (stale)"
+            if last is not None
+            else "no evaluation has succeeded yet",
+        )
+        return reason
 
     def evaluate_now(self) -> dict[str, Any]:
         if self._evaluation is None:
@@ -666,6 +841,7 @@ class Coordinator:
         }
         with self.lock:
             self.evals.append(record)
+            self.eval_error = None
             self._log({"eval": True, **record})
         return record
 
@@ -705,6 +881,9 @@ class Coordinator:
                     "done": self.done,
                 }
                 version = self.version
+            if not all_master_finite(tensors):
+                _log.error("checkpoint of version %d not written: the master weights are not finite", version)
+                return None
             path = ckpt.save_checkpoint(self.checkpoint_dir, version, state, tensors, self.keep_checkpoints)
         self.checkpoint_health.saved(path)
         self._log({"checkpoint": str(path), "version": version})
@@ -757,6 +936,7 @@ class Coordinator:
             self._ended_mono = self._started_mono if self.done else None
             self._rounds_at_start = self.progress()[0]
             self.snapshots.invalidate()
+            self._master_norms = tensor_norms(self.master)
             self.changed.notify_all()
 
     def _poke_checkpointer(self) -> None:
@@ -784,9 +964,12 @@ class Coordinator:
         from safetensors.torch import save_file
 
         path = Path(path)
+        state = self.plain_state()
+        if not all_master_finite(state):
+            raise ValueError(f"not exporting {path}: the master weights hold NaN or Inf")
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(
-            self.plain_state(),
+            state,
             str(path),
             metadata=export_metadata(self.job, self.dataset, self.version),  # resolved job, preprocessing
         )
@@ -825,6 +1008,8 @@ class Coordinator:
                 "pulls_turned_away": self.pulls_turned_away,
                 "heads_moved": self.heads_moved,
                 "late_pushes_refused": self.late_pushes_refused,
+                "guard": self.guard.status(),
+                "eval_error": self.eval_error,
                 "heads": [
                     {
                         "head_id": h.head_id,

@@ -119,6 +119,16 @@ class JobStatus(BaseModel):
         "null before the first round, 0 once done",
     )
     pushes_refused: int = Field(0, description="async pushes refused as staler than the bound")
+    guard_mode: str = Field("refuse", description="the update guard: refuse | clip | off (--update-guard)")
+    guard_outliers: int = Field(
+        0, description="pushes the update guard found out of bounds (refused or clipped)"
+    )
+    guard_clipped: int = Field(0, description="of those, pushes merged clipped to the bound (clip mode)")
+    guard_rollbacks: int = Field(0, description="merges rolled back because the master left its bounds")
+    guard_quarantined: list[str] = Field(default_factory=list, description="workers quarantined by the guard")
+    guard_last: str | None = Field(
+        None, description="the guard's newest event: worker, action, layer and norm"
+    )
     checkpoint_warning: str | None = Field(
         None, description="why the newest checkpoint failed (a full disk...); null once one succeeds"
     )
@@ -214,6 +224,10 @@ def job_status(st: dict[str, Any]) -> JobStatus:
     target = int(st.get("target_head_rounds") or 0)
     applied = int(st.get("head_rounds_applied") or 0)
     done_rounds = int(st.get("head_rounds_done", applied) or 0)
+    guard = st.get("guard") or {}
+    events = guard.get("events") or []
+    last = events[-1] if events else None
+    guard_last = f"{last['action']} a push of worker {last['worker_id']}: {last['what']}" if last else None
     return JobStatus(
         job=st.get("job") or {},
         model=st.get("model") or {},
@@ -232,6 +246,12 @@ def job_status(st: dict[str, Any]) -> JobStatus:
         elapsed_s=st.get("elapsed_s", 0.0),
         eta_s=st.get("eta_s"),
         pushes_refused=st.get("pushes_refused", 0),
+        guard_mode=guard.get("mode", "refuse"),
+        guard_outliers=guard.get("outliers", 0),
+        guard_clipped=guard.get("clipped", 0),
+        guard_rollbacks=guard.get("rollbacks", 0),
+        guard_quarantined=list(guard.get("quarantined", [])),
+        guard_last=guard_last,
         checkpoint_warning=st.get("checkpoint_warning"),
         snapshot_builds=st.get("snapshot_builds", 0),
         pulls_turned_away=st.get("pulls_turned_away", 0),
@@ -301,6 +321,20 @@ class StatusCollector:
         yield CounterMetricFamily("lte_bytes_down", "Bytes sent to workers.", value=doc.bytes_down)
         yield CounterMetricFamily(
             "lte_pushes_refused", "Async pushes refused as staler than the bound.", value=doc.pushes_refused
+        )
+        yield CounterMetricFamily(
+            "lte_guard_outliers", "Pushes the update guard found out of bounds.", value=doc.guard_outliers
+        )
+        yield CounterMetricFamily(
+            "lte_guard_clipped", "Outlier pushes merged clipped to the bound.", value=doc.guard_clipped
+        )
+        yield CounterMetricFamily(
+            "lte_guard_rollbacks",
+            "Merges rolled back: the master left its bounds.",
+            value=doc.guard_rollbacks,
+        )
+        yield gauge(
+            "lte_guard_quarantined", "Workers quarantined by the update guard.", len(doc.guard_quarantined)
         )
         yield CounterMetricFamily(
             "lte_snapshot_builds", "Snapshots quantised and compressed for pulls.", value=doc.snapshot_builds

@@ -171,6 +171,7 @@ class ServerRun:
         from lte.server.app import ParameterServer, format_address
         from lte.server.checkpoint import load_checkpoint
         from lte.server.coordinator import Coordinator
+        from lte.server.guard import GuardSettings
         from lte.server.security import server_credentials
 
         job, srv = self.job, self.srv
@@ -203,6 +204,7 @@ class ServerRun:
             checkpoint_every=checkpoint_every,
             keep_checkpoints=srv["keep_checkpoints"],
             metrics_path=self.out_dir / "metrics.jsonl",
+            guard=GuardSettings(mode=srv.get("update_guard") or "refuse"),
         )
         c.eval_loader_workers = max(0, srv["loader_workers"])
         if srv["resume"]:
@@ -332,7 +334,11 @@ class ServerRun:
                     if st["history"]:
                         fields["loss"] = st["history"][-1]["train_loss"]
                     if st["evals"] and "test_accuracy" in st["evals"][-1]:
-                        fields["acc"] = st["evals"][-1]["test_accuracy"]
+                        # the newest evaluation failed (its split gone?): the score shown is older
+                        stale = f"(stale, v{st['evals'][-1]['version']})" if st.get("eval_error") else ""
+                        fields["acc" + stale] = st["evals"][-1]["test_accuracy"]
+                    elif st.get("eval_error"):
+                        fields["acc"] = "failed"
                     fields.update(bytes_up=float(st["bytes_up"]), bytes_down=float(st["bytes_down"]))
                     if st.get("eta_s") is not None:  # from the head-round rate measured so far
                         fields["eta"] = format_duration(st["eta_s"])
@@ -372,15 +378,15 @@ class ServerRun:
         try:
             self._watch()
             _log.info("final evaluation: version %d", c.version)
+            no_evaluation = ""
             try:
                 final = c.evaluate_now()
             except Exception as exc:  # the trained model is worth more than its last score: export it anyway
-                _log.error(
-                    "final evaluation failed (%s: %s); exporting the model without it",
-                    type(exc).__name__,
-                    exc,
-                )
+                reason = c.evaluation_failed(exc)
+                _log.error("final evaluation failed (%s); exporting the model without it", reason)
                 final = {"test_loss": None, "test_accuracy": None}
+                if not c.evals:
+                    no_evaluation = reason
             model_path = export_with_fallback(c.export, self.out_dir)  # a full disk: a named fallback
             self.summary = summary = {
                 "test_accuracy": final.get("test_accuracy"),
@@ -430,6 +436,13 @@ class ServerRun:
                 linger_seconds(self.srv["linger"], has_dashboard=self.dashboard is not None),
                 self.dashboard.url if self.dashboard is not None else None,
             )
+            if no_evaluation:  # a job with no score at all is not a success, whatever it trained
+                print(
+                    f"lte-server: error: no evaluation succeeded in this job ({no_evaluation}); "
+                    f"the model is saved to {model_path}",
+                    file=sys.stderr,
+                )
+                return 1
             return 0
         except KeyboardInterrupt:
             for sig in (*STOP_SIGNALS, signal.SIGINT):  # a second signal must not cut the save short

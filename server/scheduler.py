@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ENDED = ("left", "expired", "failed")  # states of a lease that holds nothing any more
+ENDED = ("left", "expired", "failed", "quarantined")  # states of a lease that holds nothing any more
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Lease:
     failure: str = ""  # why the worker could not train this lease (it gave the lease back)
     held_before: set[int] = field(default_factory=set)  # every head it ever held: a late push is "moved"
     straggler: bool = False  # its heads were taken for want of progress: it gets none until it pushes again
+    outliers_in_row: int = 0  # pushes the update guard refused or clipped since its last clean one
 
     @property
     def live(self) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from lte.common.codec import CodecError, decode_tensor
-from lte.common.protocol import REFUSAL_KEY, PushMeta, Refusal, Refused, job_to_proto, missing_job_options
+from lte.common.protocol import REFUSAL_KEY, PushMeta, Refusal, Refused, job_to_proto
 from lte.common.wire import TensorAssembler, WireError
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
@@ -34,7 +34,9 @@ STATUS_OF = {
     Refusal.STALE: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.VERSION_OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
     Refusal.JOB_DONE: grpc.StatusCode.FAILED_PRECONDITION,
-    Refusal.OUTDATED_WORKER: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.OUTLIER: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.QUARANTINED: grpc.StatusCode.PERMISSION_DENIED,
+    Refusal.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -80,16 +82,6 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         w = request.worker
         if not 0 <= w.max_heads <= MAX_HEADS_PER_PUSH:
             self._malformed(context, f"max_heads must be in [0, {MAX_HEADS_PER_PUSH}], got {w.max_heads}")
-        missing = missing_job_options(self.c.job, w.job_options[:64])
-        if missing:
-            self._abort(
-                context,
-                Refused(
-                    Refusal.OUTDATED_WORKER,
-                    f"this job sets {', '.join(missing)}, which this worker (lte {w.lte_version[:32] or '?'}) "
-                    "does not apply: upgrade lte on the worker",
-                ),
-            )
         info = {
             "name": w.name[:200] or w.hostname[:200] or _peer_host(context),
             "device": w.device[:64],
@@ -102,6 +94,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 h for h in w.preferred_heads[:MAX_HEADS_PER_PUSH] if 0 <= h < self.c.job.heads
             ],
             "peer": context.peer(),
+            "protocol_version": w.protocol_version,
+            "job_fields": [name[:64] for name in w.job_fields[:1024]],
         }
         try:
             lease, heads = self.c.register(info)
@@ -117,6 +111,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             lease_timeout_s=self.c.lease_timeout_s,
             version=self.c.version,
             room=lease.room,
+            model_fingerprint=self.c.fingerprint[0],
+            model_tree=self.c.fingerprint[1],
             lease_epoch=lease.epoch,
         )
 

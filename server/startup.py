@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -98,7 +99,11 @@ def check_server_settings(job: Any, srv: dict[str, Any]) -> None:
 
 
 def default_run_folder() -> Path:
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    """``runs/<time>-<4 random hex>``: two servers started in the same second get two folders."""
+    while True:
+        folder = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        if not folder.exists():
+            return folder
 
 
 def prepare_run_folder(out: str | None) -> tuple[Path, bool]:

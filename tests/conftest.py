@@ -137,3 +137,17 @@ def pytest_make_collect_report(collector):
 
 
 pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs this very policy in a child pytest
+
+
+@pytest.fixture(autouse=True)
+def _update_guard_false_positives(request):
+    """Every honest job of the suite: the update guard never refuses, clips or rolls back (issue 24).
+    It counts in this process (tests/test_guard.py runs every zoo model through the server's merge
+    path); a test that poisons pushes on purpose is marked ``rogue``."""
+    from lte.server.guard import guard_fired_total
+
+    before = guard_fired_total()
+    yield
+    fired = guard_fired_total() - before
+    if request.node.get_closest_marker("rogue") is None:
+        assert fired == 0, f"the update guard fired {fired} time(s) in an honest test: a false positive"

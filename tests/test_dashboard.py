@@ -470,3 +470,28 @@ def test_a_slow_status_does_not_block_other_requests():
             release.set()
             reader.join(30)
         assert results["r"].status_code == 200
+
+
+def test_the_update_guard_shows_in_api_status_and_metrics():
+    guard = {
+        "mode": "refuse",
+        "outliers": 3,
+        "clipped": 0,
+        "rollbacks": 1,
+        "quarantined": ["w3-abc"],
+        "events": [
+            {"worker_id": "w3-abc", "action": "refused", "what": "head 4 layer fc.weight: 650 > bound 18"}
+        ],
+    }
+    client = TestClient(create_app(lambda: fake_status(guard=guard)))
+    doc = client.get("/api/status").json()
+    assert (doc["guard_outliers"], doc["guard_rollbacks"], doc["guard_quarantined"]) == (3, 1, ["w3-abc"])
+    assert doc["guard_last"] == "refused a push of worker w3-abc: head 4 layer fc.weight: 650 > bound 18"
+    families = _metrics(client.get("/metrics").text)
+    value = {name: f.samples[0].value for name, f in families.items() if len(f.samples) == 1}
+    assert (value["lte_guard_outliers"], value["lte_guard_rollbacks"], value["lte_guard_quarantined"]) == (
+        3,
+        1,
+        1,
+    )
+    assert families["lte_guard_outliers"].samples[0].name == "lte_guard_outliers_total"

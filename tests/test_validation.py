@@ -574,9 +574,10 @@ def test_all_finite_is_exact_where_the_fast_sum_overflows():
 
 
 def test_a_worker_that_does_not_apply_the_jobs_head_data_is_refused_at_register():
-    """An older worker drops the unknown JobConfig.head_data and would train on shards: the server
-    refuses it by name unless its WorkerInfo lists the option (a shard job still takes it)."""
-    from lte.common.protocol import REFUSAL_KEY, Refusal
+    """An older worker drops the unknown JobConfig.head_data and would train on shards: the version
+    handshake refuses it by name unless its WorkerInfo lists the field (a shard job still takes it)."""
+    from lte.common.config import JobConfig
+    from lte.common.protocol import PROTOCOL_VERSION, REFUSAL_KEY, Refusal
 
     with (
         running_server(digits_job(heads=2, head_data="iid"), lease_timeout_s=600) as server,
@@ -587,11 +588,14 @@ def test_a_worker_that_does_not_apply_the_jobs_head_data_is_refused_at_register(
             stub.Register(pb.RegisterRequest(worker=pb.WorkerInfo(lte_version="0.9")), timeout=10)
         assert err.value.code() == PRECONDITION
         assert re.search(
-            r"sets head_data=iid, which this worker \(lte 0\.9\) does not apply", err.value.details()
+            r"lte-worker 0\.9, wire protocol 1 does not know the job field\(s\) .*head_data",
+            err.value.details(),
         )
-        assert (REFUSAL_KEY, Refusal.OUTDATED_WORKER.value) in tuple(err.value.trailing_metadata())
+        assert (REFUSAL_KEY, Refusal.INCOMPATIBLE.value) in tuple(err.value.trailing_metadata())
         assert server.coordinator.leases == {}  # refused before touching state
-        reply = stub.Register(pb.RegisterRequest(worker=pb.WorkerInfo(job_options=["head_data"])), timeout=10)
+        fields = [f.name for f in dataclasses.fields(JobConfig)]
+        info = pb.WorkerInfo(protocol_version=PROTOCOL_VERSION, job_fields=fields)
+        reply = stub.Register(pb.RegisterRequest(worker=info), timeout=10)
         assert reply.job.head_data == "iid" and len(reply.heads) == 2
     with (
         running_server(digits_job(heads=2, head_data="shard"), lease_timeout_s=600) as server,

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--slow-factor", type=float, default=1.0, help=argparse.SUPPRESS
     )  # tests: take this many times as long per round (sleeps the difference)
+    parser.add_argument(
+        "--poison-push", default="", help=argparse.SUPPRESS
+    )  # tests: a rogue worker (worker/hooks.py POISONS): scale=K | value=X | nan | layer=K, from push --poison-from
+    parser.add_argument("--poison-from", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="stderr log lines [text]"
@@ -170,8 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         quiet=args.quiet,
         give_up_after_s=args.give_up_after,
         parent_pid=args.parent_pid,
-        hooks=FaultInjection(args.slow_down, args.fail_at_round, args.delay_push, args.slow_factor),
+        hooks=FaultInjection(
+            args.slow_down,
+            args.fail_at_round,
+            args.delay_push,
+            args.slow_factor,
+            poison=args.poison_push,
+            poison_from=args.poison_from,
+        ),
         credentials=credentials,
+        tls_files=(args.tls_ca, args.tls_cert, args.tls_key),
         metadata=metadata,
         show_progress=args.log_format == "text",
         precision=args.precision,

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 
 import grpc
 import torch
@@ -26,15 +27,16 @@ from lte.common.codec import decode_tensor, decode_tensor_quantized, get_codec
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_job_dataset
 from lte.common.failure import leave_reason, training_failure
+from lte.common.fingerprint import fingerprint_difference, model_fingerprint
 from lte.common.images import BadImageError
 from lte.common.lte import lte_layers
 from lte.common.progress import Progress, format_bytes
 from lte.common.protocol import (
     HEAD_PREFIX,
+    PROTOCOL_VERSION,
     QUANTIZED_SNAPSHOT_CODECS,
     REREGISTER,
     RESYNC,
-    WORKER_JOB_OPTIONS,
     PushMeta,
     Refusal,
     Role,
@@ -52,6 +54,7 @@ from lte.common.wire import TensorAssembler, tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.worker.hooks import RoundHooks
+from lte.worker.startup import TLSProblem, tls_problem
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -82,6 +85,22 @@ class JobDone(Exception):
 
 class Resync(Exception):
     """The server moved or finished some of this worker's heads: adopt its view of the lease."""
+
+
+class ModelMismatch(ValueError):
+    """The job's model built here differs from the server's (the version handshake's fingerprint)."""
+
+
+class Incompatible(ValueError):
+    """The server refused this worker: its protocol lacks a job field the job uses."""
+
+
+class OutlierRefused(Exception):
+    """The server's update guard refused the push: its round is discarded, the heads go on."""
+
+
+class Quarantined(Exception):
+    """A push of this worker broke a merge on the server, which will not take any more from it."""
 
 
 @dataclass
@@ -148,6 +167,7 @@ class Worker:
         give_up_after_s: float = 300.0,
         parent_pid: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        tls_files: tuple[str | None, str | None, str | None] = (None, None, None),
         metadata: tuple[tuple[str, str], ...] = (),
         hooks: RoundHooks | None = None,
         show_progress: bool = True,
@@ -164,6 +184,8 @@ class Worker:
         self.metadata = metadata
         self.hooks = hooks or RoundHooks()
         self.channel = grpc_options.make_channel(server, credentials)
+        self.server_address = server
+        self.tls_files = tls_files  # (CA, client certificate, key): to name a failed handshake's cause
         self.stub = pb_grpc.ParameterServerStub(self.channel)
         self.stop = threading.Event()
         self.lease_id = ""
@@ -179,6 +201,8 @@ class Worker:
         self.rounds = 0  # pushes acknowledged
         self.head_rounds = 0  # rounds of heads acknowledged (a push of k heads counts k)
         self.failure = ""  # why this worker could not train its lease; sent with Leave
+        self.outliers_refused = 0  # pushes the server's update guard refused (their rounds discarded)
+        self.known_job_fields = [f.name for f in dataclass_fields(JobConfig)]  # the version handshake
         self.state = "starting"
         self.samples_per_s = 0.0
         self.heartbeat_interval_s = 5.0
@@ -215,12 +239,25 @@ class Worker:
             except grpc.RpcError as err:
                 self._raise_refusal(err)
                 code = err.code()
+                self._check_tls(err)
                 if code not in RETRYABLE or time.monotonic() > deadline or self.stop.is_set():
                     raise
                 delay = backoff.next_delay()
                 self._say(f"{what}: {code.name.lower()} ({err.details()}); retrying in {delay:.1f} s")
                 if self.stop.wait(delay):
                     raise
+
+    def _check_tls(self, err: grpc.RpcError) -> None:
+        """A TLS handshake that fails for a certificate's reason is not retried: ``TLSProblem`` names
+        the cause (expired, not yet valid, another CA, another host name) instead of the address."""
+        details = (err.details() or "").lower()
+        if err.code() != grpc.StatusCode.UNAVAILABLE or not any(self.tls_files):
+            return
+        if not any(word in details for word in ("ssl", "handshake", "tsi", "certificate")):
+            return
+        problem = tls_problem(self.server_address, *self.tls_files)
+        if problem:
+            raise TLSProblem(problem)
 
     @staticmethod
     def _raise_refusal(err: grpc.RpcError) -> None:
@@ -232,6 +269,12 @@ class Worker:
             raise Resync(err.details()) from None
         if reason is Refusal.JOB_DONE:
             raise JobDone() from None
+        if reason is Refusal.OUTLIER:
+            raise OutlierRefused(err.details()) from None
+        if reason is Refusal.QUARANTINED:
+            raise Quarantined(err.details()) from None
+        if reason is Refusal.INCOMPATIBLE:
+            raise Incompatible(f"the server refused this worker: {err.details()}") from None
 
     def _check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -252,11 +295,17 @@ class Worker:
             pid=os.getpid(),
             lte_version=__version__,
             preferred_heads=self.head_ids,
-            job_options=list(WORKER_JOB_OPTIONS),
+            protocol_version=PROTOCOL_VERSION,
+            job_fields=self.known_job_fields,
         )
         reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
+        differs = fingerprint_difference(
+            (reply.model_fingerprint, reply.model_tree), model_fingerprint(job), job.model
+        )
+        if differs:  # raised as the worker's failure: its Leave tells the server the same line
+            raise ModelMismatch(f"this worker's model code is not the server's: {differs}")
         check_chunk_fits(job.max_chunk_bytes, grpc_options.MAX_MESSAGE_BYTES, side="worker")  # leaves
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         self._view = None
@@ -451,7 +500,7 @@ class Worker:
         """Push one turn's factors and replica deltas (idempotent: each head carries its round id)."""
         self.state = "pushing"
         self._round_factors_to_wire(turn.trainer)
-        heads, replica = turn.trainer.export_update()
+        heads, replica = self.hooks.outgoing(self.rounds, *turn.trainer.export_update())
         encoded = list(encode_update(heads, replica, self._joined()[0]))
         meta = PushMeta(
             lease_id=self.lease_id,
@@ -518,6 +567,10 @@ class Worker:
         except JobDone:
             self._say_finished()
             return 0 if self.worker_id else EXIT_JOB_OVER  # refused at registration: joined too late
+        except Quarantined as exc:
+            print(f"lte-worker: error: the server quarantined this worker: {exc}", file=sys.stderr)
+            self.lease_id = ""  # the lease is gone: nothing to give back
+            return 2
         except grpc.RpcError:
             raise
         except Exception as exc:  # cannot build or train this lease: give it back (leave, below), say why
@@ -614,6 +667,16 @@ class Worker:
                 )
                 self._sync_lease(force=True)
                 continue
+            except OutlierRefused as exc:
+                # the server counted the round and merged nothing: go back to what it holds, go on
+                self._say(f"push of heads {turn.head_ids} refused: {exc}")
+                turn.trainer.discard_round()
+                for h in turn.head_ids:
+                    self.next_rounds[h] += 1
+                turn.last_base = self.version
+                self.rounds += 1
+                self.outliers_refused += 1
+                return None
             except grpc.RpcError as err:
                 if refusal(err) is Refusal.STALE:  # keep the factors, take the newest base
                     self._say(f"push not applied: {err.details()}")

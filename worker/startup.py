@@ -71,3 +71,66 @@ def check_resolves(address: str, bound_s: float = RESOLVE_BOUND_S, poll_s: float
                     f"for {bound_s:g} s); check its spelling, or give the server's IP address"
                 ) from None
             time.sleep(poll_s)  # a retry against the deadline above
+
+class TLSProblem(ValueError):
+    """The TLS handshake with the server fails for a reason in a certificate (named in the message)."""
+
+
+def tls_problem(
+    address: str, ca: str | None, cert: str | None, key: str | None, timeout_s: float = 10.0
+) -> str | None:
+    """Why a TLS handshake with ``address`` fails, from Python's own handshake (gRPC's error says only
+    that it failed): the verification message (expired, not yet valid, another CA, another host
+    name) and the server certificate's dates. None when the handshake succeeds or the server cannot
+    be reached at all (then the address is the problem, not a certificate)."""
+    import socket
+    import ssl
+
+    host, port = parse_server_address(address)
+    context = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+    if cert and key:
+        context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as sock,
+            context.wrap_socket(sock, server_hostname=host),
+        ):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        trusted = f"--tls-ca {ca}" if ca else "the system's CAs (no --tls-ca given)"
+        return (
+            f"TLS: the server's certificate at {address} did not verify against {trusted}: "
+            f"{exc.verify_message}{_peer_dates(host, port, timeout_s)}"
+        )
+    except ssl.SSLError as exc:
+        return f"TLS: the handshake with {address} failed: {exc.reason or exc} (check --tls-ca, --tls-cert, --tls-key)"
+    except OSError:
+        return None
+
+
+def _peer_dates(host: str, port: int, timeout_s: float) -> str:
+    """`` (valid <from> to <until> UTC)`` of the server's certificate, read without verifying it."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as sock,
+            context.wrap_socket(sock, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        if der is None:
+            return ""
+        cert = x509.load_der_x509_certificate(der)
+    except (OSError, ValueError, TypeError):
+        return ""
+    return (
+        f" (the certificate is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} "
+        f"to {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)"
+    )

@@ -231,9 +231,17 @@
     const counters = [
       [st.snapshot_builds, "snapshots built"],
       [st.pushes_refused, "stale pushes refused"],
+      [st.guard_outliers - st.guard_clipped, "outlier pushes refused"],
+      [st.guard_clipped, "outlier pushes clipped"],
+      [st.guard_rollbacks, "merges rolled back"],
+      [(st.guard_quarantined || []).length, "workers quarantined"],
       [st.pulls_turned_away, "long-polls turned away"],
     ].filter(([n]) => n > 0);
-    setText("#server-counters", counters.map(([n, what]) => `· ${fmtCount(n)} ${what}`).join(" "));
+    setText(
+      "#server-counters",
+      counters.map(([n, what]) => `· ${fmtCount(n)} ${what}`).join(" ") +
+        (st.guard_last ? ` · update guard: ${st.guard_last}` : "")
+    );
     const warning = $("#checkpoint-warning");
     warning.hidden = !st.checkpoint_warning;
     warning.textContent = st.checkpoint_warning || "";

@@ -1,0 +1,98 @@
+"""The version handshake (issue 24, item 4): a worker that does not know a job field the job uses
+is refused at registration, and a worker whose model code differs from the server's (a ReLU where
+the server's factory has GELU, same shapes) refuses the job; one line on each side names what
+differs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lte.common.config import JobConfig
+from lte.common.fingerprint import fingerprint_difference, model_fingerprint
+from lte.common.protocol import CORE_JOB_FIELDS, handshake_refusal
+from lte.worker.client import Worker
+from tests.cluster import digits_job, running_server
+
+FACTORY = """from torch import nn
+
+
+def make(image_size, in_channels, num_classes, **_):
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(image_size * image_size * in_channels, 32), nn.{act}(), nn.Linear(32, num_classes)
+    )
+"""
+
+
+def test_a_worker_from_before_the_handshake_may_join_only_jobs_of_core_fields():
+    assert handshake_refusal(digits_job(), 0, (), "0.0.9") is None
+    why = handshake_refusal(digits_job(randaugment_ops=2), 0, (), "0.0.9")
+    assert why is not None and "randaugment_ops" in why and "lte-worker 0.0.9, wire protocol 1" in why
+    assert "randaugment_ops" not in CORE_JOB_FIELDS
+
+
+def test_an_older_worker_that_does_not_know_randaugment_is_refused_in_one_line(capsys, caplog):
+    job = digits_job(heads=2, steps=20, randaugment_ops=2)
+    with running_server(job) as server, caplog.at_level(logging.WARNING, logger="lte.server"):
+        worker = Worker(server.address, quiet=True, give_up_after_s=30)
+        worker.known_job_fields = [f for f in worker.known_job_fields if not f.startswith("randaugment")]
+        assert worker.run() == 2
+        assert server.coordinator.leases == {}  # refused before any lease
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lte-worker: error: the server refused this worker: "), err
+    assert "does not know the job field(s) randaugment_ops" in err[0] and "upgrade it" in err[0]
+    server_lines = [r.getMessage() for r in caplog.records if "refused worker" in r.getMessage()]
+    assert len(server_lines) == 1 and "randaugment_ops" in server_lines[0]
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    """The same module name on two paths: GELU for the server (this process's path), ReLU for the
+    worker process."""
+    gelu, relu = tmp_path / "server", tmp_path / "worker"
+    for folder, act in ((gelu, "GELU"), (relu, "ReLU")):
+        folder.mkdir()
+        (folder / "act_model.py").write_text(FACTORY.replace("{act}", act))
+    monkeypatch.syspath_prepend(str(gelu))
+    sys.modules.pop("act_model", None)
+    yield gelu, relu
+    sys.modules.pop("act_model", None)
+
+
+def test_the_fingerprint_names_the_module_that_differs(factories):
+    job = JobConfig(model="act_model:make", image_size=8, in_channels=1, num_classes=10)
+    gelu = model_fingerprint(job)
+    tree = gelu[1].replace("activation.GELU", "activation.ReLU")
+    why = fingerprint_difference(gelu, ("tree 0 factory 1", tree), job.model)
+    assert why == (
+        "the model differs: the server has 'module 2 torch.nn.modules.activation.GELU', "
+        "this worker 'module 2 torch.nn.modules.activation.ReLU'"
+    )
+    assert fingerprint_difference(gelu, gelu, job.model) is None
+    assert fingerprint_difference(("", ""), gelu, job.model) is None  # an older server sends none
+
+
+def test_a_worker_process_with_relu_where_the_server_has_gelu_is_refused_on_both_sides(
+    factories, tmp_path, caplog
+):
+    _, relu = factories
+    job = digits_job(model="act_model:make", heads=2, steps=20)
+    with running_server(job) as server, caplog.at_level(logging.WARNING, logger="lte.server"):
+        env = {k: v for k, v in os.environ.items() if k != "LTE_TOKEN"}
+        env.update(PYTHONPATH=str(relu), OMP_NUM_THREADS="1")
+        worker = subprocess.run(
+            [str(Path(sys.executable).parent / "lte-worker"), "--server", server.address, "--quiet"],
+            capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert server.coordinator.version == 0
+    err = worker.stderr.strip().splitlines()
+    assert worker.returncode == 2, worker.stderr
+    assert len(err) == 1 and "model code is not the server's" in err[0], err
+    assert "activation.GELU" in err[0] and "activation.ReLU" in err[0]
+    server_lines = [r.getMessage() for r in caplog.records if "could not train" in r.getMessage()]
+    assert len(server_lines) == 1 and "activation.GELU" in server_lines[0], server_lines
