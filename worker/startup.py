@@ -72,6 +72,7 @@ def check_resolves(address: str, bound_s: float = RESOLVE_BOUND_S, poll_s: float
                 ) from None
             time.sleep(poll_s)  # a retry against the deadline above
 
+
 class TLSProblem(ValueError):
     """The TLS handshake with the server fails for a reason in a certificate (named in the message)."""
 
