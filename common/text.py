@@ -317,13 +317,15 @@ def evaluate_lm(
     ``exp(loss)`` and bits per byte ``loss / ln 2 / bytes_per_token`` (byte-level: bytes_per_token 1)."""
     import torch.nn.functional as F
 
+    from lte.common.outputs import forward_logits
+
     was_training = model.training
     model.eval()
     starts = eval_starts(len(dataset.val_tokens), context, dataset.eval_tokens)
     loss_sum, count = 0.0, 0
     for i in range(0, starts.numel(), batch_size):
         w = read_windows(dataset.val_tokens, starts[i : i + batch_size], context + 1).to(device)
-        logits = model(w[:, :-1])
+        logits = forward_logits(model, w[:, :-1])
         loss_sum += float(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
         count += w[:, 1:].numel()
     model.train(was_training)

@@ -749,14 +749,15 @@ class Coordinator:
         """The merged model as a plain safetensors state_dict that loads into the zoo model."""
         from safetensors.torch import save_file
 
+        from lte.common.hf import export_hf_folder
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            self.plain_state(),
-            str(path),
-            metadata=export_metadata(self.job, self.dataset, self.version),  # resolved job, preprocessing
-        )
+        state, metadata = self.plain_state(), export_metadata(self.job, self.dataset, self.version)
+        save_file(state, str(path), metadata=metadata)  # resolved job, preprocessing
         copy_tokenizer(self.dataset, path.parent)  # language models: the tokenizer goes beside the weights
+        # a hf: model: also hf/, a transformers folder
+        export_hf_folder(path, self.job, state, self.dataset, metadata)
         return path
 
     def progress(self) -> tuple[int, int]:
