@@ -353,3 +353,40 @@ def test_lte_sim_cli_without_transformers_installed_says_how_to_install_it(confi
         "lte-sim: error: Hugging Face models need the transformers package, which is not installed: "
         "pip install 'lte[hf]' (or: pip install transformers)"
     ], run.stderr
+
+
+# -- lte-prepare-text: records from jsonl, parquet and datasets folders ------------------------
+def test_prepare_text_streams_jsonl_parquet_and_datasets_folders_to_the_same_tokens(tmp_path, capsys):
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lte.common.text import BATCH_ROWS
+    from lte.common.text import main as prepare_main
+
+    records = [f"verse {i}: and it was so \u00e9" + ("\n" if i % 3 else "") for i in range(BATCH_ROWS + 300)]
+    rows = [{"body": r, "id": i} for i, r in enumerate(records)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet", row_group_size=500)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    expected = [ByteTokenizer().encode(r if r.endswith("\n") else r + "\n") for r in records]
+    cut = int(len(records) * 0.9)
+    for source in ("a.jsonl", "a.parquet", "ds"):
+        out = tmp_path / f"out-{source}"
+        assert prepare_main([str(tmp_path / source), "--out", str(out), "--text-column", "body"]) == 0
+        train = np.fromfile(out / "train.bin", dtype=np.uint16).tolist()
+        val = np.fromfile(out / "val.bin", dtype=np.uint16).tolist()
+        assert train == sum(expected[:cut], []) and val == sum(expected[cut:], []), source
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["val_tokens"] == len(val) and meta["train_bytes"] == len(train)
+    capsys.readouterr()
+    assert (
+        prepare_main([str(tmp_path / "a.parquet"), "--out", str(tmp_path / "o"), "--text-column", "nope"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no column 'nope'" in err[0] and "--text-column" in err[0]
+    assert prepare_main([str(tmp_path / "ds"), "--out", str(tmp_path / "o"), "--tokenizer", "bpe",
+                         "--vocab-size", "300", "--text-column", "body"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["vocab_size"] == 300
