@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer.encode(args.prompt or "\n")
         if not ids:
             raise ValueError("--prompt encodes to no tokens")
-        if max(ids) >= int(model.config.vocab_size):
+        vocab_size: Any = getattr(model.config, "vocab_size", 0)
+        if max(ids) >= int(vocab_size):
             raise ValueError(f"the tokenizer beside {args.model} does not match the model's vocabulary")
     except (ValueError, OSError) as exc:
         print(f"lte-generate: error: {exc}", file=sys.stderr)
@@ -99,20 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.tensor([ids] * args.num_samples)
     if isinstance(model, GPT):
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen
         )
-    else:  # transformers' generate; its sampling draws from the global generator
-        torch.manual_seed(args.seed)
-        sample = args.temperature > 0
-        out = model.generate(
-            prompt,
-            max_new_tokens=args.max_new_tokens,
-            min_new_tokens=args.max_new_tokens,
-            do_sample=sample,
-            **({"temperature": args.temperature, "top_k": args.top_k} if sample else {}),
-            attention_mask=torch.ones_like(prompt),
-            pad_token_id=0,
+    else:  # transformers' generate (the config's positions bound the length)
+        from lte.common.hf import sample_tokens
+
+        out = sample_tokens(
+            model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed
         )
     for i, row in enumerate(out.tolist()):
         if i:

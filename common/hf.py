@@ -41,6 +41,7 @@ def require_transformers() -> Any:
         raise HFError(
             f"Hugging Face models need the transformers package, which is not installed: {INSTALL}"
         ) from None
+    transformers.utils.logging.disable_progress_bar()  # lte's commands print their own one-line progress
     return transformers
 
 
@@ -168,7 +169,7 @@ def export_hf_folder(
     model.load_state_dict({k: v.detach().to("cpu") for k, v in state.items()}, strict=True)
     folder = Path(model_file).parent / HF_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder))  # type: ignore[operator]
     weights = folder / "model.safetensors"
     with safe_open(str(weights), framework="pt") as fh:
         saved = dict(fh.metadata() or {})
@@ -236,3 +237,28 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float, top_k: int, seed: int
+) -> torch.Tensor:
+    """transformers' ``generate`` as the zoo GPT's: ``prompt [B, L]`` plus ``max_new_tokens`` tokens
+    (fewer where the config's positions end), sampled at ``temperature`` among the ``top_k`` most
+    likely (0: greedy), from a generator seeded with ``seed`` (the global one is left as it was)."""
+    config: Any = model.config
+    positions = context_of(config.to_dict())
+    if positions:
+        max_new_tokens = max(0, min(max_new_tokens, positions - prompt.shape[1]))
+    sample = temperature > 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return model.generate(  # type: ignore[operator]
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=sample,
+            **({"temperature": temperature, "top_k": top_k} if sample else {}),
+            pad_token_id=0,
+        )

@@ -25,7 +25,7 @@ def _signature(cls: type) -> tuple[str | None, bool]:
     """(input keyword, takes use_cache) of ``cls.forward``; (None, False) for a plain module."""
     if cls not in _call_cache:
         try:
-            params = inspect.signature(cls.forward).parameters
+            params = inspect.signature(cls.forward).parameters  # type: ignore[attr-defined]
         except (TypeError, ValueError):  # a builtin or C forward: call it positionally
             params = {}  # type: ignore[assignment]
         keyword = next((k for k in INPUT_KEYWORDS if k in params), None)

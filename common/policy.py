@@ -358,12 +358,11 @@ def convert_model(model: nn.Module, config: LTEConfig) -> nn.Module:
             raise ModelRefused(f"model: the model itself is a {type(module).__name__}; wrap it in a module")
     for path, table in policy.tied_outputs.items():
         linear, embedding = model.get_submodule(path), model.get_submodule(table)
+        bias = linear.bias if isinstance(linear.bias, torch.Tensor) else None
         if not isinstance(embedding, LTEEmbedding):  # its table stayed a replica: the tie stays as it is
             continue
         parent, _, child = path.rpartition(".")
-        setattr(
-            model.get_submodule(parent) if parent else model, child, LTETiedLinear(embedding, linear.bias)
-        )
+        setattr(model.get_submodule(parent) if parent else model, child, LTETiedLinear(embedding, bias))
     for name, layer in lte_layers(model).items():
         layer.name = name
     return model

@@ -372,8 +372,13 @@ def evaluation_sample(
     tokenizer = dataset.tokenizer()
     start = sample_prompt_start(dataset.val_tokens, tokenizer)
     prompt = read_windows(dataset.val_tokens, torch.tensor([start]), SAMPLE_PROMPT_TOKENS).to(device)
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    out = generate(prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, generator=gen)
+    from lte.common.hf import is_transformers_model, sample_tokens
+
+    if is_transformers_model(model):
+        out = sample_tokens(model, prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, seed=seed)
+    else:
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        out = generate(prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, generator=gen)
     model.train(was_training)
     return {
         "sample": tokenizer.decode(out[0].tolist()),

@@ -155,8 +155,9 @@ def _model_context(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "context"):
         return int(config.context)
-    if isinstance(getattr(model, "lte_context", None), int):
-        return int(model.lte_context)
+    lte_context = getattr(model, "lte_context", None)
+    if isinstance(lte_context, int):
+        return lte_context
     for key in ("n_positions", "max_position_embeddings"):
         if isinstance(getattr(config, key, None), int):
             return int(getattr(config, key))

@@ -390,3 +390,18 @@ def test_prepare_text_streams_jsonl_parquet_and_datasets_folders_to_the_same_tok
     assert prepare_main([str(tmp_path / "ds"), "--out", str(tmp_path / "o"), "--tokenizer", "bpe",
                          "--vocab-size", "300", "--text-column", "body"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "o" / "meta.json").read_text())["vocab_size"] == 300
+
+
+def test_the_servers_evaluation_sample_of_a_transformers_model_is_seeded_and_fits_its_positions(
+    configs, byte_data
+):
+    from lte.common.text import SAMPLE_PROMPT_TOKENS, evaluation_sample
+
+    data = load_text(str(byte_data), eval_tokens=256)
+    model = build(configs, "gpt2")  # 64 positions: the 32-token prompt leaves room for 32 more
+    state = torch.get_rng_state()
+    first, again = evaluation_sample(model, data, seed=5), evaluation_sample(model, data, seed=5)
+    assert first == again and torch.equal(torch.get_rng_state(), state)  # the global generator untouched
+    tokens = ByteTokenizer().encode(first["sample"])
+    assert first["sample"].startswith(first["sample_prompt"]) and len(tokens) > SAMPLE_PROMPT_TOKENS
+    assert evaluation_sample(model, data, seed=6) != first
