@@ -8,20 +8,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PATH="$PWD/.venv/bin:$PATH"
-OUT=${OUT:-runs/hf-bench} KJV=${KJV:-data/kjv} STEPS=${STEPS:-200}
+OUT=${OUT:-runs/hf-bench} KJV=${KJV:-data/kjv} STEPS=${STEPS:-200} MODELS=${MODELS:-gpt2 llama llama-untied}
 mkdir -p "$OUT/configs"
 python - "$OUT/configs" <<'PY'
 import sys
 from transformers import GPT2Config, LlamaConfig
 out = sys.argv[1]
+# no dropout: it draws from each process's generator, so with it no two runs (and no sim and
+# server) can agree bit for bit; lte's own models have none (common/models.py)
 GPT2Config(vocab_size=256, n_positions=128, n_embd=128, n_layer=2, n_head=4, bos_token_id=None,
-           eos_token_id=None).save_pretrained(f"{out}/gpt2")
+           eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).save_pretrained(f"{out}/gpt2")
 for name, tied in (("llama", True), ("llama-untied", False)):
     LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                 bos_token_id=None, eos_token_id=None, tie_word_embeddings=tied).save_pretrained(f"{out}/{name}")
 PY
-for m in gpt2 llama llama-untied; do
+for m in $MODELS; do
   JOB="--model hf:$OUT/configs/$m --dataset text --data-dir $KJV --context 64 --heads 4 --rank 16 --alpha 64 --lr 3e-3 --merge-every 10 --steps $STEPS --batch-size 4 --seed 0 --uplink fp32 --quant none"
   echo "== $m"
   lte-sim $JOB --explain-model | tail -1

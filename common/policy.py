@@ -336,6 +336,13 @@ def classify_model(
             f"batch norm computes its statistics over the stacked batch of a worker's {heads} heads: "
             "the heads' samples mix in each normalisation (use LayerNorm/GroupNorm, or one head per worker)"
         )
+    dropouts = [m for m in modules.values() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if dropouts:
+        policy.warnings.append(
+            f"{len(dropouts)} dropout module(s) (p up to {max(m.p for m in dropouts):g}) draw their masks from "
+            "each process's generator: a sync run over the network will not equal lte-sim bit for bit "
+            "(set the dropout probabilities to 0 for that)"
+        )
     return policy
 
 

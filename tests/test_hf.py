@@ -405,3 +405,10 @@ def test_the_servers_evaluation_sample_of_a_transformers_model_is_seeded_and_fit
     tokens = ByteTokenizer().encode(first["sample"])
     assert first["sample"].startswith(first["sample_prompt"]) and len(tokens) > SAMPLE_PROMPT_TOKENS
     assert evaluation_sample(model, data, seed=6) != first
+
+
+def test_dropout_is_named_at_start_up_as_what_breaks_bit_identity(configs, tmp_path):
+    plain = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    model = transformers.AutoModelForCausalLM.from_config(plain)  # GPT-2's default dropout 0.1
+    assert any("dropout module(s) (p up to 0.1)" in w for w in classify_model(model).warnings)
+    assert not [w for w in classify_model(build(configs, "gpt2")).warnings if "dropout" in w]
