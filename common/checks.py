@@ -155,6 +155,14 @@ def check_model_name(name: str, zoo: Iterable[str]) -> None:
     Raises ConfigError.
     """
     zoo = tuple(zoo)
+    if name.startswith("hf:"):
+        from lte.common.hf import HFError, check_hf_model
+
+        try:
+            check_hf_model(name)
+        except HFError as exc:
+            raise ConfigError(str(exc)) from None
+        return
     if ":" not in name:
         if name.lower().replace("_", "-") not in zoo:
             raise ConfigError(

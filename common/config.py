@@ -228,6 +228,12 @@ def _default_context(model: str, dataset: Any) -> int:
         return 0
     from lte.common.models import GPT_PRESETS
 
+    if model.startswith("hf:"):  # the config's positions
+        from lte.common.hf import context_of, read_config
+
+        longest = context_of(read_config(model))
+        if longest:
+            return longest
     key = model.lower().replace("_", "-")
     if key not in GPT_PRESETS:
         raise ValueError(f"model {model!r} has no preset context for --dataset text; pass --context")

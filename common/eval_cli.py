@@ -56,6 +56,9 @@ def _run_data_dir(model_file: Path) -> str | None:
     from lte.common.checks import read_toml
 
     config_file = model_file.parent / "config.toml"
+    if not config_file.is_file() and (model_file.parent / "config.json").is_file():
+        model_file = model_file.parent  # a run's hf/ folder: the run's config.toml is one up
+        config_file = model_file.parent / "config.toml"
     if not config_file.is_file():
         return None
     config = read_toml(config_file)
@@ -151,9 +154,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from lte.common.trainer import build_job_model, evaluate
 
-    model = build_job_model(job).to(args.device)
+    hf_folder = (model_file.parent / "config.json").is_file()
+    if hf_folder:  # lte's hf/ export: transformers loads it (its own names, ties saved once)
+        from lte.common.hf import HFError, load_hf_folder
+
+        try:
+            model = load_hf_folder(model_file.parent, job.context).to(args.device)
+        except (HFError, OSError, ValueError) as exc:
+            raise ConfigError(
+                f"RUN_OR_MODEL {model_file.parent}: {' '.join(str(exc).split())[:300]}"
+            ) from None
+    else:
+        model = build_job_model(job).to(args.device)
     try:
-        model.load_state_dict(load_file(str(model_file), device=args.device))
+        if not hf_folder:
+            model.load_state_dict(load_file(str(model_file), device=args.device))
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(

@@ -4,7 +4,8 @@
 
 The safetensors file is the plain zoo GPT's state dict that ``lte-server --export`` (or
 ``lte-sim --export``) writes, with the job in its metadata; the tokenizer (``meta.json``, and
-``tokenizer.json`` for BPE) lies beside it. Nothing of the LTE layers is needed.
+``tokenizer.json`` for BPE) lies beside it. Nothing of the LTE layers is needed. A ``hf:`` job's
+export folder ``hf/`` (or its ``model.safetensors``) loads with transformers' ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,8 +23,9 @@ from lte.common.models import GPT
 from lte.common.text import Tokenizer, load_tokenizer
 
 
-def load_exported(path: str | Path) -> tuple[GPT, Tokenizer]:
-    """The zoo model of an export, weights loaded (strict), in eval mode, and its tokenizer.
+def load_exported(path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:
+    """The zoo model of an export, weights loaded (strict), in eval mode, and its tokenizer; for a
+    transformers folder (``config.json`` in it or beside the file) the ``from_pretrained`` model.
 
     Raises ``FileNotFoundError`` or ``ValueError`` naming the file and what is wrong.
     """
@@ -32,6 +35,11 @@ def load_exported(path: str | Path) -> tuple[GPT, Tokenizer]:
     from lte.common.trainer import build_job_model
 
     path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if (folder / "config.json").is_file():  # a Hugging Face folder (lte's hf/ export)
+        from lte.common.hf import load_hf_folder
+
+        return load_hf_folder(folder), load_tokenizer(folder)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     with safe_open(str(path), "pt") as fh:
@@ -84,16 +92,24 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer.encode(args.prompt or "\n")
         if not ids:
             raise ValueError("--prompt encodes to no tokens")
-        if max(ids) >= model.config.vocab_size:
+        vocab_size: Any = getattr(model.config, "vocab_size", 0)
+        if max(ids) >= int(vocab_size):
             raise ValueError(f"the tokenizer beside {args.model} does not match the model's vocabulary")
     except (ValueError, OSError) as exc:
         print(f"lte-generate: error: {exc}", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.tensor([ids] * args.num_samples)
-    out = model.generate(
-        prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen
-    )
+    if isinstance(model, GPT):
+        out = model.generate(  # type: ignore[operator]
+            prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen
+        )
+    else:  # transformers' generate (the config's positions bound the length)
+        from lte.common.hf import sample_tokens
+
+        out = sample_tokens(
+            model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed
+        )
     for i, row in enumerate(out.tolist()):
         if i:
             print("\n---")

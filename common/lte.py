@@ -192,6 +192,10 @@ class LTELinear(nn.Module):
     lora_B_prev: torch.Tensor
     weight: torch.Tensor | None
     bias: nn.Parameter | None
+    # the master weight is W^T, [in, out] (transformers' Conv1D): the base is stored, loaded,
+    # quantised and merged in that layout, and factors travel as (A^T, B^T) so the master merges
+    # them as W^T += B_wire A_wire with no transposition on the server (``wire_factors``)
+    transposed: bool = False
 
     def __init__(
         self,
@@ -247,10 +251,16 @@ class LTELinear(nn.Module):
         self.cache_frozen = False
         self._frozen_cache: dict[tuple[torch.dtype, bool], torch.Tensor] = {}
         if quant == "none":
-            self.register_buffer("weight", torch.zeros(out_features, in_features, device=device, dtype=dtype))
+            self.register_buffer("weight", torch.zeros(*self.stored_shape, device=device, dtype=dtype))
         else:
             self.weight = None
-            self.set_base_weight(quantized_zeros(quant, (out_features, in_features), device=device))
+            self.set_base_weight(quantized_zeros(quant, self.stored_shape, device=device))
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """The base matrix as the master holds it: ``[out, in]``, or ``[in, out]`` when ``transposed``."""
+        m, n = self.out_features, self.in_features
+        return (n, m) if self.transposed else (m, n)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: LTEConfig, layer_index: int = 0) -> LTELinear:
@@ -339,12 +349,11 @@ class LTELinear(nn.Module):
             dense.copy_(weight.reshape(dense.shape))  # a conv kernel arrives [out, in, kh, kw]
             return
         if not isinstance(weight, QuantizedTensor):
-            weight = quantize(weight.reshape(self.out_features, self.in_features), self.quant)
+            weight = quantize(weight.reshape(self.stored_shape), self.quant)
         q = weight
-        if q.kind != self.quant or tuple(q.shape) != (self.out_features, self.in_features):
+        if q.kind != self.quant or tuple(q.shape) != self.stored_shape:
             raise ValueError(
-                f"expected a {self.quant} weight of shape {(self.out_features, self.in_features)}, "
-                f"got {q.kind} {tuple(q.shape)}"
+                f"expected a {self.quant} weight of shape {self.stored_shape}, got {q.kind} {tuple(q.shape)}"
             )
         self.qweight = q.to(self.lora_A.device)
         # Buffers so .to(device) and state_dict() see the codes; qweight shares their storage.
@@ -370,11 +379,25 @@ class LTELinear(nn.Module):
         return self
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``W`` as the heads see it: the weight itself, or ``q(W)`` dequantised."""
+        """``W [m, n]`` as the heads see it: the weight itself, or ``q(W)`` dequantised (a view of the
+        stored ``[n, m]`` transposed when ``transposed``)."""
         if self.qweight is None:
             dense = self._dense_weight()
-            return dense if dtype is None else dense.to(dtype)
-        return self.qweight.dequantize(dtype or self.lora_A.dtype)
+            dense = dense if dtype is None else dense.to(dtype)
+        else:
+            dense = self.qweight.dequantize(dtype or self.lora_A.dtype)
+        return dense.mT if self.transposed else dense
+
+    def master_weight(self) -> torch.Tensor:
+        """The base in the plain model's layout and shape (``master_shape``): what an export holds."""
+        w = self.base_weight()
+        return (w.mT if self.transposed else w).reshape(self.master_shape)
+
+    def wire_factors(self, local_index: int) -> Factors:
+        """Head ``local_index``'s ``(B, A)`` as the master merges them: ``(B [m, r], A [r, n])``, or for
+        a ``transposed`` layer ``(A^T [n, r], B^T [r, m])``, whose product is the delta of ``W^T``."""
+        b, a = self.lora_B[local_index], self.lora_A[local_index]
+        return (a.mT, b.mT) if self.transposed else (b, a)
 
     def _dense_weight(self) -> torch.Tensor:
         """The full-precision base ``W`` of an unquantised layer (a quantised one holds ``qweight``)."""
@@ -480,7 +503,8 @@ class LTELinear(nn.Module):
             (self.lora_B[i], self.lora_A[i], self.lora_B_prev[i], self.lora_A_prev[i])
             for i in range(self.heads)
         ]
-        merge_head_deltas(self._dense_weight(), factors, weights)
+        dense = self._dense_weight()
+        merge_head_deltas(dense.mT if self.transposed else dense, factors, weights)
         self.commit()
 
     @torch.no_grad()
@@ -739,8 +763,15 @@ class LTEEmbedding(LTELinear):
         if not self.training:  # eval: W alone
             return F.embedding(ids, w)
         h = self.heads
+        if ids.shape[0] == 1 and h > 1 and self.expected_rows:
+            # ids shared by the whole batch (transformers' position ids [1, L]): each head reads them
+            # through its own factors, so the output has the stacked batch's rows (it broadcasts the same)
+            ids = ids.expand(self.expected_rows, *ids.shape[1:])
         if ids.shape[0] % h:
-            raise ValueError(f"batch of {ids.shape[0]} does not split evenly across {h} LTE heads")
+            raise LayoutError(
+                f"LTE embedding {self.name or 'LTEEmbedding'}: a batch of {ids.shape[0]} ids does not split "
+                f"evenly across {h} LTE heads; keep the batch on dim 0 of the ids"
+            )
         idsh = ids.reshape(h, -1)  # head i gets sequences [i*B/h, (i+1)*B/h)
         head = torch.arange(h, device=ids.device)[:, None]
         s = self.scale
@@ -759,6 +790,86 @@ class LTEEmbedding(LTELinear):
             f"{self.num_embeddings}, {self.embedding_dim}, heads={self.heads}, r={self.rank}, "
             f"s={self.scale:g}, N={self.total_heads}, quant={self.quant}"
             + (", reset=True" if self.reset else "")
+        )
+
+
+class LTEConv1D(LTELinear):
+    """transformers' ``Conv1D`` (GPT-2's projections: ``y = x W_c + b`` with ``W_c [in, out]``) as an
+    LTE matrix: ``W = W_c^T [out, in]`` trains exactly as an ``nn.Linear``'s weight (DESIGN.md
+    section 2), while the master, the snapshots, the merge and the export keep ``W_c``'s ``[in, out]``
+    layout (``transposed``): factors travel as ``(A^T [in, r], B^T [r, out])``, the delta of ``W_c``.
+    """
+
+    transposed = True
+
+    @staticmethod
+    def unsupported(module: nn.Module) -> str | None:
+        cls = conv1d_class()
+        if cls is None or type(module).forward is not cls.forward:
+            return f"{type(module).__name__} overrides Conv1D.forward"
+        return None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, config: LTEConfig, layer_index: int) -> nn.Module:
+        w, bias = module.weight, module.bias  # [in, out], [out]
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise TypeError(f"expected a Conv1D with a 2-D weight, got {type(module).__name__}")
+        layer = cls(int(w.shape[0]), int(w.shape[1]), bias=bias is not None, **config.layer_kwargs(),
+                    device=w.device, dtype=w.dtype)  # fmt: skip
+        layer.master_shape = tuple(w.shape)
+        layer.layer_index = layer_index
+        if isinstance(bias, torch.Tensor) and layer.bias is not None:
+            layer.bias.requires_grad_(bias.requires_grad)
+        if w.is_meta:
+            return layer
+        with torch.no_grad():
+            layer.set_base_weight(w.detach())
+            if isinstance(bias, torch.Tensor) and layer.bias is not None:
+                layer.bias.copy_(bias.detach())
+        layer.reset_parameters(config.head_ids, config.seed, layer_index, config.a_init, config.a_init_gain)
+        return layer
+
+
+def conv1d_class() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` when transformers is already imported (lte never imports it for this)."""
+    import sys
+
+    module = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(module, "Conv1D", None) if module is not None else None
+    return cls if isinstance(cls, type) else None
+
+
+class LTETiedLinear(nn.Module):
+    """An output layer whose weight is an input embedding's table (weight tying, as transformers'
+    ``lm_head`` and ``embed_tokens``): ``y = x W^T (+ b)`` through the table's heads,
+    ``LTEEmbedding.attend``, so one ``W [V, D]`` and one ``(B_i, A_i)`` serve both uses in every
+    head, merge and export. The table is not a submodule here (its owner holds it in the state);
+    ``bias`` (``[V]``), when the layer has one, is a replica.
+    """
+
+    def __init__(self, embedding: LTEEmbedding, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self._table = (embedding,)  # a tuple: not registered, so the state holds the table once
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        )
+
+    @property
+    def embedding(self) -> LTEEmbedding:
+        return self._table[0]
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The tied table's base ``W [V, D]`` (for code that reads ``lm_head.weight``)."""
+        return self.embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.embedding.attend(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"tied to {self.embedding.name or 'an LTEEmbedding'}" + (
+            ", bias=False" if self.bias is None else ""
         )
 
 
@@ -974,7 +1085,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def export_head_factors(model: nn.Module, local_index: int) -> dict[str, Factors]:
     """Local head ``local_index``'s current ``(B, A)`` per layer (detached copies)."""
     return {
-        name: (m.lora_B[local_index].detach().clone(), m.lora_A[local_index].detach().clone())
+        name: tuple(t.detach().clone() for t in m.wire_factors(local_index))  # type: ignore[misc]
         for name, m in lte_layers(model).items()
     }
 
@@ -993,11 +1104,14 @@ def load_head_factors(
     factors: Mapping[str, Factors],
     prev: Mapping[str, Factors] | None = None,
 ) -> None:
-    """Continue a head elsewhere: set its current factors (and its last-merged ones, default the same)."""
+    """Continue a head elsewhere: set its current factors (and its last-merged ones, default the same),
+    given as ``export_head_factors`` gives them (the wire's layout)."""
     prev = factors if prev is None else prev
     for name, layer in lte_layers(model).items():
         b, a = factors[name]
         bp, ap = prev[name]
+        if layer.transposed:  # (A^T, B^T) on the wire
+            b, a, bp, ap = a.mT, b.mT, ap.mT, bp.mT
         layer.lora_B[local_index].copy_(b)
         layer.lora_A[local_index].copy_(a)
         layer.lora_B_prev[local_index].copy_(bp)
@@ -1017,5 +1131,8 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[name] = t.detach().clone()
     for name, layer in layers.items():
-        out[name] = layer.base_weight().detach().clone().reshape(layer.master_shape)
+        out[name] = layer.master_weight().detach().clone()
+    for path, m in model.named_modules():  # a tied output layer: the plain model's alias, equal values
+        if isinstance(m, LTETiedLinear):
+            out[f"{path}.weight"] = m.embedding.master_weight().detach().clone()
     return out

@@ -11,6 +11,7 @@ from torch import nn
 
 from lte.common.config import JobConfig
 from lte.common.lte import LayoutError
+from lte.common.outputs import forward_logits
 from lte.common.policy import (
     AVERAGED,
     FROZEN,
@@ -58,12 +59,18 @@ def check_job_model(job: JobConfig, sample: torch.Tensor, heads: int) -> ModelPo
         device="meta",
     )
     try:
-        model(x)
+        forward_logits(model, x)
     except LayoutError as exc:
         raise ModelRefused(f"model {job.model}: {exc}") from None
     except NotImplementedError:
         pass  # an op without a meta kernel: the workers check the layout at their first step
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    except RuntimeError as exc:
+        if "meta tensor" not in str(exc):  # not data-dependent code (transformers' masks call .item())
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelRefused(
+                f"model {job.model}: its forward fails on a batch of shape {tuple(x.shape)}: {first}"
+            ) from None
+    except (ValueError, TypeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelRefused(
             f"model {job.model}: its forward fails on a batch of shape {tuple(x.shape)}: {first}"

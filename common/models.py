@@ -436,6 +436,7 @@ def _build_from_factory(
     in_channels: int,
     num_classes: int,
     patch_size: int | None,
+    context: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
     module_name, _, attr = spec.partition(":")
@@ -457,6 +458,8 @@ def _build_from_factory(
     offered: dict[str, Any] = dict(image_size=image_size, in_channels=in_channels, num_classes=num_classes)
     if patch_size is not None:
         offered["patch_size"] = patch_size
+    if context:  # a language model's job: its sequence length, and num_classes is the vocabulary
+        offered.update(context=context, vocab_size=num_classes)
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     # standard kwargs the factory does not declare are dropped; user overrides must be accepted
@@ -489,8 +492,14 @@ def build_model(
     `overrides` set config fields (e.g. depth=6 for a ViT, hidden=(512,) for the MLP).
     `patch_size` is ignored by the MLP; None picks `default_patch_size(image_size)` for a ViT.
     A factory is called with whichever of image_size, in_channels, num_classes, patch_size
-    (when given) its signature accepts, plus the overrides.
+    (when given), and for a language model context and vocab_size (= num_classes), its signature
+    accepts, plus the overrides. ``hf:PATH`` builds a transformers model from a local config
+    (``lte.common.hf.build_hf_model``: ``vocab_size`` must be ``num_classes``).
     """
+    if name.startswith("hf:"):
+        from lte.common.hf import build_hf_model
+
+        return build_hf_model(name, vocab_size=num_classes or None, context=context)
     if ":" in name:
         return _build_from_factory(
             name,
@@ -498,6 +507,7 @@ def build_model(
             in_channels=in_channels,
             num_classes=num_classes,
             patch_size=patch_size,
+            context=context,
             **overrides,
         )
     key = name.lower().replace("_", "-")

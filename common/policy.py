@@ -33,10 +33,13 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from lte.common.lte import (
     LTEConfig,
+    LTEConv1D,
     LTEConv2d,
     LTEEmbedding,
     LTELinear,
     LTEMultiheadAttention,
+    LTETiedLinear,
+    conv1d_class,
     lte_layers,
     replica_parameters,
 )
@@ -110,6 +113,8 @@ class ModelPolicy:
     converted: dict[str, tuple[LTEModuleClass, int]]  # module path -> (LTE class, first layer index)
     nonpersistent_buffers: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # output layers tied to an input embedding: Linear path -> embedding path (LTETiedLinear)
+    tied_outputs: dict[str, str] = field(default_factory=dict)
 
     def names(self, *kinds: str) -> list[str]:
         return [n for n, e in self.entries.items() if e.kind in kinds]
@@ -130,11 +135,56 @@ class ModelPolicy:
         return {n: e.owner for n, e in self.entries.items() if e.kind == TIED and e.owner}
 
 
+def _rows() -> tuple[tuple[type[nn.Module], LTEModuleClass], ...]:
+    """``LTE_MODULES``, plus transformers' ``Conv1D`` row when transformers is imported."""
+    conv1d = conv1d_class()
+    return LTE_MODULES if conv1d is None else ((conv1d, LTEConv1D), *LTE_MODULES)
+
+
 def _match(module: nn.Module, embeddings: bool = True) -> LTEModuleClass | None:
-    for plain, lte in LTE_MODULES:
+    for plain, lte in _rows():
         if isinstance(module, plain) and (embeddings or lte is not LTEEmbedding):
             return lte
     return None
+
+
+def _linear_like(module: nn.Module) -> bool:
+    """A module lte does not convert that holds a matrix ``weight`` (a Linear of another library)."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() == 2 and weight.requires_grad
+
+
+def tied_outputs(model: nn.Module, embeddings: bool = True) -> dict[str, str]:
+    """Output layers tied to an input table: path of each ``nn.Linear`` whose ``weight`` is an
+    ``nn.Embedding``'s ``weight`` (the same parameter) -> the embedding's path.
+
+    Found from the parameters' identity, whatever the modules are called (transformers' ``lm_head``
+    and ``embed_tokens`` / ``wte``, or any model's). Only a trainable table that ``LTEEmbedding``
+    converts, tied to plain Linears (forward not overridden), qualifies; with ``embeddings`` False none.
+    """
+    if not embeddings:
+        return {}
+    modules = dict(model.named_modules())
+    out: dict[str, str] = {}
+    for owner, aliases in tied_groups(model).items():
+        names = [owner, *aliases]
+        paths = [n.rpartition(".")[0] for n in names]
+        if any(not n.endswith("weight") or n.rpartition(".")[2] != "weight" for n in names):
+            continue
+        tables = [
+            p
+            for p in paths
+            if isinstance(modules[p], nn.Embedding) and LTEEmbedding.unsupported(modules[p]) is None
+        ]
+        others = [p for p in paths if p not in tables]
+        if len(tables) != 1 or not others or not modules[tables[0]].weight.requires_grad:
+            continue
+        if all(
+            isinstance(modules[p], nn.Linear) and type(modules[p]).forward is nn.Linear.forward
+            for p in others
+        ):
+            out.update(dict.fromkeys(others, tables[0]))
+    return out
 
 
 def tied_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -151,10 +201,14 @@ def retie(model: nn.Module, ties: dict[str, list[str]]) -> None:
     """Make every alias in ``ties`` (owner -> aliases) the owner's tensor again, in place."""
     for owner, aliases in ties.items():
         owner_module, _, owner_attr = owner.rpartition(".")
-        value = getattr(model.get_submodule(owner_module), owner_attr)
+        value = getattr(model.get_submodule(owner_module), owner_attr, None)
+        if not isinstance(value, torch.Tensor):  # the owner is now an LTETiedLinear: no tensor to tie
+            continue
         for alias in aliases:
             path, _, attr = alias.rpartition(".")
             module = model.get_submodule(path)
+            if isinstance(module, LTETiedLinear):  # reads its table through the LTE heads already
+                continue
             if isinstance(value, nn.Parameter):
                 setattr(module, attr, value)
             else:
@@ -192,7 +246,12 @@ def classify_model(
     """
     ties = tied_groups(model)
     alias_of = {alias: owner for owner, aliases in ties.items() for alias in aliases}
-    tied_ids = {id(t) for n, t in model.named_parameters() if n in ties}
+    outputs = tied_outputs(model, embeddings)
+    for out_path, table in outputs.items():  # the table carries the tie, whatever the order of names
+        alias_of.pop(f"{table}.weight", None)
+        alias_of[f"{out_path}.weight"] = f"{table}.weight"
+    table_ids = {id(model.get_submodule(t).weight) for t in outputs.values()}
+    tied_ids = {id(t) for n, t in model.named_parameters() if n in ties} - table_ids
     heads_names: dict[str, str] = {}
     notes: dict[str, str] = {}
     converted: dict[str, tuple[LTEModuleClass, int]] = {}
@@ -203,6 +262,15 @@ def classify_model(
             continue
         lte_cls = _match(module, embeddings)
         if lte_cls is None:
+            if _linear_like(module) and path not in outputs:
+                notes[f"{path}.weight" if path else "weight"] = (
+                    f"not converted: lte does not convert a {type(module).__name__} (it converts nn.Linear, "
+                    "Conv1D, nn.Conv2d, nn.Embedding, nn.MultiheadAttention); a full-size replica"
+                )
+            continue
+        if path in outputs:  # the tied output layer: its table's heads (LTETiedLinear)
+            inside.append(path)
+            index += 1  # as the Linear it was: the layers after it keep their seeds
             continue
         inside.append(path)
         matrices = lte_cls.matrices(module)
@@ -234,8 +302,9 @@ def classify_model(
         shape, dtype = tuple(t.shape), t.dtype
         note = notes.get(name, "")
         if name in alias_of:
+            how = " (the output layer: the table's LTE heads)" if path in outputs else ""
             entries[name] = StateEntry(
-                name, TIED, shape, dtype, module_type, f"tied to {alias_of[name]}", alias_of[name]
+                name, TIED, shape, dtype, module_type, f"tied to {alias_of[name]}{how}", alias_of[name]
             )
             continue
         if name in heads_names:
@@ -263,11 +332,18 @@ def classify_model(
         )
     persistent = set(entries)
     nonpersistent = [n for n, _ in model.named_buffers() if n not in persistent]
-    policy = ModelPolicy(entries, converted, nonpersistent)
+    policy = ModelPolicy(entries, converted, nonpersistent, tied_outputs=outputs)
     if heads > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules.values()):
         policy.warnings.append(
             f"batch norm computes its statistics over the stacked batch of a worker's {heads} heads: "
             "the heads' samples mix in each normalisation (use LayerNorm/GroupNorm, or one head per worker)"
+        )
+    dropouts = [m for m in modules.values() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if dropouts:
+        policy.warnings.append(
+            f"{len(dropouts)} dropout module(s) (p up to {max(m.p for m in dropouts):g}) draw their masks from "
+            "each process's generator: a sync run over the network will not equal lte-sim bit for bit "
+            "(set the dropout probabilities to 0 for that)"
         )
     return policy
 
@@ -289,6 +365,13 @@ def convert_model(model: nn.Module, config: LTEConfig) -> nn.Module:
             setattr(model.get_submodule(parent), child, layer)
         else:
             raise ModelRefused(f"model: the model itself is a {type(module).__name__}; wrap it in a module")
+    for path, table in policy.tied_outputs.items():
+        linear, embedding = model.get_submodule(path), model.get_submodule(table)
+        bias = linear.bias if isinstance(linear.bias, torch.Tensor) else None
+        if not isinstance(embedding, LTEEmbedding):  # its table stayed a replica: the tie stays as it is
+            continue
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, LTETiedLinear(embedding, bias))
     for name, layer in lte_layers(model).items():
         layer.name = name
     return model
@@ -353,6 +436,9 @@ def load_master_weights(model: nn.Module, weights: Mapping[str, torch.Tensor | Q
     layers = lte_layers(model)
     replicas = uplink_tensors(model)
     expected = set(layers) | set(replicas)
+    # an output layer tied to its table (LTETiedLinear) reads the table's weight: its alias may travel
+    tied = {f"{p}.weight" for p, m in model.named_modules() if isinstance(m, LTETiedLinear)}
+    weights = {k: v for k, v in weights.items() if k not in tied}
     missing, unexpected = expected - set(weights), set(weights) - expected
     unexpected -= set(model.state_dict())  # frozen params, buffers and tied names may travel too
     if missing or unexpected:

@@ -324,7 +324,7 @@ def handshake_refusal(
 ) -> str | None:
     """Why a worker that speaks ``protocol_version`` and knows ``job_fields`` cannot train ``job``
     (None: it can). A worker from before the handshake sends neither: it knows ``CORE_JOB_FIELDS``."""
-    from lte import __version__
+    from lte.common.version import __version__
 
     known = set(job_fields) if protocol_version >= 2 else set(CORE_JOB_FIELDS)
     missing = [name for name in job_fields_in_use(job) if name not in known]

@@ -38,6 +38,7 @@ from lte.common.data import (
 from lte.common.images import BadImageError
 from lte.common.lte import apply_updates
 from lte.common.model_check import startup_model_check
+from lte.common.outputs import forward_logits
 from lte.common.precision import MixedPrecision
 from lte.common.progress import Progress
 from lte.common.trainer import (
@@ -182,7 +183,7 @@ def _full_step(
     x, y = stacked_batch(streams, step)
     x = x.to(device, job.torch_dtype) if x.is_floating_point() else x.to(device)
     with mp.autocast():
-        loss = loss_fn(task, model(x), y.to(device))
+        loss = loss_fn(task, forward_logits(model, x), y.to(device))
     optimizer.zero_grad(set_to_none=True)
     mp.step(loss, optimizer)
     return loss.item(), x.shape[0]
@@ -285,15 +286,18 @@ def export_model(path: str, state: dict[str, torch.Tensor], job: JobConfig, data
 
     from safetensors.torch import save_file
 
+    from lte.common.hf import export_hf_folder
     from lte.common.text import copy_tokenizer
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, path, metadata={"lte_job": json.dumps(job.to_dict()), "version": str(version)})
+    tensors = {k: v.detach().cpu().clone() for k, v in state.items()}  # clones: a tie shares storage
+    metadata = {"lte_job": json.dumps(job.to_dict()), "version": str(version)}
+    save_file(tensors, path, metadata=metadata)
     from lte.common.run_metadata import share_as_umask
 
     share_as_umask(path)  # as lte-server's export: the umask's mode, not safetensors' 0600
     copy_tokenizer(dataset, Path(path).parent)
+    export_hf_folder(path, job, tensors, dataset, metadata)  # a hf: model: also hf/, a transformers folder
 
 
 def build_parser() -> argparse.ArgumentParser:

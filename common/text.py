@@ -22,7 +22,7 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,7 @@ class BPETokenizer:
         return cls(Path(path).read_text(encoding="utf-8"))
 
     @classmethod
-    def train(cls, texts: Sequence[str], vocab_size: int = DEFAULT_BPE_VOCAB) -> BPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB) -> BPETokenizer:
         """A byte-level BPE (GPT-2's scheme: every byte is in the alphabet, so any text encodes)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -317,13 +317,15 @@ def evaluate_lm(
     ``exp(loss)`` and bits per byte ``loss / ln 2 / bytes_per_token`` (byte-level: bytes_per_token 1)."""
     import torch.nn.functional as F
 
+    from lte.common.outputs import forward_logits
+
     was_training = model.training
     model.eval()
     starts = eval_starts(len(dataset.val_tokens), context, dataset.eval_tokens)
     loss_sum, count = 0.0, 0
     for i in range(0, starts.numel(), batch_size):
         w = read_windows(dataset.val_tokens, starts[i : i + batch_size], context + 1).to(device)
-        logits = model(w[:, :-1])
+        logits = forward_logits(model, w[:, :-1])
         loss_sum += float(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
         count += w[:, 1:].numel()
     model.train(was_training)
@@ -370,8 +372,13 @@ def evaluation_sample(
     tokenizer = dataset.tokenizer()
     start = sample_prompt_start(dataset.val_tokens, tokenizer)
     prompt = read_windows(dataset.val_tokens, torch.tensor([start]), SAMPLE_PROMPT_TOKENS).to(device)
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    out = generate(prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, generator=gen)
+    from lte.common.hf import is_transformers_model, sample_tokens
+
+    if is_transformers_model(model):
+        out = sample_tokens(model, prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, seed=seed)
+    else:
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        out = generate(prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, generator=gen)
     model.train(was_training)
     return {
         "sample": tokenizer.decode(out[0].tolist()),
@@ -403,7 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn text files into token files (train.bin, val.bin, meta.json) for --dataset text.",
         epilog='example: bible -f "Genesis 1:1-Revelation 22:21" > kjv.txt && lte-prepare-text kjv.txt --out data/kjv',
     )
-    parser.add_argument("inputs", nargs="+", help="UTF-8 text files ('-' reads standard input)")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="UTF-8 text files ('-' reads standard input), or records streamed from .jsonl / .parquet "
+        "files and Hugging Face datasets.save_to_disk folders (their --text-column)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--tokenizer",
@@ -413,7 +425,148 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_BPE_VOCAB, help="BPE vocabulary [4096]")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="last fraction held out [0.1]")
+    parser.add_argument(
+        "--text-column", default="text", help="the text field of .jsonl / .parquet / dataset records [text]"
+    )
     return parser
+
+
+# -- records: .jsonl, .parquet, datasets.save_to_disk folders, streamed ---------------------------
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+
+
+def is_record_source(path: str) -> bool:
+    """A .jsonl / .parquet file or a ``datasets.save_to_disk`` folder (read as records, streamed)."""
+    p = Path(path)
+    return p.suffix in RECORD_SUFFIXES or (p.is_dir() and any((p / f).is_file() for f in DATASET_FILES))
+
+
+DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+BATCH_ROWS = 1024  # rows read from parquet / arrow at a time: memory is bounded by a batch, not the corpus
+
+
+def _load_from_disk(path: Path, column: str) -> Any:
+    """A ``datasets.load_from_disk`` folder's Dataset (memory-mapped; a DatasetDict's train split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"{path}: a datasets folder needs the datasets package: pip install 'lte[hf]'"
+        ) from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"{path}: a DatasetDict without a 'train' split (it has {sorted(ds)})")
+        ds = ds["train"]
+    if column not in ds.column_names:
+        raise ValueError(f"{path}: no column {column!r} (it has {ds.column_names}); pass --text-column")
+    return ds
+
+
+def count_records(path: str, column: str) -> int:
+    """Records in a source, without reading their text (parquet and datasets: metadata; jsonl: lines)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if p.is_dir():
+        return _load_from_disk(p, column).num_rows
+    if p.suffix == ".parquet":
+        meta = _parquet().ParquetFile(str(p))
+        if column not in meta.schema_arrow.names:
+            raise ValueError(
+                f"{path}: no column {column!r} (it has {meta.schema_arrow.names}); pass --text-column"
+            )
+        return meta.metadata.num_rows
+    with p.open("rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def iter_records(path: str, column: str) -> Iterator[str]:
+    """The ``column`` text of each record of a source, one at a time (a batch of rows in memory)."""
+    p = Path(path)
+    if p.is_dir():
+        ds = _load_from_disk(p, column).select_columns([column])
+        for batch in ds.iter(batch_size=BATCH_ROWS):
+            yield from (_text(t, path, column) for t in batch[column])
+    elif p.suffix == ".parquet":
+        for batch in _parquet().ParquetFile(str(p)).iter_batches(batch_size=BATCH_ROWS, columns=[column]):
+            yield from (_text(t, path, column) for t in batch.column(0).to_pylist())
+    else:
+        with p.open(encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+                if not isinstance(record, dict) or column not in record:
+                    raise ValueError(f"{path}:{number}: no field {column!r}; pass --text-column")
+                yield _text(record[column], f"{path}:{number}", column)
+
+
+def _parquet() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("parquet files need the pyarrow package: pip install 'lte[hf]'") from None
+    return pq
+
+
+def _text(value: Any, where: str, column: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {column!r} is a {type(value).__name__}, not text; pass --text-column")
+    return value
+
+
+def stream_token_files(
+    out_dir: str | Path,
+    sources: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    column: str = "text",
+    val_fraction: float = 0.1,
+) -> dict[str, Any]:
+    """``write_token_files`` for corpora larger than memory: records are read, tokenized and appended
+    to ``train.bin`` / ``val.bin`` one at a time, each followed by a newline (documents stay apart).
+    The last ``val_fraction`` of the records (counted first: parquet and datasets metadata, jsonl lines)
+    go to ``val.bin``. A plain text file among the sources is one record. Returns the meta.
+    Raises ValueError / FileNotFoundError naming the source."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    counts = [count_records(s, column) if is_record_source(s) else 1 for s in sources]
+    total = sum(counts)
+    cut = int(total * (1.0 - val_fraction))
+    if total < 2 or cut < 1 or cut >= total:
+        raise ValueError(f"{total} record(s): too few to hold out a validation split of {val_fraction:g}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    meta: dict[str, Any] = {
+        "tokenizer": tokenizer.id,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+    }
+    sizes = {"train": [0, 0], "val": [0, 0]}  # tokens, bytes
+    index = 0
+    with open(out / "train.bin", "wb") as train, open(out / "val.bin", "wb") as val:
+        for source in sources:
+            texts = iter_records(source, column) if is_record_source(source) else iter(_read_inputs([source]))
+            for text in texts:
+                split, fh = ("train", train) if index < cut else ("val", val)
+                text = text if text.endswith("\n") else text + "\n"
+                ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+                ids.tofile(fh)
+                sizes[split][0] += int(ids.size)
+                sizes[split][1] += len(text.encode("utf-8"))
+                index += 1
+    for split, (tokens, nbytes) in sizes.items():
+        meta[f"{split}_tokens"], meta[f"{split}_bytes"] = tokens, nbytes
+    tokenizer_json = tokenizer.to_json()
+    if tokenizer_json is not None:
+        (out / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+    (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
 
 
 def _read_inputs(paths: Sequence[str]) -> list[str]:
@@ -435,20 +588,33 @@ def _read_inputs(paths: Sequence[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        texts = _read_inputs(args.inputs)
+        streamed = any(is_record_source(p) for p in args.inputs)
+        texts = [] if streamed else _read_inputs(args.inputs)
         if args.tokenizer == BYTES_ID:
             tokenizer: Tokenizer = ByteTokenizer()
         elif args.tokenizer == "bpe":
             if args.vocab_size < 257:
                 raise ValueError(f"--vocab-size must be > 256 for BPE, got {args.vocab_size}")
-            tokenizer = BPETokenizer.train(texts, args.vocab_size)
+            corpus: Iterable[str] = texts
+            if streamed:  # one streamed pass to train on, another to encode
+                corpus = (
+                    t
+                    for p in args.inputs
+                    for t in (iter_records(p, args.text_column) if is_record_source(p) else _read_inputs([p]))
+                )
+            tokenizer = BPETokenizer.train(corpus, args.vocab_size)
         elif Path(args.tokenizer).is_file():
             tokenizer = BPETokenizer.from_file(args.tokenizer)
         else:
             raise ValueError(
                 f"--tokenizer {args.tokenizer!r}: neither 'bytes', 'bpe' nor a tokenizer.json file"
             )
-        meta = write_token_files(args.out, texts, tokenizer, val_fraction=args.val_fraction)
+        if streamed:
+            meta = stream_token_files(
+                args.out, args.inputs, tokenizer, column=args.text_column, val_fraction=args.val_fraction
+            )
+        else:
+            meta = write_token_files(args.out, texts, tokenizer, val_fraction=args.val_fraction)
     except ImportError as exc:
         print(f"lte-prepare-text: error: BPE needs Hugging Face tokenizers ({exc})", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from lte.common.lte import (
 )
 from lte.common.mixing import mix_heads, mixed_loss
 from lte.common.models import build_model
+from lte.common.outputs import forward_logits
 from lte.common.policy import (
     classify_model,
     expect_stacked_batch,
@@ -139,7 +140,7 @@ def evaluate(
             logged = 10 * total // n
             _log.info("evaluating: %d / %d test images", total, n)
         x, y = x.to(device, dtype, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
+        out = forward_logits(model, x)
         loss_sum += float(loss_fn(dataset.task, out, y)) * x.shape[0]
         if dataset.task == "classification":
             correct += int((out.argmax(dim=1) == y).sum())
@@ -152,10 +153,20 @@ def evaluate(
 
 
 def _model_context(model: nn.Module) -> int:
+    """The windows a language model is evaluated on: the zoo GPT's ``config.context``, the job's
+    context set on a ``hf:`` model at build (``lte_context``), else a transformers config's positions."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "context"):
-        raise ValueError("a language model must carry config.context (as the zoo GPT does)")
-    return int(config.context)
+    if config is not None and hasattr(config, "context"):
+        return int(config.context)
+    lte_context = getattr(model, "lte_context", None)
+    if isinstance(lte_context, int):
+        return lte_context
+    for key in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(config, key, None), int):
+            return int(getattr(config, key))
+    raise ValueError(
+        "a language model must carry config.context (as the zoo GPT does) or a transformers config"
+    )
 
 
 @dataclass
@@ -321,10 +332,10 @@ class LocalTrainer:
                         mixup=job.mixup,
                         cutmix=job.cutmix,
                     )
-                    loss = mixed_loss(self.model(x), y, partner, lam, job.label_smoothing)
+                    loss = mixed_loss(forward_logits(self.model, x), y, partner, lam, job.label_smoothing)
                 else:
                     loss = loss_fn(
-                        self.task, self.model(x), y
+                        self.task, forward_logits(self.model, x), y
                     )  # mean over the stacked batch = mean over heads
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.step(loss, self.optimizer)

@@ -963,18 +963,19 @@ class Coordinator:
         """The merged model as a plain safetensors state_dict that loads into the zoo model."""
         from safetensors.torch import save_file
 
+        from lte.common.hf import export_hf_folder
+
         path = Path(path)
         state = self.plain_state()
         if not all_master_finite(state):
             raise ValueError(f"not exporting {path}: the master weights hold NaN or Inf")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            state,
-            str(path),
-            metadata=export_metadata(self.job, self.dataset, self.version),  # resolved job, preprocessing
-        )
+        metadata = export_metadata(self.job, self.dataset, self.version)  # resolved job, preprocessing
+        save_file(state, str(path), metadata=metadata)
         share_as_umask(path)  # 0644 under the usual umask, not safetensors' 0600
         copy_tokenizer(self.dataset, path.parent)  # language models: the tokenizer goes beside the weights
+        # a hf: model: also hf/, a transformers folder
+        export_hf_folder(path, self.job, state, self.dataset, metadata)
         return path
 
     def progress(self) -> tuple[int, int]:

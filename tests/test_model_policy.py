@@ -32,7 +32,8 @@ def kinds(model: nn.Module) -> dict[str, str]:
 
 def test_policy_classifies_every_kind_of_state():
     k = kinds(gm.tied(8, 1, 10))
-    assert k == {"proj.weight": HEADS, "proj.bias": REPLICA, "classes.weight": REPLICA, "out.weight": TIED}
+    # the table tied to an output Linear gets LTE heads (LTEEmbedding), the Linear reads it (LTETiedLinear)
+    assert k == {"proj.weight": HEADS, "proj.bias": REPLICA, "classes.weight": HEADS, "out.weight": TIED}
     k = kinds(gm.batchnorm(8, 1, 10))
     assert [k[f"2.{b}"] for b in ("running_mean", "running_var", "num_batches_tracked")] == [AVERAGED] * 3
     assert k["1.weight"] == HEADS and k["2.weight"] == REPLICA

@@ -486,8 +486,11 @@ class Worker:
         with torch.no_grad():
             for layer in lte_layers(trainer.model).values():
                 for p in (layer.lora_A, layer.lora_B):
-                    sent = codec.decode(codec.encode(p.detach().float().cpu()), tuple(p.shape))
-                    p.copy_(sent.to(p.device, p.dtype))
+                    value = p.detach().float().cpu()
+                    if layer.transposed:  # its factors travel transposed (LTEConv1D.wire_factors)
+                        value = value.mT.contiguous()
+                    sent = codec.decode(codec.encode(value), tuple(value.shape))
+                    p.copy_((sent.mT if layer.transposed else sent).to(p.device, p.dtype))
 
     def _push_messages(self, meta: PushMeta, encoded: list) -> Iterator[pb.UpdateChunk]:
         job, _ = self._joined()
