@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,34 @@ def test_a_worker_behind_a_rate_limited_link_trains_mlp_rounds(tmp_path):
 def netns_gone(hosts) -> bool:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
     return not any(ns in names for ns in (hosts.hub, hosts.server, *hosts.workers))
+
+
+class _Call:
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def test_a_pull_is_cancelled_only_when_its_bytes_stop_moving_not_after_a_fixed_deadline():
+    from lte.worker.client import _StallWatchdog
+
+    call = _Call()
+    dog = _StallWatchdog(call, first_s=0.5, stall_s=0.5)
+    try:
+        # a slow pull that keeps moving outlasts the stall bound many times over
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            dog.progress()
+            assert not call.cancelled.wait(0.05)
+        assert not dog.fired
+        assert call.cancelled.wait(30), "a stalled pull was never cancelled"  # then the bytes stop
+        assert dog.fired
+    finally:
+        dog.stop()
+    idle = _Call()
+    stopped = _StallWatchdog(idle, first_s=0.2, stall_s=0.2)
+    stopped.stop()  # a pull that finished: its watchdog never cancels it
+    stopped._thread.join(timeout=30)
+    assert not idle.cancelled.is_set() and not stopped.fired

@@ -68,6 +68,34 @@ RETRYABLE = {
 }
 EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
 DELTA_PROTOCOL = 1  # delta-coded snapshots this worker can apply (PullRequest.delta_protocol)
+PULL_STALL_S = 120.0  # a pull that receives nothing for this long is cancelled and retried
+PULL_MAX_S = 6 * 3600.0  # the longest a pull may run however steadily its bytes arrive
+
+
+class _StallWatchdog:
+    """Cancels a streaming call when no message arrived for ``stall_s`` (``first_s`` before the
+    first one, which a long-poll may hold back): a deadline that grows with the bytes that do move."""
+
+    def __init__(self, call, *, first_s: float, stall_s: float) -> None:
+        self.call, self.stall_s = call, stall_s
+        self.fired = False
+        self._due = time.monotonic() + first_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="lte-pull-watchdog", daemon=True)
+        self._thread.start()
+
+    def progress(self) -> None:
+        self._due = time.monotonic() + self.stall_s
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.stall_s)):
+            if time.monotonic() > self._due:
+                self.fired = True
+                self.call.cancel()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
 
 
 def refusal(err: grpc.RpcError) -> Refusal | None:
@@ -167,6 +195,7 @@ class Worker:
         """``delta_snapshots``: pull a newer version as a delta of the snapshot codes this worker
         holds (server/snapshots.py), keeping those codes (an int8 snapshot's size) in memory."""
         self.delta_snapshots = delta_snapshots
+        self.pull_stall_s = PULL_STALL_S
         self._codes: dict[str, bytes] = {}  # codec bytes of the snapshot of self.version, for deltas
         self.delta_pulls = 0  # pulls that came as deltas
         self.precision, self.cache_frozen = precision, cache_frozen  # None: the job's / CUDA only
@@ -385,7 +414,10 @@ class Worker:
             lease_epoch=self.epoch,
             delta_protocol=DELTA_PROTOCOL if self.delta_snapshots and self._codes else 0,
         )
-        stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + 300)
+        # No fixed deadline for the bytes (85 MB take 34 s at 20 Mbit/s, 340 s at 2): a pull that
+        # moves nothing for pull_stall_s is cancelled and retried; PULL_MAX_S only bounds the call.
+        stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + PULL_MAX_S)
+        watchdog = _StallWatchdog(stream, first_s=wait_s + self.pull_stall_s, stall_s=self.pull_stall_s)
         header = None
         weights: dict[str, torch.Tensor | QuantizedTensor] = {}
         factors: dict[str, torch.Tensor] = {}
@@ -399,6 +431,7 @@ class Worker:
         )
         try:
             for msg in stream:
+                watchdog.progress()
                 if msg.HasField("header"):
                     header = msg.header
                     continue
@@ -430,7 +463,7 @@ class Worker:
         except grpc.RpcError as err:
             # errors of a server stream surface here, not in _call: map them the same way
             self._raise_refusal(err)
-            if err.code() not in RETRYABLE:
+            if err.code() not in RETRYABLE and not watchdog.fired:
                 raise
             now = time.monotonic()
             self._pull_failing_since = self._pull_failing_since or now
@@ -440,6 +473,8 @@ class Worker:
             self._say(f"pull: {err.code().name.lower()} ({err.details()}); retrying in {delay:.1f} s")
             self.stop.wait(delay)
             return False  # the caller's loop pulls again
+        finally:
+            watchdog.stop()
         self._pull_backoff.reset()
         self._pull_failing_since = None
         if header is None:
