@@ -119,7 +119,7 @@ def run_lte(hosts: Hosts, args, mode: str, work: Path) -> dict:
         for i, ns in enumerate(hosts.workers):
             _wait_port(hosts, ns, "127.0.0.1", PROXY_PORT, 60, procs[1 + i])
             worker = [str(BIN / "lte-worker"), "--server", f"127.0.0.1:{PROXY_PORT}", "--threads", "1",
-                      "--max-heads", "1", "--quiet", "--name", f"w{i}", "--loader-workers", "0"]  # fmt: skip
+                      "--max-heads", "1", "--log-format", "json", "--name", f"w{i}", "--loader-workers", "0"]  # fmt: skip
             procs.append(_start(hosts, ns, worker, work / f"lte-{mode}-worker{i}.log", env=token))
         rc = procs[0].wait(timeout=args.timeout)
         wall = time.monotonic() - t0
@@ -132,7 +132,12 @@ def run_lte(hosts: Hosts, args, mode: str, work: Path) -> dict:
         for e in evals
         if e.get("eval")
     ]
-    return _result(f"lte-{mode}", rc, wall, curve, before, after, hosts)
+    result = _result(f"lte-{mode}", rc, wall, curve, before, after, hosts)
+    # what the slow-link tuning is about: leases lost and calls retried, from the workers' JSON logs
+    text = "".join(log.read_text() for log in work.glob(f"lte-{mode}-worker*.log"))
+    result["leases_lost"] = text.count("lease lost")
+    result["retries"] = text.count("retrying in")
+    return result
 
 
 def run_baseline(hosts: Hosts, args, method: str, work: Path) -> dict:
@@ -209,8 +214,8 @@ def render(results: list[dict], meta: dict) -> list[str]:
                 else ""
             ),
             "",
-            "| method | final acc | wall s | time to target s | DDP ÷ this | worker link up / sample | down / sample | server link rx + tx |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| method | final acc | wall s | time to target s | DDP ÷ this | worker link up / sample | down / sample | server link rx + tx | leases lost / retries |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         samples = meta["steps"] * meta["batch_size"] * meta["workers"]
         for r in rows:
@@ -221,10 +226,11 @@ def render(results: list[dict], meta: dict) -> list[str]:
             down = sum(v["rx"] for v in workers) / samples
             srv = r["links"]["srv"]["rx"] + r["links"]["srv"]["tx"]
             ratio = f"{ddp_t / t:.2f}x" if t and ddp_t else "-"
+            lost = f"{r['leases_lost']} / {r['retries']}" if "leases_lost" in r else "-"
             name = r["method"] if r["rc"] == 0 else f"{r['method']} (exit {r['rc']})"
             lines.append(
                 f"| {name} | {final * 100:.1f} % | {r['wall_s']:.0f} | "
-                f"{'not reached' if t is None else f'{t:.0f}'} | {ratio} | {up / 1e3:.2f} kB | {down / 1e3:.2f} kB | {srv / 1e6:.1f} MB |"
+                f"{'not reached' if t is None else f'{t:.0f}'} | {ratio} | {up / 1e3:.2f} kB | {down / 1e3:.2f} kB | {srv / 1e6:.1f} MB | {lost} |"
             )
         lines.append("")
     return lines
