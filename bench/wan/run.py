@@ -185,7 +185,7 @@ def time_to(curve: list[dict], target: float) -> float | None:
 
 def render(results: list[dict], meta: dict) -> list[str]:
     lines = [
-        "## Over shaped links: time to accuracy (bench/wan)",
+        f"## Over shaped links: time to accuracy, {meta['model']} (bench/wan, issue 23)",
         "",
         f"{meta['date']}, {meta['machine']}; the machine was shared with other engineers' runs "
         f"(load average {meta['load_start']} at the start, {meta['load_end']} at the end), so "
@@ -265,7 +265,7 @@ def main() -> int:
     p.add_argument("--json", help="save the measurements here")
     p.add_argument("--from-json", help="render saved measurements instead of running")
     p.add_argument(
-        "--out", help="print the markdown here instead of stdout (bench/mdsections.py's 'wan' section)"
+        "--out", help="write the markdown into this file (section wan-<model>-<loss>) instead of stdout"
     )
     args = p.parse_args()
     if args.from_json:
@@ -320,7 +320,7 @@ def main() -> int:
     if args.out:
         from mdsections import write_section
 
-        write_section(Path(args.out), "wan", lines)
+        write_section(Path(args.out), f"wan-{meta['model']}-{meta['loss']:g}", lines)
     else:
         print("\n".join(lines))
     return 0
