@@ -85,8 +85,13 @@ def main() -> int:
                 got = builder.delta(version, start)
                 assert got is not None
                 rows.append({"span": k, "full": full, "delta": got[1], "ratio": got[1] / full})
-                print(f"span {k:3d} head merges: full {full / 1e6:.2f} MB, delta {got[1] / 1e6:.3f} MB ({got[1] / full:.3f})", flush=True)
-    print(f"({time.perf_counter() - t0:.0f} s; {args.model}, N {job.heads}, r {job.rank}, T {job.merge_every}, {job.quant})")
+                print(
+                    f"span {k:3d} head merges: full {full / 1e6:.2f} MB, delta {got[1] / 1e6:.3f} MB ({got[1] / full:.3f})",
+                    flush=True,
+                )
+    print(
+        f"({time.perf_counter() - t0:.0f} s; {args.model}, N {job.heads}, r {job.rank}, T {job.merge_every}, {job.quant})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0
