@@ -90,9 +90,8 @@ class SnapshotBuilder:
         self._snapshot: Snapshot | None = None
         self._encoded: dict[str, EncodedTensor] = {}
         self._history: OrderedDict[int, dict[str, bytes]] = OrderedDict()  # version -> codec bytes
-        self._deltas: dict[
-            int, tuple[list[pb.ModelChunk], int]
-        ] = {}  # from version -> the current one's delta
+        # from version -> (messages, payload bytes) of the delta to the current snapshot
+        self._deltas: dict[int, tuple[list[pb.ModelChunk], int]] = {}
         self.delta_history = max(0, delta_history)
         self.builds = 0
         self.delta_builds = 0
@@ -114,7 +113,7 @@ class SnapshotBuilder:
             version, master = copy_master()  # a memcpy under the state lock; encoding runs outside it
             messages, total, encoded, raw = _encode(self.job, master, self._role)
             self._snapshot = (version, messages, total)
-            self._encoded, self._deltas = encoded, {}
+            self._encoded, self._deltas = (encoded if self.delta_history > 0 else {}), {}
             if self.delta_history > 0:
                 self._history[version] = raw
                 while len(self._history) > self.delta_history + 1:  # the current one and the kept ones
