@@ -144,3 +144,31 @@ def test_sync_training_with_delta_snapshots_is_bit_identical_and_pulls_fewer_byt
         assert torch.equal(delta_state[name], value), name
         assert torch.equal(old_server_state[name], value), name
     assert delta_worker.bytes_down == delta_down < 0.9 * full_down  # 0.80 measured (digits MLP, lr 1e-2)
+
+
+def test_a_worker_refuses_a_delta_against_codes_it_does_not_hold():
+    """The worker checks the delta's base version and the result's crc32; the pull then falls back
+    to the whole snapshot (worker/client.py, ``pull``'s CodecError branch)."""
+    job = digits_job(quant="int8")
+    builder = SnapshotBuilder(job, ["fc1.weight"], delta_history=1)
+    gen = torch.Generator().manual_seed(3)
+    m0 = _master(gen)
+    _, full0, _ = builder.get(lambda: 0, lambda: (0, dict(m0)))
+    builder.get(lambda: 1, lambda: (1, _merged(m0, gen)))
+    got = builder.delta(1, 0)
+    assert got is not None
+    enc = _tensors(got[0])["fc1.weight"]
+    held = codec_bytes(_tensors(full0)["fc1.weight"])
+    worker = Worker("127.0.0.1:1", quiet=True)  # no call is made: the channel connects lazily
+    try:
+        worker.version, worker._codes = 0, {"fc1.weight": held}
+        assert worker._undelta(enc, 0).payload != held  # the right base: it applies
+        with pytest.raises(CodecError, match="against version 0, but this worker holds version 5"):
+            worker.version = 5
+            worker._undelta(enc, 0)
+        worker.version = 0
+        worker._codes = {"fc1.weight": bytes(len(held))}  # codes that are not version 0's
+        with pytest.raises(CodecError, match="crc32"):
+            worker._undelta(enc, 0)
+    finally:
+        worker.channel.close()
