@@ -43,7 +43,10 @@ __all__ = [
     "DTYPES",
     "EncodedTensor",
     "QuantCodec",
+    "apply_byte_delta",
+    "byte_delta",
     "check_shape",
+    "codec_bytes",
     "decode_tensor",
     "decode_tensor_quantized",
     "encode_tensor",
@@ -398,6 +401,10 @@ class EncodedTensor:
     compressed: bool
     payload: bytes
     raw_nbytes: int
+    # The payload is a byte delta (``byte_delta``) against the receiver's codec bytes of the same
+    # tensor at an earlier version, not the codec bytes themselves (delta-coded snapshots).
+    delta: bool = False
+    crc32: int = 0  # a delta's check: zlib.crc32 of the codec bytes it yields
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -426,8 +433,36 @@ def encode_tensor(
     )
 
 
-def _raw_payload(enc: EncodedTensor, max_elements: int | None) -> tuple[Codec, bytes]:
+def byte_delta(new: bytes, base: bytes) -> bytes:
+    """``new - base`` bytewise modulo 256, the delta that ``apply_byte_delta(base, ·)`` turns back
+    into ``new`` exactly. Between consecutive snapshots most int8 codes are equal or one apart, so
+    the delta is mostly 0, 1 and 255, which zstd compresses far better than the codes. ValueError
+    unless both have the same length."""
+    if len(new) != len(base):
+        raise ValueError(f"a byte delta needs equal lengths, got {len(new)} and {len(base)}")
+    diff = np.frombuffer(new, dtype=np.uint8) - np.frombuffer(base, dtype=np.uint8)  # wraps modulo 256
+    return diff.tobytes()
+
+
+def apply_byte_delta(base: bytes, delta: bytes) -> bytes:
+    """``base + delta`` bytewise modulo 256 (inverse of ``byte_delta``); CodecError on a length mismatch."""
+    if len(base) != len(delta):
+        raise CodecError(f"a byte delta of {len(delta)} bytes cannot apply to {len(base)} bytes")
+    return (np.frombuffer(base, dtype=np.uint8) + np.frombuffer(delta, dtype=np.uint8)).tobytes()
+
+
+def codec_bytes(enc: EncodedTensor, *, max_elements: int | None = None) -> bytes:
+    """``enc``'s codec output (decompressed and length-checked), or its delta's bytes when
+    ``enc.delta``: the caller adds those to its base with ``apply_byte_delta``. CodecError when invalid."""
+    return _raw_payload(enc, max_elements, allow_delta=True)[1]
+
+
+def _raw_payload(
+    enc: EncodedTensor, max_elements: int | None, allow_delta: bool = False
+) -> tuple[Codec, bytes]:
     """Validate ``enc``'s metadata, then return its codec and its decompressed, length-checked payload."""
+    if enc.delta and not allow_delta:
+        raise CodecError(f"{enc.name!r} is a delta: add it to its base (apply_byte_delta) before decoding")
     check_shape(enc.shape, max_elements)
     codec = get_codec(enc.codec)
     if enc.dtype not in DTYPES:

@@ -26,6 +26,8 @@ def tensor_chunks(enc: EncodedTensor, max_chunk_bytes: int) -> Iterator[pb.Tenso
         zstd=enc.compressed,
         raw_nbytes=enc.raw_nbytes,
         payload_nbytes=len(enc.payload),
+        delta=enc.delta,
+        raw_crc32=enc.crc32,
     )
     for i, piece in enumerate(iter_chunks(enc.payload, max_chunk_bytes)):
         yield pb.TensorChunk(header=header if i == 0 else None, data=bytes(piece))
@@ -85,6 +87,8 @@ class TensorAssembler:
             compressed=header.zstd,
             payload=payload,
             raw_nbytes=header.raw_nbytes,
+            delta=header.delta,
+            crc32=header.raw_crc32,
         )
 
     def _start(self, header: pb.TensorHeader) -> pb.TensorHeader:

@@ -163,21 +163,23 @@ class RegisterReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., job: _Optional[_Union[JobConfig, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., version: _Optional[int] = ..., room: _Optional[int] = ..., lease_epoch: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model_tree: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors", "lease_epoch")
+    __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors", "lease_epoch", "delta_protocol")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_NEWER_S_FIELD_NUMBER: _ClassVar[int]
     HEAD_FACTORS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     have_version: int
     wait_newer_s: float
     head_factors: _containers.RepeatedScalarFieldContainer[int]
     lease_epoch: int
-    def __init__(self, lease_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_newer_s: _Optional[float] = ..., head_factors: _Optional[_Iterable[int]] = ..., lease_epoch: _Optional[int] = ...) -> None: ...
+    delta_protocol: int
+    def __init__(self, lease_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_newer_s: _Optional[float] = ..., head_factors: _Optional[_Iterable[int]] = ..., lease_epoch: _Optional[int] = ..., delta_protocol: _Optional[int] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "codec", "zstd", "raw_nbytes", "payload_nbytes")
+    __slots__ = ("name", "dtype", "shape", "codec", "zstd", "raw_nbytes", "payload_nbytes", "delta", "raw_crc32")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +187,8 @@ class TensorHeader(_message.Message):
     ZSTD_FIELD_NUMBER: _ClassVar[int]
     RAW_NBYTES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    RAW_CRC32_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -192,7 +196,9 @@ class TensorHeader(_message.Message):
     zstd: bool
     raw_nbytes: int
     payload_nbytes: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., zstd: _Optional[bool] = ..., raw_nbytes: _Optional[int] = ..., payload_nbytes: _Optional[int] = ...) -> None: ...
+    delta: bool
+    raw_crc32: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., zstd: _Optional[bool] = ..., raw_nbytes: _Optional[int] = ..., payload_nbytes: _Optional[int] = ..., delta: _Optional[bool] = ..., raw_crc32: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -203,7 +209,7 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("version", "current", "done", "num_tensors", "total_payload_bytes", "retry_after_s", "lease_epoch")
+    __slots__ = ("version", "current", "done", "num_tensors", "total_payload_bytes", "retry_after_s", "lease_epoch", "delta_base")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +217,7 @@ class ModelHeader(_message.Message):
     TOTAL_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     version: int
     current: bool
     done: bool
@@ -218,7 +225,8 @@ class ModelHeader(_message.Message):
     total_payload_bytes: int
     retry_after_s: float
     lease_epoch: int
-    def __init__(self, version: _Optional[int] = ..., current: _Optional[bool] = ..., done: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., total_payload_bytes: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., lease_epoch: _Optional[int] = ...) -> None: ...
+    delta_base: int
+    def __init__(self, version: _Optional[int] = ..., current: _Optional[bool] = ..., done: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., total_payload_bytes: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., lease_epoch: _Optional[int] = ..., delta_base: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "tensor")

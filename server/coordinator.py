@@ -416,6 +416,11 @@ class Coordinator:
 
         return self.snapshots.get(version_now, copy_master)
 
+    def snapshot_delta(self, to_version: int, from_version: int) -> tuple[list, int] | None:
+        """(chunk messages, payload bytes) of the delta ``from_version -> to_version`` (the snapshot
+        ``snapshot_messages`` returned), or None: send the full snapshot (``SnapshotBuilder.delta``)."""
+        return self.snapshots.delta(to_version, from_version)
+
     def head_factor_messages(self, lease: Lease, head_ids: Sequence[int]) -> list:
         """The last merged factors of heads this lease holds, so a moved head continues exactly."""
         with self.lock:

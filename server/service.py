@@ -19,6 +19,7 @@ from lte.server.scheduler import HeadState
 MAX_WAIT_S = 60.0  # longest long-poll a pull may ask for
 PULL_RETRY_AFTER_S = 1.0  # what a pull turned away from a long-poll is told to wait
 MAX_HEADS_PER_PUSH = 4096
+DELTA_PROTOCOL = 1  # the delta-coded snapshot protocol this server speaks (PullRequest.delta_protocol)
 
 # The one table from a domain refusal to a gRPC status; the reason itself travels as trailing
 # metadata (REFUSAL_KEY), and that is what a worker acts on.
@@ -145,8 +146,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             yield pb.ModelChunk(header=header)
             return
         version, messages, payload = self.c.snapshot_messages()
+        delta_base = -1
         if version <= request.have_version:
             messages, payload = [], 0
+        elif request.delta_protocol >= DELTA_PROTOCOL and request.have_version >= 0:
+            delta = self.c.snapshot_delta(version, request.have_version)
+            if delta is not None:
+                (messages, payload), delta_base = delta, request.have_version
         messages = messages + factor_msgs
         sent = 0
         yield pb.ModelChunk(
@@ -157,6 +163,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 num_tensors=sum(m.tensor.HasField("header") for m in messages),
                 total_payload_bytes=payload,
                 lease_epoch=lease.epoch,
+                delta_base=delta_base,
             )
         )
         for m in messages:

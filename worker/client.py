@@ -14,8 +14,9 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from dataclasses import fields as dataclass_fields
 
 import grpc
@@ -23,7 +24,15 @@ import torch
 
 from lte.common import grpc_options
 from lte.common.checks import check_chunk_fits
-from lte.common.codec import decode_tensor, decode_tensor_quantized, get_codec
+from lte.common.codec import (
+    CodecError,
+    EncodedTensor,
+    apply_byte_delta,
+    codec_bytes,
+    decode_tensor,
+    decode_tensor_quantized,
+    get_codec,
+)
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_job_dataset
 from lte.common.failure import leave_reason, training_failure
@@ -62,6 +71,35 @@ RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
+DELTA_PROTOCOL = 1  # delta-coded snapshots this worker can apply (PullRequest.delta_protocol)
+PULL_STALL_S = 120.0  # a pull that receives nothing for this long is cancelled and retried
+PULL_MAX_S = 6 * 3600.0  # the longest a pull may run however steadily its bytes arrive
+
+
+class _StallWatchdog:
+    """Cancels a streaming call when no message arrived for ``stall_s`` (``first_s`` before the
+    first one, which a long-poll may hold back): a deadline that grows with the bytes that do move."""
+
+    def __init__(self, call, *, first_s: float, stall_s: float) -> None:
+        self.call, self.stall_s = call, stall_s
+        self.fired = False
+        self._due = time.monotonic() + first_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="lte-pull-watchdog", daemon=True)
+        self._thread.start()
+
+    def progress(self) -> None:
+        self._due = time.monotonic() + self.stall_s
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.stall_s)):
+            if time.monotonic() > self._due:
+                self.fired = True
+                self.call.cancel()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
 
 
 def refusal(err: grpc.RpcError) -> Refusal | None:
@@ -173,7 +211,14 @@ class Worker:
         show_progress: bool = True,
         precision: str | None = None,
         cache_frozen: bool | None = None,
+        delta_snapshots: bool = True,
     ) -> None:
+        """``delta_snapshots``: pull a newer version as a delta of the snapshot codes this worker
+        holds (server/snapshots.py), keeping those codes (an int8 snapshot's size) in memory."""
+        self.delta_snapshots = delta_snapshots
+        self.pull_stall_s = PULL_STALL_S
+        self._codes: dict[str, bytes] = {}  # codec bytes of the snapshot of self.version, for deltas
+        self.delta_pulls = 0  # pulls that came as deltas
         self.precision, self.cache_frozen = precision, cache_frozen  # None: the job's / CUDA only
         self.show_progress = show_progress  # the one-line display; off when logs are JSON lines
         self.server, self.device = server, torch.device(device)
@@ -410,17 +455,25 @@ class Worker:
     def pull(self, wait_s: float, head_factors: list[int] | tuple[int, ...] = ()) -> bool:
         """Fetch a newer snapshot if there is one; returns whether the base changed. Raises JobDone."""
         self.state = "pulling" if not wait_s else "waiting"
+        if self.version < 0:
+            self._codes = {}
         request = pb.PullRequest(
             lease_id=self.lease_id,
             have_version=self.version,
             wait_newer_s=wait_s,
             head_factors=list(head_factors),
             lease_epoch=self.epoch,
+            delta_protocol=DELTA_PROTOCOL if self.delta_snapshots and self._codes else 0,
         )
-        stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + 300)
+        # No fixed deadline for the bytes (85 MB take 34 s at 20 Mbit/s, 340 s at 2): a pull that
+        # moves nothing for pull_stall_s is cancelled and retried; PULL_MAX_S only bounds the call.
+        stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + PULL_MAX_S)
+        watchdog = _StallWatchdog(stream, first_s=wait_s + self.pull_stall_s, stall_s=self.pull_stall_s)
         header = None
         weights: dict[str, torch.Tensor | QuantizedTensor] = {}
         factors: dict[str, torch.Tensor] = {}
+        codes: dict[str, bytes] = {}
+        deltas = 0
         assembler = TensorAssembler(
             max_chunk_bytes=grpc_options.MAX_CHUNK_BYTES,
             max_tensor_bytes=grpc_options.MAX_PUSH_BYTES,
@@ -429,6 +482,7 @@ class Worker:
         )
         try:
             for msg in stream:
+                watchdog.progress()
                 if msg.HasField("header"):
                     header = msg.header
                     continue
@@ -438,15 +492,29 @@ class Worker:
                     continue
                 if enc.name.startswith(HEAD_PREFIX):
                     factors[enc.name] = decode_tensor(enc)
-                elif enc.codec in QUANTIZED_SNAPSHOT_CODECS:
+                    continue
+                if header is None:
+                    raise RuntimeError("server sent a pull reply without a header")
+                enc = self._undelta(enc, header.delta_base)
+                deltas += enc.delta
+                codes[enc.name] = enc.payload
+                enc = replace(enc, delta=False)
+                if enc.codec in QUANTIZED_SNAPSHOT_CODECS:
                     weights[enc.name] = decode_tensor_quantized(enc)
                 else:
                     weights[enc.name] = decode_tensor(enc).to(self._joined()[0].torch_dtype)
             assembler.finish()
+        except CodecError as exc:
+            if not request.delta_protocol:
+                raise
+            stream.cancel()  # a delta that does not apply: take the whole snapshot instead
+            self._say(f"pull: {exc}; pulling the whole snapshot")
+            self._codes = {}
+            return False
         except grpc.RpcError as err:
             # errors of a server stream surface here, not in _call: map them the same way
             self._raise_refusal(err)
-            if err.code() not in RETRYABLE:
+            if err.code() not in RETRYABLE and not watchdog.fired:
                 raise
             now = time.monotonic()
             self._pull_failing_since = self._pull_failing_since or now
@@ -456,6 +524,8 @@ class Worker:
             self._say(f"pull: {err.code().name.lower()} ({err.details()}); retrying in {delay:.1f} s")
             self.stop.wait(delay)
             return False  # the caller's loop pulls again
+        finally:
+            watchdog.stop()
         self._pull_backoff.reset()
         self._pull_failing_since = None
         if header is None:
@@ -467,6 +537,8 @@ class Worker:
             for turn in self.turns:
                 turn.trainer.load_snapshot(weights)
             self.version = header.version
+            self._codes = codes if self.delta_snapshots else {}
+            self.delta_pulls += deltas > 0
         for h, layers in group_head_factors(factors).items():
             for turn in self.turns:
                 if h in turn.head_ids:
@@ -476,6 +548,23 @@ class Worker:
         if header.lease_epoch != self.epoch and self._view is not None:
             self._view = None  # the lease changed: ask for its heads before the next turn
         return bool(weights)
+
+    def _undelta(self, enc: EncodedTensor, delta_base: int) -> EncodedTensor:
+        """``enc`` with its plain codec bytes as an uncompressed payload (``delta`` kept as a mark):
+        a delta is added to the codes this worker holds and checked against its crc32.
+        CodecError when the delta does not apply (the caller pulls the whole snapshot again)."""
+        raw = codec_bytes(enc)
+        if enc.delta:
+            base = self._codes.get(enc.name)
+            if base is None or delta_base != self.version:
+                raise CodecError(
+                    f"{enc.name!r}: a delta against version {delta_base}, but this worker holds "
+                    f"version {self.version}" + ("" if base is not None else " without that tensor")
+                )
+            raw = apply_byte_delta(base, raw)
+            if zlib.crc32(raw) != enc.crc32:
+                raise CodecError(f"{enc.name!r}: the delta's result fails its crc32 check")
+        return replace(enc, compressed=False, payload=raw)
 
     def _round_factors_to_wire(self, trainer: LocalTrainer) -> None:
         """Make the live factors exactly what the server will hold, so both sides agree on B', A'."""
