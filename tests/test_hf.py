@@ -34,9 +34,9 @@ from lte.common.lte import (  # noqa: E402
     load_head_factors,
     lte_layers,
     plain_state_dict,
-    prepare_model,
 )
 from lte.common.model_check import explain_rows, explain_summary  # noqa: E402
+from lte.common.policy import prepare_model  # noqa: E402
 from lte.common.outputs import forward_logits, logits_of  # noqa: E402
 from lte.common.policy import HEADS, REPLICA, TIED, classify_model, expect_stacked_batch  # noqa: E402
 from lte.common.sim import main as sim_main  # noqa: E402
