@@ -153,7 +153,8 @@ class Coordinator:
         self._trained_replicas = frozenset(n for n, _ in self.model.named_parameters()) & set(
             self.replica_names
         )
-        self._master_norms = tensor_norms(self.master)  # before the next merge: its growth bound
+        # ||W|| per tensor before the next merge: its growth bound (guard on only)
+        self._master_norms = tensor_norms(self.master) if self.guard.settings.on else {}
         self._refused_rounds: dict[int, int] = {}  # head -> its round the guard refused (a retried push)
         self._expected = self._expected_push_shapes()
         self._evaluation = Evaluator(job, dataset, device) if dataset is not None else None
@@ -908,7 +909,7 @@ class Coordinator:
             self.started_at = time.time() - float(state.get("elapsed_s", 0.0))
             self.done = bool(state.get("done", False))
             self.snapshots.invalidate()
-            self._master_norms = tensor_norms(self.master)
+            self._master_norms = tensor_norms(self.master) if self.guard.settings.on else {}
             self.changed.notify_all()
 
     def _poke_checkpointer(self) -> None:
