@@ -160,7 +160,8 @@ class Coordinator:
         self._trained_replicas = frozenset(n for n, _ in self.model.named_parameters()) & set(
             self.replica_names
         )
-        self._master_norms = tensor_norms(self.master)  # before the next merge: its growth bound
+        # ||W|| per tensor before the next merge: its growth bound (guard on only)
+        self._master_norms = tensor_norms(self.master) if self.guard.settings.on else {}
         self._refused_rounds: dict[int, int] = {}  # head -> its round the guard refused (a retried push)
         self._expected = self._expected_push_shapes()
         self._evaluation = Evaluator(job, dataset, device) if dataset is not None else None
@@ -941,7 +942,7 @@ class Coordinator:
             self._ended_mono = self._started_mono if self.done else None
             self._rounds_at_start = self.progress()[0]
             self.snapshots.invalidate()
-            self._master_norms = tensor_norms(self.master)
+            self._master_norms = tensor_norms(self.master) if self.guard.settings.on else {}
             self.changed.notify_all()
 
     def _poke_checkpointer(self) -> None:

@@ -32,6 +32,7 @@ from lte.common.codec import encode_tensor
 from lte.common.wire import tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.server.coordinator import Coordinator
+from lte.server.guard import GuardSettings
 
 
 def weights_hash(state: Mapping[str, torch.Tensor]) -> str:
@@ -242,8 +243,14 @@ class ServerProcess:
 
 
 # -- crafted pushes: the worker's own encoding path, so a test can corrupt one thing at a time ----
+# Random factors are no optimiser's output: the update guard (server/guard.py) would rightly refuse
+# them. Servers that validate such synthetic pushes run with it off.
+SYNTHETIC = GuardSettings(mode="off")
+
+
 def random_factors(coordinator: Coordinator, head_ids: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Valid, non-zero factors and replica deltas for ``head_ids``: folded in, they would change W."""
+    """Valid, non-zero factors and replica deltas for ``head_ids``: folded in, they would change W
+    (on a server whose update guard is off: ``SYNTHETIC``)."""
     g = torch.Generator().manual_seed(seed)
     return {
         name: torch.randn(shape, generator=g) * 0.01

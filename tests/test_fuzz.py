@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from tests.cluster import digits_job, running_server
-from tests.faults import master_hash, push_messages, random_factors
+from tests.faults import SYNTHETIC, master_hash, push_messages, random_factors
 
 SERVICE = "/lte.v1.ParameterServer/"
 # statuses the service gives on purpose; INTERNAL only as gRPC's own "Exception deserializing request!"
@@ -74,7 +74,7 @@ class Target:
 def target() -> Iterator[Target]:
     job = digits_job(heads=4, mode="async", steps=10_000)
     with (
-        running_server(job, heads_per_worker=1, lease_timeout_s=3600) as server,
+        running_server(job, heads_per_worker=1, lease_timeout_s=3600, guard=SYNTHETIC) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
         yield Target(server, channel)

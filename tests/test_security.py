@@ -28,7 +28,7 @@ from lte.server.coordinator import Coordinator
 from lte.server.security import server_credentials
 from lte.worker.client import Worker
 from tests.cluster import DIGITS, digits_job, worker_processes
-from tests.faults import master_hash, push_messages, random_factors
+from tests.faults import SYNTHETIC, master_hash, push_messages, random_factors
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,9 @@ TIMEOUT_S = 180
 
 @contextlib.contextmanager
 def serving(job=None, **server_kwargs) -> Iterator[ParameterServer]:
-    coordinator = Coordinator(job or digits_job(heads=2, steps=20), DIGITS, lease_timeout_s=600)
+    coordinator = Coordinator(
+        job or digits_job(heads=2, steps=20), DIGITS, lease_timeout_s=600, guard=SYNTHETIC
+    )
     server = ParameterServer(coordinator, host="127.0.0.1", port=0, **server_kwargs).start()
     try:
         yield server

@@ -23,7 +23,7 @@ from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.server.app import ParameterServer
 from tests.cluster import digits_job, running_server
-from tests.faults import FakeClock, master_hash, push_messages, random_factors
+from tests.faults import SYNTHETIC, FakeClock, master_hash, push_messages, random_factors
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -34,7 +34,9 @@ MAX_STALENESS = 3
 def server() -> Iterator[ParameterServer]:
     # async: every accepted push is folded into W at once, so a wrongly accepted one would show in the hash
     job = digits_job(heads=4, mode="async", steps=10_000)
-    with running_server(job, heads_per_worker=2, max_staleness=MAX_STALENESS, lease_timeout_s=600) as srv:
+    with running_server(
+        job, heads_per_worker=2, max_staleness=MAX_STALENESS, lease_timeout_s=600, guard=SYNTHETIC
+    ) as srv:
         yield srv
 
 
@@ -445,7 +447,10 @@ def test_a_push_after_leave_is_refused(server, stub):
 @pytest.mark.server
 def test_sync_mode_refuses_a_push_trained_on_an_older_version():
     job = digits_job(heads=2, mode="sync", steps=1000)
-    with running_server(job, heads_per_worker=2) as server, grpc.insecure_channel(server.address) as ch:
+    with (
+        running_server(job, heads_per_worker=2, guard=SYNTHETIC) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
         stub = pb_grpc.ParameterServerStub(ch)
         with registered(stub, server) as lease:
             assert stub.PushUpdate(iter(lease.push()), timeout=30).applied  # both heads: the round closes
@@ -540,7 +545,7 @@ def test_a_heartbeat_cannot_move_its_lease_into_a_server_state(state):
     # regression: a heartbeat saying "left" once froze the lease, so its heads never returned
     clock = FakeClock()  # no expiry while we talk; then the test moves the time past the lease
     with (
-        running_server(digits_job(heads=2), lease_timeout_s=60.0, clock=clock) as server,
+        running_server(digits_job(heads=2), lease_timeout_s=60.0, clock=clock, guard=SYNTHETIC) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
         stub, c = pb_grpc.ParameterServerStub(channel), server.coordinator
