@@ -36,9 +36,15 @@ from lte.common.lte import (  # noqa: E402
     plain_state_dict,
 )
 from lte.common.model_check import explain_rows, explain_summary  # noqa: E402
-from lte.common.policy import prepare_model  # noqa: E402
 from lte.common.outputs import forward_logits, logits_of  # noqa: E402
-from lte.common.policy import HEADS, REPLICA, TIED, classify_model, expect_stacked_batch  # noqa: E402
+from lte.common.policy import (  # noqa: E402
+    HEADS,
+    REPLICA,
+    TIED,
+    classify_model,
+    expect_stacked_batch,
+    prepare_model,  # noqa: E402
+)
 from lte.common.sim import main as sim_main  # noqa: E402
 from lte.common.sim import run_lte  # noqa: E402
 from lte.common.text import ByteTokenizer, load_text, write_token_files  # noqa: E402
