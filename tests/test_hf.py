@@ -418,3 +418,27 @@ def test_dropout_is_named_at_start_up_as_what_breaks_bit_identity(configs, tmp_p
     model = transformers.AutoModelForCausalLM.from_config(plain)  # GPT-2's default dropout 0.1
     assert any("dropout module(s) (p up to 0.1)" in w for w in classify_model(model).warnings)
     assert not [w for w in classify_model(build(configs, "gpt2")).warnings if "dropout" in w]
+
+
+def test_a_workers_conv1d_factors_round_to_exactly_what_the_wire_carries(configs):
+    # int8-block rounds in blocks of the sent tensor: a Conv1D head sends (A^T, B^T), so the
+    # worker must round in that layout for both sides to hold the same B', A'
+    from types import SimpleNamespace
+
+    from lte.common.codec import get_codec
+    from lte.common.protocol import Role, codec_for
+    from lte.worker.client import Worker
+
+    job = JobConfig(model="x", uplink="int8-block")
+    model = prepare_model(build(configs, "gpt2"), LTEConfig(heads=2, rank=4, alpha=8.0))
+    with torch.no_grad():
+        for layer in lte_layers(model).values():
+            layer.lora_B.normal_()
+    fake = SimpleNamespace(_joined=lambda: (job, None))
+    Worker._round_factors_to_wire(fake, SimpleNamespace(model=model))  # type: ignore[arg-type]
+    codec = get_codec(codec_for(Role.HEAD_FACTOR, job))
+    for head in range(2):
+        for name, factors in export_head_factors(model, head).items():
+            for t in factors:
+                sent = codec.decode(codec.encode(t.float().contiguous()), tuple(t.shape))
+                assert torch.equal(sent, t.float()), name  # nothing left to round: both sides agree

@@ -12,6 +12,7 @@ from lte.common.lte import (
     HeadUpdate,
     LTEConfig,
     LTELinear,
+    LTETiedLinear,
     ReplicaUpdate,
     apply_updates,
     commit_merge,
@@ -275,9 +276,12 @@ def test_strict_conversion_names_uncovered_parameters():
             self.out = nn.Linear(4, 10, bias=False)
             self.out.weight = self.emb.weight
 
-    tied = prepare_model(
-        Tied(), LTEConfig()
-    )  # the tied Linear stays plain: its weight is the owner's replica
+    # the table gets LTE heads and the tied Linear reads them (issue 22): nothing trains full-rank
+    tied = prepare_model(Tied(), LTEConfig())
+    assert isinstance(tied.out, LTETiedLinear) and tied.out.weight is tied.emb.weight
+    assert sorted(replica_parameters(tied)) == []
+    # without embedding heads the tied Linear stays plain: its weight is the owner's replica
+    tied = prepare_model(Tied(), LTEConfig(embeddings=False))
     assert type(tied.out) is nn.Linear and tied.out.weight is tied.emb.weight
     assert sorted(replica_parameters(tied)) == ["emb.weight"]
     with pytest.raises(ValueError, match=r"0\.bias"):
