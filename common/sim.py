@@ -35,6 +35,7 @@ from lte.common.data import (
     load_job_dataset,
     stacked_batch,
 )
+from lte.common.export import export_model
 from lte.common.images import BadImageError
 from lte.common.lte import apply_updates
 from lte.common.model_check import startup_model_check
@@ -277,27 +278,6 @@ def _progress_fields(record: dict[str, Any], samples: int, start: float) -> dict
     if "perplexity" in record:
         out["val_loss"] = record["test_loss"]
     return out
-
-
-def export_model(path: str, state: dict[str, torch.Tensor], job: JobConfig, dataset, *, version: int) -> None:
-    """The model as ``lte-server`` exports it: safetensors with the job in its metadata, and for
-    token data the tokenizer beside it (``lte-generate`` reads both)."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from lte.common.hf import export_hf_folder
-    from lte.common.text import copy_tokenizer
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().clone() for k, v in state.items()}  # clones: a tie shares storage
-    metadata = {"lte_job": json.dumps(job.to_dict()), "version": str(version)}
-    save_file(tensors, path, metadata=metadata)
-    from lte.common.run_metadata import share_as_umask
-
-    share_as_umask(path)  # as lte-server's export: the umask's mode, not safetensors' 0600
-    copy_tokenizer(dataset, Path(path).parent)
-    export_hf_folder(path, job, tensors, dataset, metadata)  # a hf: model: also hf/, a transformers folder
 
 
 def build_parser() -> argparse.ArgumentParser:

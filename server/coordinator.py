@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lte.common.config import UPLINK_CODECS, JobConfig
+from lte.common.export import export_model
 from lte.common.fingerprint import model_fingerprint
 from lte.common.model_check import checkpoint_mismatch, model_summary
 from lte.common.policy import classify_model
@@ -40,8 +41,7 @@ from lte.common.protocol import (
     head_tensor_name,
     replica_tensor_name,
 )
-from lte.common.run_metadata import export_metadata, resolved_job, share_as_umask
-from lte.common.text import copy_tokenizer
+from lte.common.run_metadata import resolved_job
 from lte.common.trainer import build_job_model, lr_at
 from lte.server import checkpoint as ckpt
 from lte.server import scheduler
@@ -966,23 +966,14 @@ class Coordinator:
             return {k: v.detach().clone().cpu().contiguous() for k, v in self.master.items()}
 
     def export(self, path: str | Path) -> Path:
-        """The merged model as a plain safetensors state_dict that loads into the zoo model."""
-        from safetensors.torch import save_file
+        """The merged model as ``lte.common.export.export_model`` writes it (lte-sim writes the same).
 
-        from lte.common.hf import export_hf_folder
-
+        Raises ValueError when the master holds NaN or Inf (nothing is written)."""
         path = Path(path)
         state = self.plain_state()
         if not all_master_finite(state):
             raise ValueError(f"not exporting {path}: the master weights hold NaN or Inf")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = export_metadata(self.job, self.dataset, self.version)  # resolved job, preprocessing
-        save_file(state, str(path), metadata=metadata)
-        share_as_umask(path)  # 0644 under the usual umask, not safetensors' 0600
-        copy_tokenizer(self.dataset, path.parent)  # language models: the tokenizer goes beside the weights
-        # a hf: model: also hf/, a transformers folder
-        export_hf_folder(path, self.job, state, self.dataset, metadata)
-        return path
+        return export_model(path, state, self.job, self.dataset, version=self.version)
 
     def progress(self) -> tuple[int, int]:
         """(head-rounds done, head-rounds planned): the job's progress in one unit everywhere."""
