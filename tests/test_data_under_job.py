@@ -23,6 +23,7 @@ from tests.test_image_data import write_classes
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.process
 def test_a_deleted_evaluation_split_is_one_warning_per_evaluation_and_a_non_zero_end(tmp_path):
     data, copy = tmp_path / "data", tmp_path / "worker-data"
     write_classes(data, {"a": 10, "b": 10})

@@ -36,6 +36,7 @@ def test_a_worker_from_before_the_handshake_may_join_only_jobs_of_core_fields():
     assert "randaugment_ops" not in CORE_JOB_FIELDS
 
 
+@pytest.mark.server
 def test_an_older_worker_that_does_not_know_randaugment_is_refused_in_one_line(capsys, caplog):
     job = digits_job(heads=2, steps=20, randaugment_ops=2)
     with running_server(job) as server, caplog.at_level(logging.WARNING, logger="lte.server"):
@@ -77,6 +78,7 @@ def test_the_fingerprint_names_the_module_that_differs(factories):
     assert fingerprint_difference(("", ""), gelu, job.model) is None  # an older server sends none
 
 
+@pytest.mark.server
 def test_a_worker_process_with_relu_where_the_server_has_gelu_is_refused_on_both_sides(
     factories, tmp_path, caplog
 ):

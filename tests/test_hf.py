@@ -282,6 +282,7 @@ def lm_factory(context: int, vocab_size: int) -> nn.Module:
 
 
 # -- training: lte-sim equals the network bit for bit; the HF export folder --------------------
+@pytest.mark.server
 @pytest.mark.parametrize("name", ["gpt2", "llama", "llama-untied"])
 def test_sync_over_the_network_reproduces_the_emulator(configs, byte_data, tmp_path, name):
     from lte.server.app import ParameterServer
@@ -348,6 +349,7 @@ def test_the_hf_export_folder_loads_with_transformers_and_lte(configs, byte_data
     assert evaluated["test_loss"] == pytest.approx(result["test_loss"], rel=1e-6)
 
 
+@pytest.mark.process
 def test_lte_sim_cli_without_transformers_installed_says_how_to_install_it(configs, byte_data, tmp_path):
     # a child Python where importing transformers fails, as on a machine without the extra
     (tmp_path / "transformers.py").write_text("raise ImportError('No module named transformers')\n")

@@ -90,6 +90,7 @@ def lte_worker(*args: str, env_extra: dict[str, str] | None = None) -> subproces
     )
 
 
+@pytest.mark.server
 def test_a_missing_or_wrong_token_exits_2_with_one_line_and_the_hint_once():
     from lte.server.app import ParameterServer
 
@@ -133,6 +134,7 @@ def test_the_exported_model_respects_the_umask(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.process
 def test_prepared_text_data_is_git_ignored():
     for path in ("data/kjv/kjv.txt", "data/kjv/train.bin"):
         result = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, check=False)
@@ -167,6 +169,7 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # the group this test started (its own session)
 
 
+@pytest.mark.process
 def test_sighup_stops_the_server_and_its_local_workers_with_a_checkpoint(tmp_path):
     """Issue 24 item 3: a closed terminal sends SIGHUP to the job's process group; the server and
     its local workers used to die at once with no checkpoint and no message."""
@@ -200,6 +203,7 @@ def evaluated(out: Path) -> bool:
     return metrics.exists() and '"eval": true' in metrics.read_text()
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Fashion-MNIST")
 def test_ctrl_c_on_a_terminal_during_evaluations_stops_in_order_without_a_native_abort(tmp_path):
     """Issue 25 item 3: Ctrl+C of a ViT server (its output on a terminal: a pty here) while it

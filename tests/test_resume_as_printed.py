@@ -125,6 +125,7 @@ def phase(command, log: Path, cwd: Path, run: Path, *, worker_args: list[str], s
             proc.wait()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_printed_resume_command_continues_the_job_after_sigterm_and_ctrl_c(
     tmp_path, family, capsys, monkeypatch

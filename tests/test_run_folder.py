@@ -60,6 +60,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.process
 def test_a_second_server_on_the_same_run_folder_is_refused_in_one_line(tmp_path):
     out = tmp_path / "run"
     first = start_server(out)
@@ -74,6 +75,7 @@ def test_a_second_server_on_the_same_run_folder_is_refused_in_one_line(tmp_path)
     assert not (out / LOCK_NAME).exists()  # the owner's clean exit gives the folder back
 
 
+@pytest.mark.process
 def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys):
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
     lock = RunLock(tmp_path).acquire()
@@ -100,6 +102,7 @@ def test_default_run_names_started_in_one_second_differ():
     assert len(names) == 50 and all(n.startswith(start[:8]) for n in names)
 
 
+@pytest.mark.process
 def test_a_reused_out_with_an_export_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -75,6 +75,7 @@ def test_the_date_check_names_the_certificate_and_its_date(certs):
     check_certificate_dates("tls_cert", certs["future"][0], Path(certs["future"][0]).read_bytes(), later)
 
 
+@pytest.mark.process
 def test_lte_server_refuses_an_expired_or_not_yet_valid_certificate_in_one_line(certs, tmp_path):
     for which, phrase in (
         ("expired", f"expired on {certs['expired_end']}"),
@@ -88,6 +89,7 @@ def test_lte_server_refuses_an_expired_or_not_yet_valid_certificate_in_one_line(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.process
 def test_lte_worker_refuses_an_expired_certificate_before_dialling(certs):
     cert, key = certs["expired"]
     result = run(
@@ -96,6 +98,7 @@ def test_lte_worker_refuses_an_expired_certificate_before_dialling(certs):
     assert_refused(result, f"--tls-cert {cert}", f"expired on {certs['expired_end']}")
 
 
+@pytest.mark.server
 def test_a_worker_names_the_servers_expired_certificate_instead_of_the_address(certs):
     """The server (started in-process: the start-up check would refuse its certificate) presents an
     expired one: the worker process stops at once, naming the certificate problem and its dates."""

@@ -578,6 +578,7 @@ def test_all_finite_is_exact_where_the_fast_sum_overflows():
     assert not all_finite(pair) and all_finite(torch.zeros(0))
 
 
+@pytest.mark.server
 def test_a_worker_that_does_not_apply_the_jobs_head_data_is_refused_at_register():
     """An older worker drops the unknown JobConfig.head_data and would train on shards: the version
     handshake refuses it by name unless its WorkerInfo lists the field (a shard job still takes it)."""

@@ -45,6 +45,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=20)
 
 
+@pytest.mark.process
 def test_a_worker_behind_a_rate_limited_link_trains_mlp_rounds(tmp_path):
     netns = _netns()
     reason = netns.available()
