@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from lte.common.config import JobConfig
 from lte.common.data import load_dataset
 from lte.server.coordinator import Coordinator

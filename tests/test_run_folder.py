@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from lte.server.runlock import LOCK_NAME, RunLock
 from lte.server.startup import default_run_folder
 from tests.faults import wait_until
