@@ -78,6 +78,7 @@ def text_data(tmp_path_factory):
     return load_text(str(folder), eval_tokens=256)
 
 
+@pytest.mark.timeout(1800)  # vit-l and gpt2-medium (300M parameters) on a loaded 2-core box
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_the_guard_never_fires_on_an_honest_job_of_any_zoo_model(model, text_data):
     """Default thresholds, default uplink (fp16: its rounding is inside the bounds too), lr 1e-2 (a
