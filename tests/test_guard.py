@@ -78,6 +78,7 @@ def text_data(tmp_path_factory):
     return load_text(str(folder), eval_tokens=256)
 
 
+@pytest.mark.timeout(1800)  # vit-l and gpt2-medium (300M parameters) on a loaded 2-core box
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_the_guard_never_fires_on_an_honest_job_of_any_zoo_model(model, text_data):
     """Default thresholds, default uplink (fp16: its rounding is inside the bounds too), lr 1e-2 (a
@@ -119,6 +120,24 @@ def test_every_poisoned_push_is_refused_from_the_first_round_and_the_rogue_quara
     assert [l.worker["name"] for l in c.leases.values() if l.state == "quarantined"] == ["w2"]
     assert c.version == job.rounds  # a new worker took its heads
     assert finite(c.master)
+
+
+@pytest.mark.rogue
+@pytest.mark.parametrize("mode", ["async", "buffered"])
+def test_poisoned_pushes_are_refused_in_async_and_buffered_modes_too(mode):
+    job = digits_job(heads=6, steps=60, mode=mode)
+    refused = []
+    c = run_through_server(
+        job,
+        DIGITS,
+        workers=3,
+        corrupt=lambda worker, _, heads: poison_factors(heads, "scale=300") if worker == 2 else heads,
+        on_refused=lambda worker, exc: refused.append((worker, exc.reason)),
+    )
+    # (this harness does not follow the async scheduler's head moves: honest pushes may get HEAD_MOVED)
+    assert [r for r in refused if r[0] == 2] == [(2, Refusal.OUTLIER)] * c.guard.settings.quarantine_after
+    assert c.guard.outliers == c.guard.settings.quarantine_after and c.guard.rollbacks == 0
+    assert c.version > job.rounds and finite(c.master)
 
 
 @pytest.mark.rogue
@@ -172,6 +191,7 @@ def test_a_merge_that_breaks_the_master_is_rolled_back_and_its_worker_quarantine
 
 # -- a rogue worker process among two honest ones ---------------------------------------------------
 @pytest.mark.rogue
+@pytest.mark.timeout(1800)  # the lte-sim baseline and a real 3-worker job: 10 min on a loaded 2-core box
 @pytest.mark.parametrize(
     ("poison", "uplink"),
     [("scale=300", "fp16"), ("value=1e19", "bf16"), ("nan", "fp16"), ("layer=300", "fp16")],
