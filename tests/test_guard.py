@@ -58,6 +58,7 @@ def test_unknown_guard_mode_is_refused():
 
 
 # -- honest jobs --------------------------------------------------------------------------------
+@pytest.mark.slow  # training through the server path: tens of seconds
 def test_sync_through_the_server_path_equals_lte_sim_bit_for_bit_with_the_guard_on():
     job = digits_job(heads=4, steps=40, uplink="fp32", quant="none")
     c = run_through_server(job, DIGITS)
@@ -78,6 +79,7 @@ def text_data(tmp_path_factory):
     return load_text(str(folder), eval_tokens=256)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # vit-l and gpt2-medium (300M parameters) on a loaded 2-core box
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_the_guard_never_fires_on_an_honest_job_of_any_zoo_model(model, text_data):
@@ -102,6 +104,7 @@ def test_the_guard_never_fires_on_an_honest_job_of_any_zoo_model(model, text_dat
 POISONS = [("scale=300", "fp16"), ("value=1e19", "bf16"), ("layer=300", "fp16")]
 
 
+@pytest.mark.slow  # training through the server path: tens of seconds
 @pytest.mark.rogue
 @pytest.mark.parametrize(("poison", "uplink"), POISONS)
 def test_every_poisoned_push_is_refused_from_the_first_round_and_the_rogue_quarantined(poison, uplink):
@@ -122,6 +125,7 @@ def test_every_poisoned_push_is_refused_from_the_first_round_and_the_rogue_quara
     assert finite(c.master)
 
 
+@pytest.mark.slow  # training through the server path: tens of seconds
 @pytest.mark.rogue
 @pytest.mark.parametrize("mode", ["async", "buffered"])
 def test_poisoned_pushes_are_refused_in_async_and_buffered_modes_too(mode):
@@ -190,6 +194,8 @@ def test_a_merge_that_breaks_the_master_is_rolled_back_and_its_worker_quarantine
 
 
 # -- a rogue worker process among two honest ones ---------------------------------------------------
+@pytest.mark.process
+@pytest.mark.server
 @pytest.mark.rogue
 @pytest.mark.timeout(1800)  # the lte-sim baseline and a real 3-worker job: 10 min on a loaded 2-core box
 @pytest.mark.parametrize(
