@@ -14,7 +14,8 @@
    summed learning rates (so warm-up and decay do not look like outliers), it may be at most
    ``ratio`` (10) times the median of the last ``window`` (64) accepted ones of that layer, once
    there are ``min_history`` (4). A replica's delta is checked the same way (and, for trained
-   parameters, by the step bound).
+   parameters, by the step bound); a buffer's (running statistics) by its plain norm, not per unit
+   of lr: the data moves it, not the learning rate.
 
 Modes (``--update-guard``): ``refuse`` (default) refuses an outlier push (``Refusal.OUTLIER``): its
 heads' round counts and merges nothing, and the worker rolls those heads back to their last merged
@@ -236,7 +237,11 @@ class UpdateGuard:
             norm = norm if math.isfinite(norm) else math.inf
             share = norm / self.job.heads
             verdict.impact = max(verdict.impact, share / ((master_norms or {}).get(name, 0.0) + 1e-12))
-            self._median_check(verdict, (-1, name), "replica/" + name, f"replica {name}", norm, lr_sum)
+            # a buffer (batch norm's running statistics, its batch count) moves by the data, not by the
+            # learning rate: per unit of lr it would grow 100x as the cosine decays to 0 and every
+            # honest push near the end would be an outlier; its median is of the plain norms
+            per = lr_sum if name in trained_replicas else 1.0
+            self._median_check(verdict, (-1, name), "replica/" + name, f"replica {name}", norm, per)
         return verdict
 
     def accept(self, verdict: Verdict) -> None:
