@@ -6,7 +6,8 @@
    b = 0.9, 0.999; ``adam_step_bound``), plus decoupled weight decay. A head's ``B`` and ``A`` may
    differ from the server's last merged ``B', A'`` by at most ``step_slack`` (2) times that bound
    summed over the round's scheduled learning rates, plus the uplink's rounding of the entry. (A
-   head never merged: ``B' = 0``, ``A'`` unknown, so only ``B`` is bounded.)
+   head never merged: ``B' = 0``, ``A'`` unknown, so only ``B`` is bounded; a transposed layer,
+   transformers' Conv1D, sends ``(A^T, B^T)``: there ``B^T``, the second factor, is.)
 2. **The running median.** A head's contribution to LTE layer ``l`` is ``D = B A - B' A'`` (the
    merge adds ``s * w * D``, DESIGN.md section 2); its Frobenius norm comes from ``r x r`` Gram
    matrices in float64 without forming ``[m, n]``:
@@ -151,8 +152,11 @@ class Verdict:
 class UpdateGuard:
     """Per-layer running medians of accepted contributions, and the checks of a push."""
 
-    def __init__(self, settings: GuardSettings, job) -> None:
+    def __init__(self, settings: GuardSettings, job, transposed: frozenset[str] = frozenset()) -> None:
+        """``transposed``: layers whose factors travel as ``(A^T, B^T)`` (transformers' Conv1D): there
+        the second factor is the one that starts at 0."""
         self.settings, self.job = settings, job
+        self.transposed = transposed
         self.adam = adam_step_bound(job.beta1, job.beta2)
         self.rounding = CODEC_ROUNDING.get(job.uplink, 1.0 / 127)
         self.history: dict[str, deque[float]] = {}
@@ -212,7 +216,12 @@ class UpdateGuard:
             for layer, (b, a) in layers.items():
                 bp, ap = prev.get(h, {}).get(layer, (None, None))
                 # 1. no factor entry moved further than AdamW can move it in this round
-                steps = [("B", b, bp)] + ([("A", a, ap)] if ap is not None else [])
+                if ap is not None:
+                    steps = [("B", b, bp), ("A", a, ap)]
+                elif layer in self.transposed:  # (A^T, B^T): B^T is the factor that starts at 0
+                    steps = [("B^T", a, None)]
+                else:
+                    steps = [("B", b, bp)]
                 for part, now, before in steps:
                     prev_max = _max_abs(before) if before is not None else 0.0
                     moved = _max_abs(now - before) if before is not None else _max_abs(now)
