@@ -6,8 +6,9 @@
    b = 0.9, 0.999; ``adam_step_bound``), plus decoupled weight decay. A head's ``B`` and ``A`` may
    differ from the server's last merged ``B', A'`` by at most ``step_slack`` (2) times that bound
    summed over the round's scheduled learning rates, plus the uplink's rounding of the entry. (A
-   head never merged: ``B' = 0``, ``A'`` unknown, so only ``B`` is bounded; a transposed layer,
-   transformers' Conv1D, sends ``(A^T, B^T)``: there ``B^T``, the second factor, is.)
+   head never merged: ``B' = 0``, ``A'`` unknown, so ``B`` is bounded from 0 and ``||A||_F`` by its
+   init's largest norm plus the steps' (``init_norm_bound``); a transposed layer, transformers'
+   Conv1D, sends ``(A^T, B^T)``: there ``B^T`` is the factor that starts at 0.)
 2. **The running median.** A head's contribution to LTE layer ``l`` is ``D = B A - B' A'`` (the
    merge adds ``s * w * D``, DESIGN.md section 2); its Frobenius norm comes from ``r x r`` Gram
    matrices in float64 without forming ``[m, n]``:
@@ -181,6 +182,25 @@ class UpdateGuard:
         move = lr_sum * (self.adam + wd * max(prev_max, now_max))
         return s.step_slack * move + self.rounding * max(prev_max, now_max) + 1e-12
 
+    def init_norm_bound(self, a: torch.Tensor) -> float:
+        """The largest ``||A||_F`` the job's ``--a-init`` draws for a factor of ``a``'s size (``r`` rows
+        of fan-in ``n``): orthogonal inits have exactly ``sqrt(min(r, n))`` times their spectral norm,
+        uniform ones at most ``sqrt(r n)`` times their bound (common/lte.py ``init_lora_a``)."""
+        r = max(1, int(self.job.rank))
+        n = max(1, a.numel() // r)
+        gain, kind = self.job.a_init_gain, self.job.a_init
+        if kind == "reference":
+            norm = math.sqrt(min(r, n)) * math.sqrt(n / r)
+        elif kind == "semi-orthogonal":
+            norm = math.sqrt(min(r, n)) * math.sqrt(r / n)
+        elif kind == "kaiming":
+            norm = math.sqrt(r * n) * math.sqrt(3.0 / n)
+        elif kind == "xavier":
+            norm = math.sqrt(r * n) * math.sqrt(6.0 / (n + r))
+        else:
+            return math.inf
+        return gain * norm * (1.0 + 1e-6)
+
     def _median_check(
         self, verdict: Verdict, key: tuple[int, str], hkey: str, what: str, norm: float, lr_sum: float
     ) -> None:
@@ -222,6 +242,14 @@ class UpdateGuard:
                     steps = [("B^T", a, None)]
                 else:
                     steps = [("B", b, bp)]
+                if ap is None:  # A' unknown: A may be no larger than its init's norm plus the steps
+                    first = b if layer in self.transposed else a
+                    norm_a = float(first.double().norm())
+                    bound = self.init_norm_bound(first) + self.step_bound(
+                        lr_sum, 0.0, _max_abs(first)
+                    ) * math.sqrt(first.numel())
+                    if not norm_a <= bound:
+                        verdict._flag((h, layer), f"head {h} layer {layer} factor A norm", norm_a, bound, 0.0)
                 for part, now, before in steps:
                     prev_max = _max_abs(before) if before is not None else 0.0
                     moved = _max_abs(now - before) if before is not None else _max_abs(now)

@@ -231,3 +231,26 @@ def test_batch_norm_statistics_do_not_look_like_outliers_as_the_learning_rate_de
     c = run_through_server(job, DIGITS, workers=2)
     assert c.guard.outliers == c.guard.rollbacks == 0, c.guard.status()
     assert c.version == job.rounds
+
+
+@pytest.mark.rogue
+def test_a_first_round_push_that_scales_only_a_is_refused():
+    """A head's first round: ``A'`` is unknown and there is no history yet, so only ``B`` was bounded.
+    The first worker to push, with ``B`` honest and ``A`` x30, merged: the master's norms ended 7x
+    those of the clean job (94 vs 14 on hidden.0) and an honest worker was refused afterwards."""
+    from lte.common.lte import HeadUpdate
+
+    def scale_a(worker, _, heads):
+        if worker != 0:
+            return heads
+        return [HeadUpdate(u.head_id, {k: (b, a * 30) for k, (b, a) in u.factors.items()}) for u in heads]
+
+    job = digits_job(heads=6, steps=60)
+    refused = []
+    c = run_through_server(
+        job, DIGITS, workers=3, corrupt=scale_a, on_refused=lambda w, exc: refused.append((w, exc.reason))
+    )
+    assert refused[:1] == [(0, Refusal.OUTLIER)]  # its very first push
+    assert c.guard.outliers == c.guard.settings.quarantine_after, c.guard.status()
+    assert [l.worker["name"] for l in c.leases.values() if l.state == "quarantined"] == ["w0"]
+    assert float(c.master["hidden.0.weight"].norm()) < 20  # the clean job's: 14.0
