@@ -9,9 +9,12 @@ other side has GELU has the same shapes); ``fingerprint_difference`` names the f
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
+import json
+import textwrap
 
 import torch
 from torch import nn
@@ -43,22 +46,67 @@ def factory_source_hash(spec: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+def _code_of(cls: type) -> str:
+    """A class's source as its syntax tree without docstrings (comments, formatting and docs do not
+    count); "" when the source cannot be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return ""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            body[0] = ast.Pass()
+    return ast.dump(tree)
+
+
+def module_code_hash(model: nn.Module) -> str:
+    """sha256 (16 hex) of the code of every module class in ``model`` that is not torch's: a zoo
+    model's forward (``F.gelu`` vs ``F.relu`` has the same tree) or a user block imported from
+    another file than the factory's. For a transformers model, its config (the model's code is the
+    transformers version's)."""
+    parts = []
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: (c.__module__, c.__qualname__)):
+        if cls.__module__.split(".")[0] in ("torch", "transformers"):
+            continue
+        parts.append(f"{cls.__module__}.{cls.__qualname__}\n{_code_of(cls)}")
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict") and any(
+        type(m).__module__.startswith("transformers.") for m in model.modules()
+    ):
+        values = {
+            k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")
+        }
+        parts.append(json.dumps(values, sort_keys=True, default=str))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def model_fingerprint(job: JobConfig) -> tuple[str, str]:
-    """(fingerprint, tree) of ``job``'s model: ``tree <sha256 of the tree, 16 hex> factory <hash|->``."""
+    """(fingerprint, tree) of ``job``'s model: ``tree <sha256 of the tree, 16 hex> factory <hash|->
+    code <hash of the module classes' code>``."""
     from lte.common.trainer import build_job_model
 
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the caller's RNG stays as it was
         model = build_job_model(job)
     tree = model_tree(model)
     digest = hashlib.sha256(tree.encode()).hexdigest()[:16]
-    return f"tree {digest} factory {factory_source_hash(job.model) or '-'}", tree
+    factory = factory_source_hash(job.model) or "-"
+    return f"tree {digest} factory {factory} code {module_code_hash(model)}", tree
 
 
 def fingerprint_difference(server: tuple[str, str], here: tuple[str, str], spec: str) -> str | None:
     """None when the fingerprints agree (or the server sent none: an older server); else one phrase
     naming the first difference of the module trees, or the factory source."""
     (server_fp, server_tree), (fp, tree) = server, here
-    if not server_fp or server_fp == fp:
+    theirs_parts, mine_parts = server_fp.split(), fp.split()
+    n = min(len(theirs_parts), len(mine_parts))  # a server from before the code hash sends fewer parts
+    if not server_fp or theirs_parts[:n] == mine_parts[:n]:
         return None
     theirs, mine = server_tree.splitlines(), tree.splitlines()
     for a, b in zip(theirs, mine, strict=False):
@@ -66,7 +114,13 @@ def fingerprint_difference(server: tuple[str, str], here: tuple[str, str], spec:
             return f"the model differs: the server has {a!r}, this worker {b!r}"
     if len(theirs) != len(mine):
         return f"the model differs: the server's has {len(theirs)} modules/tensors, this worker's {len(mine)}"
+    if theirs_parts[2:4] != mine_parts[2:4]:
+        return (
+            f"the source of the model factory {spec} differs (server {theirs_parts[3]}, "
+            f"this worker {mine_parts[3]})"
+        )
     return (
-        f"the source of the model factory {spec} differs (server {server_fp.rsplit(' ', 1)[-1]}, "
-        f"this worker {fp.rsplit(' ', 1)[-1]})"
+        f"the code of the model's modules differs (server code {theirs_parts[-1]}, this worker code "
+        f"{mine_parts[-1]}): the same model with another forward (a different lte release, edited model "
+        "code, or another transformers config)"
     )

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lte.common.config import UPLINK_CODECS, JobConfig
 from lte.common.export import export_model
 from lte.common.fingerprint import model_fingerprint
+from lte.common.lte import conv1d_class
 from lte.common.model_check import checkpoint_mismatch, model_summary
 from lte.common.policy import classify_model
 from lte.common.protocol import (
@@ -155,7 +157,9 @@ class Coordinator:
         self._metrics_file = open(metrics_path, "a", buffering=1) if metrics_path else None  # noqa: SIM115
         self._sinks: list = []
         self.snapshots = SnapshotBuilder(job, self.layer_names)
-        self.guard = UpdateGuard(guard or GuardSettings(), job)
+        self.guard = UpdateGuard(
+            guard or GuardSettings(), job, transposed=transposed_layers(self.model, self.layer_names)
+        )
         self.fingerprint = model_fingerprint(job)  # (fingerprint, module tree): sent with each registration
         self._trained_replicas = frozenset(n for n, _ in self.model.named_parameters()) & set(
             self.replica_names
@@ -1066,3 +1070,12 @@ def _effective(job: Mapping[str, Any]) -> dict[str, Any]:
     if is_vit and not out.get("patch_size") and out.get("image_size"):
         out["patch_size"] = default_patch_size(int(out["image_size"]))  # the zoo's rule, as built
     return out
+
+
+def transposed_layers(model: nn.Module, layer_names: list[str]) -> frozenset[str]:
+    """LTE layers whose factors travel as ``(A^T, B^T)`` (transformers' ``Conv1D``, master ``[in, out]``)."""
+    cls = conv1d_class()
+    if cls is None:
+        return frozenset()
+    modules = dict(model.named_modules())
+    return frozenset(n for n in layer_names if isinstance(modules.get(n.rpartition(".")[0]), cls))

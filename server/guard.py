@@ -6,7 +6,9 @@
    b = 0.9, 0.999; ``adam_step_bound``), plus decoupled weight decay. A head's ``B`` and ``A`` may
    differ from the server's last merged ``B', A'`` by at most ``step_slack`` (2) times that bound
    summed over the round's scheduled learning rates, plus the uplink's rounding of the entry. (A
-   head never merged: ``B' = 0``, ``A'`` unknown, so only ``B`` is bounded.)
+   head never merged: ``B' = 0``, ``A'`` unknown, so ``B`` is bounded from 0 and ``||A||_F`` by its
+   init's largest norm plus the steps' (``init_norm_bound``); a transposed layer, transformers'
+   Conv1D, sends ``(A^T, B^T)``: there ``B^T`` is the factor that starts at 0.)
 2. **The running median.** A head's contribution to LTE layer ``l`` is ``D = B A - B' A'`` (the
    merge adds ``s * w * D``, docs/design.md section 2); its Frobenius norm comes from ``r x r`` Gram
    matrices in float64 without forming ``[m, n]``:
@@ -14,7 +16,8 @@
    summed learning rates (so warm-up and decay do not look like outliers), it may be at most
    ``ratio`` (10) times the median of the last ``window`` (64) accepted ones of that layer, once
    there are ``min_history`` (4). A replica's delta is checked the same way (and, for trained
-   parameters, by the step bound).
+   parameters, by the step bound); a buffer's (running statistics) by its plain norm, not per unit
+   of lr: the data moves it, not the learning rate.
 
 Modes (``--update-guard``): ``refuse`` (default) refuses an outlier push (``Refusal.OUTLIER``): its
 heads' round counts and merges nothing, and the worker rolls those heads back to their last merged
@@ -150,8 +153,11 @@ class Verdict:
 class UpdateGuard:
     """Per-layer running medians of accepted contributions, and the checks of a push."""
 
-    def __init__(self, settings: GuardSettings, job) -> None:
+    def __init__(self, settings: GuardSettings, job, transposed: frozenset[str] = frozenset()) -> None:
+        """``transposed``: layers whose factors travel as ``(A^T, B^T)`` (transformers' Conv1D): there
+        the second factor is the one that starts at 0."""
         self.settings, self.job = settings, job
+        self.transposed = transposed
         self.adam = adam_step_bound(job.beta1, job.beta2)
         self.rounding = CODEC_ROUNDING.get(job.uplink, 1.0 / 127)
         self.history: dict[str, deque[float]] = {}
@@ -175,6 +181,25 @@ class UpdateGuard:
         s, wd = self.settings, self.job.weight_decay
         move = lr_sum * (self.adam + wd * max(prev_max, now_max))
         return s.step_slack * move + self.rounding * max(prev_max, now_max) + 1e-12
+
+    def init_norm_bound(self, a: torch.Tensor) -> float:
+        """The largest ``||A||_F`` the job's ``--a-init`` draws for a factor of ``a``'s size (``r`` rows
+        of fan-in ``n``): orthogonal inits have exactly ``sqrt(min(r, n))`` times their spectral norm,
+        uniform ones at most ``sqrt(r n)`` times their bound (common/lte.py ``init_lora_a``)."""
+        r = max(1, int(self.job.rank))
+        n = max(1, a.numel() // r)
+        gain, kind = self.job.a_init_gain, self.job.a_init
+        if kind == "reference":
+            norm = math.sqrt(min(r, n)) * math.sqrt(n / r)
+        elif kind == "semi-orthogonal":
+            norm = math.sqrt(min(r, n)) * math.sqrt(r / n)
+        elif kind == "kaiming":
+            norm = math.sqrt(r * n) * math.sqrt(3.0 / n)
+        elif kind == "xavier":
+            norm = math.sqrt(r * n) * math.sqrt(6.0 / (n + r))
+        else:
+            return math.inf
+        return gain * norm * (1.0 + 1e-6)
 
     def _median_check(
         self, verdict: Verdict, key: tuple[int, str], hkey: str, what: str, norm: float, lr_sum: float
@@ -211,7 +236,20 @@ class UpdateGuard:
             for layer, (b, a) in layers.items():
                 bp, ap = prev.get(h, {}).get(layer, (None, None))
                 # 1. no factor entry moved further than AdamW can move it in this round
-                steps = [("B", b, bp)] + ([("A", a, ap)] if ap is not None else [])
+                if ap is not None:
+                    steps = [("B", b, bp), ("A", a, ap)]
+                elif layer in self.transposed:  # (A^T, B^T): B^T is the factor that starts at 0
+                    steps = [("B^T", a, None)]
+                else:
+                    steps = [("B", b, bp)]
+                if ap is None:  # A' unknown: A may be no larger than its init's norm plus the steps
+                    first = b if layer in self.transposed else a
+                    norm_a = float(first.double().norm())
+                    bound = self.init_norm_bound(first) + self.step_bound(
+                        lr_sum, 0.0, _max_abs(first)
+                    ) * math.sqrt(first.numel())
+                    if not norm_a <= bound:
+                        verdict._flag((h, layer), f"head {h} layer {layer} factor A norm", norm_a, bound, 0.0)
                 for part, now, before in steps:
                     prev_max = _max_abs(before) if before is not None else 0.0
                     moved = _max_abs(now - before) if before is not None else _max_abs(now)
@@ -236,7 +274,11 @@ class UpdateGuard:
             norm = norm if math.isfinite(norm) else math.inf
             share = norm / self.job.heads
             verdict.impact = max(verdict.impact, share / ((master_norms or {}).get(name, 0.0) + 1e-12))
-            self._median_check(verdict, (-1, name), "replica/" + name, f"replica {name}", norm, lr_sum)
+            # a buffer (batch norm's running statistics, its batch count) moves by the data, not by the
+            # learning rate: per unit of lr it would grow 100x as the cosine decays to 0 and every
+            # honest push near the end would be an outlier; its median is of the plain norms
+            per = lr_sum if name in trained_replicas else 1.0
+            self._median_check(verdict, (-1, name), "replica/" + name, f"replica {name}", norm, per)
         return verdict
 
     def accept(self, verdict: Verdict) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -109,10 +110,26 @@ class RunLock:
 
 
 def check_reused_out(folder: Path, *, overwrite: bool, resume: bool) -> None:
-    """A run folder that holds an earlier job's export is not silently reused: ``ConfigError``
-    unless ``--overwrite`` (replace it) or ``--resume`` (continue that job)."""
-    if (folder / EXPORT_NAME).exists() and not overwrite and not resume:
+    """A run folder that holds an earlier job's export or checkpoints is not silently reused:
+    ``ConfigError`` unless ``--overwrite`` (replace them: the old checkpoints are removed, or the
+    new job's first checkpoints, of lower versions, would be pruned at once beside them and
+    ``--resume`` would later pick the old job's) or ``--resume`` (continue that job)."""
+    from lte.server.checkpoint import list_checkpoints
+
+    if resume:
+        return
+    old = list_checkpoints(folder / "checkpoints")
+    if overwrite:
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    if (folder / EXPORT_NAME).exists():
         raise ConfigError(
             f"--out {folder}: the folder holds the model of an earlier job ({EXPORT_NAME}); pick another "
             "--out, or add --overwrite to replace it (or --resume to continue that job)"
+        )
+    if old:
+        raise ConfigError(
+            f"--out {folder}: the folder holds checkpoints of an earlier job (newest {old[-1].name}); "
+            f"add --resume {folder} to continue that job, --overwrite to replace it, or pick another --out"
         )

@@ -236,3 +236,47 @@ def test_a_rogue_worker_process_cannot_wreck_a_real_job(tmp_path, poison, uplink
     assert finite(load_file(str(export)))
     checkpoints = sorted((tmp_path / "ckpt").glob("*/tensors.safetensors"))
     assert checkpoints and all(finite(load_file(str(p))) for p in checkpoints)
+
+
+BN_FACTORY = """from torch import nn
+
+
+def make(image_size, in_channels, num_classes):
+    d = image_size * image_size * in_channels
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, num_classes))
+"""
+
+
+def test_batch_norm_statistics_do_not_look_like_outliers_as_the_learning_rate_decays(tmp_path, monkeypatch):
+    """Running statistics move by the data, not the lr: per unit of lr their deltas grew 100x as the
+    cosine decayed to 0, and near the end of an honest job every push was refused and every worker
+    quarantined (the job stopped at version 37 of 40)."""
+    (tmp_path / "bn_model.py").write_text(BN_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    job = digits_job(model="bn_model:make", heads=2, steps=120, merge_every=5, lr=1e-3)
+    c = run_through_server(job, DIGITS, workers=2)
+    assert c.guard.outliers == c.guard.rollbacks == 0, c.guard.status()
+    assert c.version == job.rounds
+
+
+@pytest.mark.rogue
+def test_a_first_round_push_that_scales_only_a_is_refused():
+    """A head's first round: ``A'`` is unknown and there is no history yet, so only ``B`` was bounded.
+    The first worker to push, with ``B`` honest and ``A`` x30, merged: the master's norms ended 7x
+    those of the clean job (94 vs 14 on hidden.0) and an honest worker was refused afterwards."""
+    from lte.common.lte import HeadUpdate
+
+    def scale_a(worker, _, heads):
+        if worker != 0:
+            return heads
+        return [HeadUpdate(u.head_id, {k: (b, a * 30) for k, (b, a) in u.factors.items()}) for u in heads]
+
+    job = digits_job(heads=6, steps=60)
+    refused = []
+    c = run_through_server(
+        job, DIGITS, workers=3, corrupt=scale_a, on_refused=lambda w, exc: refused.append((w, exc.reason))
+    )
+    assert refused[:1] == [(0, Refusal.OUTLIER)]  # its very first push
+    assert c.guard.outliers == c.guard.settings.quarantine_after, c.guard.status()
+    assert [l.worker["name"] for l in c.leases.values() if l.state == "quarantined"] == ["w0"]
+    assert float(c.master["hidden.0.weight"].norm()) < 20  # the clean job's: 14.0

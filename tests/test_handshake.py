@@ -98,3 +98,55 @@ def test_a_worker_process_with_relu_where_the_server_has_gelu_is_refused_on_both
     assert "activation.GELU" in err[0] and "activation.ReLU" in err[0]
     server_lines = [r.getMessage() for r in caplog.records if "could not train" in r.getMessage()]
     assert len(server_lines) == 1 and "activation.GELU" in server_lines[0], server_lines
+
+
+BLOCK = """import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    \"\"\"{doc}\"\"\"
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):  # {doc}
+        return F.{act}(self.fc(x))
+"""
+BLOCK_FACTORY = """from torch import nn
+from block_mod import Block
+
+
+def make(image_size, in_channels, num_classes, **_):
+    d = image_size * image_size * in_channels
+    return nn.Sequential(nn.Flatten(), Block(d), nn.Linear(d, num_classes))
+"""
+
+
+def test_a_functional_activation_in_another_file_than_the_factory_is_part_of_the_fingerprint(
+    tmp_path, monkeypatch
+):
+    """Same module tree, same factory file; the block the factory imports calls F.gelu on one side
+    and F.relu on the other (as lte's zoo models do): the fingerprint tells them apart, and a
+    docstring or comment alone changes nothing."""
+    job = JobConfig(model="fac_mod:make", image_size=4, in_channels=1, num_classes=3)
+    prints = {}
+    for name, act, doc in (("gelu", "gelu", "one"), ("gelu-doc", "gelu", "two"), ("relu", "relu", "one")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "block_mod.py").write_text(BLOCK.replace("{act}", act).replace("{doc}", doc))
+        (folder / "fac_mod.py").write_text(BLOCK_FACTORY)
+        with monkeypatch.context() as m:
+            m.syspath_prepend(str(folder))
+            for mod in ("block_mod", "fac_mod"):
+                sys.modules.pop(mod, None)
+            prints[name] = model_fingerprint(job)
+            for mod in ("block_mod", "fac_mod"):
+                sys.modules.pop(mod, None)
+    assert prints["gelu"][1] == prints["relu"][1]  # the trees are equal
+    assert fingerprint_difference(prints["gelu"], prints["gelu-doc"], job.model) is None
+    why = fingerprint_difference(prints["gelu"], prints["relu"], job.model)
+    assert why is not None and why.startswith("the code of the model's modules differs"), why
+    old_server = (prints["gelu"][0].rsplit(" code ", 1)[0], prints["gelu"][1])  # sends no code part
+    assert fingerprint_difference(old_server, prints["relu"], job.model) is None

@@ -444,3 +444,17 @@ def test_a_workers_conv1d_factors_round_to_exactly_what_the_wire_carries(configs
             for t in factors:
                 sent = codec.decode(codec.encode(t.float().contiguous()), tuple(t.shape))
                 assert torch.equal(sent, t.float()), name  # nothing left to round: both sides agree
+
+
+def test_the_update_guard_bounds_a_conv1d_heads_b_not_its_a_in_the_first_round(configs, byte_data):
+    """Conv1D factors travel as (A^T, B^T): the guard bounded the first factor from 0 in a head's
+    first round, which is A^T (entries of the init's size), and refused every honest GPT-2 push at
+    lr 1e-3, quarantining every worker (the job stopped at version 2 of 4)."""
+    from tests.server_path import run_through_server
+
+    job = hf_job(
+        configs, byte_data, "gpt2", heads=2, rank=16, merge_every=5, steps=20, lr=1e-3, uplink="fp16"
+    )
+    c = run_through_server(job, load_text(str(byte_data), eval_tokens=256), workers=2)
+    assert c.guard.outliers == c.guard.rollbacks == 0, c.guard.status()
+    assert c.version == job.rounds

@@ -121,3 +121,27 @@ def test_a_lock_with_this_very_pid_is_a_restarted_container_s_and_is_taken_over(
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     RunLock(tmp_path).acquire().release()
     assert "taking the run folder over" in capsys.readouterr().err
+
+
+def test_a_reused_out_with_checkpoints_of_an_interrupted_job_is_refused_unless_overwrite(tmp_path):
+    """An interrupted job leaves checkpoints and no export: a new job on its folder without --resume
+    went on silently, its own first checkpoints (lower versions) were pruned at once beside the old
+    ones, and ``--resume`` would then pick the old job's."""
+    from lte.common.checks import ConfigError
+    from lte.server.checkpoint import list_checkpoints, save_checkpoint
+    from lte.server.runlock import check_reused_out
+
+    out = tmp_path / "run"
+    for version in (40, 45, 50):
+        save_checkpoint(out / "checkpoints", version, {"version": version}, {})
+    try:
+        check_reused_out(out, overwrite=False, resume=False)
+        raise AssertionError("a folder with another job's checkpoints was reused")
+    except ConfigError as exc:
+        assert "checkpoints of an earlier job (newest ckpt-0000000050)" in str(exc), exc
+        assert "--resume" in str(exc) and "--overwrite" in str(exc)
+    check_reused_out(out, overwrite=False, resume=True)  # continuing that job keeps them
+    assert len(list_checkpoints(out / "checkpoints")) == 3
+    check_reused_out(out, overwrite=True, resume=False)
+    save_checkpoint(out / "checkpoints", 5, {"version": 5}, {})  # the new job's first checkpoint stays
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["ckpt-0000000005"]
