@@ -81,7 +81,9 @@ def local_data_args(srv: dict) -> list[str]:
 
 def resume_command(run_dir: Path) -> str:
     """The command that continues the job of ``run_dir`` from its newest checkpoint, shell-quoted
-    (a folder name with a space or a quote pastes as one word): its config.toml holds the resolved job."""
+    (a folder name with a space or a quote pastes as one word), with absolute paths (it pastes from any
+    folder, not only the one the server started in): its config.toml holds the resolved job."""
+    run_dir = Path(run_dir).absolute()
     return shlex.join(["lte-server", "--config", str(run_dir / "config.toml"), "--resume", str(run_dir)])
 
 
