@@ -795,7 +795,7 @@ class LTEEmbedding(LTELinear):
 
 class LTEConv1D(LTELinear):
     """transformers' ``Conv1D`` (GPT-2's projections: ``y = x W_c + b`` with ``W_c [in, out]``) as an
-    LTE matrix: ``W = W_c^T [out, in]`` trains exactly as an ``nn.Linear``'s weight (DESIGN.md
+    LTE matrix: ``W = W_c^T [out, in]`` trains exactly as an ``nn.Linear``'s weight (docs/design.md
     section 2), while the master, the snapshots, the merge and the export keep ``W_c``'s ``[in, out]``
     layout (``transposed``): factors travel as ``(A^T [in, r], B^T [r, out])``, the delta of ``W_c``.
     """

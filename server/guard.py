@@ -8,7 +8,7 @@
    summed over the round's scheduled learning rates, plus the uplink's rounding of the entry. (A
    head never merged: ``B' = 0``, ``A'`` unknown, so only ``B`` is bounded.)
 2. **The running median.** A head's contribution to LTE layer ``l`` is ``D = B A - B' A'`` (the
-   merge adds ``s * w * D``, DESIGN.md section 2); its Frobenius norm comes from ``r x r`` Gram
+   merge adds ``s * w * D``, docs/design.md section 2); its Frobenius norm comes from ``r x r`` Gram
    matrices in float64 without forming ``[m, n]``:
    ``||D||^2 = <B^T B, A A^T> - 2 <B^T B', A A'^T> + <B'^T B', A' A'^T>``. Divided by the round's
    summed learning rates (so warm-up and decay do not look like outliers), it may be at most
