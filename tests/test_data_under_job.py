@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from lte.common.config import JobConfig
 from lte.common.data import load_dataset
 from lte.server.coordinator import Coordinator
@@ -23,6 +25,7 @@ from tests.test_image_data import write_classes
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.process
 def test_a_deleted_evaluation_split_is_one_warning_per_evaluation_and_a_non_zero_end(tmp_path):
     data, copy = tmp_path / "data", tmp_path / "worker-data"
     write_classes(data, {"a": 10, "b": 10})

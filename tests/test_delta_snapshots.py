@@ -131,6 +131,7 @@ def _run_worker(job, *, delta_worker: bool, delta_server: bool):
     return worker, state, bytes_down
 
 
+@pytest.mark.server
 def test_sync_training_with_delta_snapshots_is_bit_identical_and_pulls_fewer_bytes():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     job = digits_job(heads=2, steps=60, quant="int8", uplink="fp32")

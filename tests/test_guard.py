@@ -172,6 +172,7 @@ def test_a_merge_that_breaks_the_master_is_rolled_back_and_its_worker_quarantine
 
 # -- a rogue worker process among two honest ones ---------------------------------------------------
 @pytest.mark.rogue
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("poison", "uplink"),
     [("scale=300", "fp16"), ("value=1e19", "bf16"), ("nan", "fp16"), ("layer=300", "fp16")],
