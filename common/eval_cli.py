@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the datasets read from a folder, and what that folder is
+FOLDER_DATASETS = {
+    "text": "the folder lte-prepare-text wrote",
+    "imagefolder": "class folders of images",
+    "webdataset": "a folder of .tar shards",
+}
+
+
 def _model_file(path: Path) -> Path:
     if path.is_dir():
         path = path / "model.safetensors"
@@ -138,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir
     if data_dir is None and dataset_name == job.dataset:  # the run's folder holds the run's dataset only
         data_dir = _run_data_dir(model_file)
+    if data_dir is None and dataset_name in FOLDER_DATASETS:  # lte-sim's export: no config.toml beside it
+        raise ConfigError(
+            f"--data-dir: {dataset_name} data needs its folder and {model_file} has no run's "
+            f"config.toml beside it that names one; give --data-dir ({FOLDER_DATASETS[dataset_name]})"
+        )
     # loaded as the server loaded it: the job's image size, channels and class names (the test
     # view is never augmented, so the training augmentations are left out)
     eval_job = dataclasses.replace(job, dataset=dataset_name, augment="", randaugment_ops=0)

@@ -133,6 +133,7 @@ class Coordinator:
         self.leases: dict[str, Lease] = {}  # insertion order = registration order
         self.round_times = RoundTimes()
         self.waiting: dict[int, str] = {}  # heads not training now, and why (log and dashboard)
+        self.stopping = False  # the server is stopping: waits go to the dashboard only, not the log
         self.registrations = 0
         self.head_rounds_applied = 0
         self.samples = 0
@@ -336,7 +337,8 @@ class Coordinator:
                 if self.waiting.get(h) != why:
                     news.setdefault(why, []).append(h)
             for why, ids in news.items():  # one line per reason, only when something changed
-                _log.info("heads %s wait: %s", ids, why)
+                if not self.stopping:  # workers leaving a stopping server: not news, and the
+                    _log.info("heads %s wait: %s", ids, why)  # resume line must stay the last
             self.waiting = plan.waiting
         if plan:
             self.changed.notify_all()
@@ -952,6 +954,12 @@ class Coordinator:
     def _poke_checkpointer(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.poke()
+
+    def begin_stop(self) -> None:
+        """The server is stopping (Ctrl+C, SIGTERM, the job's end): from now on the heads freed by
+        workers leaving are not logged as waiting (the dashboard still shows them)."""
+        with self.lock:
+            self.stopping = True
 
     def stop_background(self) -> None:
         """Stop and join the background threads: an evaluation in progress is cancelled at its next

@@ -449,6 +449,7 @@ class ServerRun:
         except KeyboardInterrupt:
             for sig in (*STOP_SIGNALS, signal.SIGINT):  # a second signal must not cut the save short
                 signal.signal(sig, _already_stopping)
+            c.begin_stop()
             _log.warning("interrupted; saving a checkpoint, stopping workers and the server")
             path = final_checkpoint(c.save_checkpoint, c.export, self.out_dir)
             if path:
@@ -469,6 +470,8 @@ class ServerRun:
         then the background evaluation (cancelled at its next batch, its loader processes with it)
         and checkpoint writer (finished), joined; then the dashboard, gRPC (with a grace period) and
         the metrics file. No thread runs native code while the interpreter exits (issue 25)."""
+        if self.coordinator is not None:
+            self.coordinator.begin_stop()
         stop_processes(self.procs)
         self.procs = []
         if self.coordinator is not None:

@@ -482,3 +482,19 @@ def test_dashboard_page_puts_the_sample_in_through_text_content_only():
     assert (
         'id="text-sample"' in html and 'id="text-sample-prompt"' in html and 'id="text-sample-rest"' in html
     )
+
+
+def test_lte_eval_of_an_lte_sim_export_asks_for_the_token_folder_in_one_line(byte_data, tmp_path, capsys):
+    from lte.common.eval_cli import main as eval_main
+
+    run = tmp_path / "run"  # lte-sim --export: no config.toml beside it naming the token folder
+    base = ["--model", "gpt-micro", "--dataset", "text", "--data-dir", str(byte_data), "--context", "16"]
+    base += ["--heads", "2", "--rank", "4", "--steps", "2", "--merge-every", "2", "--batch-size", "2"]
+    assert sim_main([*base, "--quiet", "--export", str(run / "model.safetensors")]) == 0
+    capsys.readouterr()
+    assert eval_main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lte-eval: error: --data-dir: text data needs its folder")
+    assert "lte-prepare-text" in err and "--dataset text: --dataset text" not in err
+    assert eval_main([str(run), "--data-dir", str(byte_data)]) == 0
+    assert "validation windows" in capsys.readouterr().out

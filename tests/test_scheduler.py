@@ -195,3 +195,21 @@ def test_a_stuck_worker_gets_no_heads_back_until_it_pushes_again():
         push(c, a.lease_id, [0, 1], base=3)  # its late push: refused, and a sign of life
     c.heartbeat(a.lease_id, 3, 0.0, "training")
     assert len(held(c, a.lease_id)) == 2  # heads in B's turns move back to it
+
+
+def test_a_stopping_server_says_nothing_more_about_waiting_heads(caplog):
+    import logging
+
+    clock = FakeClock()
+    c = coordinator(clock, heads=2)
+    a, _ = c.register({"max_heads": 1})
+    b, _ = c.register({"max_heads": 1})
+    with caplog.at_level(logging.INFO, logger="lte.server"):
+        c.leave(a.lease_id)  # while the job runs, the log says which heads wait and why
+        assert [r for r in caplog.records if "wait: " in r.getMessage()]
+        caplog.clear()
+        c.begin_stop()  # Ctrl+C: the resume command must stay the last line, not buried under waits
+        c.leave(b.lease_id)
+        c.expire_leases()
+    assert not [r for r in caplog.records if "wait: " in r.getMessage()]
+    assert set(c.status()["waiting_heads"]) == {"0", "1"}  # the dashboard still shows them
