@@ -14,7 +14,7 @@
    matrices in float64 without forming ``[m, n]``:
    ``||D||^2 = <B^T B, A A^T> - 2 <B^T B', A A'^T> + <B'^T B', A' A'^T>``. Divided by the round's
    summed learning rates (so warm-up and decay do not look like outliers), it may be at most
-   ``ratio`` (10) times the median of the last ``window`` (64) accepted ones of that layer, once
+   ``ratio`` (30) times the median of the last ``window`` (64) accepted ones of that layer, once
    there are ``min_history`` (4). A replica's delta is checked the same way (and, for trained
    parameters, by the step bound); a buffer's (running statistics) by its plain norm, not per unit
    of lr: the data moves it, not the learning rate.
@@ -74,7 +74,9 @@ class GuardSettings:
     """The guard's mode and thresholds (documented in the module docstring and README)."""
 
     mode: str = "refuse"
-    ratio: float = 10.0  # a contribution per unit of lr may be at most this many times the running median
+    # a contribution per unit of lr may be at most this many times the running median: an honest
+    # digits mlp job (8 heads, 3 workers, 2000 steps) reached 10.1x once, so 10 refused honest work
+    ratio: float = 30.0
     window: int = 64  # accepted contributions per layer in the median
     min_history: int = 4  # the median bound applies once a layer has this many
     step_slack: float = 2.0  # the AdamW step bound times this (rounding, fused kernels)
