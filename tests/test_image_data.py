@@ -264,11 +264,13 @@ def test_local_workers_stream_the_servers_folder_and_export_survives_a_failed_ev
         "--eval-every", "0", "--out", str(tmp_path / "run"), "--json", "--quiet",
     ]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr + (tmp_path / "run" / "worker-0.log").read_text()
+    # the model is saved, and a job with no successful evaluation at all is not a success (issue 24)
+    assert run.returncode == 1, run.stderr + (tmp_path / "run" / "worker-0.log").read_text()
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["version"] == 2 and summary["test_loss"] is None
     assert Path(summary["model"]).is_file()
     assert "final evaluation failed" in run.stderr and "9.jpg" in run.stderr
+    assert "no evaluation succeeded in this job" in run.stderr.splitlines()[-1]
 
 
 @pytest.mark.process
