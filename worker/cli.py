@@ -131,11 +131,17 @@ def pick_device(name: str) -> str:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def _stopping(signum, frame) -> None:
+    """A later stop signal while the worker leaves: nothing to do (see ``_interrupt``)."""
+
+
 def _interrupt(signum, frame) -> None:
     # the first stop signal wins: a second one (Ctrl+C to the group, then the server's SIGTERM to
-    # its local workers) must not raise again while the worker leaves or the interpreter exits
+    # its local workers) must not raise again while the worker leaves or the interpreter exits. A
+    # Python no-op, not SIG_IGN: a signal already pending when the handler became SIG_IGN makes
+    # CPython print "OSError: Signal 15 ignored due to race condition" with a traceback
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _stopping)
     raise KeyboardInterrupt
 
 
