@@ -17,6 +17,7 @@ any run under ``LTE_TIER_CHECK=1``; ``make test`` runs everything and does not.)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 
@@ -137,6 +138,19 @@ def pytest_make_collect_report(collector):
 
 
 pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs this very policy in a child pytest
+
+
+@pytest.fixture(autouse=True)
+def _lte_log_handlers():
+    """A test that runs a command's ``main()`` in process points the ``lte`` logger at that test's
+    captured stderr (``setup_logging``); once pytest closes that stream, every later test's log
+    record printed "--- Logging error ---" with a traceback into its own stderr. Restore the handlers."""
+    logger = logging.getLogger("lte")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture(autouse=True)
