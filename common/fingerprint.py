@@ -77,8 +77,10 @@ def module_code_hash(model: nn.Module) -> str:
             continue
         parts.append(f"{cls.__module__}.{cls.__qualname__}\n{_code_of(cls)}")
     config = getattr(model, "config", None)
-    if hasattr(config, "to_dict") and any(
-        type(m).__module__.startswith("transformers.") for m in model.modules()
+    if (
+        config is not None
+        and hasattr(config, "to_dict")
+        and any(type(m).__module__.startswith("transformers.") for m in model.modules())
     ):
         values = {
             k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")

@@ -142,6 +142,19 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _token_folder(out_dir: str | Path, tokenizer: Any) -> tuple[Path, np.dtype, dict[str, Any]]:
+    """The output folder (created), the token files' dtype and their meta.json's first fields."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    meta: dict[str, Any] = {
+        "tokenizer": tokenizer.id,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+    }
+    return out, dtype, meta
+
+
 def write_token_files(
     out_dir: str | Path, texts: Sequence[str], tokenizer: Tokenizer, *, val_fraction: float = 0.1
 ) -> dict[str, Any]:
@@ -153,14 +166,7 @@ def write_token_files(
     if not text:
         raise ValueError("no text to tokenize")
     cut = int(len(text) * (1.0 - val_fraction))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    meta: dict[str, Any] = {
-        "tokenizer": tokenizer.id,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype.name,
-    }
+    out, dtype, meta = _token_folder(out_dir, tokenizer)
     for split, part in (("train", text[:cut]), ("val", text[cut:])):
         ids = np.asarray(tokenizer.encode(part), dtype=dtype)
         ids.tofile(out / f"{split}.bin")
@@ -539,14 +545,7 @@ def stream_token_files(
     cut = int(total * (1.0 - val_fraction))
     if total < 2 or cut < 1 or cut >= total:
         raise ValueError(f"{total} record(s): too few to hold out a validation split of {val_fraction:g}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    meta: dict[str, Any] = {
-        "tokenizer": tokenizer.id,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype.name,
-    }
+    out, dtype, meta = _token_folder(out_dir, tokenizer)
     sizes = {"train": [0, 0], "val": [0, 0]}  # tokens, bytes
     index = 0
     with open(out / "train.bin", "wb") as train, open(out / "val.bin", "wb") as val:
