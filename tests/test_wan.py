@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from lte.server.run import stop_processes
 from tests.faults import wait_until
 
 TIMEOUT_S = 240
@@ -31,18 +32,6 @@ def _netns():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=20)
 
 
 @pytest.mark.process
@@ -95,7 +84,7 @@ def test_a_worker_behind_a_rate_limited_link_trains_mlp_rounds(tmp_path):
                 timeout=30,
             ).stdout
         finally:
-            _stop(procs)
+            stop_processes(procs, timeout=20)
             reader.join(timeout=20)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["version"] == rounds

@@ -40,6 +40,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from netns import Hosts  # noqa: E402
 
+from lte.server.run import stop_processes  # noqa: E402
+
 BIN = Path(sys.executable).parent
 PORT, PROXY_PORT, STORE_PORT = 50051, 7000, 29500
 # Per-model defaults: BENCHMARKS.md's tuned settings (convergence section) where they exist.
@@ -56,18 +58,6 @@ def _start(hosts: Hosts, ns: str, argv: list[str], log: Path, env: dict | None =
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=10)
 
 
 def _counters(hosts: Hosts) -> dict[str, dict[str, int]]:
@@ -124,7 +114,7 @@ def run_lte(hosts: Hosts, args, mode: str, work: Path) -> dict:
         rc = procs[0].wait(timeout=args.timeout)
         wall = time.monotonic() - t0
     finally:
-        _stop(procs)
+        stop_processes(procs, timeout=10)
     after = _counters(hosts)
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     curve = [
@@ -163,7 +153,7 @@ def run_baseline(hosts: Hosts, args, method: str, work: Path) -> dict:
         rcs = [p.wait(timeout=args.timeout) for p in procs]
         wall = time.monotonic() - t0
     finally:
-        _stop(procs)
+        stop_processes(procs, timeout=10)
     after = _counters(hosts)
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     curve = [
