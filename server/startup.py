@@ -18,6 +18,7 @@ from typing import Any
 from lte.common.auth import TOKEN_ENV, is_loopback
 from lte.common.checks import (
     ConfigError,
+    check_choice,
     check_chunk_fits,
     check_pem,
     check_range,
@@ -25,6 +26,7 @@ from lte.common.checks import (
     flag,
 )
 from lte.common.config import SERVER_TYPES  # noqa: F401 (re-exported: server.cli, tests)
+from lte.server.guard import GUARD_MODES
 
 # the server keys of a config file live beside the job's (lte-sim reads a run's file too)
 
@@ -49,6 +51,7 @@ def check_server_settings(job: Any, srv: dict[str, Any]) -> None:
     """
     from lte.common import grpc_options
 
+    check_choice("update_guard", srv.get("update_guard") or "refuse", GUARD_MODES)  # a config file's too
     check_range("port", srv["port"], low=0, high=65535, note="0 picks a free one")
     check_range("dashboard_port", srv["dashboard_port"], low=-1, high=65535, note="0 a free one, -1 none")
     check_range("heads_per_worker", srv["heads_per_worker"], low=0, note="0 means N / local workers, or N")

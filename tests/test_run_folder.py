@@ -145,3 +145,31 @@ def test_a_reused_out_with_checkpoints_of_an_interrupted_job_is_refused_unless_o
     check_reused_out(out, overwrite=True, resume=False)
     save_checkpoint(out / "checkpoints", 5, {"version": 5}, {})  # the new job's first checkpoint stays
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["ckpt-0000000005"]
+
+
+@pytest.mark.process
+def test_a_config_files_bad_update_guard_is_one_line_and_exit_2(tmp_path):
+    """``update_guard = "bogus"`` in a config file was an 'unexpected ValueError' with a trace file
+    (exit 1); the flag's choices were checked by argparse only."""
+    config = tmp_path / "job.toml"
+    config.write_text('update_guard = "bogus"\n')
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lte.server.cli",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--dashboard-port",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "lte-server: error: --update-guard 'bogus': must be one of refuse, clip, off"
+    ]
