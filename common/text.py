@@ -477,7 +477,11 @@ def count_records(path: str, column: str) -> int:
     if p.is_dir():
         return _load_from_disk(p, column).num_rows
     if p.suffix == ".parquet":
-        meta = _parquet().ParquetFile(str(p))
+        pq = _parquet()
+        try:
+            meta = pq.ParquetFile(str(p))
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: name the file
+            raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
         if column not in meta.schema_arrow.names:
             raise ValueError(
                 f"{path}: no column {column!r} (it has {meta.schema_arrow.names}); pass --text-column"

@@ -395,6 +395,10 @@ def test_prepare_text_streams_jsonl_parquet_and_datasets_folders_to_the_same_tok
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no column 'nope'" in err[0] and "--text-column" in err[0]
+    (tmp_path / "bad.parquet").write_text("not parquet")  # named in the one line, not pyarrow's bare text
+    assert prepare_main([str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.parquet: not a readable parquet file" in err[0], err
     assert prepare_main([str(tmp_path / "ds"), "--out", str(tmp_path / "o"), "--tokenizer", "bpe",
                          "--vocab-size", "300", "--text-column", "body"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "o" / "meta.json").read_text())["vocab_size"] == 300
