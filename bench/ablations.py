@@ -40,7 +40,7 @@ import torch
 
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_dataset
-from lte.common.lte import A_INITS
+from lte.common.layers import A_INITS
 from lte.common.sim import run_full, run_lte
 
 SECTION_START = "<!-- ablations:start -->"

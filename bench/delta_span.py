@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lte.common.config import JobConfig  # noqa: E402
 from lte.common.data import load_dataset  # noqa: E402
-from lte.common.lte import apply_updates  # noqa: E402
+from lte.common.merge import apply_updates  # noqa: E402
 from lte.common.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot  # noqa: E402
 from lte.server.snapshots import SnapshotBuilder  # noqa: E402
 

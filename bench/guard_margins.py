@@ -18,7 +18,7 @@ import time
 
 from lte.common.config import JobConfig
 from lte.common.data import load_dataset
-from lte.common.lte import apply_updates
+from lte.common.merge import apply_updates
 from lte.common.models import MODEL_NAMES
 from lte.common.sim import partition_heads
 from lte.common.text import ByteTokenizer, load_text, write_token_files

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lte.common.lte import LTELinear  # noqa: E402
+from lte.common.layers import LTELinear  # noqa: E402
 from lte.common.precision import MixedPrecision  # noqa: E402
 
 PRODUCTS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}

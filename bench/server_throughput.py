@@ -56,7 +56,7 @@ import lte.server.service as service_module  # noqa: E402
 from lte.common import grpc_options  # noqa: E402
 from lte.common.codec import decode_tensor, encode_tensor  # noqa: E402
 from lte.common.config import JobConfig  # noqa: E402
-from lte.common.lte import HeadUpdate, ReplicaUpdate, apply_updates  # noqa: E402
+from lte.common.merge import HeadUpdate, ReplicaUpdate, apply_updates  # noqa: E402
 from lte.common.wire import tensor_chunks  # noqa: E402
 from lte.proto import parameter_server_pb2 as pb  # noqa: E402
 from lte.proto import parameter_server_pb2_grpc as pb_grpc  # noqa: E402

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from worker_cost import add_model_arguments, build, example_batch, model_config  # noqa: E402
 
-from lte.common.lte import lte_layers  # noqa: E402
+from lte.common.model_state import lte_layers  # noqa: E402
 from lte.common.precision import MixedPrecision  # noqa: E402
 
 

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lte.common.config import JobConfig  # noqa: E402
-from lte.common.lte import lte_layers, trainable_parameters  # noqa: E402
+from lte.common.model_state import lte_layers, trainable_parameters  # noqa: E402
 from lte.common.policy import (  # noqa: E402
     load_master_weights,
     prepare_model,

@@ -156,6 +156,7 @@ def check_model_name(name: str, zoo: Iterable[str]) -> None:
     """
     zoo = tuple(zoo)
     if name.startswith("hf:"):
+        # lazy: hf imports torch, and checks is torch-free for lte-eval's start (common/eval_cli.py)
         from lte.common.hf import HFError, check_hf_model
 
         try:

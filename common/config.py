@@ -9,12 +9,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from lte.common.checks import ConfigError, coerce_types, read_toml
+from lte.common.checks import ConfigError, check_choice, check_model_name, coerce_types, read_toml
+from lte.common.data import DATASET_NAMES
+from lte.common.hf import context_of, read_config
 from lte.common.images import AUGMENTS
-from lte.common.lte import A_INITS, LTEConfig
+from lte.common.layers import A_INITS, LTEConfig
+from lte.common.models import GPT_PRESETS, MODEL_NAMES
 from lte.common.precision import PRECISIONS
 from lte.common.quant import QUANT_KINDS
 from lte.common.randaugment import DEFAULT_MAGNITUDE, MAX_MAGNITUDE, RANDAUGMENT_OPS
+from lte.common.text import check_token_data
 
 MODES = ("sync", "async", "buffered")
 UPLINK_CODECS = ("fp32", "fp16", "bf16", "int8-block")
@@ -39,7 +43,7 @@ class JobConfig:
     alpha: float = 64.0  # s = alpha / r = 4; README "Tuning LTE for a new model" has the measured band
     merge_every: int = 10  # T: local steps per round
     reset: bool = False
-    a_init: str = "reference"  # the paper authors' A scale, spectral norm sqrt(n / r) (common/lte.py)
+    a_init: str = "reference"  # the paper authors' A scale, spectral norm sqrt(n / r) (common/layers.py)
     a_init_gain: float = 1.0
     quant: str = "none"  # base weights on the workers: none | int8 | nf4
     uplink: str = "fp16"  # factors on the wire: fp32 | fp16 | bf16 | int8-block
@@ -226,11 +230,7 @@ def _default_context(model: str, dataset: Any) -> int:
     """A language model's preset context; 0 for other tasks. Raises ValueError when none is known."""
     if getattr(dataset, "task", "") != "lm":
         return 0
-    from lte.common.models import GPT_PRESETS
-
     if model.startswith("hf:"):  # the config's positions
-        from lte.common.hf import context_of, read_config
-
         longest = context_of(read_config(model))
         if longest:
             return longest
@@ -325,10 +325,6 @@ def check_job(job: JobConfig) -> None:
 
     Raises ConfigError naming --model or --dataset.
     """
-    from lte.common.checks import check_choice, check_model_name
-    from lte.common.data import DATASET_NAMES
-    from lte.common.models import MODEL_NAMES
-
     check_choice("dataset", job.dataset, DATASET_NAMES)
     check_model_name(job.model, MODEL_NAMES)
 
@@ -441,6 +437,4 @@ def check_job_data(job: JobConfig, dataset: Any) -> None:
     """Start-up checks of the data against the resolved job (token files long enough for the
     context, the tokenizer the job names). Raises ValueError naming the file and what to do."""
     if getattr(dataset, "task", "") == "lm":
-        from lte.common.text import check_token_data
-
         check_token_data(job, dataset)

@@ -14,9 +14,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lte.common.checks import ConfigError, check_range, one_line_errors
+from lte.common.checks import ConfigError, check_range, one_line_errors, read_toml
 
-if TYPE_CHECKING:  # imported where used: the CLI starts without torch
+# lte.common.data, text, run_metadata, trainer and hf import torch: imported where used, so that
+# `lte-eval --help` and its argument errors start without it (python -X importtime, 2026-12-07,
+# the loaded 2-core machine: this module 0.1-0.3 s, torch alone 6.5-7.8 s)
+if TYPE_CHECKING:
     from lte.common.data import Dataset
     from lte.common.text import TokenDataset
 
@@ -61,8 +64,6 @@ def _run_data_dir(model_file: Path) -> str | None:
 
     A relative data_dir is relative to the folder lte-server ran in: used as it is when it exists
     from here, else found from the run folder (its ``out`` setting names it from that folder)."""
-    from lte.common.checks import read_toml
-
     config_file = model_file.parent / "config.toml"
     if not config_file.is_file() and (model_file.parent / "config.json").is_file():
         model_file = model_file.parent  # a run's hf/ folder: the run's config.toml is one up

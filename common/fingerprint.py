@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lte.common.config import JobConfig
+from lte.common.trainer import build_job_model
 
 
 def model_tree(model: nn.Module) -> str:
@@ -92,8 +93,6 @@ def module_code_hash(model: nn.Module) -> str:
 def model_fingerprint(job: JobConfig) -> tuple[str, str]:
     """(fingerprint, tree) of ``job``'s model: ``tree <sha256 of the tree, 16 hex> factory <hash|->
     code <hash of the module classes' code>``."""
-    from lte.common.trainer import build_job_model
-
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the caller's RNG stays as it was
         model = build_job_model(job)
     tree = model_tree(model)

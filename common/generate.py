@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from lte.common.config import job_from_dict
+from lte.common.hf import load_hf_folder, sample_tokens
 from lte.common.models import GPT
 from lte.common.text import Tokenizer, load_tokenizer
+from lte.common.trainer import build_job_model
 
 
 def load_exported(path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:
@@ -32,13 +34,9 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from lte.common.trainer import build_job_model
-
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if (folder / "config.json").is_file():  # a Hugging Face folder (lte's hf/ export)
-        from lte.common.hf import load_hf_folder
-
         return load_hf_folder(folder), load_tokenizer(folder)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
@@ -105,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
             prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen
         )
     else:  # transformers' generate (the config's positions bound the length)
-        from lte.common.hf import sample_tokens
-
         out = sample_tokens(
             model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed
         )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lte.common.config import JobConfig
-from lte.common.lte import LayoutError
+from lte.common.layers import LayoutError
 from lte.common.outputs import forward_logits
 from lte.common.policy import (
     AVERAGED,
@@ -24,15 +24,15 @@ from lte.common.policy import (
     convert_model,
     expect_stacked_batch,
 )
+from lte.common.progress import format_bytes
 from lte.common.quant import quantized_zeros
+from lte.common.trainer import build_job_model
 
 UPLINK_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8-block": 1.0 + 4.0 / 64}
 FULL_RANK_WARN = 0.10  # warn when more than this share of the uplink travels full-rank
 
 
 def _meta_model(job: JobConfig) -> nn.Module:
-    from lte.common.trainer import build_job_model
-
     with torch.device("meta"):
         return build_job_model(job)
 
@@ -133,8 +133,6 @@ def explain_summary(rows: list[dict]) -> dict:
 
 def format_explain(policy: ModelPolicy, job: JobConfig, heads: int) -> str:
     """The ``--explain-model`` table, its totals, and warnings."""
-    from lte.common.progress import format_bytes
-
     rows = explain_rows(policy, job, heads)
     summary = explain_summary(rows)
     width = max([len(r["name"]) for r in rows] + [4])

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lte.common.hf import build_hf_model
+
 MODEL_NAMES = (
     "mlp",
     "vit-tiny",
@@ -497,8 +499,6 @@ def build_model(
     (``lte.common.hf.build_hf_model``: ``vocab_size`` must be ``num_classes``).
     """
     if name.startswith("hf:"):
-        from lte.common.hf import build_hf_model
-
         return build_hf_model(name, vocab_size=num_classes or None, context=context)
     if ":" in name:
         return _build_from_factory(

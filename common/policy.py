@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from lte.common.lte import (
+from lte.common.layers import (
     LTEConfig,
     LTEConv1D,
     LTEConv2d,
@@ -40,9 +40,8 @@ from lte.common.lte import (
     LTEMultiheadAttention,
     LTETiedLinear,
     conv1d_class,
-    lte_layers,
-    replica_parameters,
 )
+from lte.common.model_state import lte_layers, replica_parameters
 from lte.common.quant import QuantizedTensor
 
 HEADS, REPLICA, AVERAGED, LOCAL, FROZEN, TIED = (
@@ -383,7 +382,7 @@ def expect_stacked_batch(model: nn.Module, rows: int | None) -> None:
         layer.expected_rows = rows
 
 
-# -- model conversion and the worker's state by policy (moved from lte.py: it needs the table above) --
+# -- model conversion and the worker's state by policy (here, not in layers.py: it needs the table above) --
 def prepare_model(model: nn.Module, config: LTEConfig) -> nn.Module:
     """Convert ``model`` in place by the state policy (``classify_model`` above): every matrix weight of
     ``LTE_MODULES`` (Linear and its subclasses, MultiheadAttention's projections, Conv2d) becomes an

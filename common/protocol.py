@@ -20,9 +20,14 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lte.common.codec import EncodedTensor, encode_tensor
+from lte.common import grpc_options
+from lte.common.codec import EncodedTensor, decode_tensor, decode_tensor_quantized, encode_tensor
 from lte.common.config import SNAPSHOT_CODEC, JobConfig
-from lte.common.lte import Factors, HeadUpdate, ReplicaUpdate
+from lte.common.merge import Factors, HeadUpdate, ReplicaUpdate
+from lte.common.quant import QuantizedTensor
+from lte.common.version import __version__
+from lte.common.wire import TensorAssembler
+from lte.proto import parameter_server_pb2 as pb
 
 # -- tensor names --------------------------------------------------------------------------------
 HEAD_PREFIX, REPLICA_PREFIX = "head/", "replica/"
@@ -134,15 +139,11 @@ _RENAMED = {
 
 
 def _proto_job_fields():
-    from lte.proto import parameter_server_pb2 as pb
-
     return pb.JobConfig.DESCRIPTOR.fields_by_name
 
 
 def job_to_proto(job: JobConfig):
     """``lte.v1.JobConfig`` of ``job``; the base quantisation travels as its snapshot codec."""
-    from lte.proto import parameter_server_pb2 as pb
-
     values = {
         _RENAMED.get(f.name, f.name): getattr(job, f.name) for f in fields(JobConfig) if f.name != "quant"
     }
@@ -191,8 +192,6 @@ class PushMeta:
     num_tensors: int = 0
 
     def to_proto(self):
-        from lte.proto import parameter_server_pb2 as pb
-
         return pb.PushHeader(
             lease_id=self.lease_id,
             base_version=self.base_version,
@@ -324,8 +323,6 @@ def handshake_refusal(
 ) -> str | None:
     """Why a worker that speaks ``protocol_version`` and knows ``job_fields`` cannot train ``job``
     (None: it can). A worker from before the handshake sends neither: it knows ``CORE_JOB_FIELDS``."""
-    from lte.common.version import __version__
-
     known = set(job_fields) if protocol_version >= 2 else set(CORE_JOB_FIELDS)
     missing = [name for name in job_fields_in_use(job) if name not in known]
     if not missing:
@@ -390,3 +387,29 @@ def refusal_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> Refusal | 
             except ValueError:
                 return None
     return None
+
+
+def snapshot_weights(messages: Iterable, dtype: torch.dtype) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """The base a worker loads from a whole snapshot's ``ModelChunk`` messages (no delta in them):
+    a quantised layer as its ``QuantizedTensor`` (the codes and scales sent), every other tensor
+    decoded and cast to the job's ``dtype``, exactly as ``lte-worker`` decodes a pull. The
+    emulator (``lte-sim``) reads the server's snapshots through this. Raises ``WireError`` or
+    ``CodecError`` for a stream over the bounds or a payload that does not decode.
+    """
+    assembler = TensorAssembler(  # lte-worker's bounds on a pull
+        max_chunk_bytes=grpc_options.MAX_CHUNK_BYTES,
+        max_tensor_bytes=grpc_options.MAX_PUSH_BYTES,
+        max_total_bytes=grpc_options.MAX_PUSH_BYTES * 8,
+        max_tensors=1 << 20,
+    )
+    weights: dict[str, torch.Tensor | QuantizedTensor] = {}
+    for message in messages:
+        enc = assembler.add(message.tensor)
+        if enc is None:
+            continue
+        if enc.codec in QUANTIZED_SNAPSHOT_CODECS:
+            weights[enc.name] = decode_tensor_quantized(enc)
+        else:
+            weights[enc.name] = decode_tensor(enc).to(dtype)
+    assembler.finish()
+    return weights

@@ -19,7 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lte.common.config import JobConfig
+from lte.common.checks import ConfigError
+from lte.common.config import JobConfig, job_from_dict
+from lte.common.models import VIT_PRESETS, default_patch_size
 from lte.common.version import __version__
 
 # raw pixel range per dataset: the loaders divide by it before standardising
@@ -28,8 +30,6 @@ PIXEL_SCALE = {"digits": 16.0, "fashion-mnist": 255.0, "imagefolder": 255.0}
 
 def resolved_job(job: JobConfig) -> dict[str, Any]:
     """The job as a dict with no placeholder left (``-1`` / ``0`` meaning "pick for me")."""
-    from lte.common.models import VIT_PRESETS, default_patch_size
-
     values = job.to_dict()
     values["warmup_steps"] = job.warmup
     is_vit = job.model.lower().replace("_", "-") in VIT_PRESETS
@@ -72,9 +72,6 @@ def export_metadata(job: JobConfig, dataset: Any, version: int) -> dict[str, str
 
 def job_from_metadata(metadata: dict[str, str], *, source: str) -> JobConfig:
     """Rebuild the JobConfig of an export. Raises ConfigError naming ``source`` when it holds none."""
-    from lte.common.checks import ConfigError
-    from lte.common.config import job_from_dict
-
     if not metadata or "lte_job" not in metadata:
         raise ConfigError(f"{source}: no lte_job metadata; is it a model exported by lte-server?")
     try:

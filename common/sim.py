@@ -1,9 +1,11 @@
 """``lte-sim``: the single-process LTE emulator (and the full-training baseline).
 
-The emulator is the parameter server and its workers in one process, on the same code path:
-each simulated worker is a ``LocalTrainer`` over its heads, and every merge goes through
-``apply_updates`` on plain master weights, exactly as the server does it. With ``--workers 1``
-(the default) all ``N`` heads are one vectorised model.
+The emulator is the parameter server and its workers in one process, on the server's code path:
+each simulated worker is a ``LocalTrainer`` over its heads that loads the server's snapshot
+(``lte.server.snapshots``) as a worker decodes it, and every merge is the server's
+``Aggregator`` (``lte.server.aggregation``) over plain master weights; the export is the server's
+too (``lte.common.export``). With ``--workers 1`` (the default) all ``N`` heads are one vectorised
+model. It imports the server, so it is a command, above ``common``, ``server`` and ``worker``.
 """
 
 from __future__ import annotations
@@ -37,21 +39,22 @@ from lte.common.data import (
 )
 from lte.common.export import export_model
 from lte.common.images import BadImageError
-from lte.common.lte import apply_updates
 from lte.common.model_check import startup_model_check
 from lte.common.outputs import forward_logits
+from lte.common.policy import classify_model
 from lte.common.precision import MixedPrecision
 from lte.common.progress import Progress
+from lte.common.protocol import snapshot_weights
 from lte.common.trainer import (
     LocalTrainer,
     build_job_model,
     evaluate,
-    linear_weight_names,
     loss_fn,
     lr_at,
     make_optimizer,
-    make_snapshot,
 )
+from lte.server.aggregation import AcceptedPush, Aggregator
+from lte.server.snapshots import SnapshotBuilder, master_for_snapshot
 
 
 def partition_heads(total: int, workers: int) -> list[list[int]]:
@@ -130,39 +133,47 @@ def run_lte(
     eval_every: int = 0,
     progress: Progress | None = None,
 ) -> SimResult:
-    """Sync-mode LTE: every round, each worker trains T steps, then all heads merge at once."""
+    """Sync-mode LTE: every round, each worker trains T steps, then all heads merge at once.
+
+    The server's path without the network: each round's snapshot is built by the server's
+    ``SnapshotBuilder`` (the coordinator's copy rule, ``master_for_snapshot``) and decoded as a worker
+    decodes a pull (``snapshot_weights``); each simulated worker's update is an ``AcceptedPush`` of the
+    server's ``Aggregator``, which merges the round in head order (``apply_updates``) with the weights
+    the server gives it. Only the uplink codec is skipped: factors merge as trained (an fp32 uplink).
+    """
     recorder = _Recorder("lte", dataset, device, eval_every, job.rounds, progress, job.heads)
     plain = build_job_model(job).to(device)
     master = plain.state_dict(keep_vars=False)  # the plain model's tensors: eval reads them directly
-    layer_names = linear_weight_names(plain, job.embedding_heads)
+    policy = classify_model(plain, embeddings=job.embedding_heads)
     trainers = [LocalTrainer(job, ids, dataset, device=device) for ids in partition_heads(job.heads, workers)]
-    prev_factors: dict = {}
-    samples = 0
-    for round_index in range(job.rounds):
-        snapshot = make_snapshot(master, layer_names, job.quant)
+    snapshots = SnapshotBuilder(job, policy.head_names, delta_history=0)
+    aggregator = Aggregator(job, master, max_staleness=0, buffer_size=0)
+    samples, version = 0, 0
+
+    def version_now() -> int:
+        return version
+
+    def copy_master() -> tuple[int, dict[str, torch.Tensor]]:  # the coordinator's copy rule
+        return version, master_for_snapshot(master, policy.head_names, policy.ties)
+
+    for version in range(job.rounds):
+        _, messages, _ = snapshots.get(version_now, copy_master)
+        snapshot = snapshot_weights(messages, job.torch_dtype)
         stats = []
-        for t in trainers:
+        for i, t in enumerate(trainers):
             t.load_snapshot(snapshot)
-            stats.append(t.train_round())
-        heads, replicas = [], []
-        for t in trainers:
-            h, rep = t.export_update()
-            heads += h
-            replicas.append((rep.heads / job.heads, rep))
-        apply_updates(
-            master,
-            prev_factors,
-            heads,
-            [1.0 / job.heads] * len(heads),
-            replicas,
-            scale=job.scale,
-            reset=job.reset,
-        )
+            s = t.train_round()
+            stats.append(s)
+            heads, replica = t.export_update()
+            push = AcceptedPush(f"sim-{i}", heads, aggregator.weight(0, version, version), replica, s.steps,
+                                s.samples, s.train_loss)  # fmt: skip
+            aggregator.add(push)
+        aggregator.merge()
         for t in trainers:
             t.commit()
         samples += sum(s.samples for s in stats)
         loss = sum(s.train_loss * s.samples for s in stats) / sum(s.samples for s in stats)
-        recorder.round(round_index + 1, samples, loss, plain)
+        recorder.round(version + 1, samples, loss, plain)
     return recorder.result(job.steps, master)
 
 

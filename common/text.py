@@ -16,7 +16,6 @@ no dependency; ``--tokenizer bpe`` trains a byte-level BPE on the user's text; a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -30,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lte.common.hf import is_transformers_model, sample_tokens
+from lte.common.outputs import forward_logits
 from lte.common.seeds import generator, mixed_seed
 
 META_FILE = "meta.json"
@@ -323,8 +324,6 @@ def evaluate_lm(
     ``exp(loss)`` and bits per byte ``loss / ln 2 / bytes_per_token`` (byte-level: bytes_per_token 1)."""
     import torch.nn.functional as F
 
-    from lte.common.outputs import forward_logits
-
     was_training = model.training
     model.eval()
     starts = eval_starts(len(dataset.val_tokens), context, dataset.eval_tokens)
@@ -378,8 +377,6 @@ def evaluation_sample(
     tokenizer = dataset.tokenizer()
     start = sample_prompt_start(dataset.val_tokens, tokenizer)
     prompt = read_windows(dataset.val_tokens, torch.tensor([start]), SAMPLE_PROMPT_TOKENS).to(device)
-    from lte.common.hf import is_transformers_model, sample_tokens
-
     if is_transformers_model(model):
         out = sample_tokens(model, prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, seed=seed)
     else:
@@ -404,37 +401,6 @@ def check_token_data(job: Any, dataset: TokenDataset) -> None:
         raise ValueError(
             f"{dataset.folder}: vocabulary {dataset.vocab_size} is larger than the model's {job.num_classes}"
         )
-
-
-# ---------------------------------------------------------------------------------------
-# lte-prepare-text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lte-prepare-text",
-        description="Turn text files into token files (train.bin, val.bin, meta.json) for --dataset text.",
-        epilog='example: bible -f "Genesis 1:1-Revelation 22:21" > kjv.txt && lte-prepare-text kjv.txt --out data/kjv',
-    )
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        help="UTF-8 text files ('-' reads standard input), or records streamed from .jsonl / .parquet "
-        "files and Hugging Face datasets.save_to_disk folders (their --text-column)",
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--tokenizer",
-        default=BYTES_ID,
-        help="'bytes' (vocabulary 256, the default), 'bpe' (train a byte-level BPE on the inputs), "
-        "or the path of a Hugging Face tokenizer.json",
-    )
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_BPE_VOCAB, help="BPE vocabulary [4096]")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="last fraction held out [0.1]")
-    parser.add_argument(
-        "--text-column", default="text", help="the text field of .jsonl / .parquet / dataset records [text]"
-    )
-    return parser
 
 
 # -- records: .jsonl, .parquet, datasets.save_to_disk folders, streamed ---------------------------
@@ -554,7 +520,9 @@ def stream_token_files(
     index = 0
     with open(out / "train.bin", "wb") as train, open(out / "val.bin", "wb") as val:
         for source in sources:
-            texts = iter_records(source, column) if is_record_source(source) else iter(_read_inputs([source]))
+            texts = (
+                iter_records(source, column) if is_record_source(source) else iter(read_text_inputs([source]))
+            )
             for text in texts:
                 split, fh = ("train", train) if index < cut else ("val", val)
                 text = text if text.endswith("\n") else text + "\n"
@@ -572,7 +540,8 @@ def stream_token_files(
     return meta
 
 
-def _read_inputs(paths: Sequence[str]) -> list[str]:
+def read_text_inputs(paths: Sequence[str]) -> list[str]:
+    """The UTF-8 text of each path (``-``: standard input). Raises FileNotFoundError or ValueError naming it."""
     texts = []
     for p in paths:
         if p == "-":
@@ -586,50 +555,3 @@ def _read_inputs(paths: Sequence[str]) -> list[str]:
         except UnicodeDecodeError as exc:
             raise ValueError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     return texts
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        streamed = any(is_record_source(p) for p in args.inputs)
-        texts = [] if streamed else _read_inputs(args.inputs)
-        if args.tokenizer == BYTES_ID:
-            tokenizer: Tokenizer = ByteTokenizer()
-        elif args.tokenizer == "bpe":
-            if args.vocab_size < 257:
-                raise ValueError(f"--vocab-size must be > 256 for BPE, got {args.vocab_size}")
-            corpus: Iterable[str] = texts
-            if streamed:  # one streamed pass to train on, another to encode
-                corpus = (
-                    t
-                    for p in args.inputs
-                    for t in (iter_records(p, args.text_column) if is_record_source(p) else _read_inputs([p]))
-                )
-            tokenizer = BPETokenizer.train(corpus, args.vocab_size)
-        elif Path(args.tokenizer).is_file():
-            tokenizer = BPETokenizer.from_file(args.tokenizer)
-        else:
-            raise ValueError(
-                f"--tokenizer {args.tokenizer!r}: neither 'bytes', 'bpe' nor a tokenizer.json file"
-            )
-        if streamed:
-            meta = stream_token_files(
-                args.out, args.inputs, tokenizer, column=args.text_column, val_fraction=args.val_fraction
-            )
-        else:
-            meta = write_token_files(args.out, texts, tokenizer, val_fraction=args.val_fraction)
-    except ImportError as exc:
-        print(f"lte-prepare-text: error: BPE needs Hugging Face tokenizers ({exc})", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:
-        print(f"lte-prepare-text: error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"{args.out}: {meta['train_tokens']} train + {meta['val_tokens']} val tokens, "
-        f"vocabulary {meta['vocab_size']} ({meta['tokenizer']}), {meta['dtype']}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

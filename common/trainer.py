@@ -17,16 +17,15 @@ from lte.common.config import JobConfig
 from lte.common.data import Dataset, HeadBatches, head_batches, head_shard, own_data_shards
 from lte.common.images import ImageFiles
 from lte.common.loader import PrefetchedBatches, eval_batches
-from lte.common.lte import (
-    HeadUpdate,
-    ReplicaUpdate,
+from lte.common.merge import HeadUpdate, ReplicaUpdate
+from lte.common.mixing import mix_heads, mixed_loss
+from lte.common.model_state import (
     commit_merge,
     export_head_factors,
     load_head_factors,
     lte_layers,
     trainable_parameters,
 )
-from lte.common.mixing import mix_heads, mixed_loss
 from lte.common.models import build_model
 from lte.common.outputs import forward_logits
 from lte.common.policy import (

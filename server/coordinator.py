@@ -28,7 +28,7 @@ from torch import nn
 from lte.common.config import UPLINK_CODECS, JobConfig
 from lte.common.export import export_model
 from lte.common.fingerprint import model_fingerprint
-from lte.common.lte import conv1d_class
+from lte.common.layers import conv1d_class
 from lte.common.model_check import checkpoint_mismatch, model_summary
 from lte.common.policy import classify_model
 from lte.common.protocol import (
@@ -53,7 +53,7 @@ from lte.server.evaluation import BackgroundTask, Evaluator
 from lte.server.failures import note_worker_failure
 from lte.server.guard import GuardSettings, UpdateGuard, all_master_finite, merge_within_bounds, tensor_norms
 from lte.server.scheduler import HeadState, Lease, Policy, RoundTimes
-from lte.server.snapshots import SNAPSHOT_ZSTD_LEVEL, Snapshot, SnapshotBuilder
+from lte.server.snapshots import SNAPSHOT_ZSTD_LEVEL, Snapshot, SnapshotBuilder, master_for_snapshot
 
 __all__ = [
     "SNAPSHOT_ZSTD_LEVEL",
@@ -413,13 +413,8 @@ class Coordinator:
                 return self.version
 
         def copy_master() -> tuple[int, dict[str, torch.Tensor]]:
-            with self.lock:
-                layers = set(self.layer_names)
-                return self.version, {  # a memcpy under the lock; quantised and compressed outside it
-                    name: (t.flatten(1) if name in layers else t).detach().clone()  # a conv kernel as [m, n]
-                    for name, t in self.master.items()
-                    if name not in self.policy.ties  # a tied alias: its owner carries the value
-                }
+            with self.lock:  # a memcpy under the lock; quantised and compressed outside it
+                return self.version, master_for_snapshot(self.master, self.layer_names, self.policy.ties)
 
         return self.snapshots.get(version_now, copy_master)
 

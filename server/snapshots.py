@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import replace
 
 import torch
@@ -139,3 +139,18 @@ class SnapshotBuilder:
     def factor_messages(self, factors) -> list[pb.ModelChunk]:
         """Chunk messages of heads' last merged factors ``{head: {layer: (B, A)}}``, exact."""
         return encode_messages(self.job, factor_tensors(factors), lambda _: Role.MERGED_FACTOR)[0]
+
+
+def master_for_snapshot(
+    master: Mapping[str, torch.Tensor], layer_names: Iterable[str], ties: Container[str]
+) -> dict[str, torch.Tensor]:
+    """The copy of ``master`` a snapshot is built from: each LTE layer's weight as its ``[m, n]``
+    matrix (a conv kernel ``[out, in, kh, kw]`` as ``[out, in*kh*kw]``), every other tensor as it is,
+    a tied alias left out (its owner carries the value). A memcpy: the coordinator takes it under
+    its lock, the emulator (``lte-sim``) once per round; the encoding runs on the copy."""
+    layers = set(layer_names)
+    return {
+        name: (t.flatten(1) if name in layers else t).detach().clone()
+        for name, t in master.items()
+        if name not in ties
+    }

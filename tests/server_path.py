@@ -97,7 +97,7 @@ def _round_to_wire(trainer: LocalTrainer, job: JobConfig) -> None:
     if job.uplink == "fp32":
         return
     from lte.common.codec import get_codec
-    from lte.common.lte import lte_layers
+    from lte.common.model_state import lte_layers
 
     codec = get_codec(job.uplink)
     with torch.no_grad():

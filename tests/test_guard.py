@@ -264,7 +264,7 @@ def test_a_first_round_push_that_scales_only_a_is_refused():
     """A head's first round: ``A'`` is unknown and there is no history yet, so only ``B`` was bounded.
     The first worker to push, with ``B`` honest and ``A`` x30, merged: the master's norms ended 7x
     those of the clean job (94 vs 14 on hidden.0) and an honest worker was refused afterwards."""
-    from lte.common.lte import HeadUpdate
+    from lte.common.merge import HeadUpdate
 
     def scale_a(worker, _, heads):
         if worker != 0:

@@ -22,20 +22,10 @@ transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from lte.common.config import JobConfig  # noqa: E402
-from lte.common.lte import (  # noqa: E402
-    HeadUpdate,
-    LTEConfig,
-    LTEConv1D,
-    LTEEmbedding,
-    LTELinear,
-    LTETiedLinear,
-    apply_updates,
-    export_head_factors,
-    load_head_factors,
-    lte_layers,
-    plain_state_dict,
-)
+from lte.common.layers import LTEConfig, LTEConv1D, LTEEmbedding, LTELinear, LTETiedLinear  # noqa: E402
+from lte.common.merge import HeadUpdate, apply_updates  # noqa: E402
 from lte.common.model_check import explain_rows, explain_summary  # noqa: E402
+from lte.common.model_state import export_head_factors, load_head_factors, lte_layers, plain_state_dict  # noqa: E402
 from lte.common.outputs import forward_logits, logits_of  # noqa: E402
 from lte.common.policy import (  # noqa: E402
     HEADS,
@@ -370,8 +360,8 @@ def test_prepare_text_streams_jsonl_parquet_and_datasets_folders_to_the_same_tok
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from lte.common.prepare_text import main as prepare_main
     from lte.common.text import BATCH_ROWS
-    from lte.common.text import main as prepare_main
 
     records = [f"verse {i}: and it was so \u00e9" + ("\n" if i % 3 else "") for i in range(BATCH_ROWS + 300)]
     rows = [{"body": r, "id": i} for i, r in enumerate(records)]

@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lte.common.config import JobConfig
-from lte.common.lte import LTEConfig, LTEEmbedding
+from lte.common.layers import LTEConfig, LTEEmbedding
 from lte.common.models import GPT, GPTConfig, build_model
 from lte.common.policy import prepare_model
+from lte.common.prepare_text import main as prepare_main
 from lte.common.sim import main as sim_main
 from lte.common.sim import run_full, run_lte
 from lte.common.text import (
@@ -29,7 +30,6 @@ from lte.common.text import (
     load_tokenizer,
     write_token_files,
 )
-from lte.common.text import main as prepare_main
 from lte.common.trainer import build_job_model, evaluate
 
 TEXT = (

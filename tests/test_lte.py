@@ -8,17 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from lte.common.lte import (
-    HeadUpdate,
-    LTEConfig,
-    LTELinear,
-    LTETiedLinear,
-    ReplicaUpdate,
-    apply_updates,
+from lte.common.layers import LTEConfig, LTELinear, LTETiedLinear
+from lte.common.merge import HeadUpdate, ReplicaUpdate, apply_updates, merge_head_deltas
+from lte.common.model_state import (
     commit_merge,
     export_head_factors,
     lte_layers,
-    merge_head_deltas,
     plain_state_dict,
     replica_parameters,
 )

@@ -10,7 +10,8 @@ import torch
 
 from lte.common.config import JobConfig
 from lte.common.data import load_dataset
-from lte.common.lte import LTELinear, load_head_factors, lte_layers
+from lte.common.layers import LTELinear
+from lte.common.model_state import load_head_factors, lte_layers
 from lte.common.precision import MixedPrecision, resolve_precision
 from lte.common.quant import quantize
 from lte.common.sim import main as sim_main

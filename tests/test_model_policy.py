@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lte.common.lte import LTEConfig, LTEConv2d, LTEMultiheadAttention, apply_updates
+from lte.common.layers import LTEConfig, LTEConv2d, LTEMultiheadAttention
+from lte.common.merge import apply_updates
 from lte.common.model_check import check_job_model, explain_rows, explain_summary
 from lte.common.policy import AVERAGED, FROZEN, HEADS, REPLICA, TIED, ModelRefused, classify_model
 from lte.common.trainer import LocalTrainer, build_job_model, make_snapshot

@@ -9,7 +9,7 @@ import torch
 
 from lte.common import protocol
 from lte.common.config import JobConfig
-from lte.common.lte import HeadUpdate, ReplicaUpdate
+from lte.common.merge import HeadUpdate, ReplicaUpdate
 from lte.common.trainer import LocalTrainer
 from lte.server.service import STATUS_OF
 from tests.cluster import DIGITS, digits_job
@@ -82,7 +82,7 @@ def test_every_refusal_has_a_status_code_and_travels_by_name():
 
 
 def test_keep_heads_carries_the_kept_heads_factors_and_adamw_moments_exactly():
-    from lte.common.lte import lte_layers
+    from lte.common.model_state import lte_layers
 
     job = dataclasses.replace(digits_job(heads=3, steps=40), dtype="float64")
     trainer = LocalTrainer(job, [0, 1, 2], DIGITS)

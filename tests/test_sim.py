@@ -79,3 +79,21 @@ def test_default_warmup_follows_the_steps_of_a_replaced_job():
     assert JobConfig(steps=40, warmup_steps=0).warmup == 0
     with pytest.raises(ValueError, match="warmup_steps"):
         JobConfig(warmup_steps=-2)
+
+
+def test_the_export_is_the_servers_one_function_with_its_metadata(tmp_path, capsys):
+    """lte-sim --export writes through lte.common.export.export_model, as lte-server does: the
+    resolved job, the preprocessing, the package version and the model version (merges)."""
+    from safetensors import safe_open
+
+    from lte import __version__
+
+    path = tmp_path / "model.safetensors"
+    args = ["--model", "mlp", "--dataset", "digits", "--heads", "2", "--steps", "4", "--merge-every", "2"]
+    assert main([*args, "--quiet", "--export", str(path)]) == 0
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert {"lte_job", "lte_preprocessing", "lte_version", "version"} <= set(meta)
+    assert meta["lte_version"] == __version__ and meta["version"] == "2"  # 4 steps, T 2: two merges
+    assert json.loads(meta["lte_job"])["heads"] == 2
+    assert json.loads(meta["lte_preprocessing"])["pixel_scale"] == 16.0

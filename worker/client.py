@@ -38,7 +38,7 @@ from lte.common.data import Dataset, load_job_dataset
 from lte.common.failure import leave_reason, training_failure
 from lte.common.fingerprint import fingerprint_difference, model_fingerprint
 from lte.common.images import BadImageError
-from lte.common.lte import lte_layers
+from lte.common.model_state import lte_layers
 from lte.common.progress import Progress, format_bytes
 from lte.common.protocol import (
     HEAD_PREFIX,
