@@ -44,7 +44,7 @@ from lte.server.aggregation import AcceptedPush, Aggregator, all_finite, stalene
 from lte.server.checkpoint_state import Checkpoints
 from lte.server.evaluation import Evaluations
 from lte.server.failures import note_worker_failure
-from lte.server.guard import GuardSettings, UpdateGuard, all_master_finite, guarded_merge
+from lte.server.guard import GuardSettings, UpdateGuard, Verdict, all_master_finite, guarded_merge
 from lte.server.metrics_log import MetricsLog
 from lte.server.push_check import IncomingPush, PushCheck
 from lte.server.scheduler import HeadState, Lease, Policy, RoundTimes
@@ -540,34 +540,10 @@ class Coordinator:
             except Refused:
                 self.pushes_refused += 1
                 raise
-            verdict = self.guard.check(
-                {u.head_id: u.factors for u in heads},
-                self.prev_factors,
-                replica.deltas,
-                {h: self._round_lr_sum(self.heads[h].steps_done) for h in header.head_rounds},
-                self._trained_replicas,
-                self.guard.master_norms,
-            )
-            refuse = bool(verdict.outliers) and self.guard.settings.mode == "refuse"
-            if verdict.outliers:
-                name = lease.worker.get("name", "")
-                ids = sorted(header.head_rounds)
-                self.records.write(
-                    self.guard.note_outlier(lease.worker_id, name, ids, verdict, refuse, self.version)
-                )
-                lease.outliers_in_row += 1
-            else:
-                self.guard.accept(verdict)
-                lease.outliers_in_row = 0
+            verdict, refuse = self._judge(lease, header, heads, replica)
             now = self.clock()
             lr_start = min(lr_at(self.heads[h].steps_done, self.job) for h in header.head_rounds)
-            for h in header.head_rounds:
-                head = self.heads[h]
-                self.round_times.add(now - head.waiting_since)
-                head.next_round += 1
-                head.steps_done += header.steps
-                head.pending = not refuse or self.job.mode == "sync"  # a refused round waits only in sync
-                head.waiting_since = now
+            self._advance_heads(header, now, waits=not refuse or self.job.mode == "sync")
             push = AcceptedPush(
                 lease.lease_id,
                 [] if refuse else heads,
@@ -620,6 +596,39 @@ class Coordinator:
                 "weight": weight,
                 "done": self.done,
             }
+
+    def _judge(self, lease: Lease, header: PushMeta, heads, replica) -> tuple[Verdict, bool]:
+        """The update guard's verdict on a push (noted when it is an outlier) and whether it is refused."""
+        verdict = self.guard.check(
+            {u.head_id: u.factors for u in heads},
+            self.prev_factors,
+            replica.deltas,
+            {h: self._round_lr_sum(self.heads[h].steps_done) for h in header.head_rounds},
+            self._trained_replicas,
+            self.guard.master_norms,
+        )
+        refuse = bool(verdict.outliers) and self.guard.settings.mode == "refuse"
+        if verdict.outliers:
+            name, ids = lease.worker.get("name", ""), sorted(header.head_rounds)
+            self.records.write(
+                self.guard.note_outlier(lease.worker_id, name, ids, verdict, refuse, self.version)
+            )
+            lease.outliers_in_row += 1
+        else:
+            self.guard.accept(verdict)
+            lease.outliers_in_row = 0
+        return verdict, refuse
+
+    def _advance_heads(self, header: PushMeta, now: float, waits: bool) -> None:
+        """The pushed heads' round counts and steps move on; ``waits``: their round is pending (a
+        refused round waits only in sync mode)."""
+        for h in header.head_rounds:
+            head = self.heads[h]
+            self.round_times.add(now - head.waiting_since)
+            head.next_round += 1
+            head.steps_done += header.steps
+            head.pending = waits
+            head.waiting_since = now
 
     def _round_lr_sum(self, steps_done: int) -> float:
         """The learning rates of a round starting at ``steps_done``, summed (the guard's step bound)."""
