@@ -53,8 +53,8 @@ from lte.common.models import count_parameters  # noqa: E402
 from lte.common.trainer import build_job_model, linear_weight_names, loss_fn, make_optimizer  # noqa: E402
 from lte.proto import parameter_server_pb2 as pb  # noqa: E402
 from lte.proto import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
-from lte.server.app import ParameterServer  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402
+from lte.server.grpc_server import ParameterServer  # noqa: E402
 from lte.worker.client import JobDone, Worker  # noqa: E402
 
 SECTION = "comm"

@@ -118,8 +118,8 @@ def run_cluster(
     Runs the job to its end, or stops it after version ``stop_after``. Returns the server's
     per-version history (cumulative bytes) and its evaluations.
     """
-    from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator
+    from lte.server.grpc_server import ParameterServer
 
     log_dir.mkdir(parents=True, exist_ok=True)
     coordinator = Coordinator(

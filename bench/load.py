@@ -46,8 +46,8 @@ def serve(args: argparse.Namespace) -> int:
 
     from lte.common.config import JobConfig
     from lte.common.data import load_dataset
-    from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator
+    from lte.server.grpc_server import ParameterServer
 
     torch.set_num_threads(1)
     dataset = load_dataset("digits", seed=0)
@@ -188,7 +188,7 @@ def drive(args: argparse.Namespace) -> int:
     errors["non-zero exit"] = sum(r.get("code", 0) not in (0, None) for r in results)
     errors["hung worker"] = hung
     errors["refused push (server)"] = samples[-1]["refused"] if samples else 0
-    pushes = sum(w.rounds for w in workers)
+    pushes = sum(w.pushes for w in workers)
     print_report(args, samples, errors, pushes, wall, [r["error"] for r in results if "error" in r])
     return 0 if not sum(errors.values()) else 1
 

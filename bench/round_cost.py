@@ -28,8 +28,8 @@ import contextlib
 from lte.common.config import JobConfig  # noqa: E402
 from lte.common.data import load_dataset  # noqa: E402
 from lte.common.models import count_parameters  # noqa: E402
-from lte.server.app import ParameterServer  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402
+from lte.server.grpc_server import ParameterServer  # noqa: E402
 from lte.worker.client import JobDone, Worker  # noqa: E402
 
 

@@ -17,7 +17,7 @@ In the same run, at each concurrency:
 - raw: the same serialised messages as plain bytes through a minimal stream-unary service
   (``grpc.method_handlers_generic_handler``, no (de)serialisers) on the same server options;
 - stage times inside the real run, from wrappers around ``decode_tensor`` (zstd + fp16 -> fp32),
-  ``Coordinator.validate_tensor`` (names, shapes, codecs, the finite check), ``Coordinator.apply_push`` (lock wait +
+  ``push_check.check_tensor`` (names, shapes, codecs, the finite check), ``Coordinator.apply_push`` (lock wait +
   merge) and ``Coordinator._merge_pending`` (the merge), and each stage alone, uncontended;
 - a plain ``torch.mm`` of the merge's shapes (per layer ``[m, 2r] x [2r, n]``) on the server's device.
 
@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mdsections import machine, write_section
 
+import lte.server.push_check as push_check_module  # noqa: E402
 import lte.server.service as service_module  # noqa: E402
 from lte.common import grpc_options  # noqa: E402
 from lte.common.codec import decode_tensor, encode_tensor  # noqa: E402
@@ -60,8 +61,8 @@ from lte.common.merge import HeadUpdate, ReplicaUpdate, apply_updates  # noqa: E
 from lte.common.wire import tensor_chunks  # noqa: E402
 from lte.proto import parameter_server_pb2 as pb  # noqa: E402
 from lte.proto import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
-from lte.server.app import ParameterServer  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402
+from lte.server.grpc_server import ParameterServer  # noqa: E402
 from lte.server.service import ParameterServerService  # noqa: E402
 
 SECTION = "server"
@@ -119,7 +120,7 @@ def instrument(c: Coordinator, stages: Stages, device: torch.device, move_to_dev
     """Wrap the stages of a push; returns the originals, to stub them out and put them back."""
     originals = {
         "decode": service_module.decode_tensor,
-        "validate": c.validate_tensor,
+        "validate": push_check_module.check_tensor,
         "apply": c.apply_push,
         "merge": c._merge_pending,
         "handler": ParameterServerService.PushUpdate,
@@ -127,15 +128,15 @@ def instrument(c: Coordinator, stages: Stages, device: torch.device, move_to_dev
     apply = originals["apply"]
     if move_to_device:  # see the report: the server leaves decoded pushes on the CPU
 
-        def apply(header, tensors, _apply=originals["apply"]):
+        def apply(header, tensors, *received, _apply=originals["apply"]):
             t = time.perf_counter()
             moved = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
             sync(device)
             stages.add("to_device", time.perf_counter() - t)
-            return _apply(header, moved)
+            return _apply(header, moved, *received)
 
     service_module.decode_tensor = stages.wrap("decode", originals["decode"])
-    c.validate_tensor = stages.wrap("validate", originals["validate"], device)
+    push_check_module.check_tensor = stages.wrap("validate", originals["validate"], device)
     c.apply_push = stages.wrap("apply", apply)
     c._merge_pending = stages.wrap("merge", originals["merge"], device)
     handler = originals["handler"]
@@ -158,7 +159,7 @@ def instrument(c: Coordinator, stages: Stages, device: torch.device, move_to_dev
 @contextlib.contextmanager
 def transport_only(c: Coordinator, stages: Stages):
     """Decode, validation and apply_push become no-ops: what is left is the transport path."""
-    saved = (service_module.decode_tensor, c.validate_tensor, c.apply_push)
+    saved = (service_module.decode_tensor, push_check_module.check_tensor, c.apply_push)
     zeros: dict[tuple[int, ...], torch.Tensor] = {}
 
     def fake_decode(enc, **_):
@@ -167,16 +168,16 @@ def transport_only(c: Coordinator, stages: Stages):
             t = zeros[enc.shape] = torch.zeros(enc.shape)
         return t
 
-    def fake_apply(header, tensors):
+    def fake_apply(header, tensors, *received):
         return {"applied": True, "duplicate": False, "version": c.version, "staleness": 0, "weight": 0.0}
 
     service_module.decode_tensor = fake_decode
-    c.validate_tensor = lambda *a, **k: None
+    push_check_module.check_tensor = lambda *a, **k: None
     c.apply_push = fake_apply
     try:
         yield
     finally:
-        service_module.decode_tensor, c.validate_tensor, c.apply_push = saved
+        service_module.decode_tensor, push_check_module.check_tensor, c.apply_push = saved
 
 
 # -- the raw bytes service ----------------------------------------------------------------------
@@ -618,6 +619,7 @@ def run(args) -> dict:
     finally:
         ParameterServerService.PushUpdate = originals["handler"]
         service_module.decode_tensor = originals["decode"]
+        push_check_module.check_tensor = originals["validate"]
     return out
 
 

@@ -1,59 +1,55 @@
-"""The parameter server's state and its one lock: the core that the gRPC service, the CLI, tests and
-benchmarks drive. No gRPC here: a request the server will not act on raises ``Refused`` with a
-domain ``Refusal`` (``lte.common.protocol``), which the service maps to a status code.
+"""The parameter server's state and its one lock: the head leases and the round. No gRPC here: a
+request the server will not act on raises ``Refused`` with a domain ``Refusal``
+(``lte.common.protocol``), which the service maps to a status code.
 
-The work is split by job, each in its own module: head leases and scheduling (``scheduler``, a pure
-function of state and ``now``), aggregation (``aggregation``), snapshots (``snapshots``),
-evaluation (``evaluation``) and checkpoint files (``checkpoint``). Time comes from ``clock``
-(``time.monotonic`` unless a test passes a fake one). Decoding and validation of a push happen
-before the lock is taken; snapshot encoding and evaluation happen outside it.
+The ``Coordinator`` keeps the leases (``scheduler``: a pure function of state and ``now``, applied
+here) and the round: pulls wait for a version, pushes are folded in (``aggregation``) and merged
+into W. Around it, each in its own module: the checks of a push (``push_check``), the update guard
+(``guard``), snapshots (``snapshots``), evaluations (``evaluation``), checkpoints
+(``checkpoint_state``), the metrics records (``metrics_log``) and the status document
+(``status``). Time comes from ``clock`` (``time.monotonic`` unless a test passes a fake one).
+Decoding and validation of a push happen before the lock is taken; snapshot encoding and
+evaluation happen outside it.
+
+The gRPC service calls six methods for one pull and one push: ``begin_pull``,
+``wait_for_version``, ``pull_snapshot``, ``count_sent``, ``begin_push`` and ``apply_push``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lte.common.config import UPLINK_CODECS, JobConfig
+from lte.common.config import JobConfig
 from lte.common.export import export_model
+from lte.common.failure import REPORTED_STATES, LeaseState
 from lte.common.fingerprint import model_fingerprint
 from lte.common.layers import conv1d_class
-from lte.common.model_check import checkpoint_mismatch, model_summary
+from lte.common.model_check import model_summary
 from lte.common.policy import classify_model
-from lte.common.protocol import (
-    HEAD_PREFIX,
-    PushMeta,
-    Refusal,
-    Refused,
-    decode_update,
-    factor_tensors,
-    group_head_factors,
-    handshake_refusal,
-    head_tensor_name,
-    replica_tensor_name,
-)
+from lte.common.protocol import PushMeta, Refusal, Refused, decode_update, handshake_refusal
 from lte.common.run_metadata import resolved_job
 from lte.common.trainer import build_job_model, lr_at
-from lte.server import checkpoint as ckpt
-from lte.server import scheduler
+from lte.server import checkpoint_state, push_check, scheduler
 from lte.server.aggregation import AcceptedPush, Aggregator, all_finite, staleness_discount
-from lte.server.disk import CheckpointHealth
-from lte.server.evaluation import BackgroundTask, Evaluator
+from lte.server.checkpoint_state import Checkpoints
+from lte.server.evaluation import Evaluations
 from lte.server.failures import note_worker_failure
-from lte.server.guard import GuardSettings, UpdateGuard, all_master_finite, merge_within_bounds, tensor_norms
+from lte.server.guard import GuardSettings, UpdateGuard, Verdict, all_master_finite, guarded_merge
+from lte.server.metrics_log import MetricsLog
+from lte.server.push_check import IncomingPush, PushCheck
 from lte.server.scheduler import HeadState, Lease, Policy, RoundTimes
 from lte.server.snapshots import SNAPSHOT_ZSTD_LEVEL, Snapshot, SnapshotBuilder, master_for_snapshot
+from lte.server.status import read_status
 
 __all__ = [
     "SNAPSHOT_ZSTD_LEVEL",
@@ -66,7 +62,6 @@ __all__ = [
     "staleness_discount",
 ]
 
-WORKER_STATES = ("training", "pushing", "pulling", "waiting")  # what a heartbeat may report
 _log = logging.getLogger("lte.server")
 
 
@@ -77,7 +72,6 @@ class Coordinator:
     # back") and per-version records (all of them are in metrics.jsonl) are bounded in memory.
     max_ended_leases = 1_000
     max_history = 10_000
-    eval_loader_workers = 0  # DataLoader processes of a streamed evaluation (lte-server --loader-workers)
 
     def __init__(
         self,
@@ -111,6 +105,7 @@ class Coordinator:
         self.replica_names = self.policy.uplink_names
         self.heads_per_worker = heads_per_worker or job.heads
         self.model_summary = model_summary(self.policy, job, self.heads_per_worker)  # for the dashboard
+        self.resolved_job = resolved_job(job)  # effective values, not placeholders (the dashboard)
         self.lease_timeout_s, self.heartbeat_interval_s = lease_timeout_s, heartbeat_interval_s
         # A straggler is never called so before two missed heartbeats' worth of time. A free head
         # waits for a worker with room as long as a lease waits for a heartbeat, then goes to turns.
@@ -140,66 +135,54 @@ class Coordinator:
         self.bytes_up = 0
         self.bytes_down = 0
         self.done = False
-        # durations come from ``clock``, monotonic (a wall clock stepped back by NTP or by hand must
-        # not show a negative elapsed time, 0 merges/min, or reach a checkpoint); wall time is only
-        # a timestamp (started_at)
-        self.started_at = time.time()
-        self._elapsed_before = 0.0  # seconds the job ran before this process (a resumed checkpoint)
-        self._started_mono = clock()
-        self._ended_mono: float | None = None  # the job's end: the elapsed clock stops there
-        self._rounds_at_start = 0  # head-rounds done when this process started (for the ETA's rate)
+        self.timer = JobTimer(clock)
         self.history: list[dict[str, Any]] = []
-        self.evals: list[dict[str, Any]] = []
         self.pushes_refused = 0
         self.pulls_turned_away = 0  # long-polls answered at once: no handler thread to spare
         self.heads_moved = 0  # heads taken from stragglers or moved to balance the load
         self.late_pushes_refused = 0  # pushes of heads moved away from their worker meanwhile
         self.push_log: deque[dict[str, Any]] = deque(maxlen=10_000)  # accepted pushes: staleness and weight
-        self._metrics_file = open(metrics_path, "a", buffering=1) if metrics_path else None  # noqa: SIM115
-        self._sinks: list = []
         self.snapshots = SnapshotBuilder(job, self.layer_names)
         self.guard = UpdateGuard(
             guard or GuardSettings(), job, transposed=transposed_layers(self.model, self.layer_names)
         )
+        self.guard.remember_master(self.master)
         self.fingerprint = model_fingerprint(job)  # (fingerprint, module tree): sent with each registration
         self._trained_replicas = frozenset(n for n, _ in self.model.named_parameters()) & set(
             self.replica_names
         )
-        # ||W|| per tensor before the next merge: its growth bound (guard on only)
-        self._master_norms = tensor_norms(self.master) if self.guard.settings.on else {}
         self._refused_rounds: dict[int, int] = {}  # head -> its round the guard refused (a retried push)
-        self._expected = self._expected_push_shapes()
-        self._evaluation = Evaluator(job, dataset, device) if dataset is not None else None
-        self._evaluator: BackgroundTask | None = None
-        self.eval_error: str | None = None  # why the newest evaluation failed (None: it succeeded)
-        self.eval_failures = 0
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
-        self._checkpoint_lock = threading.Lock()  # one writer at a time
-        self.checkpoint_health = CheckpointHealth(retry=self._poke_checkpointer)
-        self._checkpointer = (
-            BackgroundTask("lte-checkpoint", self.save_checkpoint, on_error=self.checkpoint_health.failed)
-            if self.checkpoint_dir
-            else None
+        self.push_check = PushCheck(job, self.master, self.layer_names, self.replica_names)
+        self.checkpoints = Checkpoints(self, checkpoint_dir, checkpoint_every, keep_checkpoints)
+        self.checkpoint_health = self.checkpoints.health
+        self.records = MetricsLog(metrics_path, on_error=self.checkpoint_health.metrics_failed)
+        self.evaluations = Evaluations(
+            job,
+            dataset,
+            device,
+            lock=self.lock,
+            load=self._load_master,
+            version=lambda: self.version,
+            elapsed_s=self.elapsed_s,
+            log=self.records.write,
         )
 
     def elapsed_s(self) -> float:
         """Seconds the job has run (across resumes), by the monotonic clock; it stops at the job's end."""
-        end = self._ended_mono if self._ended_mono is not None else self.clock()
-        return self._elapsed_before + max(0.0, end - self._started_mono)
+        return self.timer.elapsed_s()
 
     def eta_s(self) -> float | None:
-        """Seconds left at the rate measured by this process (head-rounds done since it started, over
-        the monotonic time since): ``(planned - done) / rate``. None before the first round, 0 at the end."""
+        """Seconds left at the head-round rate measured by this process (``JobTimer.eta_s``)."""
         done, planned = self.progress()
-        if self.done or done >= planned:
-            return 0.0
-        ran = done - self._rounds_at_start
-        if ran <= 0:
-            return None
-        return (planned - done) * (self.clock() - self._started_mono) / ran
+        return self.timer.eta_s(done, planned, self.done)
 
-    # -- the aggregator's state, read by tests, benchmarks and the service --------------------------
+    def progress(self) -> tuple[int, int]:
+        """(head-rounds done, head-rounds planned): the job's progress in one unit everywhere."""
+        with self.lock:
+            done = sum(min(h.next_round - h.pending, self.rounds_planned) for h in self.heads.values())
+            return done, self.job.heads * self.rounds_planned
+
+    # -- state read by tests, benchmarks, the status document and checkpoints ----------------------
     @property
     def max_staleness(self) -> int:
         return self.aggregator.max_staleness
@@ -223,6 +206,19 @@ class Coordinator:
     @property
     def rounds_planned(self) -> int:
         return self.schedule.rounds_planned
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        return self.evaluations.evals
+
+    @property
+    def eval_loader_workers(self) -> int:
+        """DataLoader processes of a streamed evaluation (lte-server --loader-workers)."""
+        return self.evaluations.loader_workers
+
+    @eval_loader_workers.setter
+    def eval_loader_workers(self, n: int) -> None:
+        self.evaluations.loader_workers = n
 
     # -- leases and the head scheduler ------------------------------------------------------------
     def register(self, worker: dict[str, Any]) -> tuple[Lease, list[HeadState]]:
@@ -266,18 +262,18 @@ class Coordinator:
         lease = self.leases.get(lease_id)
         if lease is None:
             raise Refused(Refusal.UNKNOWN_LEASE, f"unknown lease {lease_id[:12]!r}: register again")
-        if lease.state == "expired":
+        if lease.state == LeaseState.EXPIRED:
             raise Refused(
                 Refusal.LEASE_EXPIRED,
                 f"lease {lease_id[:12]!r} expired after {self.lease_timeout_s:g} s without a heartbeat; "
                 "its heads went back to the pool: register again",
             )
-        if lease.state == "quarantined":
+        if lease.state == LeaseState.QUARANTINED:
             raise Refused(
                 Refusal.QUARANTINED,
                 f"worker {lease.worker_id} is quarantined: a push of it broke a merge ({lease.failure})",
             )
-        if lease.state in ("left", "failed"):
+        if lease.state in (LeaseState.LEFT, LeaseState.FAILED):
             raise Refused(Refusal.LEASE_ENDED, f"lease {lease_id[:12]!r} was given back: register again")
         lease.last_seen = self.clock()
         return lease
@@ -286,9 +282,8 @@ class Coordinator:
         with self.lock:
             lease = self.lease(lease_id)
             lease.version, lease.samples_per_s = version, samples_per_s
-            # only a worker's own activity: "left" or "expired" from a client would orphan its heads
-            if state in WORKER_STATES:
-                lease.state = state
+            if state in REPORTED_STATES:  # only a worker's own activity (REPORTED_STATES says why)
+                lease.state = LeaseState(state)
             self._schedule(lease.last_seen)
             return self.version, self.done
 
@@ -298,11 +293,11 @@ class Coordinator:
             lease = self.leases.get(lease_id)
             if lease is None or not lease.live:
                 return
-            self._release(lease, "left")
+            self._release(lease, LeaseState.LEFT)
             note_worker_failure(lease, reason)
             self._schedule(self.clock())
 
-    def expire_leases(self) -> list[str]:
+    def run_scheduler(self) -> list[str]:
         """Run the scheduler now: expire silent leases, move stragglers' heads, hand out free heads.
         Returns the leases that expired."""
         with self.lock:
@@ -312,7 +307,7 @@ class Coordinator:
         """Apply the scheduler's plan (under the lock); returns the leases it expired."""
         plan = scheduler.plan(self.heads, self.leases, now, self.schedule, self.round_times.median)
         for lease_id in plan.expire:
-            self._release(self.leases[lease_id], "expired")
+            self._release(self.leases[lease_id], LeaseState.EXPIRED)
         for lease_id in plan.stragglers:
             self.leases[lease_id].straggler = True
         for lease_id, h, why in plan.revoke:
@@ -344,7 +339,7 @@ class Coordinator:
             self.changed.notify_all()
         return plan.expire
 
-    def _release(self, lease: Lease, state: str) -> None:
+    def _release(self, lease: Lease, state: LeaseState) -> None:
         self._drop_pending(lease.lease_id)
         lease.state = state
         now = self.clock()
@@ -353,7 +348,7 @@ class Coordinator:
             if head.lease_id == lease.lease_id:
                 head.lease_id = None
                 head.free_since = now
-                head.returned += state == "expired"
+                head.returned += state == LeaseState.EXPIRED
         # an ended lease keeps its head ids: what it held when it ended (the dashboard shows it)
         lease.epoch += 1
         ended = [l.lease_id for l in self.leases.values() if not l.live]
@@ -388,21 +383,53 @@ class Coordinator:
             return lease, self.lease_heads(lease), {h: h in self.prev_factors for h in lease.head_ids}
 
     # -- pulls ---------------------------------------------------------------------------------
+    def begin_pull(self, lease_id: str, head_factors: Sequence[int] = ()) -> tuple[Lease, list]:
+        """The live lease of a pull and the last merged factors of ``head_factors`` (heads it holds),
+        so a moved head continues exactly; ``Refused`` for another lease's or an unknown head."""
+        lease, _, _ = self.lease_view(lease_id)
+        if not head_factors:
+            return lease, []
+        with self.lock:
+            self.push_check.check_head_ids(head_factors)
+            wanted = {}
+            for h in head_factors:
+                if h not in lease.head_ids:
+                    raise Refused(Refusal.HEAD_NOT_LEASED, f"head {h} is not leased to this worker")
+                wanted[h] = {k: (b.clone(), a.clone()) for k, (b, a) in self.prev_factors.get(h, {}).items()}
+        return lease, self.snapshots.factor_messages(wanted)
+
     def wait_for_version(
-        self, have_version: int, timeout_s: float, lease: Lease | None = None, epoch: int = -1
-    ) -> tuple[int, bool]:
+        self,
+        have_version: int,
+        timeout_s: float,
+        lease: Lease | None = None,
+        epoch: int = -1,
+        slots: threading.BoundedSemaphore | None = None,
+    ) -> tuple[int, bool, bool]:
         """Block until the version passes ``have_version``, the job ends, ``lease``'s epoch differs
-        from ``epoch`` (when given), or the timeout."""
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        with self.changed:
-            while self.version <= have_version and not self.done:
-                if lease is not None and epoch >= 0 and lease.epoch != epoch:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.changed.wait(left)
-            return self.version, self.done
+        from ``epoch`` (when given), or the timeout; (version, done, turned_away).
+
+        A wait takes one of ``slots`` (when given and ``timeout_s > 0``) while it blocks; with none
+        free it returns at once, turned away (counted in ``pulls_turned_away``)."""
+        slot = slots if timeout_s > 0 else None
+        if slot is not None and not slot.acquire(blocking=False):
+            with self.lock:
+                self.pulls_turned_away += 1
+                return self.version, self.done, True
+        try:
+            deadline = time.monotonic() + max(0.0, timeout_s)
+            with self.changed:
+                while self.version <= have_version and not self.done:
+                    if lease is not None and epoch >= 0 and lease.epoch != epoch:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.changed.wait(left)
+                return self.version, self.done, False
+        finally:
+            if slot is not None:
+                slot.release()
 
     def snapshot_messages(self) -> Snapshot:
         """(version, chunk messages, payload bytes) of a snapshot at least as new as the version at
@@ -418,21 +445,19 @@ class Coordinator:
 
         return self.snapshots.get(version_now, copy_master)
 
-    def snapshot_delta(self, to_version: int, from_version: int) -> tuple[list, int] | None:
-        """(chunk messages, payload bytes) of the delta ``from_version -> to_version`` (the snapshot
-        ``snapshot_messages`` returned), or None: send the full snapshot (``SnapshotBuilder.delta``)."""
-        return self.snapshots.delta(to_version, from_version)
-
-    def head_factor_messages(self, lease: Lease, head_ids: Sequence[int]) -> list:
-        """The last merged factors of heads this lease holds, so a moved head continues exactly."""
-        with self.lock:
-            self._check_head_ids(head_ids)
-            wanted = {}
-            for h in head_ids:
-                if h not in lease.head_ids:
-                    raise Refused(Refusal.HEAD_NOT_LEASED, f"head {h} is not leased to this worker")
-                wanted[h] = {k: (b.clone(), a.clone()) for k, (b, a) in self.prev_factors.get(h, {}).items()}
-        return self.snapshots.factor_messages(wanted)
+    def pull_snapshot(self, have_version: int, delta: bool) -> tuple[int, list, int, int]:
+        """(version, chunk messages, payload bytes, delta base) of the newest snapshot for a worker
+        holding ``have_version``: nothing when it is current, the delta from ``have_version`` when
+        ``delta`` and one can be built (``SnapshotBuilder.delta``), else the full snapshot (delta
+        base -1)."""
+        version, messages, payload = self.snapshot_messages()
+        if version <= have_version:
+            return version, [], 0, -1
+        if delta and have_version >= 0:
+            found = self.snapshots.delta(version, have_version)
+            if found is not None:
+                return version, found[0], found[1], have_version
+        return version, messages, payload, -1
 
     def count_sent(self, lease: Lease, nbytes: int, version: int) -> None:
         with self.lock:
@@ -440,72 +465,24 @@ class Coordinator:
             lease.bytes_down += nbytes
             lease.version = version
 
-    def count_received(self, lease: Lease, nbytes: int) -> None:
-        with self.lock:
-            self.bytes_up += nbytes
-            lease.bytes_up += nbytes
-
-    def count_turned_away(self) -> None:
-        with self.lock:
-            self.pulls_turned_away += 1
-
     # -- pushes --------------------------------------------------------------------------------
-    def _expected_push_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-head layer shapes (B: m x r, A: r x n), keyed ``<layer>/<B|A>``."""
-        r = self.job.rank
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name in self.layer_names:
-            m, n = self.master[name].flatten(1).shape
-            shapes[f"{name}/B"] = (m, r)
-            shapes[f"{name}/A"] = (r, n)
-        return shapes
-
     def expected_tensors(self, head_ids: Sequence[int]) -> dict[str, tuple[int, ...]]:
-        """Wire name -> shape of every tensor a push of ``head_ids`` carries."""
-        out: dict[str, tuple[int, ...]] = {}
-        for h in head_ids:
-            for layer in self.layer_names:
-                m, n = self.master[layer].flatten(1).shape
-                out[head_tensor_name(h, layer, "B")] = (m, self.job.rank)
-                out[head_tensor_name(h, layer, "A")] = (self.job.rank, n)
-        out.update({replica_tensor_name(n): tuple(self.master[n].shape) for n in self.replica_names})
-        return out
+        """Wire name -> shape of every tensor a push of ``head_ids`` carries (``PushCheck``)."""
+        return self.push_check.expected_tensors(head_ids)
 
-    def max_push_bytes(self, num_heads: int) -> int:
-        """Bytes a push of ``num_heads`` heads may carry: fp32 with slack for zstd's worst case."""
-        elems = sum(math.prod(s) for s in self._expected.values()) * num_heads
-        elems += sum(self.master[n].numel() for n in self.replica_names)
-        return int(elems * 4 * 1.01) + (1 << 16)
-
-    def _check_head_ids(self, head_ids: Iterable[int]) -> None:
-        """Head ids the job does not have are a malformed request, not a lease question."""
-        unknown = sorted(h for h in head_ids if not 0 <= h < self.job.heads)
-        if unknown:
-            raise Refused(
-                Refusal.MALFORMED, f"heads {unknown} do not exist: this job has heads 0..{self.job.heads - 1}"
-            )
-
-    def check_push_header(self, header: PushMeta) -> Lease:
-        """Cheap checks before any tensor is read: lease, heads, rounds, version bounds."""
+    def begin_push(self, header: PushMeta) -> IncomingPush:
+        """Cheap checks before any tensor is read: lease, heads, version bounds (``push_check``).
+        The push to read: what it must carry and may weigh; ``Refused`` otherwise."""
         with self.lock:
             lease = self.lease(header.lease_id)
             if not header.head_rounds:
                 raise Refused(Refusal.MALFORMED, "push names no heads")
-            self._check_head_ids(header.head_rounds)
+            self.push_check.check_head_ids(header.head_rounds)
             self._check_holds(lease, header.head_rounds)
-            if header.base_version < 0 or header.base_version > self.version:
-                raise Refused(
-                    Refusal.VERSION_OUT_OF_RANGE,
-                    f"base_version {header.base_version} is outside [0, {self.version}] (the server's newest)",
-                )
-            for value, what in ((header.train_loss, "train_loss"), (header.seconds, "seconds")):
-                if not math.isfinite(value):
-                    raise Refused(Refusal.MALFORMED, f"{what} is {value}")
-            if header.steps < 0 or header.samples < 0:
-                raise Refused(Refusal.MALFORMED, "steps and samples must be >= 0")
-            return lease
+            self.push_check.check_fields(header, self.version)
+            return self.push_check.incoming(lease, header)
 
-    def _check_holds(self, lease: Lease, head_ids: Iterable[int]) -> None:
+    def _check_holds(self, lease: Lease, head_ids: Sequence[int] | dict[int, int]) -> None:
         """Each head is this lease's now: one it held before was moved away (HEAD_MOVED), one it never
         held is not its business (HEAD_NOT_LEASED)."""
         other = sorted(h for h in head_ids if self.heads[h].lease_id != lease.lease_id)
@@ -519,25 +496,19 @@ class Coordinator:
         if other:
             raise Refused(Refusal.HEAD_NOT_LEASED, f"heads {other} are not leased to this worker")
 
-    def validate_tensor(
-        self, name: str, tensor: torch.Tensor, codec: str, expected: Mapping[str, tuple[int, ...]]
-    ) -> None:
-        if name not in expected:
-            raise Refused(Refusal.MALFORMED, f"unexpected tensor {name!r} in this push")
-        if tuple(tensor.shape) != expected[name]:
-            raise Refused(
-                Refusal.MALFORMED,
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, the job expects {expected[name]}",
-            )
-        if codec not in UPLINK_CODECS:
-            raise Refused(
-                Refusal.MALFORMED, f"tensor {name!r} uses codec {codec!r}; uplink codecs: {UPLINK_CODECS}"
-            )
-        if not all_finite(tensor):
-            raise Refused(Refusal.MALFORMED, f"tensor {name!r} holds NaN or Inf")
-
-    def apply_push(self, header: PushMeta, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Fold one validated push into the round (sync), the buffer, or W directly (async)."""
+    def apply_push(
+        self,
+        header: PushMeta,
+        tensors: dict[str, torch.Tensor],
+        received: IncomingPush | None = None,
+        nbytes: int = 0,
+    ) -> dict[str, Any]:
+        """Fold one validated push into the round (sync), the buffer, or W directly (async). ``received``
+        (the ``begin_push`` result) and ``nbytes``: the bytes its stream carried, counted first."""
+        if received is not None:
+            with self.lock:
+                self.bytes_up += nbytes
+                received.lease.bytes_up += nbytes
         # decoded on the CPU; the merge runs where the master weights live (--device)
         tensors = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
         heads, replica = decode_update(
@@ -548,10 +519,7 @@ class Coordinator:
             if self.done:
                 raise Refused(Refusal.JOB_DONE, "the job has finished; the push was not applied")
             rounds = {h: self.heads[h].next_round for h in header.head_rounds}
-            if all(header.head_rounds[h] < rounds[h] for h in rounds):
-                refused = [h for h in rounds if self._refused_rounds.get(h) == header.head_rounds[h]]
-                if refused:  # a retry of a push the guard refused: the same answer
-                    raise Refused(Refusal.OUTLIER, f"heads {refused}: this round was refused as an outlier")
+            if push_check.is_retry(header.head_rounds, rounds, self._refused_rounds):
                 return {
                     "applied": False,
                     "duplicate": True,
@@ -560,51 +528,17 @@ class Coordinator:
                     "weight": 0.0,
                 }
             self._check_holds(lease, header.head_rounds)
-            wrong = {
-                h: (header.head_rounds[h], rounds[h]) for h in rounds if header.head_rounds[h] != rounds[h]
-            }
-            if wrong:
-                raise Refused(
-                    Refusal.OUT_OF_STEP,
-                    "round ids out of step (head: sent, expected): "
-                    + ", ".join(f"{h}: {s}, {e}" for h, (s, e) in wrong.items()),
-                )
-            finished = sorted(h for h in header.head_rounds if rounds[h] >= self.rounds_planned)
-            if finished:
-                raise Refused(
-                    Refusal.HEAD_FINISHED,
-                    f"heads {finished} have trained all {self.rounds_planned} of their rounds",
-                )
+            push_check.check_rounds(header.head_rounds, rounds, self.rounds_planned)
             staleness = self.version - header.base_version
             try:
                 weight = self.aggregator.weight(staleness, self.version, header.base_version)
             except Refused:
                 self.pushes_refused += 1
                 raise
-            verdict = self.guard.check(
-                {u.head_id: u.factors for u in heads},
-                self.prev_factors,
-                replica.deltas,
-                {h: self._round_lr_sum(self.heads[h].steps_done) for h in header.head_rounds},
-                self._trained_replicas,
-                self._master_norms,
-            )
-            refuse = bool(verdict.outliers) and self.guard.settings.mode == "refuse"
-            if verdict.outliers:
-                self._note_outlier(lease, header, verdict, refuse)
-                lease.outliers_in_row += 1
-            else:
-                self.guard.accept(verdict)
-                lease.outliers_in_row = 0
+            verdict, refuse = self._judge(lease, header, heads, replica)
             now = self.clock()
             lr_start = min(lr_at(self.heads[h].steps_done, self.job) for h in header.head_rounds)
-            for h in header.head_rounds:
-                head = self.heads[h]
-                self.round_times.add(now - head.waiting_since)
-                head.next_round += 1
-                head.steps_done += header.steps
-                head.pending = not refuse or self.job.mode == "sync"  # a refused round waits only in sync
-                head.waiting_since = now
+            self._advance_heads(header, now, waits=not refuse or self.job.mode == "sync")
             push = AcceptedPush(
                 lease.lease_id,
                 [] if refuse else heads,
@@ -628,13 +562,7 @@ class Coordinator:
                     "weight": weight,
                 }
             )
-            lease.pushes += 1
-            lease.straggler = False
-            lease.state = "training"
-            if header.seconds > 0:
-                lease.samples_per_s = header.samples / header.seconds
-            lease.samples += header.samples
-            lease.last_loss = header.train_loss
+            lease.pushed(header.samples, header.seconds, header.train_loss)
             if not refuse:
                 self.samples += header.samples
             # the last pushes of a job merge even when a buffer is not full
@@ -664,91 +592,56 @@ class Coordinator:
                 "done": self.done,
             }
 
+    def _judge(self, lease: Lease, header: PushMeta, heads, replica) -> tuple[Verdict, bool]:
+        """The update guard's verdict on a push (noted when it is an outlier) and whether it is refused."""
+        verdict = self.guard.check(
+            {u.head_id: u.factors for u in heads},
+            self.prev_factors,
+            replica.deltas,
+            {h: self._round_lr_sum(self.heads[h].steps_done) for h in header.head_rounds},
+            self._trained_replicas,
+            self.guard.master_norms,
+        )
+        refuse = bool(verdict.outliers) and self.guard.settings.mode == "refuse"
+        if verdict.outliers:
+            name, ids = lease.worker.get("name", ""), sorted(header.head_rounds)
+            self.records.write(
+                self.guard.note_outlier(lease.worker_id, name, ids, verdict, refuse, self.version)
+            )
+            lease.outliers_in_row += 1
+        else:
+            self.guard.accept(verdict)
+            lease.outliers_in_row = 0
+        return verdict, refuse
+
+    def _advance_heads(self, header: PushMeta, now: float, waits: bool) -> None:
+        """The pushed heads' round counts and steps move on; ``waits``: their round is pending (a
+        refused round waits only in sync mode)."""
+        for h in header.head_rounds:
+            head = self.heads[h]
+            self.round_times.add(now - head.waiting_since)
+            head.next_round += 1
+            head.steps_done += header.steps
+            head.pending = waits
+            head.waiting_since = now
+
     def _round_lr_sum(self, steps_done: int) -> float:
         """The learning rates of a round starting at ``steps_done``, summed (the guard's step bound)."""
         return sum(
             lr_at(t, self.job) for t in range(steps_done, steps_done + self.job.round_steps(steps_done))
         )
 
-    def _note_outlier(self, lease: Lease, header: PushMeta, verdict, refuse: bool) -> None:
-        """Count and log an outlier push (under the lock)."""
-        self.guard.outliers += 1
-        self.guard.clipped += not refuse
-        action = "refused" if refuse else "clipped"
-        _log.warning(
-            "update guard: push of heads %s from worker %s (%s) %s: %s",
-            sorted(header.head_rounds),
-            lease.worker_id,
-            lease.worker.get("name", ""),
-            action,
-            verdict.describe(),
-        )
-        self.guard.fired(
-            {
-                "version": self.version,
-                "worker_id": lease.worker_id,
-                "action": action,
-                "what": verdict.describe(),
-            }
-        )
-        self._log(
-            {
-                "guard": action,
-                "worker_id": lease.worker_id,
-                "version": self.version,
-                "what": verdict.describe(),
-            }
-        )
-
-    def _merge_guarded(self, accepted: list[AcceptedPush]):
-        """Merge ``accepted``; with the guard on, check the master after it and roll a bad merge back
-        (the pre-merge W and merged factors restored), then merge again without the push that most
-        exceeded its bounds, whose worker is quarantined."""
-        if not self.guard.settings.on:
-            return self.aggregator.merge_pushes(accepted)
-        backup = {k: v.detach().clone() for k, v in self.master.items()}
-        prev_backup = {h: dict(layers) for h, layers in self.prev_factors.items()}
-        while True:
-            merged = self.aggregator.merge_pushes(accepted)
-            problem, norms = merge_within_bounds(self.master, self._master_norms, self.guard.settings)
-            if problem is None:
-                self._master_norms = norms
-                return merged
-            for k, v in backup.items():
-                self.master[k].copy_(v)
-            self.prev_factors.clear()
-            self.prev_factors.update({h: dict(layers) for h, layers in prev_backup.items()})
-            self.guard.rollbacks += 1
-            culprits = [a for a in accepted if a.heads]
-            if not culprits:
-                _log.error("update guard: the master is out of bounds with nothing merged: %s", problem)
-                return self.aggregator.merge_pushes(accepted)
-            culprit = max(culprits, key=lambda a: (a.guard_ratio, a.impact))
-            culprit.skipped = sorted([u.head_id for u in culprit.heads] + culprit.skipped)
-            culprit.heads, culprit.samples = [], 0
-            self._quarantine(culprit.lease_id, f"merge rolled back: {problem}")
-
     def _quarantine(self, lease_id: str, problem: str) -> None:
         lease = self.leases.get(lease_id)
         if lease is None:
             return
-        _log.error(
-            "update guard: %s; worker %s (%s) quarantined, its heads %s go back to the pool",
-            problem,
-            lease.worker_id,
-            lease.worker.get("name", ""),
-            list(lease.head_ids),
-        )
-        self.guard.quarantined.append(lease.worker_id)
-        self.guard.fired(
-            {"version": self.version, "worker_id": lease.worker_id, "action": "quarantined", "what": problem}
-        )
-        self._log(
-            {"guard": "quarantined", "worker_id": lease.worker_id, "version": self.version, "what": problem}
+        name = lease.worker.get("name", "")
+        self.records.write(
+            self.guard.note_quarantine(lease.worker_id, name, list(lease.head_ids), problem, self.version)
         )
         lease.failure = problem
         if lease.live:
-            self._release(lease, "quarantined")
+            self._release(lease, LeaseState.QUARANTINED)
 
     def _merge_pending(self) -> None:
         now = self.clock()
@@ -756,7 +649,7 @@ class Coordinator:
         merged_heads = [u.head_id for a in accepted for u in a.heads] + [
             h for a in accepted for h in a.skipped
         ]
-        merged = self._merge_guarded(accepted)
+        merged = guarded_merge(self.aggregator, accepted, self.guard, self._quarantine)
         for h in merged_heads:
             self.heads[h].pending = False
             self.heads[h].waiting_since = now  # the server now waits for this head's next round
@@ -780,175 +673,50 @@ class Coordinator:
         self.history.append(record)
         if len(self.history) > 2 * self.max_history:  # trimmed in batches: amortised O(1) per version
             del self.history[: -self.max_history]
-        self._log(record)
+        self.records.write(record)
         if all(h.next_round >= self.rounds_planned and not h.pending for h in self.heads.values()):
             self.done = True
-            self._ended_mono = self.clock()
-        if self.eval_every and self.version % self.eval_every == 0 and not self.done and self._evaluator:
-            self._evaluator.poke()
-        if self._checkpointer and self.checkpoint_every and self.version % self.checkpoint_every == 0:
-            self._checkpointer.poke()
+            self.timer.end()
+        if self.eval_every and self.version % self.eval_every == 0 and not self.done:
+            self.evaluations.poke()
+        if self.checkpoints.every and self.version % self.checkpoints.every == 0:
+            self.checkpoints.poke()
         self.changed.notify_all()
 
-    # -- evaluation, metrics, export -----------------------------------------------------------
-    def add_sink(self, sink) -> None:
+    # -- evaluation, checkpoints, export, status: each in its own module -------------------------
+    def add_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
         """Also hand every metrics record (versions, evaluations, checkpoints) to ``sink(record)``."""
-        self._sinks.append(sink)
+        self.records.add_sink(sink)
 
-    def _log(self, record: dict[str, Any]) -> None:
-        if self._metrics_file:
-            try:
-                self._metrics_file.write(json.dumps(record) + "\n")
-            except OSError as exc:  # a full disk must not stop a merge (nor the job's end)
-                self.checkpoint_health.metrics_failed(exc)
-        for sink in self._sinks:
-            sink(record)
+    def _load_master(self, model: nn.Module) -> tuple[int, int]:
+        with self.lock:
+            model.load_state_dict(self.master)  # a copy: training goes on meanwhile
+            return self.version, self.samples
 
     def start_evaluator(self) -> None:
         """Evaluate in a background thread on a copy of W, so RPCs never wait for it."""
-        if self._evaluation is not None and self._evaluator is None:
-            self._evaluator = BackgroundTask("lte-eval", self.evaluate_now, on_error=self.evaluation_failed)
-
-    def evaluation_failed(self, exc: Exception) -> str:
-        """An evaluation that could not run (its split deleted or unreadable under the job): one
-        warning line, no traceback; the newest accuracy is marked stale (``status()["eval_error"]``).
-        Returns the reason."""
-        lines = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-        with self.lock:
-            version, self.eval_error = self.version, reason
-            self.eval_failures += 1
-            last = self.evals[-1]["version"] if self.evals else None
-            self._log({"eval": True, "version": version, "error": reason})
-        _log.warning(
-            "evaluation at version %d failed (%s); %s",
-            version,
-            reason,
-            f"the accuracy shown is version {last}'s (stale)"
-            if last is not None
-            else "no evaluation has succeeded yet",
-        )
-        return reason
+        self.evaluations.start()
 
     def evaluate_now(self) -> dict[str, Any]:
-        if self._evaluation is None:
-            raise RuntimeError("this coordinator has no dataset to evaluate on")
+        """Evaluate the master now (``Evaluations.evaluate_now``)."""
+        return self.evaluations.evaluate_now()
 
-        def load(model) -> tuple[int, int]:
-            with self.lock:
-                model.load_state_dict(self.master)  # a copy: training goes on meanwhile
-                return self.version, self.samples
+    def evaluation_failed(self, exc: Exception) -> str:
+        """Log and record an evaluation that could not run (``Evaluations.failed``); the reason."""
+        return self.evaluations.failed(exc)
 
-        version, samples, result = self._evaluation.run(load, loader_workers=self.eval_loader_workers)
-        record = {
-            "version": version,
-            "samples": samples,
-            "time": round(self.elapsed_s(), 3),
-            **result,
-        }
-        with self.lock:
-            self.evals.append(record)
-            self.eval_error = None
-            self._log({"eval": True, **record})
-        return record
-
-    # -- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Write the state that lets a restarted server continue: atomic, pickle-free (server/checkpoint.py).
+        """A checkpoint of the newest version now (``Checkpoints.save``); None without a folder."""
+        return self.checkpoints.save()
 
-        Unmerged pushes of an open round are not saved: their heads' round ids are rolled back
-        with them, so workers redo that round after a restart and nothing is applied twice.
-        """
-        if self.checkpoint_dir is None:
-            return None
-        with self._checkpoint_lock:
-            with self.lock:
-                pending_heads = {u.head_id: a.steps for a in self.pending for u in a.heads}
-                tensors = {f"master/{k}": v.detach().clone() for k, v in self.master.items()}
-                tensors.update({name: t.clone() for name, t in factor_tensors(self.prev_factors).items()})
-                tensors["rng/torch"] = torch.get_rng_state()
-                state = {
-                    "format": 1,
-                    "version": self.version,
-                    "job": self.job.to_dict(),
-                    "heads": {
-                        str(h.head_id): {
-                            "next_round": h.next_round - (h.head_id in pending_heads),
-                            "steps_done": h.steps_done - pending_heads.get(h.head_id, 0),
-                        }
-                        for h in self.heads.values()
-                    },
-                    "samples": self.samples - sum(a.samples for a in self.pending),
-                    "bytes_up": self.bytes_up,
-                    "bytes_down": self.bytes_down,
-                    "head_rounds_applied": self.head_rounds_applied,
-                    "elapsed_s": self.elapsed_s(),
-                    "history": self.history,
-                    "evals": self.evals,
-                    "done": self.done,
-                }
-                version = self.version
-            if not all_master_finite(tensors):
-                _log.error("checkpoint of version %d not written: the master weights are not finite", version)
-                return None
-            path = ckpt.save_checkpoint(self.checkpoint_dir, version, state, tensors, self.keep_checkpoints)
-        self.checkpoint_health.saved(path)
-        self._log({"checkpoint": str(path), "version": version})
-        return path
+    def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint of the same job (``checkpoint_state.restore``; another job is
+        refused with ValueError, naming the differences)."""
+        checkpoint_state.restore(self, state, tensors)
 
-    def restore(self, state: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-        """Continue from a checkpoint of the same job (a different job is refused, naming the differences)."""
-        saved, now = _effective(state.get("job", {})), _effective(self.job.to_dict())
-        # a run's own config.toml holds resolved values (warmup 300 for the -1 the checkpoint kept)
-        diff = sorted(k for k, v in now.items() if k in saved and saved[k] != v)
-        if diff:
-            raise ValueError(
-                "the checkpoint belongs to another job; differing settings: "
-                + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in diff)
-            )
-        mismatch = checkpoint_mismatch(self.master, tensors)
-        if mismatch:
-            raise ValueError(mismatch)
-        with self.lock:
-            for name in self.master:
-                key = f"master/{name}"
-                if key not in tensors:
-                    raise ValueError(f"checkpoint lacks {key}")
-                self.master[name].copy_(tensors[key])
-            factors = group_head_factors(
-                {
-                    HEAD_PREFIX + k[len("factors/") :] if k.startswith("factors/") else k: v
-                    for k, v in tensors.items()
-                }
-            )  # checkpoints before the protocol module named factors "factors/<head>/<layer>/<B|A>"
-            self.prev_factors.clear()
-            for h, layers in factors.items():
-                self.prev_factors[h] = {
-                    k: (b.to(self.device), a.to(self.device)) for k, (b, a) in layers.items()
-                }
-            if "rng/torch" in tensors:
-                torch.set_rng_state(tensors["rng/torch"])
-            for h, values in state["heads"].items():
-                head = self.heads[int(h)]
-                head.next_round, head.steps_done = int(values["next_round"]), int(values["steps_done"])
-            self.version = int(state["version"])
-            self.samples = int(state["samples"])
-            self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
-            self.head_rounds_applied = int(state["head_rounds_applied"])
-            self.history, self.evals = list(state["history"]), list(state["evals"])
-            elapsed = float(state.get("elapsed_s", 0.0))  # an old server's wall-clock value may be < 0
-            self._elapsed_before = elapsed if math.isfinite(elapsed) and elapsed > 0 else 0.0
-            self._started_mono = self.clock()
-            self.done = bool(state.get("done", False))
-            self._ended_mono = self._started_mono if self.done else None
-            self._rounds_at_start = self.progress()[0]
-            self.snapshots.invalidate()
-            self._master_norms = tensor_norms(self.master) if self.guard.settings.on else {}
-            self.changed.notify_all()
-
-    def _poke_checkpointer(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.poke()
+    def status(self) -> dict[str, Any]:
+        """A consistent snapshot of the job for the status document (``status.read_status``)."""
+        return read_status(self)
 
     def begin_stop(self) -> None:
         """The server is stopping (Ctrl+C, SIGTERM, the job's end): from now on the heads freed by
@@ -959,14 +727,10 @@ class Coordinator:
     def stop_background(self) -> None:
         """Stop and join the background threads: an evaluation in progress is cancelled at its next
         batch (its DataLoader processes end with it), a checkpoint being written is finished."""
-        self.checkpoint_health.stop()
-        if self._evaluation is not None:
-            self._evaluation.cancel()
-        for task in (self._evaluator, self._checkpointer):
-            if task is not None:
-                task.stop()
-        if self._evaluation is not None:
-            self._evaluation.cancel(False)  # evaluate_now() on the stopped coordinator still works
+        self.checkpoints.health.stop()
+        self.evaluations.stop()
+        if self.checkpoints.task is not None:
+            self.checkpoints.task.stop()
 
     def plain_state(self) -> dict[str, torch.Tensor]:
         with self.lock:
@@ -982,97 +746,48 @@ class Coordinator:
             raise ValueError(f"not exporting {path}: the master weights hold NaN or Inf")
         return export_model(path, state, self.job, self.dataset, version=self.version)
 
-    def progress(self) -> tuple[int, int]:
-        """(head-rounds done, head-rounds planned): the job's progress in one unit everywhere."""
-        with self.lock:
-            done = sum(min(h.next_round - h.pending, self.rounds_planned) for h in self.heads.values())
-            return done, self.job.heads * self.rounds_planned
-
-    def status(self) -> dict[str, Any]:
-        """A consistent snapshot of the job for the dashboard and the CLI (no tensors)."""
-        now = self.clock()
-        with self.lock:
-            done, planned = self.progress()
-            return {
-                "job": resolved_job(self.job),  # effective values, not placeholders
-                "model": self.model_summary,
-                "version": self.version,
-                "done": self.done,
-                "samples": self.samples,
-                "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down,
-                "head_rounds_applied": self.head_rounds_applied,
-                "target_head_rounds": planned,
-                "head_rounds_done": done,
-                "rounds_planned": self.rounds_planned,
-                "elapsed_s": round(self.elapsed_s(), 3),
-                "eta_s": None if (eta := self.eta_s()) is None else round(eta, 1),
-                "pushes_refused": self.pushes_refused,
-                "checkpoint_warning": self.checkpoint_health.warning,
-                "snapshot_builds": self.snapshot_builds,
-                "pulls_turned_away": self.pulls_turned_away,
-                "heads_moved": self.heads_moved,
-                "late_pushes_refused": self.late_pushes_refused,
-                "guard": self.guard.status(),
-                "eval_error": self.eval_error,
-                "heads": [
-                    {
-                        "head_id": h.head_id,
-                        "rounds_done": h.next_round - h.pending,
-                        "steps_done": h.steps_done,
-                        "worker_id": self.leases[h.lease_id].worker_id if h.lease_id in self.leases else None,
-                        "waiting": self.waiting.get(h.head_id),
-                    }
-                    for h in self.heads.values()
-                ],
-                "workers": [
-                    {
-                        "worker_id": l.worker_id,
-                        "name": l.worker.get("name", ""),
-                        "device": l.worker.get("device", ""),
-                        "heads": list(l.head_ids),
-                        "room": l.room,
-                        "last_seen_s": round(now - l.last_seen, 3),
-                        "staleness": max(0, self.version - l.version) if l.version >= 0 else None,
-                        "samples_per_s": l.samples_per_s,
-                        "samples": l.samples,
-                        "pushes": l.pushes,
-                        "bytes_up": l.bytes_up,
-                        "bytes_down": l.bytes_down,
-                        "state": "failed" if l.failure else l.state,
-                        "failure": l.failure,
-                        "train_loss": l.last_loss,
-                    }
-                    for l in self.leases.values()
-                ],
-                "free_heads": [h.head_id for h in self.heads.values() if h.lease_id is None],
-                "waiting_heads": {str(h): why for h, why in sorted(self.waiting.items())},
-                "history": list(self.history[-500:]),
-                "evals": list(self.evals),
-            }
-
     def close(self) -> None:
         self.stop_background()
-        if self._metrics_file:
-            self._metrics_file.close()
-            self._metrics_file = None
+        self.records.close()
 
 
-def _effective(job: Mapping[str, Any]) -> dict[str, Any]:
-    """Job settings with placeholders resolved, as lists where the TOML and JSON have lists.
+class JobTimer:
+    """The job's elapsed time and its ETA, on the monotonic ``clock`` (a wall clock stepped back
+    must not show a negative elapsed time, 0 merges/min, or reach a checkpoint); it spans resumes
+    and stops at the job's end. Wall time is only a timestamp (``started_at``)."""
 
-    A checkpoint of an older server holds ``patch_size = 0`` and ``warmup_steps = -1`` where a run's
-    config.toml (and a server now) holds the values they stand for: both sides compare resolved.
-    """
-    from lte.common.models import VIT_PRESETS, default_patch_size
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.started_at = time.time()
+        self.before = 0.0  # seconds the job ran before this process (a resumed checkpoint)
+        self.started = clock()
+        self.ended: float | None = None  # the job's end: the elapsed clock stops there
+        self.rounds_at_start = 0  # head-rounds done when this process started (for the ETA's rate)
 
-    out: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in job.items()}
-    if out.get("warmup_steps", -1) == -1 and "steps" in out:
-        out["warmup_steps"] = max(1, int(out["steps"]) // 20)  # JobConfig.warmup's rule
-    is_vit = str(out.get("model", "")).lower().replace("_", "-") in VIT_PRESETS
-    if is_vit and not out.get("patch_size") and out.get("image_size"):
-        out["patch_size"] = default_patch_size(int(out["image_size"]))  # the zoo's rule, as built
-    return out
+    def elapsed_s(self) -> float:
+        """Seconds the job has run (across resumes); it stops at the job's end."""
+        end = self.ended if self.ended is not None else self.clock()
+        return self.before + max(0.0, end - self.started)
+
+    def end(self) -> None:
+        self.ended = self.clock()
+
+    def resume(self, elapsed_s: float, done: bool, rounds_done: int) -> None:
+        """Continue a job that ran ``elapsed_s`` seconds and ``rounds_done`` head-rounds before."""
+        self.before = elapsed_s
+        self.started = self.clock()
+        self.ended = self.started if done else None
+        self.rounds_at_start = rounds_done
+
+    def eta_s(self, done: int, planned: int, finished: bool) -> float | None:
+        """Seconds left at the rate measured by this process (head-rounds done since it started, over
+        the monotonic time since): ``(planned - done) / rate``. None before the first round, 0 at the end."""
+        if finished or done >= planned:
+            return 0.0
+        ran = done - self.rounds_at_start
+        if ran <= 0:
+            return None
+        return (planned - done) * (self.clock() - self.started) / ran
 
 
 def transposed_layers(model: nn.Module, layer_names: list[str]) -> frozenset[str]:

@@ -101,3 +101,85 @@ class Evaluator:
             finally:
                 hook.remove()
             return version, samples, result
+
+
+class Evaluations:
+    """The job's evaluations of the master weights: the records (``evals``), the newest failure
+    (``error``, None once one succeeds) and the background thread that runs them.
+
+    ``load(model) -> (version, samples)`` copies the master into ``model`` under the coordinator's
+    lock; ``version()`` reads the version under it; ``elapsed_s()`` is the job's clock; ``log``
+    writes a metrics record. An evaluation runs on a copy, so merges never wait for it.
+    """
+
+    def __init__(
+        self,
+        job: JobConfig,
+        dataset,
+        device: str,
+        *,
+        lock: threading.RLock,
+        load: Callable[[nn.Module], tuple[int, int]],
+        version: Callable[[], int],
+        elapsed_s: Callable[[], float],
+        log: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.lock, self._load, self._version, self._elapsed_s, self._log = lock, load, version, elapsed_s, log
+        self.evaluator = Evaluator(job, dataset, device) if dataset is not None else None
+        self.task: BackgroundTask | None = None
+        self.evals: list[dict[str, Any]] = []
+        self.error: str | None = None  # why the newest evaluation failed (None: it succeeded)
+        self.failures = 0
+        self.loader_workers = 0  # DataLoader processes of a streamed evaluation (lte-server --loader-workers)
+
+    def start(self) -> None:
+        """Evaluate in a background thread on a copy of W (``poke`` asks for one), so RPCs never wait."""
+        if self.evaluator is not None and self.task is None:
+            self.task = BackgroundTask("lte-eval", self.evaluate_now, on_error=self.failed)
+
+    def poke(self) -> None:
+        if self.task is not None:
+            self.task.poke()
+
+    def failed(self, exc: Exception) -> str:
+        """An evaluation that could not run (its split deleted or unreadable under the job): one
+        warning line, no traceback; the newest accuracy is marked stale (the status' ``eval_error``).
+        Returns the reason."""
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        with self.lock:
+            version, self.error = self._version(), reason
+            self.failures += 1
+            last = self.evals[-1]["version"] if self.evals else None
+            self._log({"eval": True, "version": version, "error": reason})
+        logging.getLogger("lte.server").warning(
+            "evaluation at version %d failed (%s); %s",
+            version,
+            reason,
+            f"the accuracy shown is version {last}'s (stale)"
+            if last is not None
+            else "no evaluation has succeeded yet",
+        )
+        return reason
+
+    def evaluate_now(self) -> dict[str, Any]:
+        """Evaluate the master now (in the caller's thread); the record, also logged."""
+        if self.evaluator is None:
+            raise RuntimeError("this coordinator has no dataset to evaluate on")
+        version, samples, result = self.evaluator.run(self._load, loader_workers=self.loader_workers)
+        record = {"version": version, "samples": samples, "time": round(self._elapsed_s(), 3), **result}
+        with self.lock:
+            self.evals.append(record)
+            self.error = None
+            self._log({"eval": True, **record})
+        return record
+
+    def stop(self) -> None:
+        """Cancel an evaluation in progress at its next batch and join the thread; ``evaluate_now``
+        still works afterwards."""
+        if self.evaluator is not None:
+            self.evaluator.cancel()
+        if self.task is not None:
+            self.task.stop()
+        if self.evaluator is not None:
+            self.evaluator.cancel(False)

@@ -44,10 +44,12 @@ import logging
 import math
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from lte.server.aggregation import AcceptedPush, Aggregator, Merged
 
 GUARD_MODES = ("refuse", "clip", "off")
 _log = logging.getLogger("lte.server")
@@ -168,6 +170,11 @@ class UpdateGuard:
         self.rollbacks = 0
         self.quarantined: list[str] = []  # worker ids
         self.events: deque[dict] = deque(maxlen=100)  # the newest, for the dashboard
+        self.master_norms: dict[str, float] = {}  # ||W|| per tensor before the next merge (guard on only)
+
+    def remember_master(self, master: Mapping[str, torch.Tensor]) -> None:
+        """Take ``||W||`` of the master now as the next merge's growth bound (guard on only)."""
+        self.master_norms = tensor_norms(master) if self.settings.on else {}
 
     def median(self, key: str) -> float | None:
         h = self.history.get(key)
@@ -295,6 +302,40 @@ class UpdateGuard:
         _count_fired()
         self.events.append(event)
 
+    def note_outlier(
+        self, worker_id: str, name: str, head_ids: list[int], verdict: Verdict, refuse: bool, version: int
+    ) -> dict:
+        """Count and log an outlier push of ``head_ids`` (refused or clipped); the metrics record."""
+        self.outliers += 1
+        self.clipped += not refuse
+        action = "refused" if refuse else "clipped"
+        what = verdict.describe()
+        _log.warning(
+            "update guard: push of heads %s from worker %s (%s) %s: %s",
+            head_ids,
+            worker_id,
+            name,
+            action,
+            what,
+        )
+        self.fired({"version": version, "worker_id": worker_id, "action": action, "what": what})
+        return {"guard": action, "worker_id": worker_id, "version": version, "what": what}
+
+    def note_quarantine(
+        self, worker_id: str, name: str, head_ids: list[int], problem: str, version: int
+    ) -> dict:
+        """Count and log a worker quarantined for ``problem``; the metrics record."""
+        _log.error(
+            "update guard: %s; worker %s (%s) quarantined, its heads %s go back to the pool",
+            problem,
+            worker_id,
+            name,
+            head_ids,
+        )
+        self.quarantined.append(worker_id)
+        self.fired({"version": version, "worker_id": worker_id, "action": "quarantined", "what": problem})
+        return {"guard": "quarantined", "worker_id": worker_id, "version": version, "what": problem}
+
     def status(self) -> dict:
         s = self.settings
         return {
@@ -334,3 +375,38 @@ def merge_within_bounds(
                 {},
             )
     return None, norms
+
+
+def guarded_merge(
+    aggregator: Aggregator,
+    accepted: list[AcceptedPush],
+    guard: UpdateGuard,
+    quarantine: Callable[[str, str], None],
+) -> Merged:
+    """Merge ``accepted`` into ``aggregator.master``; with the guard on, check the master after it and
+    roll a bad merge back (the pre-merge W and merged factors restored), then merge again without the
+    push that most exceeded its bounds, whose lease goes to ``quarantine(lease_id, problem)``."""
+    if not guard.settings.on:
+        return aggregator.merge_pushes(accepted)
+    master, prev_factors = aggregator.master, aggregator.prev_factors
+    backup = {k: v.detach().clone() for k, v in master.items()}
+    prev_backup = {h: dict(layers) for h, layers in prev_factors.items()}
+    while True:
+        merged = aggregator.merge_pushes(accepted)
+        problem, norms = merge_within_bounds(master, guard.master_norms, guard.settings)
+        if problem is None:
+            guard.master_norms = norms
+            return merged
+        for k, v in backup.items():
+            master[k].copy_(v)
+        prev_factors.clear()
+        prev_factors.update({h: dict(layers) for h, layers in prev_backup.items()})
+        guard.rollbacks += 1
+        culprits = [a for a in accepted if a.heads]
+        if not culprits:
+            _log.error("update guard: the master is out of bounds with nothing merged: %s", problem)
+            return aggregator.merge_pushes(accepted)
+        culprit = max(culprits, key=lambda a: (a.guard_ratio, a.impact))
+        culprit.skipped = sorted([u.head_id for u in culprit.heads] + culprit.skipped)
+        culprit.heads, culprit.samples = [], 0
+        quarantine(culprit.lease_id, f"merge rolled back: {problem}")

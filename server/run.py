@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from lte.common.progress import Progress, format_bytes, format_duration
 from lte.server.startup import local_worker_command
+from lte.server.status import status_document
 
 if TYPE_CHECKING:  # imported where used: start() pulls in torch and gRPC
-    from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator
     from lte.server.dashboard import DashboardServer
+    from lte.server.grpc_server import ParameterServer
 
 _log = logging.getLogger("lte.server")
 
@@ -170,9 +171,9 @@ class ServerRun:
         import torch
 
         from lte.common.auth import token_from
-        from lte.server.app import ParameterServer, format_address
         from lte.server.checkpoint import load_checkpoint
         from lte.server.coordinator import Coordinator
+        from lte.server.grpc_server import ParameterServer, format_address
         from lte.server.guard import GuardSettings
         from lte.server.security import server_credentials
 
@@ -323,28 +324,24 @@ class ServerRun:
         last_status_log = 0.0
         try:
             while not server.wait_done(timeout=1.0):
-                st = c.status()
+                doc = status_document(c)  # what the dashboard and /api/status show
                 if progress:
-                    fields = {
-                        "version": st["version"],
-                        "workers": sum(
-                            w["state"] not in ("left", "expired", "failed") for w in st["workers"]
-                        ),
-                    }
-                    if st["waiting_heads"]:
-                        fields["waiting"] = len(st["waiting_heads"])
-                    if st["history"]:
-                        fields["loss"] = st["history"][-1]["train_loss"]
-                    if st["evals"] and "test_accuracy" in st["evals"][-1]:
+                    fields: dict[str, Any] = {"version": doc.version, "workers": doc.workers_active}
+                    if doc.waiting_heads:
+                        fields["waiting"] = len(doc.waiting_heads)
+                    if doc.history:
+                        fields["loss"] = float("nan") if doc.train_loss is None else doc.train_loss
+                    newest = doc.evals[-1] if doc.evals else None
+                    if newest is not None and newest.test_accuracy is not None:
                         # the newest evaluation failed (its split gone?): the score shown is older
-                        stale = f"(stale, v{st['evals'][-1]['version']})" if st.get("eval_error") else ""
-                        fields["acc" + stale] = st["evals"][-1]["test_accuracy"]
-                    elif st.get("eval_error"):
+                        stale = f"(stale, v{newest.version})" if doc.eval_error else ""
+                        fields["acc" + stale] = newest.test_accuracy
+                    elif doc.eval_error:
                         fields["acc"] = "failed"
-                    fields.update(bytes_up=float(st["bytes_up"]), bytes_down=float(st["bytes_down"]))
-                    if st.get("eta_s") is not None:  # from the head-round rate measured so far
-                        fields["eta"] = format_duration(st["eta_s"])
-                    progress.update(st["head_rounds_done"], **fields)
+                    fields.update(bytes_up=float(doc.bytes_up), bytes_down=float(doc.bytes_down))
+                    if doc.eta_s is not None:  # from the head-round rate measured so far
+                        fields["eta"] = format_duration(doc.eta_s)
+                    progress.update(doc.head_rounds_done, **fields)
                 elif self.log_format == "json" and time.monotonic() - last_status_log >= 10:
                     last_status_log = time.monotonic()
                     keys = (
@@ -357,7 +354,7 @@ class ServerRun:
                         "elapsed_s",
                         "eta_s",
                     )
-                    _log.info("progress", extra={k: st[k] for k in keys})
+                    _log.info("progress", extra={k: getattr(doc, k) for k in keys})
                 if self.procs and all(p.poll() is not None for p in self.procs):
                     codes = [p.returncode for p in self.procs]
                     raise RuntimeError(

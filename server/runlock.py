@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from lte.common.checks import ConfigError
+from lte.server.checkpoint import list_checkpoints
 
 LOCK_NAME = ".lte-lock"
 EXPORT_NAME = "model.safetensors"
@@ -114,8 +115,6 @@ def check_reused_out(folder: Path, *, overwrite: bool, resume: bool) -> None:
     ``ConfigError`` unless ``--overwrite`` (replace them: the old checkpoints are removed, or the
     new job's first checkpoints, of lower versions, would be pruned at once beside them and
     ``--resume`` would later pick the old job's) or ``--resume`` (continue that job)."""
-    from lte.server.checkpoint import list_checkpoints
-
     if resume:
         return
     old = list_checkpoints(folder / "checkpoints")

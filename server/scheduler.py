@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ENDED = ("left", "expired", "failed", "quarantined")  # states of a lease that holds nothing any more
+from lte.common.failure import ENDED_STATES, LeaseState
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Lease:
     room: int = 1  # heads it trains at once (its --max-heads, capped by the server's per-worker cap)
     epoch: int = 0  # bumped on every change of head_ids: the worker adopts the new set
     version: int = -1
-    state: str = "registered"
+    state: LeaseState = LeaseState.REGISTERED
     pushes: int = 0
     samples: int = 0
     samples_per_s: float = 0.0
@@ -69,7 +69,17 @@ class Lease:
 
     @property
     def live(self) -> bool:
-        return self.state not in ENDED
+        return self.state not in ENDED_STATES
+
+    def pushed(self, samples: int, seconds: float, train_loss: float) -> None:
+        """An applied push of this lease: it trains (a straggler no more) at ``samples / seconds``."""
+        self.pushes += 1
+        self.straggler = False
+        self.state = LeaseState.TRAINING
+        if seconds > 0:
+            self.samples_per_s = samples / seconds
+        self.samples += samples
+        self.last_loss = train_loss
 
 
 @dataclass(frozen=True)

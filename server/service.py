@@ -123,36 +123,23 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if request.have_version < -1:
             self._malformed(context, f"have_version must be >= -1, got {request.have_version}")
         try:
-            lease, _, _ = self.c.lease_view(request.lease_id)
-            factor_msgs = (
-                self.c.head_factor_messages(lease, list(request.head_factors)) if request.head_factors else []
-            )
+            lease, factor_msgs = self.c.begin_pull(request.lease_id, list(request.head_factors))
         except Refused as exc:
             self._abort(context, exc)
-        wait_s, retry_after_s = min(request.wait_newer_s, MAX_WAIT_S), 0.0
-        slot = self._waiting if wait_s > 0 else None
-        if slot is not None and not slot.acquire(blocking=False):
-            slot, wait_s, retry_after_s = None, 0.0, PULL_RETRY_AFTER_S
-            self.c.count_turned_away()
-        try:
-            version, done = self.c.wait_for_version(request.have_version, wait_s, lease, request.lease_epoch)
-        finally:
-            if slot is not None:
-                slot.release()
+        wait_s = min(request.wait_newer_s, MAX_WAIT_S)
+        version, done, turned_away = self.c.wait_for_version(
+            request.have_version, wait_s, lease, request.lease_epoch, slots=self._waiting
+        )
+        retry_after_s = PULL_RETRY_AFTER_S if turned_away else 0.0
         if version <= request.have_version and not factor_msgs:
             header = pb.ModelHeader(
                 version=version, current=True, done=done, retry_after_s=retry_after_s, lease_epoch=lease.epoch
             )
             yield pb.ModelChunk(header=header)
             return
-        version, messages, payload = self.c.snapshot_messages()
-        delta_base = -1
-        if version <= request.have_version:
-            messages, payload = [], 0
-        elif request.delta_protocol >= DELTA_PROTOCOL and request.have_version >= 0:
-            delta = self.c.snapshot_delta(version, request.have_version)
-            if delta is not None:
-                (messages, payload), delta_base = delta, request.have_version
+        version, messages, payload, delta_base = self.c.pull_snapshot(
+            request.have_version, request.delta_protocol >= DELTA_PROTOCOL
+        )
         messages = messages + factor_msgs
         sent = 0
         yield pb.ModelChunk(
@@ -182,14 +169,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 header = PushMeta.from_proto(first.header, MAX_HEADS_PER_PUSH)
             except ValueError as exc:
                 raise Refused(Refusal.MALFORMED, str(exc)) from None
-            rounds = header.head_rounds
-            lease = self.c.check_push_header(header)
-            expected = self.c.expected_tensors(sorted(rounds))
+            push = self.c.begin_push(header)
             assembler = TensorAssembler(
-                max_chunk_bytes=self.c.job.max_chunk_bytes,
-                max_tensor_bytes=self.c.max_push_bytes(1),
-                max_total_bytes=self.c.max_push_bytes(len(rounds)),
-                max_tensors=len(expected),
+                max_chunk_bytes=push.max_chunk_bytes,
+                max_tensor_bytes=push.max_tensor_bytes,
+                max_total_bytes=push.max_total_bytes,
+                max_tensors=len(push.expected),
             )
             tensors = {}
             for msg in request_iterator:
@@ -198,24 +183,23 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 enc = assembler.add(msg.tensor)
                 if enc is None:
                     continue
-                if enc.name not in expected:
+                if enc.name not in push.expected:
                     raise Refused(Refusal.MALFORMED, f"unexpected tensor {enc.name!r} in this push")
-                tensor = decode_tensor(enc, max_elements=max(1, math.prod(expected[enc.name]))).float()
-                self.c.validate_tensor(enc.name, tensor, enc.codec, expected)
+                tensor = decode_tensor(enc, max_elements=max(1, math.prod(push.expected[enc.name]))).float()
+                push.check_tensor(enc.name, tensor, enc.codec)
                 tensors[enc.name] = tensor
             assembler.finish()
-            missing = sorted(set(expected) - set(tensors))
+            missing = sorted(set(push.expected) - set(tensors))
             if missing:
                 more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
                 raise Refused(Refusal.MALFORMED, f"push is missing tensors {missing[:3]}{more}")
-            if header.num_tensors != len(expected):
+            if header.num_tensors != len(push.expected):
                 raise Refused(
                     Refusal.MALFORMED,
-                    f"push header announces {header.num_tensors} tensors; {len(rounds)} head(s) of this job "
-                    f"need {len(expected)} (B and A per layer and head, and the replicas)",
+                    f"push header announces {header.num_tensors} tensors; {len(header.head_rounds)} head(s) of "
+                    f"this job need {len(push.expected)} (B and A per layer and head, and the replicas)",
                 )
-            self.c.count_received(lease, assembler.total_bytes)
-            result = self.c.apply_push(header, tensors)
+            result = self.c.apply_push(header, tensors, push, assembler.total_bytes)
         except Refused as exc:
             self._abort(context, exc)
         except (WireError, CodecError) as exc:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from lte.common.config import JobConfig
 from lte.common.data import load_dataset
-from lte.server.app import ParameterServer
 from lte.server.coordinator import Coordinator
+from lte.server.grpc_server import ParameterServer
 from lte.server.run import start_worker_processes, stop_processes
 
 DIGITS = load_dataset("digits", seed=0)

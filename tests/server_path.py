@@ -1,6 +1,6 @@
 """Sync LTE jobs run through the parameter server's push path in one process, no network: each
 simulated worker is a ``LocalTrainer`` over the heads its lease holds, and every push goes through
-``Coordinator.check_push_header``, ``validate_tensor`` and ``apply_push`` as the gRPC service calls
+``Coordinator.begin_push``, ``IncomingPush.check_tensor`` and ``Coordinator.apply_push`` as the gRPC service calls
 them. Cheap enough to run every zoo model, and bit for bit equal to ``lte-sim`` with an fp32 uplink."""
 
 from __future__ import annotations
@@ -52,11 +52,10 @@ def run_through_server(
             meta = PushMeta(lease.lease_id, version, rounds, stats.steps, stats.samples, stats.train_loss,
                             1.0, len(tensors))  # fmt: skip
             try:
-                c.check_push_header(meta)
-                expected = c.expected_tensors(sorted(meta.head_rounds))
+                push = c.begin_push(meta)
                 for name, tensor in tensors.items():
-                    c.validate_tensor(name, tensor, job.uplink, expected)
-                c.apply_push(meta, tensors)
+                    push.check_tensor(name, tensor, job.uplink)
+                c.apply_push(meta, tensors, push)
                 _round_to_wire(t, job)
                 t.commit()
             except Refused as exc:

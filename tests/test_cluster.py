@@ -175,8 +175,8 @@ def test_ended_leases_and_version_records_stay_bounded_in_memory():
 
 def test_more_waiting_workers_than_server_threads_do_not_starve_pushes_or_heartbeats():
     """Sync long-polls hold a handler thread each; past the limit a pull is answered at once."""
-    from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator
+    from lte.server.grpc_server import ParameterServer
 
     job = digits_job(heads=6, steps=100)  # 10 sync rounds, one head per worker
     coordinator = Coordinator(job, DIGITS, heads_per_worker=1, lease_timeout_s=10.0, heartbeat_interval_s=0.5)
@@ -287,7 +287,7 @@ def test_a_head_move_racing_a_round_never_pushes_a_turn_the_lease_dropped():
         thief: dict = {}
 
         class MoveHeadsBeforeFirstPush(RoundHooks):
-            def before_push(self, rounds_pushed: int, stop: threading.Event) -> bool:
+            def before_push(self, pushes: int, stop: threading.Event) -> bool:
                 if not moved.is_set():
                     with c.lock:  # as the scheduler's revoke and assign do, to a lease that never trains
                         own = next(l for l in c.leases.values() if l.live and l.head_ids)

@@ -14,15 +14,13 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from lte.server.dashboard import (
+from lte.server.dashboard import STATIC_DIR, DashboardServer, create_app
+from lte.server.status import (
     MAX_CURVE_POINTS,
-    STATIC_DIR,
-    DashboardServer,
     EvalPoint,
     HistoryPoint,
     JobStatus,
     WorkerStatus,
-    create_app,
     recent_rates,
     thin,
 )
@@ -237,7 +235,7 @@ def test_metrics_parse_as_prometheus_text(client):
     assert response.headers["content-type"].startswith("text/plain")
     families = _metrics(response.text)
     value = {name: f.samples[0].value for name, f in families.items() if len(f.samples) == 1}
-    assert value["lte_version"] == 10
+    assert value["lte_model_version"] == 10
     assert families["lte_samples"].type == "counter"
     assert families["lte_samples"].samples[0].name == "lte_samples_total"
     assert value["lte_samples"] == 3300
@@ -266,8 +264,8 @@ def test_metrics_use_their_own_registry():
     assert not [name for name in REGISTRY._names_to_collectors if name.startswith("lte_")]
     # two apps in one process register nothing globally, so they cannot collide
     a, b = TestClient(create_app(fake_status)), TestClient(create_app(lambda: fake_status(version=3)))
-    assert _metrics(a.get("/metrics").text)["lte_version"].samples[0].value == 10
-    assert _metrics(b.get("/metrics").text)["lte_version"].samples[0].value == 3
+    assert _metrics(a.get("/metrics").text)["lte_model_version"].samples[0].value == 10
+    assert _metrics(b.get("/metrics").text)["lte_model_version"].samples[0].value == 3
 
 
 # -- page, health, read-only -------------------------------------------------------------------------

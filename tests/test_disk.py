@@ -46,11 +46,11 @@ def test_a_failed_background_checkpoint_warns_and_is_retried_until_it_succeeds(t
     coordinator = Coordinator(digits_job(heads=2), DIGITS, checkpoint_dir=blocker, checkpoint_every=1)
     coordinator.checkpoint_health.first_retry_s = coordinator.checkpoint_health._next_wait = 0.2
     try:
-        coordinator._checkpointer.poke()
+        coordinator.checkpoints.poke()
         wait_for(lambda: coordinator.status()["checkpoint_warning"] is not None)
         warning = coordinator.status()["checkpoint_warning"]
         assert warning.startswith("checkpoint failed (") and "training goes on, none saved yet" in warning
-        assert coordinator._checkpointer._thread.is_alive()  # the writer thread survived the failure
+        assert coordinator.checkpoints.task._thread.is_alive()  # the writer thread survived the failure
         blocker.unlink()  # the operator frees the path: the retry, not a new version, writes it
         wait_for(lambda: coordinator.status()["checkpoint_warning"] is None)
         assert coordinator.checkpoint_health.failures >= 1

@@ -275,8 +275,8 @@ def lm_factory(context: int, vocab_size: int) -> nn.Module:
 @pytest.mark.server
 @pytest.mark.parametrize("name", ["gpt2", "llama", "llama-untied"])
 def test_sync_over_the_network_reproduces_the_emulator(configs, byte_data, tmp_path, name):
-    from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator
+    from lte.server.grpc_server import ParameterServer
     from tests.cluster import worker_processes
 
     job = hf_job(configs, byte_data, name)

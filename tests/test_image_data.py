@@ -277,8 +277,8 @@ def test_local_workers_stream_the_servers_folder_and_export_survives_a_failed_ev
 @pytest.mark.server
 def test_sync_over_the_network_on_a_streamed_augmented_folder_equals_the_emulator(tmp_path: Path) -> None:
     from lte.common.sim import run_lte
-    from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator
+    from lte.server.grpc_server import ParameterServer
     from tests.cluster import worker_processes
 
     data = tmp_path / "data"
@@ -316,8 +316,8 @@ def test_sync_over_the_network_on_a_streamed_augmented_folder_equals_the_emulato
 @pytest.mark.process
 @pytest.mark.server
 def test_a_worker_whose_folders_do_not_fit_the_job_stops_with_one_line(tmp_path: Path) -> None:
-    from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator
+    from lte.server.grpc_server import ParameterServer
     from tests.cluster import worker_processes
 
     write_classes(tmp_path / "job", {"a": 6, "b": 6})

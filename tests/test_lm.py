@@ -284,8 +284,8 @@ def test_full_training_learns(byte_data):
 @pytest.mark.process
 @pytest.mark.server
 def test_sync_over_the_network_reproduces_the_emulator_and_the_export_evaluates_the_same(byte_data, tmp_path):
-    from lte.server.app import ParameterServer
     from lte.server.coordinator import Coordinator
+    from lte.server.grpc_server import ParameterServer
     from tests.cluster import worker_processes
 
     job = tiny_job(byte_data, dtype="float32", uplink="fp32", steps=4, heads=4)
@@ -433,7 +433,8 @@ def test_the_evaluation_sample_starts_at_a_line_of_val_bin_and_names_its_prompt(
 def test_dashboard_status_and_metrics_carry_perplexity_and_the_text_sample():
     from prometheus_client.parser import text_string_to_metric_families
 
-    from lte.server.dashboard import StatusCollector, job_status
+    from lte.server.dashboard import StatusCollector
+    from lte.server.status import job_status
 
     evals = [
         {"version": 5, "samples": 80, "time": 1.0, "test_loss": 3.2, "perplexity": 24.5, "bits_per_byte": 4.6,

@@ -14,7 +14,7 @@ import torch
 
 from lte.common.protocol import PushMeta
 from lte.server.coordinator import Coordinator
-from lte.server.dashboard import job_status
+from lte.server.status import job_status
 from tests.cluster import DIGITS, digits_job
 from tests.faults import FakeClock, wait_until
 
@@ -92,7 +92,7 @@ def lte_worker(*args: str, env_extra: dict[str, str] | None = None) -> subproces
 
 @pytest.mark.server
 def test_a_missing_or_wrong_token_exits_2_with_one_line_and_the_hint_once():
-    from lte.server.app import ParameterServer
+    from lte.server.grpc_server import ParameterServer
 
     token = "the-right-token-of-24-chars"
     c = Coordinator(digits_job(heads=2), DIGITS)
@@ -329,11 +329,11 @@ def test_stopping_cancels_an_evaluation_in_progress_and_joins_its_thread(monkeyp
     monkeypatch.setattr(evaluation, "evaluate", evaluate)
     c = Coordinator(digits_job(model="vit-micro", heads=2), DIGITS)
     c.start_evaluator()
-    c._evaluator.poke()
+    c.evaluations.poke()
     assert started.wait(BOUND_S)
     wait_until(lambda: batches, BOUND_S, "the evaluation's first batch")
     c.stop_background()
-    assert not c._evaluator._thread.is_alive()  # joined, not left running
+    assert not c.evaluations.task._thread.is_alive()  # joined, not left running
     assert len(batches) < len(DIGITS.test_y)  # cancelled: it did not run to the end
     assert c.evals == []
     monkeypatch.setattr(evaluation, "evaluate", real)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from lte.common.auth import TOKEN_ENV
-from lte.server.app import ParameterServer
 from lte.server.coordinator import Coordinator
+from lte.server.grpc_server import ParameterServer
 from lte.worker.client import EXIT_JOB_OVER
 from tests.cluster import DIGITS, digits_job
 from tests.faults import wait_until

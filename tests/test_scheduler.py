@@ -76,9 +76,9 @@ def test_a_silent_lease_expires_on_the_clock_and_its_heads_go_to_a_live_worker()
     assert held(c, a.lease_id) == [0] and held(c, b.lease_id) == [1]
     clock.advance(LEASE_S / 2)
     c.heartbeat(b.lease_id, 0, 0.0, "training")
-    assert c.expire_leases() == []
+    assert c.run_scheduler() == []
     clock.advance(LEASE_S / 2 + 1)
-    assert c.expire_leases() == [a.lease_id]
+    assert c.run_scheduler() == [a.lease_id]
     assert c.leases[a.lease_id].state == "expired" and held(c, b.lease_id) == [0, 1]
     with pytest.raises(Refused) as err:
         c.heartbeat(a.lease_id, 0, 0.0, "training")
@@ -210,6 +210,6 @@ def test_a_stopping_server_says_nothing_more_about_waiting_heads(caplog):
         caplog.clear()
         c.begin_stop()  # Ctrl+C: the resume command must stay the last line, not buried under waits
         c.leave(b.lease_id)
-        c.expire_leases()
+        c.run_scheduler()
     assert not [r for r in caplog.records if "wait: " in r.getMessage()]
     assert set(c.status()["waiting_heads"]) == {"0", "1"}  # the dashboard still shows them

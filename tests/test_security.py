@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from lte.common.auth import bearer_metadata, channel_credentials, is_loopback, token_from
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
-from lte.server.app import ParameterServer
 from lte.server.coordinator import Coordinator
+from lte.server.grpc_server import ParameterServer
 from lte.server.security import server_credentials
 from lte.worker.client import Worker
 from tests.cluster import DIGITS, digits_job, worker_processes

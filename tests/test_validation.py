@@ -21,7 +21,7 @@ from lte.common.codec import encode_tensor
 from lte.common.wire import tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
-from lte.server.app import ParameterServer
+from lte.server.grpc_server import ParameterServer
 from tests.cluster import digits_job, running_server
 from tests.faults import SYNTHETIC, FakeClock, master_hash, push_messages, random_factors
 
@@ -557,7 +557,7 @@ def test_a_heartbeat_cannot_move_its_lease_into_a_server_state(state):
         # silent now: its timeout passes on the fake clock and the scheduler's sweep expires it, so a
         # stall of the shared machine between the calls above cannot expire it early
         clock.advance(61.0)
-        c.expire_leases()
+        c.run_scheduler()
         assert c.leases[lease].state == "expired"
         assert sorted(c.status()["free_heads"]) == [0, 1]
 

@@ -35,7 +35,7 @@ from lte.common.codec import (
 )
 from lte.common.config import JobConfig
 from lte.common.data import Dataset, load_job_dataset
-from lte.common.failure import leave_reason, training_failure
+from lte.common.failure import LeaseState, leave_reason, training_failure
 from lte.common.fingerprint import fingerprint_difference, model_fingerprint
 from lte.common.images import BadImageError
 from lte.common.model_state import lte_layers
@@ -243,12 +243,12 @@ class Worker:
         self.room = 1
         self.next_rounds: dict[int, int] = {}
         self.bytes_up = self.bytes_down = 0
-        self.rounds = 0  # pushes acknowledged
+        self.pushes = 0  # pushes acknowledged (a push of k heads counts once; head_rounds counts k)
         self.head_rounds = 0  # rounds of heads acknowledged (a push of k heads counts k)
         self.failure = ""  # why this worker could not train its lease; sent with Leave
         self.outliers_refused = 0  # pushes the server's update guard refused (their rounds discarded)
         self.known_job_fields = [f.name for f in dataclass_fields(JobConfig)]  # the version handshake
-        self.state = "starting"
+        self.state = LeaseState.STARTING
         self.samples_per_s = 0.0
         self.heartbeat_interval_s = 5.0
         self._heartbeat: threading.Thread | None = None
@@ -436,7 +436,7 @@ class Worker:
                     lease_id=self.lease_id,
                     version=self.version,
                     samples_per_s=self.samples_per_s,
-                    state=self.state,
+                    state=self.state.value,
                 ),
                 what="heartbeat",
                 timeout=30,
@@ -454,7 +454,7 @@ class Worker:
 
     def pull(self, wait_s: float, head_factors: list[int] | tuple[int, ...] = ()) -> bool:
         """Fetch a newer snapshot if there is one; returns whether the base changed. Raises JobDone."""
-        self.state = "pulling" if not wait_s else "waiting"
+        self.state = LeaseState.PULLING if not wait_s else LeaseState.WAITING
         if self.version < 0:
             self._codes = {}
         request = pb.PullRequest(
@@ -590,9 +590,9 @@ class Worker:
 
     def push(self, turn: Turn, stats) -> pb.PushReply:
         """Push one turn's factors and replica deltas (idempotent: each head carries its round id)."""
-        self.state = "pushing"
+        self.state = LeaseState.PUSHING
         self._round_factors_to_wire(turn.trainer)
-        heads, replica = self.hooks.outgoing(self.rounds, *turn.trainer.export_update())
+        heads, replica = self.hooks.outgoing(self.pushes, *turn.trainer.export_update())
         encoded = list(encode_update(heads, replica, self._joined()[0]))
         meta = PushMeta(
             lease_id=self.lease_id,
@@ -626,7 +626,7 @@ class Worker:
                         lease_id=self.lease_id,
                         version=self.version,
                         samples_per_s=self.samples_per_s,
-                        state=self.state,
+                        state=self.state.value,
                     ),
                     metadata=self.metadata,
                     timeout=max(1.0, self.heartbeat_interval_s),
@@ -685,7 +685,7 @@ class Worker:
 
     def _say_finished(self) -> None:
         self._say(
-            f"job finished: {self.head_rounds} head-rounds in {self.rounds} pushes; "
+            f"job finished: {self.head_rounds} head-rounds in {self.pushes} pushes; "
             f"up {format_bytes(self.bytes_up)}, down {format_bytes(self.bytes_down)}"
         )
 
@@ -703,7 +703,7 @@ class Worker:
                 if any(t.unfinished(job) for t in self.turns):  # sync: the round closes, then train
                     self.pull(wait_s=30.0)
                 else:  # standing by (no heads, or all finished): no snapshots, ask for heads each heartbeat
-                    self.state = "waiting"
+                    self.state = LeaseState.WAITING
                     if self.stop.wait(self.heartbeat_interval_s):
                         return
                     self._sync_lease(force=True)
@@ -713,16 +713,16 @@ class Worker:
                     return
                 if turn not in self.turns:  # an earlier turn's push adopted a lease without its heads
                     continue
-                self.state = "training"
+                self.state = LeaseState.TRAINING
                 stats = turn.trainer.train_round()
-                if self.rounds == 0 and stats.frozen_cache_bytes:
+                if self.pushes == 0 and stats.frozen_cache_bytes:
                     self._say(
                         f"frozen-weight cache: {stats.frozen_cache_bytes / 2**20:.1f} MiB (--no-frozen-cache)"
                     )
-                self.hooks.after_training(self.rounds, stats.seconds)
+                self.hooks.after_training(self.pushes, stats.seconds)
                 samples += stats.samples
                 self.samples_per_s = samples / max(1e-9, time.perf_counter() - started)
-                if not self.hooks.before_push(self.rounds, self.stop):
+                if not self.hooks.before_push(self.pushes, self.stop):
                     return
                 base = self.version
                 reply = self._push_turn(turn, stats)
@@ -766,7 +766,7 @@ class Worker:
                 for h in turn.head_ids:
                     self.next_rounds[h] += 1
                 turn.last_base = self.version
-                self.rounds += 1
+                self.pushes += 1
                 self.outliers_refused += 1
                 return None
             except grpc.RpcError as err:
@@ -779,7 +779,7 @@ class Worker:
                 turn.trainer.commit()
                 for h in turn.head_ids:
                     self.next_rounds[h] += 1
-                self.rounds += 1
+                self.pushes += 1
                 self.head_rounds += len(turn.head_ids)
                 if reply.done:  # this push finished the job
                     raise JobDone()
@@ -796,7 +796,7 @@ class Worker:
                 timeout=2,
             )
         except grpc.RpcError:
-            pass  # the server may already be gone; its reaper returns the heads
+            pass  # the server may already be gone; its scheduler returns the heads
         finally:
             self.lease_id = ""
             self.channel.close()

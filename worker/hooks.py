@@ -54,14 +54,14 @@ class RoundHooks:
     """Called by the worker: ``after_training`` once a turn's local steps are done, ``before_push``
     just before it pushes (return False to skip the push and stop)."""
 
-    def after_training(self, rounds_pushed: int, seconds: float) -> None:
+    def after_training(self, pushes: int, seconds: float) -> None:
         return None
 
-    def before_push(self, rounds_pushed: int, stop: threading.Event) -> bool:
+    def before_push(self, pushes: int, stop: threading.Event) -> bool:
         return True
 
     def outgoing(
-        self, rounds_pushed: int, heads: list[HeadUpdate], replica: ReplicaUpdate
+        self, pushes: int, heads: list[HeadUpdate], replica: ReplicaUpdate
     ) -> tuple[list[HeadUpdate], ReplicaUpdate]:
         """What a push sends: the heads' factors and replica deltas (a rogue worker alters them)."""
         return heads, replica
@@ -80,21 +80,21 @@ class FaultInjection(RoundHooks):
     poison_from: int = 0  # the first push (0-based) it corrupts
     poisoned: int = 0  # pushes corrupted so far (tries of one push count each)
 
-    def after_training(self, rounds_pushed: int, seconds: float) -> None:
+    def after_training(self, pushes: int, seconds: float) -> None:
         # plays a slow GPU: the wall time is the fault itself
         delay = self.slow_down_s + max(0.0, self.slow_factor - 1.0) * seconds
         if delay:
             time.sleep(delay)
 
-    def before_push(self, rounds_pushed: int, stop: threading.Event) -> bool:
-        if self.fail_at_round is not None and rounds_pushed >= self.fail_at_round:
+    def before_push(self, pushes: int, stop: threading.Event) -> bool:
+        if self.fail_at_round is not None and pushes >= self.fail_at_round:
             os.kill(os.getpid(), signal.SIGKILL)  # die like a crashed machine
         return not (self.delay_push_s and stop.wait(self.delay_push_s))
 
     def outgoing(
-        self, rounds_pushed: int, heads: list[HeadUpdate], replica: ReplicaUpdate
+        self, pushes: int, heads: list[HeadUpdate], replica: ReplicaUpdate
     ) -> tuple[list[HeadUpdate], ReplicaUpdate]:
-        if not self.poison or rounds_pushed < self.poison_from:
+        if not self.poison or pushes < self.poison_from:
             return heads, replica
         self.poisoned += 1
         return poison_factors(heads, self.poison), replica

@@ -55,8 +55,6 @@ def check_resolves(address: str, bound_s: float = RESOLVE_BOUND_S, poll_s: float
 
     Raises ConfigError naming the host (issue 25: a mistyped name was retried for 300 s).
     """
-    from lte.common.checks import parse_server_address
-
     host, port = parse_server_address(address)
     deadline = time.monotonic() + bound_s
     while True:

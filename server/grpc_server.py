@@ -1,4 +1,5 @@
-"""The running parameter server: gRPC (with health and reflection), the lease reaper and the evaluator."""
+"""The gRPC server: the ``lte.v1.ParameterServer`` service (with health and reflection) on a port, the
+scheduler's clock thread and the evaluator. (The web app is ``server/dashboard.py``.)"""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class ParameterServer:
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._stop = threading.Event()
-        self._reaper: threading.Thread | None = None
+        self._scheduler_clock: threading.Thread | None = None
 
     @property
     def address(self) -> str:
@@ -90,17 +91,17 @@ class ParameterServer:
         self._server = server
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._reaper = threading.Thread(target=self._reap, name="lte-lease-reaper", daemon=True)
-        self._reaper.start()
+        self._scheduler_clock = threading.Thread(target=self._tick, name="lte-scheduler-clock", daemon=True)
+        self._scheduler_clock.start()
         self.coordinator.start_evaluator()
         return self
 
-    def _reap(self) -> None:
+    def _tick(self) -> None:
         # the scheduler's clock: lease expiry, stragglers and free heads are looked at this often
         c = self.coordinator
         interval = max(0.05, min(c.lease_timeout_s / 4, c.heartbeat_interval_s / 2))
         while not self._stop.wait(interval):
-            c.expire_leases()
+            c.run_scheduler()
 
     def wait_done(self, timeout: float | None = None) -> bool:
         """Block until the job has trained its last round (or the timeout)."""
