@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-GUARD_MODES = ("refuse", "clip", "off")
+from lte.common.config import UPDATE_GUARDS as GUARD_MODES  # declared with --update-guard
+
 _log = logging.getLogger("lte.server")
 
 # Process-wide count of pushes the guard refused or clipped and merges it rolled back. The test
