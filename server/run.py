@@ -14,16 +14,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from lte.common.auth import token_from
 from lte.common.config import JobConfig, ServerSettings
 from lte.common.progress import Progress, format_bytes, format_duration
+from lte.server.app import ParameterServer, format_address
+from lte.server.checkpoint import load_checkpoint
+from lte.server.coordinator import Coordinator
+from lte.server.dashboard import DashboardServer
+from lte.server.disk import export_with_fallback, final_checkpoint
+from lte.server.finish import linger, linger_seconds
+from lte.server.guard import GuardSettings
+from lte.server.security import server_credentials
 from lte.server.startup import local_worker_command
-
-if TYPE_CHECKING:  # imported where used: start() pulls in torch and gRPC
-    from lte.server.app import ParameterServer
-    from lte.server.coordinator import Coordinator
-    from lte.server.dashboard import DashboardServer
 
 _log = logging.getLogger("lte.server")
 
@@ -168,15 +174,6 @@ class ServerRun:
     # -- start ------------------------------------------------------------------------------------
     def start(self) -> ServerRun:
         """Everything up to serving; ``StartError`` (nothing left running) when it cannot start."""
-        import torch
-
-        from lte.common.auth import token_from
-        from lte.server.app import ParameterServer, format_address
-        from lte.server.checkpoint import load_checkpoint
-        from lte.server.coordinator import Coordinator
-        from lte.server.guard import GuardSettings
-        from lte.server.security import server_credentials
-
         job, srv = self.job, self.settings.resolved(self.job)
         local = srv.local_workers
         if srv.threads:
@@ -235,8 +232,6 @@ class ServerRun:
                     f"--tensorboard needs the tensorboard package ({exc}); pip install tensorboard"
                 ) from None
         if srv.dashboard_port >= 0:
-            from lte.server.dashboard import DashboardServer
-
             try:
                 shown = srv.public()  # the dashboard's settings panel
 
@@ -365,9 +360,6 @@ class ServerRun:
 
     def run(self) -> int:
         """Serve until the job ends, evaluate, export, write the summary, linger. Returns the exit code."""
-        from lte.server.disk import export_with_fallback, final_checkpoint
-        from lte.server.finish import linger, linger_seconds
-
         c, _ = self._started()
         started = time.perf_counter()
         for sig in STOP_SIGNALS:  # a closed terminal (SIGHUP) stops the job as SIGTERM and Ctrl+C do
