@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lte.common.checks import ConfigError, check_choice, check_model_name, coerce_types, read_toml
+from lte.common.checks import ConfigError, check_choice, check_model_name, check_range, coerce_types, flag, read_toml
 from lte.common.data import DATASET_NAMES
 from lte.common.hf import context_of, read_config
 from lte.common.images import AUGMENTS
@@ -252,42 +252,232 @@ def job_from_dict(values: dict[str, Any], *, source: str = "config") -> JobConfi
 JOB_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(JobConfig)}
 
 
+UPDATE_GUARDS = ("refuse", "clip", "off")  # --update-guard (server/guard.py)
+SECRETS = ("token",)  # settings never printed or written to a run's config.toml
+MASKED = "<set>"  # a secret's value where settings are printed (a config file holding it means "unset")
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    group: str = "server",
+    choices: tuple[str, ...] = (),
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    note: str = "",
+) -> Any:
+    """A ServerSettings field: its default, its ``--help`` line (the ``[default]`` note as users
+    read it), its argparse group, and the range or choices a value must be in."""
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "group": group,
+            "choices": choices,
+            "low": low,
+            "high": high,
+            "low_open": low_open,
+            "note": note,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """lte-server's own settings (everything that is not the job): one field per ``--flag`` and
+    config-file key, in ``lte-server --help`` order.
+
+    argparse (``server/cli.py``), the config file's types (``SERVER_TYPES``), the range checks and
+    the dashboard's settings panel are all derived from these fields. Construction checks each
+    value against its field's range or choices and raises ConfigError naming the option; checks
+    that need the job, the environment or files are ``lte.server.startup.check_server_settings``.
+    """
+
+    host: str = _setting("127.0.0.1", "address to listen on; 0.0.0.0 or :: for other machines [127.0.0.1]")
+    port: int = _setting(
+        50051, "gRPC port, 0 for any free one [50051]", low=0, high=65535, note="0 picks a free one"
+    )
+    device: str = _setting("cpu", "device of the master weights and merges [cpu]")
+    data_dir: str | None = _setting(None, "dataset folder (Fashion-MNIST IDX files, imagefolder root)")
+    skip_bad_images: bool = _setting(
+        False, "skip (and count) image files that do not decode instead of stopping [stop]"
+    )
+    loader_workers: int = _setting(
+        -1,
+        "DataLoader processes decoding streamed images: the server's evaluation uses this many, "
+        "--local-workers get it too [0 here, 2 on local workers]",
+    )
+    eval_samples: int = _setting(
+        0, "evaluate on a fixed class-balanced subset of K test samples, 0 for all [0]"
+    )
+    heads_per_worker: int = _setting(
+        0,
+        "most heads one worker may lease [N / local workers, or N]",
+        low=0,
+        note="0 means N / local workers, or N",
+    )
+    lease_timeout: float = _setting(
+        30.0, "seconds without a heartbeat before a lease expires [30]", low=0, low_open=True, note="seconds"
+    )
+    heartbeat_interval: float = _setting(
+        5.0, "seconds between worker heartbeats [5]", low=0, low_open=True, note="seconds"
+    )
+    straggler_factor: float = _setting(
+        4.0,
+        "move a live worker's heads once it has not pushed for K x the job's median round time "
+        "(and at least 2 heartbeats); 0 for never [4]",
+        low=0,
+        note="x the median round time; 0 turns the rule off",
+    )
+    max_staleness: int = _setting(8, "async/buffered: refuse pushes staler than this [8]", low=0)
+    buffer_size: int = _setting(
+        0, "buffered mode: pushes per merge [N/4]", low=0, note="0 means N/4; at most N"
+    )
+    eval_every: int = _setting(
+        -1,
+        "evaluate every K versions, 0 for only at the end [auto]",
+        low=-1,
+        note="0 only at the end, -1 automatic",
+    )
+    out: str | None = _setting(None, "run folder for metrics.jsonl and model.safetensors [runs/<time>]")
+    threads: int = _setting(
+        0, "torch CPU threads of the server [torch default]", low=0, note="0 is torch's default"
+    )
+    rpc_threads: int = _setting(
+        0,
+        "gRPC handler threads; long-polls never take the last quarter of them [LTE_SERVER_THREADS or 64]",
+    )
+    local_workers: int = _setting(0, "start K worker processes on loopback and stop them at exit", low=0)
+    worker_device: str = _setting("cpu", "device of the local workers [cpu]")
+    dashboard_host: str = _setting("127.0.0.1", "address of the web dashboard [127.0.0.1]")
+    dashboard_port: int = _setting(
+        8080,
+        "dashboard port, 0 for any free one, -1 for none [8080]",
+        low=-1,
+        high=65535,
+        note="0 a free one, -1 none",
+    )
+    dashboard_auth: bool = _setting(False, "the dashboard requires the token too")
+    checkpoint_every: int = _setting(
+        -1,
+        "checkpoint every K versions, 0 for never [rounds/10]",
+        low=-1,
+        note="0 never, -1 automatic",
+    )
+    keep_checkpoints: int = _setting(3, "newest checkpoints kept [3]", low=1)
+    linger: float = _setting(
+        -1.0,
+        "seconds to keep serving the final state (dashboard, 'job over' to late workers) after "
+        "the job; -1: until Ctrl+C on a terminal with a dashboard, else 0 [-1]",
+        low=-1,
+        note="seconds; -1 until Ctrl+C on a terminal",
+    )
+    resume: str | None = _setting(None, "continue from a checkpoint folder or a run folder's newest one")
+    overwrite: bool = _setting(
+        False, "reuse an --out folder that holds an earlier job's model.safetensors (replacing it)"
+    )
+    update_guard: str = _setting(
+        "refuse",
+        "pushes whose per-layer contribution is out of bounds (server/guard.py): refuse them, "
+        "clip them to the bound, or merge everything (off) [refuse]",
+        choices=UPDATE_GUARDS,
+    )
+    token: str | None = _setting(
+        None,
+        "shared secret workers must send, at least 16 visible ASCII characters "
+        "(or set LTE_TOKEN, which ps does not show); required off loopback",
+        group="security",
+    )
+    tls_cert: str | None = _setting(None, "PEM certificate of the server (enables TLS)", group="security")
+    tls_key: str | None = _setting(None, "PEM private key of the server", group="security")
+    tls_ca: str | None = _setting(
+        None, "PEM CA that client certificates must chain to (mutual TLS)", group="security"
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if isinstance(value, float) and not math.isfinite(value):
+                note = f" ({meta['note']})" if meta["note"] else ""
+                raise ConfigError(f"{flag(f.name)} {value}: must be a finite number{note}")
+            if meta["choices"] and value not in meta["choices"]:
+                check_choice(f.name, value, meta["choices"])
+            if meta["low"] is not None or meta["high"] is not None:
+                check_range(
+                    f.name,
+                    value,
+                    low=meta["low"],
+                    high=meta["high"],
+                    low_open=meta["low_open"],
+                    note=meta["note"],
+                )
+        if self.rpc_threads != 0:
+            check_range(
+                "rpc_threads",
+                self.rpc_threads,
+                low=2,
+                note="the gRPC server needs at least 2 handler threads",
+            )
+        if self.heartbeat_interval >= self.lease_timeout:
+            raise ConfigError(
+                f"--heartbeat-interval {self.heartbeat_interval:g}: must be below --lease-timeout "
+                f"{self.lease_timeout:g}, or every lease expires between two heartbeats"
+            )
+        for key in ("host", "dashboard_host", "device", "worker_device"):
+            if not str(getattr(self, key)).strip():
+                raise ConfigError(f"{flag(key)} {getattr(self, key)!r}: must not be empty")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> ServerSettings:
+        """Settings from plain values (a config file's, with ``SERVER_TYPES``' types); keys that are
+        not settings are ignored (the job's). Raises ConfigError naming a value of the wrong type
+        or out of range."""
+        known = {k: v for k, v in values.items() if k in SERVER_TYPES}
+        return cls(**coerce_types(known, SERVER_TYPES, source=source))
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace, file_values: dict[str, Any]) -> ServerSettings:
+        """Precedence as the job's: command-line flags > config file > defaults."""
+        values = {k: v for k, v in file_values.items() if k in SERVER_TYPES}
+        values.update({k: getattr(args, k) for k in SERVER_TYPES if getattr(args, k, None) is not None})
+        return cls.from_dict(values)
+
+    def resolved(self, job: JobConfig) -> ServerSettings:
+        """The placeholders filled in for ``job`` as the server runs it: ``heads_per_worker`` 0 is
+        ceil(N / local workers) (0, no bound, without local workers), ``eval_every`` and
+        ``checkpoint_every`` -1 are a tenth of the rounds per head (at least 1)."""
+        local = self.local_workers
+        tenth = max(1, job.rounds // 10)
+        return dataclasses.replace(
+            self,
+            heads_per_worker=self.heads_per_worker or (-(-job.heads // local) if local else 0),
+            eval_every=self.eval_every if self.eval_every >= 0 else tenth,
+            checkpoint_every=self.checkpoint_every if self.checkpoint_every >= 0 else tenth,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, secrets included (keys are the config file's)."""
+        return dataclasses.asdict(self)
+
+    def public(self) -> dict[str, Any]:
+        """Settings fit to print or show on the dashboard: a secret that is set reads ``MASKED``."""
+        return {k: (MASKED if k in SECRETS and v else v) for k, v in self.to_dict().items()}
+
+    def without_secrets(self) -> dict[str, Any]:
+        """Settings fit for a file on disk (a run's config.toml): secrets left out."""
+        return {k: v for k, v in self.to_dict().items() if k not in SECRETS}
+
+
+def _plain_type(annotation: str) -> type:
+    """``int``, ``float``, ``str`` or ``bool`` of a field annotation such as ``"str | None"``."""
+    return {"int": int, "float": float, "str": str, "bool": bool}[annotation.split("|")[0].strip()]
+
+
 # the type each server key of a config file must have (lte-server's settings; lte-sim accepts and
-# ignores them, so that a run's config.toml runs there as it is) (None-default keys hold paths or names)
-SERVER_TYPES: dict[str, type] = {
-    "host": str,
-    "port": int,
-    "device": str,
-    "heads_per_worker": int,
-    "lease_timeout": float,
-    "heartbeat_interval": float,
-    "straggler_factor": float,
-    "max_staleness": int,
-    "buffer_size": int,
-    "eval_every": int,
-    "out": str,
-    "local_workers": int,
-    "worker_device": str,
-    "data_dir": str,
-    "skip_bad_images": bool,
-    "loader_workers": int,
-    "eval_samples": int,
-    "threads": int,
-    "rpc_threads": int,
-    "dashboard_host": str,
-    "dashboard_port": int,
-    "dashboard_auth": bool,
-    "checkpoint_every": int,
-    "keep_checkpoints": int,
-    "linger": float,
-    "resume": str,
-    "overwrite": bool,
-    "update_guard": str,
-    "token": str,
-    "tls_cert": str,
-    "tls_key": str,
-    "tls_ca": str,
-}
+# ignores them, so that a run's config.toml runs there as it is)
+SERVER_TYPES: dict[str, type] = {f.name: _plain_type(str(f.type)) for f in fields(ServerSettings)}
 
 CONFIG_TABLES = ("job", "server")  # the tables a config file may group its keys in
 

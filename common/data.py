@@ -31,6 +31,7 @@ from lte.common.shards import index_shards, shard_files
 from lte.common.text import TokenBatches, TokenDataset, load_text
 
 _log = logging.getLogger("lte.data")
+SYNTHETIC_D_IN, SYNTHETIC_D_OUT = 64, 64  # synthetic-regression's input and target widths
 
 DATASET_NAMES = ("digits", "fashion-mnist", "imagefolder", "webdataset", "synthetic-regression", "text")
 
@@ -538,8 +539,8 @@ def _load_synthetic_regression(
     data_dir: str | None,
     *,
     seed: int,
-    d_in: int = 64,
-    d_out: int = 64,
+    d_in: int = SYNTHETIC_D_IN,
+    d_out: int = SYNTHETIC_D_OUT,
     num_train: int = 4096,
     num_test: int = 1024,
     noise_std: float = 0.0,
@@ -808,16 +809,8 @@ def load_job_dataset(
         else:
             name = "imagefolder"
         data_dir = own_data
-    if job.augment not in ("", "none") and name not in ("imagefolder", "webdataset"):
-        raise ValueError(f"--augment {job.augment}: augmentations apply to image folders, not to {name}")
-    if job.randaugment_ops and name not in ("imagefolder", "webdataset"):
-        raise ValueError(
-            f"--randaugment-ops {job.randaugment_ops}: RandAugment applies to image folders and shards, "
-            f"not to {name}; leave it out (or 0)"
-        )
+    _check_job_options(job, name)
     if name == "text":  # token files: no image options
-        if job.image_size:
-            raise ValueError(f"--image-size {job.image_size}: token data has no image size")
         return load_dataset(name, data_dir, seed=job.seed)
     kwargs: dict[str, Any] = {"image_size": job.image_size}
     if name in ("imagefolder", "webdataset"):
@@ -835,7 +828,98 @@ def load_job_dataset(
     return dataset
 
 
-def _check_against_job(dataset: Dataset | TokenDataset, job: Any, source: str) -> None:
+def _check_job_options(job: Any, name: str) -> None:
+    """Refuse job options that the dataset ``name`` has no use for (augmentations off image
+    folders, an image size for token data), naming the option."""
+    if job.augment not in ("", "none") and name not in ("imagefolder", "webdataset"):
+        raise ValueError(f"--augment {job.augment}: augmentations apply to image folders, not to {name}")
+    if job.randaugment_ops and name not in ("imagefolder", "webdataset"):
+        raise ValueError(
+            f"--randaugment-ops {job.randaugment_ops}: RandAugment applies to image folders and shards, "
+            f"not to {name}; leave it out (or 0)"
+        )
+    if name == "text" and job.image_size:
+        raise ValueError(f"--image-size {job.image_size}: token data has no image size")
+
+
+@dataclass
+class DatasetMetadata:
+    """What a job takes from its dataset (``JobConfig.with_dataset``), without the samples: the
+    shape fields of :class:`Dataset`, ``extras`` holding ``classes`` and ``augment`` only."""
+
+    name: str
+    num_classes: int  # 0 for regression
+    in_channels: int
+    image_size: int
+    task: str
+    output_dim: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def dataset_metadata(job: Any, data_dir: str | None = None) -> DatasetMetadata | TokenDataset:
+    """The shape of ``job``'s dataset as ``load_job_dataset`` would load it, read cheaply: fixed
+    values for digits, Fashion-MNIST and synthetic-regression (no file is read), the class folder
+    names of an image folder, ``classes.txt`` or the shard index of WebDataset shards, and the
+    token files' ``meta.json`` (memory-mapped, not read) for text. ``lte-server --print-config``
+    resolves the job with it. Raises ValueError or FileNotFoundError naming the option or folder,
+    as loading would.
+    """
+    name = job.dataset.lower().replace("_", "-")
+    _check_job_options(job, name)
+    if name == "text":
+        return load_text(data_dir, seed=job.seed)
+    if name == "synthetic-regression":
+        if job.image_size not in (0, 1):
+            raise ValueError(
+                f"--image-size {job.image_size}: synthetic-regression has no images; leave it out"
+            )
+        return DatasetMetadata(name, 0, SYNTHETIC_D_IN, 1, "regression", SYNTHETIC_D_OUT)
+    if name in ("digits", "fashion-mnist"):
+        native, classes = (8, []) if name == "digits" else (28, list(FASHION_MNIST_CLASSES))
+        meta = DatasetMetadata(name, 10, 1, job.image_size or native, "classification", 10)
+        if classes:
+            meta.extras["classes"] = classes
+    elif name in ("imagefolder", "webdataset"):
+        if data_dir is None:
+            raise ValueError(f"the {name} dataset needs a folder: pass data_dir (--data-dir)")
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{name}: {root} is not a directory")
+        train_root, _ = _split_folders(root)
+        if name == "imagefolder":
+            folders = scan_class_folders(train_root)
+            if not any(folders.values()):
+                raise ValueError(
+                    f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {train_root}"
+                )
+            class_names, _ = _map_classes(folders, train_root, job.classes)
+        elif job.classes:
+            class_names = list(job.classes)
+        elif (root / "classes.txt").is_file():
+            lines = (root / "classes.txt").read_text().splitlines()
+            class_names = [line.strip() for line in lines if line.strip()]
+        else:
+            shards = shard_files(train_root)
+            if not shards:
+                raise ValueError(f"webdataset: no .tar shards in {train_root}")
+            labels = index_shards(shards)[2]
+            class_names = [str(i) for i in range(int(labels.max()) + 1 if labels.numel() else 0)]
+        meta = DatasetMetadata(
+            name,
+            len(class_names),
+            job.in_channels or 3,
+            job.image_size or 32,
+            "classification",
+            len(class_names),
+            {"classes": class_names, "augment": job.augment or "crop-flip"},
+        )
+    else:
+        raise ValueError(f"unknown dataset '{job.dataset}'; choose one of {DATASET_NAMES}")
+    _check_against_job(meta, job, data_dir or name)
+    return meta
+
+
+def _check_against_job(dataset: Dataset | TokenDataset | DatasetMetadata, job: Any, source: str) -> None:
     """A dataset that cannot feed the job's model is refused here, not by a shape error in a layer."""
     problems = []
     if job.in_channels and dataset.in_channels != job.in_channels:

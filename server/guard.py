@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lte.common.config import UPDATE_GUARDS as GUARD_MODES  # declared with --update-guard
 from lte.server.aggregation import AcceptedPush, Aggregator, Merged
 
-GUARD_MODES = ("refuse", "clip", "off")
 _log = logging.getLogger("lte.server")
 
 # Process-wide count of pushes the guard refused or clipped and merges it rolled back. The test

@@ -9,21 +9,28 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from lte.common.auth import token_from
+from lte.common.config import JobConfig, ServerSettings
 from lte.common.progress import Progress, format_bytes, format_duration
+from lte.server.grpc_server import ParameterServer, format_address
+from lte.server.checkpoint import load_checkpoint
+from lte.server.coordinator import Coordinator
+from lte.server.dashboard import DashboardServer
+from lte.server.disk import export_with_fallback, final_checkpoint
+from lte.server.finish import linger, linger_seconds
+from lte.server.guard import GuardSettings
+from lte.server.security import server_credentials
 from lte.server.startup import local_worker_command
 from lte.server.status import status_document
-
-if TYPE_CHECKING:  # imported where used: start() pulls in torch and gRPC
-    from lte.server.coordinator import Coordinator
-    from lte.server.dashboard import DashboardServer
-    from lte.server.grpc_server import ParameterServer
 
 _log = logging.getLogger("lte.server")
 
@@ -70,13 +77,13 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> None
             p.wait()
 
 
-def local_data_args(srv: dict) -> list[str]:
+def local_data_args(settings: ServerSettings) -> list[str]:
     """The data options a local worker needs to load the job's dataset as the server does."""
-    args = ["--data-dir", str(srv["data_dir"])] if srv["data_dir"] else []
-    if srv["skip_bad_images"]:
+    args = ["--data-dir", str(settings.data_dir)] if settings.data_dir else []
+    if settings.skip_bad_images:
         args.append("--skip-bad-images")
-    if srv["loader_workers"] >= 0:
-        args += ["--loader-workers", str(srv["loader_workers"])]
+    if settings.loader_workers >= 0:
+        args += ["--loader-workers", str(settings.loader_workers)]
     return args
 
 
@@ -103,14 +110,13 @@ def _already_stopping(signum, frame) -> None:
 
 def public_host(host: str) -> str:
     if host in ("0.0.0.0", "::", "[::]"):
-        import socket
-
         return socket.gethostname()
     return host
 
 
 def tensorboard_sink(directory: str):
     """A metrics sink writing TensorBoard scalars (train loss, accuracy, bytes) per version."""
+    # lazy: tensorboard is an optional package (a missing one is a StartError naming it)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(directory)
@@ -136,21 +142,22 @@ def tensorboard_sink(directory: str):
 
 
 class ServerRun:
-    """A whole server run. ``srv`` holds the server settings (``server.cli.SERVER_DEFAULTS``' keys)."""
+    """A whole server run of ``job`` on ``dataset`` with ``settings`` (those of the command line,
+    placeholders such as ``eval_every = -1`` still in; ``settings.resolved(job)`` is what runs)."""
 
     def __init__(
         self,
-        job,
+        job: JobConfig,
         dataset,
-        srv: dict[str, Any],
+        settings: ServerSettings,
         *,
         json_out: bool = False,
         quiet: bool = False,
         log_format: str = "text",
         tensorboard: str | None = None,
-        config_text: str | Callable[[dict[str, Any]], str] = "",
+        config_text: str = "",
     ) -> None:
-        self.job, self.dataset, self.srv = job, dataset, srv
+        self.job, self.dataset, self.settings = job, dataset, settings
         self.json_out, self.quiet, self.log_format, self.tensorboard = (
             json_out,
             quiet,
@@ -158,7 +165,7 @@ class ServerRun:
             tensorboard,
         )
         self.config_text = config_text
-        self.out_dir = Path(srv["out"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        self.out_dir = Path(settings.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         self.coordinator: Coordinator | None = None
         self.server: ParameterServer | None = None
         self.dashboard: DashboardServer | None = None
@@ -168,71 +175,51 @@ class ServerRun:
     # -- start ------------------------------------------------------------------------------------
     def start(self) -> ServerRun:
         """Everything up to serving; ``StartError`` (nothing left running) when it cannot start."""
-        import torch
-
-        from lte.common.auth import token_from
-        from lte.server.checkpoint import load_checkpoint
-        from lte.server.coordinator import Coordinator
-        from lte.server.grpc_server import ParameterServer, format_address
-        from lte.server.guard import GuardSettings
-        from lte.server.security import server_credentials
-
-        job, srv = self.job, self.srv
-        if srv["threads"]:
-            torch.set_num_threads(srv["threads"])
+        job, srv = self.job, self.settings.resolved(self.job)
+        local = srv.local_workers
+        if srv.threads:
+            torch.set_num_threads(srv.threads)
         try:
-            token = token_from(srv["token"])
-            credentials = server_credentials(srv["tls_cert"], srv["tls_key"], srv["tls_ca"])
+            token = token_from(srv.token)
+            credentials = server_credentials(srv.tls_cert, srv.tls_key, srv.tls_ca)
         except (ValueError, OSError) as exc:
             raise StartError(str(exc)) from None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        local = int(srv["local_workers"] or 0)
-        heads_per_worker = srv["heads_per_worker"] or (-(-job.heads // local) if local else 0)
-        eval_every = srv["eval_every"] if srv["eval_every"] >= 0 else max(1, job.rounds // 10)
-        checkpoint_every = (
-            srv["checkpoint_every"] if srv["checkpoint_every"] >= 0 else max(1, job.rounds // 10)
-        )
         c = self.coordinator = Coordinator(
             job,
             self.dataset,
-            device=srv["device"],
-            heads_per_worker=heads_per_worker,
-            lease_timeout_s=srv["lease_timeout"],
-            heartbeat_interval_s=srv["heartbeat_interval"],
-            straggler_factor=srv["straggler_factor"],
-            max_staleness=srv["max_staleness"],
-            buffer_size=srv["buffer_size"],
-            eval_every=eval_every,
+            device=srv.device,
+            heads_per_worker=srv.heads_per_worker,
+            lease_timeout_s=srv.lease_timeout,
+            heartbeat_interval_s=srv.heartbeat_interval,
+            straggler_factor=srv.straggler_factor,
+            max_staleness=srv.max_staleness,
+            buffer_size=srv.buffer_size,
+            eval_every=srv.eval_every,
             checkpoint_dir=self.out_dir / "checkpoints",
-            checkpoint_every=checkpoint_every,
-            keep_checkpoints=srv["keep_checkpoints"],
+            checkpoint_every=srv.checkpoint_every,
+            keep_checkpoints=srv.keep_checkpoints,
             metrics_path=self.out_dir / "metrics.jsonl",
-            guard=GuardSettings(mode=srv.get("update_guard") or "refuse"),
+            guard=GuardSettings(mode=srv.update_guard),
         )
-        c.eval_loader_workers = max(0, srv["loader_workers"])
-        if srv["resume"]:
+        c.eval_loader_workers = max(0, srv.loader_workers)
+        if srv.resume:
             try:
-                state, tensors = load_checkpoint(srv["resume"])
+                state, tensors = load_checkpoint(srv.resume)
                 c.restore(state, tensors)
             except (ValueError, OSError) as exc:
                 c.close()
-                raise StartError(f"cannot resume from {srv['resume']}: {exc}") from None
-            print(f"lte-server: resumed at version {c.version} from {srv['resume']}", file=sys.stderr)
-        effective = {
-            "heads_per_worker": heads_per_worker,
-            "eval_every": eval_every,
-            "checkpoint_every": checkpoint_every,
-        }
-        text = self.config_text(effective) if callable(self.config_text) else self.config_text
-        (self.out_dir / "config.toml").write_text(text)
+                raise StartError(f"cannot resume from {srv.resume}: {exc}") from None
+            print(f"lte-server: resumed at version {c.version} from {srv.resume}", file=sys.stderr)
+        (self.out_dir / "config.toml").write_text(self.config_text)
         try:
             server = self.server = ParameterServer(
                 c,
-                host=srv["host"],
-                port=srv["port"],
+                host=srv.host,
+                port=srv.port,
                 token=token,
                 credentials=credentials,
-                threads=srv["rpc_threads"],
+                threads=srv.rpc_threads,
             ).start()
         except (OSError, ValueError) as exc:
             c.close()
@@ -245,15 +232,18 @@ class ServerRun:
                 raise StartError(
                     f"--tensorboard needs the tensorboard package ({exc}); pip install tensorboard"
                 ) from None
-        if srv["dashboard_port"] >= 0:
-            from lte.server.dashboard import DashboardServer
-
+        if srv.dashboard_port >= 0:
             try:
+                shown = srv.public()  # the dashboard's settings panel
+
+                def status() -> dict[str, Any]:
+                    return {**c.status(), "server": shown}
+
                 dashboard = self.dashboard = DashboardServer(
-                    c.status,
-                    host=srv["dashboard_host"],
-                    port=srv["dashboard_port"],
-                    token=token if srv["dashboard_auth"] else None,
+                    status,
+                    host=srv.dashboard_host,
+                    port=srv.dashboard_port,
+                    token=token if srv.dashboard_auth else None,
                 ).start()
             except OSError as exc:
                 self.stop()
@@ -284,17 +274,17 @@ class ServerRun:
         if not local:
             _log.info(
                 "start workers with: %s",
-                shlex.join(["lte-worker", "--server", format_address(public_host(srv["host"]), server.port)]),
+                shlex.join(["lte-worker", "--server", format_address(public_host(srv.host), server.port)]),
             )
         if credentials is not None:  # the certificate names the host; local workers reach it as localhost
             local_host = "localhost"
         else:
-            local_host = "127.0.0.1" if srv["host"] in ("0.0.0.0", "::", "127.0.0.1") else srv["host"]
-        tls = ["--tls-ca", srv["tls_ca"] or srv["tls_cert"]] if credentials is not None else []
+            local_host = "127.0.0.1" if srv.host in ("0.0.0.0", "::", "127.0.0.1") else srv.host
+        tls = ["--tls-ca", str(srv.tls_ca or srv.tls_cert)] if credentials is not None else []
         local_args = [
             [
                 "--device",
-                srv["worker_device"],
+                srv.worker_device,
                 "--name",
                 f"local-{i}",
                 "--parent-pid",
@@ -367,9 +357,6 @@ class ServerRun:
 
     def run(self) -> int:
         """Serve until the job ends, evaluate, export, write the summary, linger. Returns the exit code."""
-        from lte.server.disk import export_with_fallback, final_checkpoint
-        from lte.server.finish import linger, linger_seconds
-
         c, _ = self._started()
         started = time.perf_counter()
         for sig in STOP_SIGNALS:  # a closed terminal (SIGHUP) stops the job as SIGTERM and Ctrl+C do
@@ -432,7 +419,7 @@ class ServerRun:
             stop_processes(self.procs)  # the workers have seen "done"; the dashboard may stay
             self.procs = []
             linger(
-                linger_seconds(self.srv["linger"], has_dashboard=self.dashboard is not None),
+                linger_seconds(self.settings.linger, has_dashboard=self.dashboard is not None),
                 self.dashboard.url if self.dashboard is not None else None,
             )
             if no_evaluation:  # a job with no score at all is not a success, whatever it trained

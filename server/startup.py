@@ -7,35 +7,23 @@ Everything here runs before the server binds a port or leaves a folder behind. A
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
+from lte.common import grpc_options
 from lte.common.auth import TOKEN_ENV, is_loopback
-from lte.common.checks import (
-    ConfigError,
-    check_choice,
-    check_chunk_fits,
-    check_pem,
-    check_range,
-    check_token,
-    flag,
-)
-from lte.common.config import SERVER_TYPES  # noqa: F401 (re-exported: server.cli, tests)
-from lte.server.guard import GUARD_MODES
-
-# the server keys of a config file live beside the job's (lte-sim reads a run's file too)
+from lte.common.checks import ConfigError, check_chunk_fits, check_pem, check_range, check_token
+from lte.common.config import JobConfig, ServerSettings
 
 
-def effective_token(srv: dict[str, Any]) -> str | None:
+def effective_token(settings: ServerSettings) -> str | None:
     """The token in effect (``--token``, else ``$LTE_TOKEN``), checked; None when neither is set."""
-    if srv.get("token"):
-        check_token(srv["token"], source="--token")
-        return srv["token"]
+    if settings.token:
+        check_token(settings.token, source="--token")
+        return settings.token
     env = os.environ.get(TOKEN_ENV)
     if env:
         check_token(env, source=TOKEN_ENV)
@@ -43,62 +31,31 @@ def effective_token(srv: dict[str, Any]) -> str | None:
     return None
 
 
-def check_server_settings(job: Any, srv: dict[str, Any]) -> None:
-    """One pass over the effective server settings (flags, file and defaults alike).
+def check_server_settings(job: JobConfig, settings: ServerSettings) -> None:
+    """The start-up checks of the settings that need more than their own fields (ranges and
+    choices are checked when ``ServerSettings`` is built): the job, the environment and files.
 
-    ``job``: the JobConfig; ``srv``: the resolved settings of ``lte.server.cli.resolve_server``.
-    Raises ConfigError naming the first option out of range.
+    Raises ConfigError naming the first option at fault.
     """
-    from lte.common import grpc_options
-
-    check_choice("update_guard", srv.get("update_guard") or "refuse", GUARD_MODES)  # a config file's too
-    check_range("port", srv["port"], low=0, high=65535, note="0 picks a free one")
-    check_range("dashboard_port", srv["dashboard_port"], low=-1, high=65535, note="0 a free one, -1 none")
-    check_range("heads_per_worker", srv["heads_per_worker"], low=0, note="0 means N / local workers, or N")
-    check_range("local_workers", srv["local_workers"], low=0)
-    check_range("lease_timeout", srv["lease_timeout"], low=0, low_open=True, note="seconds")
-    check_range("heartbeat_interval", srv["heartbeat_interval"], low=0, low_open=True, note="seconds")
-    factor = srv["straggler_factor"]
-    if not math.isfinite(factor):
-        raise ConfigError(f"--straggler-factor {factor}: must be a finite number (0 turns the rule off)")
-    check_range("straggler_factor", factor, low=0, note="x the median round time; 0 turns the rule off")
-    if srv["heartbeat_interval"] >= srv["lease_timeout"]:
+    check_range("buffer_size", settings.buffer_size, low=0, high=job.heads, note="0 means N/4; at most N")
+    token = effective_token(settings)
+    if token is None and not is_loopback(settings.host):
         raise ConfigError(
-            f"--heartbeat-interval {srv['heartbeat_interval']:g}: must be below --lease-timeout "
-            f"{srv['lease_timeout']:g}, or every lease expires between two heartbeats"
-        )
-    check_range("max_staleness", srv["max_staleness"], low=0)
-    check_range("buffer_size", srv["buffer_size"], low=0, high=job.heads, note="0 means N/4; at most N")
-    check_range("eval_every", srv["eval_every"], low=-1, note="0 only at the end, -1 automatic")
-    check_range("checkpoint_every", srv["checkpoint_every"], low=-1, note="0 never, -1 automatic")
-    check_range("keep_checkpoints", srv["keep_checkpoints"], low=1)
-    check_range("linger", srv["linger"], low=-1, note="seconds; -1 until Ctrl+C on a terminal")
-    check_range("threads", srv["threads"], low=0, note="0 is torch's default")
-    if srv["rpc_threads"] != 0:
-        check_range(
-            "rpc_threads", srv["rpc_threads"], low=2, note="the gRPC server needs at least 2 handler threads"
-        )
-    for key in ("host", "dashboard_host", "device", "worker_device"):
-        if not str(srv[key]).strip():
-            raise ConfigError(f"{flag(key)} {srv[key]!r}: must not be empty")
-    token = effective_token(srv)
-    if token is None and not is_loopback(srv["host"]):
-        raise ConfigError(
-            f"--host {srv['host']}: serving off loopback needs a token (--token or {TOKEN_ENV}, "
+            f"--host {settings.host}: serving off loopback needs a token (--token or {TOKEN_ENV}, "
             "at least 16 characters), or anyone who reaches the port could push updates"
         )
-    if bool(srv["tls_cert"]) != bool(srv["tls_key"]):
+    if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    if srv["tls_ca"] and not srv["tls_cert"]:
+    if settings.tls_ca and not settings.tls_cert:
         raise ConfigError("--tls-ca needs --tls-cert and --tls-key (mutual TLS is on top of TLS)")
-    if srv["tls_cert"]:
-        check_pem("tls_cert", srv["tls_cert"], want="CERTIFICATE")
-        check_pem("tls_key", srv["tls_key"], want="PRIVATE KEY")
-    if srv["tls_ca"]:
-        check_pem("tls_ca", srv["tls_ca"], want="CERTIFICATE")
+    if settings.tls_cert:
+        check_pem("tls_cert", settings.tls_cert, want="CERTIFICATE")
+        check_pem("tls_key", settings.tls_key or "", want="PRIVATE KEY")
+    if settings.tls_ca:
+        check_pem("tls_ca", settings.tls_ca, want="CERTIFICATE")
     check_chunk_fits(job.max_chunk_bytes, grpc_options.MAX_MESSAGE_BYTES, side="server")
-    if srv["resume"] and not Path(srv["resume"]).exists():
-        raise ConfigError(f"--resume {srv['resume']}: no such checkpoint or run folder")
+    if settings.resume and not Path(settings.resume).exists():
+        raise ConfigError(f"--resume {settings.resume}: no such checkpoint or run folder")
 
 
 def default_run_folder() -> Path:

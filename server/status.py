@@ -77,6 +77,11 @@ class JobStatus(BaseModel):
     job: dict[str, str | int | float | bool | list[str] | None] = Field(
         description="the job's configuration (JobConfig)"
     )
+    server: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict,
+        description="lte-server's settings (ServerSettings, common/config.py), placeholders resolved, "
+        "the token masked",
+    )
     version: int = Field(description="merges applied to the master weights")
     done: bool
     samples: int = Field(description="samples trained in the whole job")
@@ -349,6 +354,7 @@ def job_status(st: dict[str, Any]) -> JobStatus:
     workers = _workers(st)
     return JobStatus(
         job=st.get("job") or {},
+        server=st.get("server") or {},
         model=st.get("model") or {},
         version=st["version"],
         done=bool(st.get("done")),

@@ -155,6 +155,15 @@ def test_api_status_follows_the_documented_schema(client):
     assert set(body) == set(JobStatus.model_fields)
 
 
+def test_api_status_carries_the_server_settings_with_the_token_masked():
+    from lte.common.config import ServerSettings
+
+    shown = ServerSettings(token="a-secret-of-sufficient-length", lease_timeout=12.0).public()
+    body = TestClient(create_app(lambda: fake_status(server=shown))).get("/api/status").json()
+    assert body["server"]["lease_timeout"] == 12.0 and body["server"]["port"] == 50051
+    assert body["server"]["token"] == "<set>" and "a-secret" not in str(body)
+
+
 def test_api_status_calls_status_once_per_request():
     status = CountingStatus()
     client = TestClient(create_app(status))

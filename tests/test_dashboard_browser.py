@@ -214,6 +214,7 @@ def test_page_shows_workers_and_curves_of_a_live_local_cluster(browser, tmp_path
             assert "snapshots built" in page.inner_text("#server-counters")  # every pull needs one
             assert "mlp on digits" in page.inner_text("#job-title")
             assert page.locator("#job dt", has_text="merge_every").count() == 1
+            assert page.locator("#server-settings dt", has_text="lease_timeout").count() == 1
             assert errors == [], errors  # CSP violations and script errors show up here
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -14,12 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lte.common.config import JobConfig
+from lte.common.config import JobConfig, ServerSettings
 from lte.common.data import HeadBatches, eval_subset, load_dataset, load_job_dataset, own_data_shards
 from lte.common.images import BadImageError, ImageFiles, decode_image, random_resized_box
 from lte.common.loader import PrefetchedBatches, eval_batches
 from lte.common.trainer import LocalTrainer, evaluate
-from lte.server.cli import SERVER_DEFAULTS
 from lte.server.run import local_data_args
 
 # --- fixtures: the kinds of folders users have, generated here --------------------------------
@@ -195,9 +194,15 @@ def test_an_empty_test_split_gives_null_metrics(tmp_path: Path, caplog) -> None:
 
 
 def test_local_workers_get_the_data_options() -> None:
-    srv = dict(SERVER_DEFAULTS, data_dir="/data/x", skip_bad_images=True, loader_workers=3)
-    assert local_data_args(srv) == ["--data-dir", "/data/x", "--skip-bad-images", "--loader-workers", "3"]
-    assert local_data_args(SERVER_DEFAULTS) == []
+    settings = ServerSettings(data_dir="/data/x", skip_bad_images=True, loader_workers=3)
+    assert local_data_args(settings) == [
+        "--data-dir",
+        "/data/x",
+        "--skip-bad-images",
+        "--loader-workers",
+        "3",
+    ]
+    assert local_data_args(ServerSettings()) == []
 
 
 # --- determinism of streams and augmentations ----------------------------------------------------

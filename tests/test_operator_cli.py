@@ -159,11 +159,18 @@ def test_lte_sim_refuses_its_own_flags_in_a_config_file_where_they_would_be_igno
     assert_refused(run("sim", "--config", str(config)), "key 'data_dir' must be a string, got 5")
 
 
-def test_every_server_setting_has_a_checked_file_type():
-    from lte.server.cli import SERVER_KEYS
-    from lte.server.startup import SERVER_TYPES
+def test_every_server_setting_has_a_flag_a_checked_file_type_and_its_help():
+    from dataclasses import fields
 
-    assert set(SERVER_KEYS) == set(SERVER_TYPES)
+    from lte.common.config import SERVER_TYPES, ServerSettings
+    from lte.server.cli import build_parser
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    for f in fields(ServerSettings):
+        assert f.name in SERVER_TYPES and isinstance(f.default, (SERVER_TYPES[f.name], type(None))), f.name
+        action = actions[f.name]
+        assert action.default is None and action.help == f.metadata["help"], f.name
+        assert action.option_strings == ["--" + f.name.replace("_", "-")], f.name
 
 
 @pytest.mark.process

@@ -289,22 +289,23 @@
     "randaugment_ops", "randaugment_magnitude",
   ]);
 
-  function renderJob(job) {
-    const key = JSON.stringify(job);
+  function renderJob(job, server) {
+    const key = JSON.stringify([job, server]);
     if (key === lastJobKey) return;
     lastJobKey = key;
     const shown = Object.entries(job).filter(([k]) => job.task !== "lm" || !IMAGE_ONLY.has(k));
-    $("#job").replaceChildren(
-      ...shown.map(([k, v]) => {
-        const item = document.createElement("div");
-        const dt = document.createElement("dt");
-        const dd = document.createElement("dd");
-        dt.textContent = k;
-        dd.textContent = v === null ? "–" : String(v);
-        item.append(dt, dd);
-        return item;
-      })
-    );
+    $("#job").replaceChildren(...shown.map(settingItem));
+    $("#server-settings").replaceChildren(...Object.entries(server).map(settingItem));
+  }
+
+  function settingItem([k, v]) {
+    const item = document.createElement("div");
+    const dt = document.createElement("dt");
+    const dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = v === null ? "–" : String(v);
+    item.append(dt, dd);
+    return item;
   }
 
   function renderCharts(st) {
@@ -369,7 +370,7 @@
     lastStatus = st;
     renderSummary(st);
     renderWorkers(st.workers);
-    renderJob(st.job || {});
+    renderJob(st.job || {}, st.server || {});
     renderModel(st.model || {});
     renderCharts(st);
     renderSample(st);
