@@ -1,18 +1,22 @@
 """The paper's ablations, reproduced small: Fashion-MNIST, the zoo mlp (784-256-256-10).
 
-One factor at a time around a base configuration (the paper's: ``N = 32``, ``r = 64``, ``T = 10``,
-semi-orthogonal ``A``), every run at the same samples and the same number of steps:
+One factor at a time around a base configuration (the paper's ``N = 32``, ``r = 64``, ``T = 10``,
+and lte's default ``A`` init, ``reference``: the paper authors' scale), every run at the same samples
+and the same number of steps:
 
 - heads ``N`` in {2, 8, 32}, at a fixed global batch (``N * b`` samples per step), so the heads
   split the same data and only the split changes;
 - rank ``r`` in {4, 8, 16, 32, 64};
 - merge interval ``T`` in {1, 5, 10, 20, 50};
-- the init of ``A`` in {kaiming, xavier, semi-orthogonal}.
+- the init of ``A`` in {reference, semi-orthogonal, kaiming, xavier}.
 
-The scale is kept at the paper's large value, ``s = alpha / r = 64`` (``alpha = 64 r``), and the
-learning rate follows the rule of thumb of ``BENCHMARKS.md`` (``lr_lte ~ lr_full * fan_in / alpha``):
-with ``s`` fixed, ``alpha`` grows with ``r``, so ``lr = lr_base * r_base / r``. Full training of the
-same model on the same samples is the reference row.
+The scale ``s = alpha / r`` is fixed (``--scale``, 4 by default: README's tuning rule, alpha = 4 r)
+and so is the learning rate (``--lr-rule constant``, ``--lr-lte`` 1e-3 = full training's lr): with
+the reference init a step moves ``W`` by about ``s * lr`` per entry whatever the rank (README,
+"Tuning LTE for a new model"). ``--lr-rule inverse-rank`` is the rule the earlier ``semi-orthogonal``
+init needed (``lr_lte ~ lr_full * fan_in / alpha``: with ``s`` fixed, ``lr = lr_lte * r_base / r``);
+BENCHMARKS.md's table ran with it at ``--scale 64 --lr-lte 3e-4``. Full training of the same model on
+the same samples is the reference row.
 
 Training is ``lte.common.sim``'s ``run_lte`` / ``run_full``; this file only builds the jobs and
 writes the table. ``--cache FILE`` keeps one JSON line per finished run, so that seeds can run in
@@ -46,7 +50,7 @@ from lte.common.sim import run_full, run_lte
 SECTION_START = "<!-- ablations:start -->"
 SECTION_END = "<!-- ablations:end -->"
 SECTION_TITLE = "## The paper's ablations, reproduced small (issue 6, item 7)"
-SCALE = 64.0  # s = alpha / r, fixed
+LR_RULES = ("constant", "inverse-rank")
 
 # What the paper reports (ViT-S on ImageNet100, as summarised in shared/seed/paper-summary.md and
 # docs/design.md section 2) at its base configuration; its trends are in FACTORS below.
@@ -131,9 +135,13 @@ def group(args: argparse.Namespace, factor: str) -> list[tuple[Any, Setting, boo
 
 
 def lr_for(args: argparse.Namespace, s: Setting) -> float:
-    """s fixed, so alpha = s * r; the rule of thumb lr ~ fan_in / alpha gives lr proportional to 1 / r."""
+    """s fixed, so alpha = s * r. ``constant``: ``--lr-lte`` at every rank (the reference init's W
+    step is about s * lr whatever r); ``inverse-rank``: the earlier init's rule of thumb
+    lr ~ fan_in / alpha, so lr proportional to 1 / r."""
     if s.factor == "full":
         return args.lr_full
+    if args.lr_rule == "constant":
+        return args.lr_lte
     return args.lr_lte * args.base_rank / s.rank
 
 
@@ -150,7 +158,7 @@ def job_for(args: argparse.Namespace, s: Setting, seed: int, data: Dataset) -> J
         dataset="fashion-mnist",
         heads=heads,
         rank=rank,
-        alpha=SCALE * rank,
+        alpha=args.scale * rank,
         merge_every=s.merge_every or args.base_merge_every,
         a_init=s.a_init if s.a_init in A_INITS else args.base_a_init,
         lr=lr_for(args, s),
@@ -172,8 +180,18 @@ def run_one(args: argparse.Namespace, s: Setting, seed: int, data: Dataset) -> d
         "rounds": result.rounds,
         "seconds": round(result.seconds, 2),
         "lr": job.lr,
+        "alpha": job.alpha,
         "batch_size": job.batch_size,
     }
+
+
+def cached(results: dict[str, dict[str, Any]], args: argparse.Namespace, s: Setting, seed: int) -> bool:
+    """Whether ``results`` holds the run of ``s`` and ``seed`` at this sweep's lr and alpha (a record
+    from before ``alpha`` was recorded matches on its lr alone)."""
+    record = results.get(s.key(seed))
+    if record is None or record.get("lr") != lr_for(args, s):
+        return False
+    return s.factor == "full" or record.get("alpha", args.scale * s.rank) == args.scale * s.rank
 
 
 def load_cache(path: Path | None) -> dict[str, dict[str, Any]]:
@@ -304,10 +322,15 @@ def section(args: argparse.Namespace, argv: list[str], results: dict[str, dict[s
             f"{args.global_batch} / N samples each per step and every row has the same samples and steps; "
             f"the group 'heads N (batch per head fixed)' repeats the heads sweep with {args.head_batch} samples "
             "per head and step, so its samples grow with N (more workers, more data per step). "
-            f"s = alpha / r = {SCALE:g} in every row (alpha = {SCALE:g} r, the paper's large s), and the "
-            f"learning rate follows the rule of thumb lr ~ lr_full x fan_in / alpha: lr = {args.lr_lte:g} x "
-            f"{args.base_rank} / r (the base value is the tuned mlp lr of the convergence notes). Full "
-            f"training: AdamW lr {args.lr_full:g}. Base unquantised, AdamW, 5% warm-up, cosine to 0. "
+            f"s = alpha / r = {args.scale:g} in every row (alpha = {args.scale:g} r), and the learning rate "
+            + (
+                f"is {args.lr_lte:g} at every rank (with s fixed, the reference init's step on W is about "
+                "s x lr whatever r). Full "
+                if args.lr_rule == "constant"
+                else f"follows the rule of thumb lr ~ lr_full x fan_in / alpha: lr = {args.lr_lte:g} x "
+                f"{args.base_rank} / r (the earlier semi-orthogonal init's rule). Full "
+            )
+            + f"training: AdamW lr {args.lr_full:g}. Base unquantised, AdamW, 5% warm-up, cosine to 0. "
             "Seconds: wall clock summed over seeds.",
             "",
             *rows,
@@ -343,11 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, nargs="+", default=[2, 8, 32], help="values of N")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="values of r")
     p.add_argument("--merge-every", type=int, nargs="+", default=[1, 5, 10, 20, 50], help="values of T")
-    p.add_argument("--a-inits", nargs="+", choices=A_INITS, default=["kaiming", "xavier", "semi-orthogonal"])
+    p.add_argument(
+        "--a-inits", nargs="+", choices=A_INITS, default=["reference", "semi-orthogonal", "kaiming", "xavier"]
+    )
     p.add_argument("--base-heads", type=int, default=32)
     p.add_argument("--base-rank", type=int, default=64)
     p.add_argument("--base-merge-every", type=int, default=10)
-    p.add_argument("--base-a-init", choices=A_INITS, default="semi-orthogonal")
+    p.add_argument("--base-a-init", choices=A_INITS, default="reference")
+    p.add_argument("--scale", type=float, default=4.0, help="s = alpha / r in every LTE row")
+    p.add_argument(
+        "--lr-rule",
+        choices=LR_RULES,
+        default="constant",
+        help="LTE lr across ranks: constant (--lr-lte) or inverse-rank (--lr-lte x base rank / r)",
+    )
     p.add_argument("--steps", type=int, default=1000, help="steps of every run (a multiple of every T)")
     p.add_argument("--global-batch", type=int, default=256, help="samples per step, split over the N heads")
     p.add_argument(
@@ -356,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="the heads sweep again with this batch per head (samples grow with N); 0: skip",
     )
-    p.add_argument("--lr-lte", type=float, default=3e-4, help="LTE lr at the base rank (scaled as 1/r)")
+    p.add_argument("--lr-lte", type=float, default=1e-3, help="LTE lr (at the base rank for inverse-rank)")
     p.add_argument("--lr-full", type=float, default=1e-3, help="full training's lr")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -372,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     data = load_dataset("fashion-mnist", seed=0)
     results = load_cache(args.cache)
-    todo = [(s, k) for k in args.seeds for s in settings(args) if s.key(k) not in results]
+    # a cached run counts only if it trained this sweep's lr and alpha (--scale, --lr-rule may differ)
+    todo = [(s, k) for k in args.seeds for s in settings(args) if not cached(results, args, s, k)]
     for i, (s, k) in enumerate(todo):
         record = run_one(args, s, k, data)
         results[record["key"]] = record

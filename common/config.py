@@ -77,6 +77,9 @@ class JobConfig:
     # what each head of a sample dataset reads (token data is always drawn from the whole file):
     # shard: a fixed 1/N of the training set; iid: the whole set, its own reshuffle per epoch
     head_data: str = "shard"
+    # AdamW state at a merge: False keeps each head's moments across merges; True clears them (step,
+    # exp_avg, exp_avg_sq of every trainable tensor) each time the trainer commits a merge
+    reset_optimizer: bool = False
 
     def __post_init__(self) -> None:
         self.classes = tuple(str(c) for c in self.classes)  # a TOML list or a proto repeated field
@@ -583,6 +586,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         choices=HEAD_DATA,
         help="what each head reads: shard (a fixed 1/N of the training set) | iid (the whole set, "
         f"reshuffled per head and epoch, as the paper's code) [{d.head_data}]",
+    )
+    g.add_argument(
+        "--reset-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clear the AdamW state (moments and step count) of every head and replica at each merge "
+        f"[{'on' if d.reset_optimizer else 'off'}]",
     )
     g.add_argument("--quant", choices=QUANT_KINDS, help=f"worker base weights: none | int8 | nf4 [{d.quant}]")
     g.add_argument("--uplink", choices=UPLINK_CODECS, help=f"codec of factors on the wire [{d.uplink}]")

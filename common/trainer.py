@@ -355,7 +355,15 @@ class LocalTrainer:
         return heads, ReplicaUpdate(len(self.head_ids), export_replica_deltas(self.model, self.replica_base))
 
     def commit(self) -> None:
+        """The server merged this round: ``(B', A') <- (B, A)`` in every layer. With the job's
+        ``reset_optimizer`` the AdamW state (step count, first and second moments) of every
+        trainable tensor is cleared as well, so the next round starts Adam afresh from the merged
+        point: the authors' code (github minyoungg/LTE, ``lte/misc/merge.py``) sets
+        ``MergeCondition.reset_opt = True`` for its training loop to do this. The learning-rate
+        schedule goes on by the heads' step counts."""
         commit_merge(self.model)
+        if self.job.reset_optimizer:
+            self.optimizer.state.clear()
 
     @torch.no_grad()
     def discard_round(self) -> None:

@@ -37,7 +37,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = ("model", "image_size", "in_channels", "num_classes", "patch_size", "dataset", "task", "total_heads", "rank", "alpha", "merge_every", "reset", "a_init", "a_init_gain", "snapshot_codec", "uplink_codec", "lr", "weight_decay", "warmup_steps", "total_steps", "min_lr_ratio", "batch_size", "seed", "mode", "max_chunk_bytes", "beta1", "beta2", "eps", "compute_dtype", "zstd_level", "precision", "classes", "augment", "label_smoothing", "mixup", "cutmix", "randaugment_ops", "randaugment_magnitude", "context", "embedding_heads", "tokenizer", "head_data")
+    __slots__ = ("model", "image_size", "in_channels", "num_classes", "patch_size", "dataset", "task", "total_heads", "rank", "alpha", "merge_every", "reset", "a_init", "a_init_gain", "snapshot_codec", "uplink_codec", "lr", "weight_decay", "warmup_steps", "total_steps", "min_lr_ratio", "batch_size", "seed", "mode", "max_chunk_bytes", "beta1", "beta2", "eps", "compute_dtype", "zstd_level", "precision", "classes", "augment", "label_smoothing", "mixup", "cutmix", "randaugment_ops", "randaugment_magnitude", "context", "embedding_heads", "tokenizer", "head_data", "reset_optimizer")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     IN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class JobConfig(_message.Message):
     EMBEDDING_HEADS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     HEAD_DATA_FIELD_NUMBER: _ClassVar[int]
+    RESET_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     model: str
     image_size: int
     in_channels: int
@@ -122,7 +123,8 @@ class JobConfig(_message.Message):
     embedding_heads: bool
     tokenizer: str
     head_data: str
-    def __init__(self, model: _Optional[str] = ..., image_size: _Optional[int] = ..., in_channels: _Optional[int] = ..., num_classes: _Optional[int] = ..., patch_size: _Optional[int] = ..., dataset: _Optional[str] = ..., task: _Optional[str] = ..., total_heads: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., merge_every: _Optional[int] = ..., reset: _Optional[bool] = ..., a_init: _Optional[str] = ..., a_init_gain: _Optional[float] = ..., snapshot_codec: _Optional[str] = ..., uplink_codec: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., compute_dtype: _Optional[str] = ..., zstd_level: _Optional[int] = ..., precision: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., augment: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., mixup: _Optional[float] = ..., cutmix: _Optional[float] = ..., randaugment_ops: _Optional[int] = ..., randaugment_magnitude: _Optional[int] = ..., context: _Optional[int] = ..., embedding_heads: _Optional[bool] = ..., tokenizer: _Optional[str] = ..., head_data: _Optional[str] = ...) -> None: ...
+    reset_optimizer: bool
+    def __init__(self, model: _Optional[str] = ..., image_size: _Optional[int] = ..., in_channels: _Optional[int] = ..., num_classes: _Optional[int] = ..., patch_size: _Optional[int] = ..., dataset: _Optional[str] = ..., task: _Optional[str] = ..., total_heads: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., merge_every: _Optional[int] = ..., reset: _Optional[bool] = ..., a_init: _Optional[str] = ..., a_init_gain: _Optional[float] = ..., snapshot_codec: _Optional[str] = ..., uplink_codec: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., compute_dtype: _Optional[str] = ..., zstd_level: _Optional[int] = ..., precision: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., augment: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., mixup: _Optional[float] = ..., cutmix: _Optional[float] = ..., randaugment_ops: _Optional[int] = ..., randaugment_magnitude: _Optional[int] = ..., context: _Optional[int] = ..., embedding_heads: _Optional[bool] = ..., tokenizer: _Optional[str] = ..., head_data: _Optional[str] = ..., reset_optimizer: _Optional[bool] = ...) -> None: ...
 
 class HeadAssignment(_message.Message):
     __slots__ = ("head_id", "next_round", "steps_done", "has_factors")

@@ -35,9 +35,13 @@ def test_three_worker_processes_train_mlp_on_digits_from_scratch(tmp_path):
         assert len(c.status()["workers"]) == 3
 
 
-@pytest.mark.parametrize("head_data", ["shard", "iid"])
-def test_sync_over_the_network_reproduces_the_emulator(tmp_path, head_data):
-    job = digits_job(heads=4, steps=30, uplink="fp32", quant="none", head_data=head_data)
+@pytest.mark.parametrize(
+    "options",
+    [{"head_data": "shard"}, {"head_data": "iid"}, {"reset_optimizer": True}],
+    ids=["shard", "iid", "reset_optimizer"],
+)
+def test_sync_over_the_network_reproduces_the_emulator(tmp_path, options):
+    job = digits_job(heads=4, steps=30, uplink="fp32", quant="none", **options)
     expected = run_lte(job, DIGITS, workers=2).master
     # this pins the merge arithmetic, not scheduling: no turns or straggler moves on a loaded machine,
     # and the workers train with this process's thread count (GEMMs sum in per-thread blocks)

@@ -36,6 +36,16 @@ def test_a_worker_from_before_the_handshake_may_join_only_jobs_of_core_fields():
     assert "randaugment_ops" not in CORE_JOB_FIELDS
 
 
+def test_a_worker_that_does_not_know_reset_optimizer_is_refused_only_by_a_job_that_sets_it():
+    """A wire-protocol-2 worker from before ``reset_optimizer`` (its job_fields lack it) would keep
+    its AdamW state across merges: refused by name where the job clears it, taken where it does not."""
+    older = [f for f in JobConfig.__dataclass_fields__ if f != "reset_optimizer"]
+    why = handshake_refusal(digits_job(reset_optimizer=True), 2, older, "0.9")
+    assert why is not None and "does not know the job field(s) reset_optimizer" in why
+    assert handshake_refusal(digits_job(), 2, older, "0.9") is None
+    assert handshake_refusal(digits_job(reset_optimizer=True), 2, [*older, "reset_optimizer"], "1") is None
+
+
 @pytest.mark.server
 def test_an_older_worker_that_does_not_know_randaugment_is_refused_in_one_line(capsys, caplog):
     job = digits_job(heads=2, steps=20, randaugment_ops=2)

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from lte.common.config import JobConfig
+from lte.common.data import load_dataset
 from lte.common.layers import LTEConfig, LTELinear, LTETiedLinear
 from lte.common.merge import HeadUpdate, ReplicaUpdate, apply_updates, merge_head_deltas
 from lte.common.model_state import (
@@ -16,9 +18,11 @@ from lte.common.model_state import (
     lte_layers,
     plain_state_dict,
     replica_parameters,
+    trainable_parameters,
 )
 from lte.common.policy import export_replica_deltas, load_master_weights, prepare_model
 from lte.common.quant import quantize
+from lte.common.trainer import LocalTrainer, make_optimizer
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -481,6 +485,44 @@ def test_heads_that_continue_mid_job_ramp_their_lr_again_with_fresh_adamw_moment
     assert seen == pytest.approx([s * min(1, (k + 1) / 4) for k, s in enumerate(schedule)], rel=1e-12)
     assert moved.optimizer.param_groups[0]["lr"] == pytest.approx(schedule[5] * 1.0)
     assert fresh.lr_now() == lr_at(0, job)  # a job's first steps already warm up: no second ramp
+
+
+def test_reset_optimizer_clears_the_adamw_state_exactly_at_merges():
+    """``reset_optimizer``: a round trains exactly as without it; each commit (a merge) clears every
+    trainable tensor's AdamW state, so the next round is Adam from scratch at the merged point (a
+    twin whose optimiser is rebuilt by hand at the merge), and nothing is cleared between merges."""
+    data = load_dataset("digits", seed=0)
+    base = dict(model="mlp", dataset="digits", heads=2, rank=4, merge_every=3, steps=30, batch_size=16)
+    keep_job = JobConfig(**base).with_dataset(data)
+    keep, twin = LocalTrainer(keep_job, [0, 1], data), LocalTrainer(keep_job, [0, 1], data)
+    reset = LocalTrainer(JobConfig(**base, reset_optimizer=True).with_dataset(data), [0, 1], data)
+    trainers = (keep, twin, reset)
+
+    def adam_steps(t: LocalTrainer) -> set[int]:
+        return {int(state["step"]) for state in t.optimizer.state.values()}
+
+    def same_weights(a: LocalTrainer, b: LocalTrainer) -> bool:
+        x, y = a.model.state_dict(), b.model.state_dict()
+        return all(torch.equal(x[k], y[k]) for k in x)
+
+    losses = {t.train_round().train_loss for t in trainers}
+    assert len(losses) == 1 and same_weights(keep, reset)  # the first round: no difference at all
+    assert adam_steps(keep) == adam_steps(reset) == {3}
+    n_tensors = len(keep.optimizer.state)
+    for t in trainers:
+        t.commit()
+    assert len(reset.optimizer.state) == 0  # cleared at the merge ...
+    assert adam_steps(keep) == {3} and len(keep.optimizer.state) == n_tensors  # ... only with the option
+    twin.optimizer = make_optimizer(trainable_parameters(twin.model), keep_job)  # Adam afresh, by hand
+    for _ in range(2):
+        assert reset.train_round().train_loss == twin.train_round().train_loss
+        assert adam_steps(reset) == {3} and len(reset.optimizer.state) == n_tensors  # kept within a round
+        assert same_weights(reset, twin)
+        reset.commit()
+        twin.commit()
+        twin.optimizer = make_optimizer(trainable_parameters(twin.model), keep_job)
+    keep.train_round()
+    assert adam_steps(keep) == {6} and not same_weights(keep, reset)
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ def test_every_job_field_travels_and_comes_back_equal():
         randaugment_ops=3,
         randaugment_magnitude=14,
         head_data="iid",
+        reset_optimizer=True,
     )
     assert protocol.job_from_proto(protocol.job_to_proto(job)) == job
 
