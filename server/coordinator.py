@@ -428,6 +428,10 @@ class Coordinator:
         ``snapshot_messages`` returned), or None: send the full snapshot (``SnapshotBuilder.delta``)."""
         return self.snapshots.delta(to_version, from_version)
 
+    def snapshot_stream_id(self, version: int, delta_base: int, head_factors) -> int:
+        """The name of a pull's chunk sequence, for resuming it (``SnapshotBuilder.stream_id``)."""
+        return self.snapshots.stream_id(version, delta_base, head_factors)
+
     def head_factor_messages(self, lease: Lease, head_ids: Sequence[int]) -> list:
         """The last merged factors of heads this lease holds, so a moved head continues exactly."""
         with self.lock:

@@ -122,6 +122,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             self._malformed(context, f"wait_newer_s must be finite and >= 0, got {request.wait_newer_s}")
         if request.have_version < -1:
             self._malformed(context, f"have_version must be >= -1, got {request.have_version}")
+        if request.resume_from < 0:
+            self._malformed(context, f"resume_from must be >= 0, got {request.resume_from}")
         try:
             lease, _, _ = self.c.lease_view(request.lease_id)
             factor_msgs = (
@@ -155,6 +157,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 (messages, payload), delta_base = delta, request.have_version
         messages = messages + factor_msgs
         sent = 0
+        # a pull that broke after some chunks asks for the same stream again: skip what it has
+        stream_id = self.c.snapshot_stream_id(version, delta_base, request.head_factors)
+        skip = 0
+        if request.resume_stream == stream_id and request.resume_from <= len(messages):
+            skip = request.resume_from
         yield pb.ModelChunk(
             header=pb.ModelHeader(
                 version=version,
@@ -164,9 +171,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 total_payload_bytes=payload,
                 lease_epoch=lease.epoch,
                 delta_base=delta_base,
+                stream_id=stream_id,
+                resumed_from=skip,
+                num_chunks=len(messages),
             )
         )
-        for m in messages:
+        for m in messages[skip:]:
             sent += len(m.tensor.data)
             yield m
         self.c.count_sent(lease, sent, version)
