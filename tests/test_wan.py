@@ -190,3 +190,12 @@ def test_a_pull_is_cancelled_only_when_its_bytes_stop_moving_not_after_a_fixed_d
     stopped.stop()  # a pull that finished: its watchdog never cancels it
     stopped._thread.join(timeout=30)
     assert not idle.cancelled.is_set() and not stopped.fired
+
+
+def test_a_push_deadline_grows_with_its_bytes():
+    from lte.worker.client import PUSH_BASE_S, PUSH_FLOOR_BPS, push_deadline_s
+
+    assert push_deadline_s(0) == PUSH_BASE_S
+    # 100 MB at the floor rate take 800 s: the deadline leaves them that time beyond the base
+    assert push_deadline_s(100_000_000) == pytest.approx(PUSH_BASE_S + 8e8 / PUSH_FLOOR_BPS)
+    assert push_deadline_s(100_000_000) > 8e8 / PUSH_FLOOR_BPS + 60

@@ -74,6 +74,16 @@ EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
 DELTA_PROTOCOL = 1  # delta-coded snapshots this worker can apply (PullRequest.delta_protocol)
 PULL_STALL_S = 120.0  # a pull that receives nothing for this long is cancelled and retried
 PULL_MAX_S = 6 * 3600.0  # the longest a pull may run however steadily its bytes arrive
+# A push's deadline grows with its bytes: PUSH_BASE_S plus their time at PUSH_FLOOR_BPS (a fixed
+# 600 s failed every push of more than 75 MB on a 1 Mbit/s uplink, and retried it from the start)
+PUSH_BASE_S = 600.0
+PUSH_FLOOR_BPS = 1e6
+
+
+def push_deadline_s(payload_bytes: int) -> float:
+    """Seconds a push of ``payload_bytes`` may take: ``PUSH_BASE_S`` + the bytes at ``PUSH_FLOOR_BPS``
+    (17 MB of vit-b fp16 factors: 736 s; 150 MB: 1800 s)."""
+    return PUSH_BASE_S + 8.0 * payload_bytes / PUSH_FLOOR_BPS
 
 
 class _StallWatchdog:
@@ -656,9 +666,10 @@ class Worker:
             seconds=stats.seconds,
             num_tensors=len(encoded),
         )
+        timeout = push_deadline_s(sum(len(e.payload) for e in encoded))
         reply = self._call(
             lambda metadata: self.stub.PushUpdate(
-                self._push_messages(meta, encoded), metadata=metadata, timeout=600
+                self._push_messages(meta, encoded), metadata=metadata, timeout=timeout
             ),
             what="push",
         )
