@@ -99,7 +99,7 @@ def run_lte(hosts: Hosts, args, mode: str, work: Path) -> dict:
     token = {"LTE_TOKEN": secrets.token_hex(16)}  # the server listens off loopback: it needs one
     procs = [_start(hosts, hosts.server, server_argv, work / f"lte-{mode}-server.log", env=token)]
     try:
-        _wait_port(hosts, hosts.server, hosts.server_ip, PORT, 120, procs[0])
+        _wait_port(hosts, hosts.server, hosts.server_ip, PORT, 600, procs[0])
         # the server's evaluation times count from its coordinator's start, a little before it
         # listened: adding the whole wait counts the server's start-up against LTE, in full
         offset = time.monotonic() - t0
