@@ -165,20 +165,24 @@ class RegisterReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., job: _Optional[_Union[JobConfig, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., version: _Optional[int] = ..., room: _Optional[int] = ..., lease_epoch: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model_tree: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors", "lease_epoch", "delta_protocol")
+    __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors", "lease_epoch", "delta_protocol", "resume_stream", "resume_from")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_NEWER_S_FIELD_NUMBER: _ClassVar[int]
     HEAD_FACTORS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     DELTA_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    RESUME_STREAM_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     have_version: int
     wait_newer_s: float
     head_factors: _containers.RepeatedScalarFieldContainer[int]
     lease_epoch: int
     delta_protocol: int
-    def __init__(self, lease_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_newer_s: _Optional[float] = ..., head_factors: _Optional[_Iterable[int]] = ..., lease_epoch: _Optional[int] = ..., delta_protocol: _Optional[int] = ...) -> None: ...
+    resume_stream: int
+    resume_from: int
+    def __init__(self, lease_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_newer_s: _Optional[float] = ..., head_factors: _Optional[_Iterable[int]] = ..., lease_epoch: _Optional[int] = ..., delta_protocol: _Optional[int] = ..., resume_stream: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "codec", "zstd", "raw_nbytes", "payload_nbytes", "delta", "raw_crc32")
@@ -211,7 +215,7 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("version", "current", "done", "num_tensors", "total_payload_bytes", "retry_after_s", "lease_epoch", "delta_base")
+    __slots__ = ("version", "current", "done", "num_tensors", "total_payload_bytes", "retry_after_s", "lease_epoch", "delta_base", "stream_id", "resumed_from", "num_chunks")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +224,9 @@ class ModelHeader(_message.Message):
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     version: int
     current: bool
     done: bool
@@ -228,7 +235,10 @@ class ModelHeader(_message.Message):
     retry_after_s: float
     lease_epoch: int
     delta_base: int
-    def __init__(self, version: _Optional[int] = ..., current: _Optional[bool] = ..., done: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., total_payload_bytes: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., lease_epoch: _Optional[int] = ..., delta_base: _Optional[int] = ...) -> None: ...
+    stream_id: int
+    resumed_from: int
+    num_chunks: int
+    def __init__(self, version: _Optional[int] = ..., current: _Optional[bool] = ..., done: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., total_payload_bytes: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., lease_epoch: _Optional[int] = ..., delta_base: _Optional[int] = ..., stream_id: _Optional[int] = ..., resumed_from: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "tensor")

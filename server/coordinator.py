@@ -445,19 +445,24 @@ class Coordinator:
 
         return self.snapshots.get(version_now, copy_master)
 
-    def pull_snapshot(self, have_version: int, delta: bool) -> tuple[int, list, int, int]:
-        """(version, chunk messages, payload bytes, delta base) of the newest snapshot for a worker
-        holding ``have_version``: nothing when it is current, the delta from ``have_version`` when
-        ``delta`` and one can be built (``SnapshotBuilder.delta``), else the full snapshot (delta
-        base -1)."""
+    def pull_snapshot(
+        self, have_version: int, delta: bool, head_factors: Sequence[int] = ()
+    ) -> tuple[int, list, int, int, int]:
+        """(version, chunk messages, payload bytes, delta base, stream id) of the newest snapshot for a
+        worker holding ``have_version``: nothing when it is current, the delta from ``have_version``
+        when ``delta`` and one can be built (``SnapshotBuilder.delta``), else the full snapshot (delta
+        base -1). The stream id names the chunk sequence (with the moved heads' factors
+        ``head_factors``), so that a pull broken after some chunks resumes it
+        (``SnapshotBuilder.stream_id``)."""
         version, messages, payload = self.snapshot_messages()
+        delta_base = -1
         if version <= have_version:
-            return version, [], 0, -1
+            return version, [], 0, delta_base, 0
         if delta and have_version >= 0:
             found = self.snapshots.delta(version, have_version)
             if found is not None:
-                return version, found[0], found[1], have_version
-        return version, messages, payload, -1
+                messages, payload, delta_base = found[0], found[1], have_version
+        return version, messages, payload, delta_base, self.snapshots.stream_id(version, delta_base, head_factors)
 
     def count_sent(self, lease: Lease, nbytes: int, version: int) -> None:
         with self.lock:

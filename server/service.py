@@ -122,6 +122,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             self._malformed(context, f"wait_newer_s must be finite and >= 0, got {request.wait_newer_s}")
         if request.have_version < -1:
             self._malformed(context, f"have_version must be >= -1, got {request.have_version}")
+        if request.resume_from < 0:
+            self._malformed(context, f"resume_from must be >= 0, got {request.resume_from}")
         try:
             lease, factor_msgs = self.c.begin_pull(request.lease_id, list(request.head_factors))
         except Refused as exc:
@@ -137,11 +139,15 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             )
             yield pb.ModelChunk(header=header)
             return
-        version, messages, payload, delta_base = self.c.pull_snapshot(
-            request.have_version, request.delta_protocol >= DELTA_PROTOCOL
+        version, messages, payload, delta_base, stream_id = self.c.pull_snapshot(
+            request.have_version, request.delta_protocol >= DELTA_PROTOCOL, list(request.head_factors)
         )
         messages = messages + factor_msgs
         sent = 0
+        # a pull that broke after some chunks asks for the same stream again: skip what it has
+        skip = 0
+        if request.resume_stream == stream_id and request.resume_from <= len(messages):
+            skip = request.resume_from
         yield pb.ModelChunk(
             header=pb.ModelHeader(
                 version=version,
@@ -151,9 +157,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 total_payload_bytes=payload,
                 lease_epoch=lease.epoch,
                 delta_base=delta_base,
+                stream_id=stream_id,
+                resumed_from=skip,
+                num_chunks=len(messages),
             )
         )
-        for m in messages:
+        for m in messages[skip:]:
             sent += len(m.tensor.data)
             yield m
         self.c.count_sent(lease, sent, version)

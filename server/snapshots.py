@@ -14,6 +14,8 @@ sum's crc32, so its q(W) is the full snapshot's bit for bit.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import threading
 import zlib
 from collections import OrderedDict
@@ -95,12 +97,16 @@ class SnapshotBuilder:
         self.delta_history = max(0, delta_history)
         self.builds = 0
         self.delta_builds = 0
+        # Resumable pulls: a stream is named by this builder's nonce (new per process and per
+        # invalidate: a restart or a restored checkpoint reuses version numbers for other weights)
+        self._nonce = secrets.token_bytes(8)
 
     def invalidate(self) -> None:
         """Forget every snapshot (a restored checkpoint reuses version numbers for other weights).
         No lock: the caller holds the state lock, which a build takes inside this builder's lock."""
         self._snapshot = None
         self._encoded, self._deltas, self._history = {}, {}, OrderedDict()
+        self._nonce = secrets.token_bytes(8)
 
     def _role(self, name: str) -> Role:
         return Role.SNAPSHOT_LAYER if name in self._layers else Role.SNAPSHOT_OTHER
@@ -135,6 +141,14 @@ class SnapshotBuilder:
                 self._deltas[from_version] = delta_messages(self.job, self._encoded, raw, base)
                 self.delta_builds += 1
             return self._deltas[from_version]
+
+    def stream_id(self, version: int, delta_base: int, head_factors) -> int:
+        """A nonzero 62-bit name of the chunk sequence a pull of ``version`` (a delta against
+        ``delta_base``, -1: the whole snapshot) with ``head_factors`` gets: equal names, equal
+        chunks, as long as this builder keeps that version (a resumed pull skips the ones it has)."""
+        key = f"{version}/{delta_base}/{','.join(map(str, head_factors))}".encode()
+        digest = hashlib.blake2b(key, key=self._nonce, digest_size=8).digest()
+        return (int.from_bytes(digest, "big") >> 2) | 1
 
     def factor_messages(self, factors) -> list[pb.ModelChunk]:
         """Chunk messages of heads' last merged factors ``{head: {layer: (B, A)}}``, exact."""

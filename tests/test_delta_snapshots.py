@@ -173,3 +173,26 @@ def test_a_worker_refuses_a_delta_against_codes_it_does_not_hold():
             worker._undelta(enc, 0)
     finally:
         worker.channel.close()
+
+
+@pytest.mark.server
+def test_lte_worker_no_delta_snapshots_pulls_whole_snapshots_and_deltas_are_on_by_default():
+    import signal
+
+    from lte.worker.cli import STOP_SIGNALS, main
+
+    job = digits_job(heads=1, steps=30, quant="int8", uplink="fp32")
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    builds = {}
+    try:
+        for flags in ([], ["--no-delta-snapshots"]):
+            with running_server(job, turn_grace_s=600, straggler_factor=0) as server:
+                argv = ["--server", server.address, "--quiet", "--threads", "1", "--loader-workers", "0"]
+                assert main([*argv, *flags]) == 0
+                assert server.wait_done(timeout=TIMEOUT_S)
+                builds[tuple(flags)] = server.coordinator.snapshots.delta_builds
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert builds[()] == job.rounds - 1  # every pull after the join was a delta
+    assert builds[("--no-delta-snapshots",)] == 0

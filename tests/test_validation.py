@@ -495,6 +495,16 @@ def test_other_rpcs_validate_their_fields(server, stub, lease):
         (
             lambda: list(
                 stub.PullModel(
+                    pb.PullRequest(lease_id=lease.lease_id, have_version=-1, resume_stream=7, resume_from=-1),
+                    timeout=10,
+                )
+            ),
+            INVALID,
+            r"resume_from must be >= 0, got -1",
+        ),
+        (
+            lambda: list(
+                stub.PullModel(
                     pb.PullRequest(lease_id=lease.lease_id, have_version=-1, wait_newer_s=math.inf),
                     timeout=10,
                 )

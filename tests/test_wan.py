@@ -95,6 +95,67 @@ def test_a_worker_behind_a_rate_limited_link_trains_mlp_rounds(tmp_path):
     assert netns_gone(hosts)
 
 
+_ECHO = """
+import socket
+s = socket.socket()
+s.bind(("0.0.0.0", 9000))
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while d := c.recv(16):
+        c.sendall(d)
+    c.close()
+"""
+_PING = """
+import socket, sys, time
+for _ in range(600):  # the echo host may still be starting: retry the connection, bounded
+    try:
+        c = socket.create_connection((sys.argv[1], 9000), timeout=30)
+        break
+    except OSError:
+        time.sleep(0.1)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(5):
+    t = time.monotonic()
+    c.sendall(b"x")
+    assert c.recv(16) == b"x"
+    rtts.append(time.monotonic() - t)
+print(min(rtts) * 1000)
+"""
+
+
+@pytest.mark.process
+def test_every_tcp_connection_a_worker_host_opens_gets_the_added_rtt_the_server_and_a_peer_alike():
+    """bench/wan's fairness: LTE's connection to the server and a baseline's rank-to-rank one go
+    through the same delay proxy (an nft redirect), so both see at least the added RTT."""
+    netns = _netns()
+    reason = netns.available()
+    if reason is not None:
+        pytest.skip(reason)
+    rtt_ms = 60.0
+    with netns.Hosts(2, rate_mbit=50, rtt_ms=rtt_ms) as hosts:
+        echoes = [
+            subprocess.Popen([*hosts.exec_args(ns), sys.executable, "-c", _ECHO])
+            for ns in (hosts.server, hosts.workers[1])
+        ]
+        try:
+            measured = {}
+            for ip in (hosts.server_ip, hosts.worker_ips[1]):
+                out = subprocess.run(
+                    [*hosts.exec_args(hosts.workers[0]), sys.executable, "-c", _PING, ip],
+                    capture_output=True, text=True, timeout=TIMEOUT_S,
+                )  # fmt: skip
+                assert out.returncode == 0, out.stderr
+                measured[ip] = float(out.stdout)
+        finally:
+            stop_processes(echoes, timeout=20)
+    # the proxy holds each byte rtt/2 each way: no round trip is shorter (without it: ~0.1 ms)
+    assert all(v >= rtt_ms for v in measured.values()), measured
+    assert netns_gone(hosts)
+
+
 def netns_gone(hosts) -> bool:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
     return not any(ns in names for ns in (hosts.hub, hosts.server, *hosts.workers))
@@ -129,3 +190,12 @@ def test_a_pull_is_cancelled_only_when_its_bytes_stop_moving_not_after_a_fixed_d
     stopped.stop()  # a pull that finished: its watchdog never cancels it
     stopped._thread.join(timeout=30)
     assert not idle.cancelled.is_set() and not stopped.fired
+
+
+def test_a_push_deadline_grows_with_its_bytes():
+    from lte.worker.client import PUSH_BASE_S, PUSH_FLOOR_BPS, push_deadline_s
+
+    assert push_deadline_s(0) == PUSH_BASE_S
+    # 100 MB at the floor rate take 800 s: the deadline leaves them that time beyond the base
+    assert push_deadline_s(100_000_000) == pytest.approx(PUSH_BASE_S + 8e8 / PUSH_FLOOR_BPS)
+    assert push_deadline_s(100_000_000) > 8e8 / PUSH_FLOOR_BPS + 60

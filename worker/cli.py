@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of keeping it for the round (on by default on CUDA: one [m, n] per layer in the compute dtype)",
     )
     parser.add_argument(
+        "--no-delta-snapshots",
+        dest="delta_snapshots",
+        action="store_false",
+        help="pull every newer version as the whole snapshot, not as a delta of the codes this worker "
+        "holds (saves that copy of the codes: about one byte per weight with --quant int8) [deltas on]",
+    )
+    parser.add_argument(
         "--give-up-after",
         type=float,
         default=300.0,
@@ -194,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         show_progress=args.log_format == "text",
         precision=args.precision,
         cache_frozen=args.frozen_cache,
+        delta_snapshots=args.delta_snapshots,
     )
     try:
         code = worker.run()

@@ -74,6 +74,16 @@ EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
 DELTA_PROTOCOL = 1  # delta-coded snapshots this worker can apply (PullRequest.delta_protocol)
 PULL_STALL_S = 120.0  # a pull that receives nothing for this long is cancelled and retried
 PULL_MAX_S = 6 * 3600.0  # the longest a pull may run however steadily its bytes arrive
+# A push's deadline grows with its bytes: PUSH_BASE_S plus their time at PUSH_FLOOR_BPS (a fixed
+# 600 s failed every push of more than 75 MB on a 1 Mbit/s uplink, and retried it from the start)
+PUSH_BASE_S = 600.0
+PUSH_FLOOR_BPS = 1e6
+
+
+def push_deadline_s(payload_bytes: int) -> float:
+    """Seconds a push of ``payload_bytes`` may take: ``PUSH_BASE_S`` + the bytes at ``PUSH_FLOOR_BPS``
+    (17 MB of vit-b fp16 factors: 736 s; 150 MB: 1800 s)."""
+    return PUSH_BASE_S + 8.0 * payload_bytes / PUSH_FLOOR_BPS
 
 
 class _StallWatchdog:
@@ -189,6 +199,22 @@ class Turn:
         return job.round_steps(self.trainer.steps_done[0]) > 0
 
 
+@dataclass
+class _PartialPull:
+    """What a pull received before its stream broke: its header, the tensors decoded so far, the
+    assembler holding a tensor's first chunks, and how many chunk messages came (to resume after)."""
+
+    have_version: int
+    head_factors: tuple[int, ...]
+    header: pb.ModelHeader
+    assembler: TensorAssembler
+    weights: dict[str, torch.Tensor | QuantizedTensor]
+    factors: dict[str, torch.Tensor]
+    codes: dict[str, bytes]
+    deltas: int = 0
+    received: int = 0
+
+
 class Worker:
     def __init__(
         self,
@@ -219,6 +245,8 @@ class Worker:
         self.pull_stall_s = PULL_STALL_S
         self._codes: dict[str, bytes] = {}  # codec bytes of the snapshot of self.version, for deltas
         self.delta_pulls = 0  # pulls that came as deltas
+        self.resumed_pulls = 0  # pulls that went on from where a broken one stopped
+        self._partial: _PartialPull | None = None  # what a broken pull had received, to resume it
         self.precision, self.cache_frozen = precision, cache_frozen  # None: the job's / CUDA only
         self.show_progress = show_progress  # the one-line display; off when logs are JSON lines
         self.server, self.device = server, torch.device(device)
@@ -457,6 +485,11 @@ class Worker:
         self.state = LeaseState.PULLING if not wait_s else LeaseState.WAITING
         if self.version < 0:
             self._codes = {}
+        partial, self._partial = self._partial, None
+        if partial is not None and (
+            partial.have_version != self.version or partial.head_factors != tuple(head_factors)
+        ):
+            partial = None  # a broken pull of another request: nothing to resume
         request = pb.PullRequest(
             lease_id=self.lease_id,
             have_version=self.version,
@@ -464,46 +497,40 @@ class Worker:
             head_factors=list(head_factors),
             lease_epoch=self.epoch,
             delta_protocol=DELTA_PROTOCOL if self.delta_snapshots and self._codes else 0,
+            resume_stream=partial.header.stream_id if partial is not None else 0,
+            resume_from=partial.received if partial is not None else 0,
         )
         # No fixed deadline for the bytes (85 MB take 34 s at 20 Mbit/s, 340 s at 2): a pull that
         # moves nothing for pull_stall_s is cancelled and retried; PULL_MAX_S only bounds the call.
         stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + PULL_MAX_S)
         watchdog = _StallWatchdog(stream, first_s=wait_s + self.pull_stall_s, stall_s=self.pull_stall_s)
-        header = None
-        weights: dict[str, torch.Tensor | QuantizedTensor] = {}
-        factors: dict[str, torch.Tensor] = {}
-        codes: dict[str, bytes] = {}
-        deltas = 0
-        assembler = TensorAssembler(
-            max_chunk_bytes=grpc_options.MAX_CHUNK_BYTES,
-            max_tensor_bytes=grpc_options.MAX_PUSH_BYTES,
-            max_total_bytes=grpc_options.MAX_PUSH_BYTES * 8,
-            max_tensors=1 << 20,
-        )
+        state: _PartialPull | None = None
         try:
             for msg in stream:
                 watchdog.progress()
                 if msg.HasField("header"):
-                    header = msg.header
+                    state = self._pull_state(msg.header, partial, request)
                     continue
-                enc = assembler.add(msg.tensor)
+                if state is None:
+                    raise RuntimeError("server sent a pull reply without a header")
+                state.received += 1
+                enc = state.assembler.add(msg.tensor)
                 self.bytes_down += len(msg.tensor.data)
                 if enc is None:
                     continue
                 if enc.name.startswith(HEAD_PREFIX):
-                    factors[enc.name] = decode_tensor(enc)
+                    state.factors[enc.name] = decode_tensor(enc)
                     continue
-                if header is None:
-                    raise RuntimeError("server sent a pull reply without a header")
-                enc = self._undelta(enc, header.delta_base)
-                deltas += enc.delta
-                codes[enc.name] = enc.payload
+                enc = self._undelta(enc, state.header.delta_base)
+                state.deltas += enc.delta
+                state.codes[enc.name] = enc.payload
                 enc = replace(enc, delta=False)
                 if enc.codec in QUANTIZED_SNAPSHOT_CODECS:
-                    weights[enc.name] = decode_tensor_quantized(enc)
+                    state.weights[enc.name] = decode_tensor_quantized(enc)
                 else:
-                    weights[enc.name] = decode_tensor(enc).to(self._joined()[0].torch_dtype)
-            assembler.finish()
+                    state.weights[enc.name] = decode_tensor(enc).to(self._joined()[0].torch_dtype)
+            if state is not None:
+                state.assembler.finish()
         except CodecError as exc:
             if not request.delta_protocol:
                 raise
@@ -516,20 +543,31 @@ class Worker:
             self._raise_refusal(err)
             if err.code() not in RETRYABLE and not watchdog.fired:
                 raise
+            if state is not None and state.received > 0 and state.header.stream_id:
+                self._partial = state  # the next pull asks the server to go on from here
             now = time.monotonic()
             self._pull_failing_since = self._pull_failing_since or now
             if now - self._pull_failing_since > self.give_up_after_s:
                 raise
             delay = self._pull_backoff.next_delay()  # the server may be restarting: back off, never spin
-            self._say(f"pull: {err.code().name.lower()} ({err.details()}); retrying in {delay:.1f} s")
+            kept = self._partial
+            got = f"; resuming after {kept.received} chunks" if kept is not None else ""
+            self._say(f"pull: {err.code().name.lower()} ({err.details()}); retrying in {delay:.1f} s{got}")
             self.stop.wait(delay)
             return False  # the caller's loop pulls again
         finally:
             watchdog.stop()
+        if state is None:
+            raise RuntimeError("server sent a pull reply without a header")
+        header, weights, factors, codes, deltas = (
+            state.header,
+            state.weights,
+            state.factors,
+            state.codes,
+            state.deltas,
+        )
         self._pull_backoff.reset()
         self._pull_failing_since = None
-        if header is None:
-            raise RuntimeError("server sent a pull reply without a header")
         if header.retry_after_s > 0 and not weights and not header.done:
             # the server had no thread to spare for a long-poll: ask again later, not at once
             self.stop.wait(min(header.retry_after_s, 30.0) * random.uniform(0.5, 1.5))
@@ -548,6 +586,30 @@ class Worker:
         if header.lease_epoch != self.epoch and self._view is not None:
             self._view = None  # the lease changed: ask for its heads before the next turn
         return bool(weights)
+
+    def _pull_state(
+        self, header: pb.ModelHeader, partial: _PartialPull | None, request: pb.PullRequest
+    ) -> _PartialPull:
+        """The receive state of a pull whose header is ``header``: ``partial``'s when the server
+        resumed that stream after the chunks it holds, else an empty one."""
+        if (
+            partial is not None
+            and header.stream_id == partial.header.stream_id
+            and header.resumed_from == partial.received > 0
+        ):
+            self.resumed_pulls += 1
+            self._say(
+                f"pull: version {header.version} resumed after chunk {partial.received} of {header.num_chunks}"
+            )
+            partial.header = header  # the same stream; its done and lease_epoch are now's
+            return partial
+        assembler = TensorAssembler(
+            max_chunk_bytes=grpc_options.MAX_CHUNK_BYTES,
+            max_tensor_bytes=grpc_options.MAX_PUSH_BYTES,
+            max_total_bytes=grpc_options.MAX_PUSH_BYTES * 8,
+            max_tensors=1 << 20,
+        )
+        return _PartialPull(request.have_version, tuple(request.head_factors), header, assembler, {}, {}, {})
 
     def _undelta(self, enc: EncodedTensor, delta_base: int) -> EncodedTensor:
         """``enc`` with its plain codec bytes as an uncompressed payload (``delta`` kept as a mark):
@@ -604,9 +666,10 @@ class Worker:
             seconds=stats.seconds,
             num_tensors=len(encoded),
         )
+        timeout = push_deadline_s(sum(len(e.payload) for e in encoded))
         reply = self._call(
             lambda metadata: self.stub.PushUpdate(
-                self._push_messages(meta, encoded), metadata=metadata, timeout=600
+                self._push_messages(meta, encoded), metadata=metadata, timeout=timeout
             ),
             what="push",
         )

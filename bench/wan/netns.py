@@ -11,8 +11,10 @@ Each worker link is shaped, in both directions:
 
 - rate: ``tc qdisc tbf`` on the host's ``eth0`` (uplink) and on the hub's end (downlink);
 - loss: an ``nft`` rule ``numgen random mod 10000 < p`` dropping packets in and out of ``eth0``;
-- latency: this kernel has no ``netem``; ``delay_proxy.py`` adds it to TCP connections made
-  through it (bench/wan/run.py routes the workers' gRPC traffic that way).
+- latency (``rtt_ms``): this kernel has no ``netem``; an nft ``redirect`` on the host sends every
+  TCP connection it opens to another host of the run through ``delay_proxy.py --transparent``,
+  started on the host, which holds each byte ``rtt_ms / 2`` each way: LTE's gRPC, gloo's
+  rank-to-rank links and the rendezvous store all see the same added RTT.
 
 The server's link is not shaped unless ``shape_server``: a data-centre host.
 """
@@ -26,8 +28,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 SUBNET = "10.77.0"  # inside the run's namespaces only
+PROXY_PORT = 7001  # each worker host's delay proxy, on the host's own stack
+PROXY = Path(__file__).resolve().parent / "delay_proxy.py"
 
 
 class NetnsUnavailable(RuntimeError):
@@ -47,7 +53,7 @@ def available() -> str | None:
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed"
     try:
-        with Hosts(1, rate_mbit=100, loss=0.01):
+        with Hosts(1, rate_mbit=100, loss=0.01, rtt_ms=2):
             pass
     except NetnsUnavailable as exc:
         return f"cannot build network namespaces here: {exc}"
@@ -56,18 +62,26 @@ def available() -> str | None:
 
 class Hosts:
     def __init__(
-        self, workers: int, *, rate_mbit: float = 20.0, loss: float = 0.0, shape_server: bool = False
+        self,
+        workers: int,
+        *,
+        rate_mbit: float = 20.0,
+        loss: float = 0.0,
+        rtt_ms: float = 0.0,
+        shape_server: bool = False,
     ) -> None:
         """``workers`` worker hosts; ``rate_mbit`` each way on each worker link; ``loss`` a fraction
-        of packets dropped each way on it (0.02: 2 %). NetnsUnavailable if anything fails."""
+        of packets dropped each way on it (0.02: 2 %); ``rtt_ms`` added to the round-trip time of
+        every TCP connection a worker host opens (0: none). NetnsUnavailable if anything fails."""
         self.suffix = secrets.token_hex(3)
         self.hub = f"lwan{self.suffix}-hub"
         self.server = f"lwan{self.suffix}-srv"
         self.workers = [f"lwan{self.suffix}-w{i}" for i in range(workers)]
         self.server_ip = f"{SUBNET}.1"
         self.worker_ips = [f"{SUBNET}.{10 + i}" for i in range(workers)]
-        self.rate_mbit, self.loss = rate_mbit, loss
+        self.rate_mbit, self.loss, self.rtt_ms = rate_mbit, loss, rtt_ms
         self._made: list[str] = []
+        self._proxies: list[subprocess.Popen] = []
         atexit.register(self.close)
         self._old_term = signal.signal(signal.SIGTERM, self._on_term)
         try:
@@ -119,6 +133,38 @@ class Hosts:
                 self._shape(self.hub, port)
                 if self.loss > 0:
                     self._drop(ns)
+        if self.rtt_ms > 0:
+            for ns, ip in zip(self.workers, self.worker_ips, strict=True):
+                self._delay(ns, ip)
+
+    def _delay(self, ns: str, own_ip: str) -> None:
+        """Every TCP connection ``ns`` opens to another host of the run goes through a delay proxy."""
+        proxy = subprocess.Popen(
+            [*self.exec_args(ns), "nice", "-n", "-10", sys.executable, str(PROXY), "--listen", f"0.0.0.0:{PROXY_PORT}",
+             "--transparent", "--delay-ms", str(self.rtt_ms / 2)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self._proxies.append(proxy)
+        mark = 0x4C54  # delay_proxy.MARK: the proxy's own upstream connections
+        rules = (
+            "table ip lwannat {\n"
+            "  chain out { type nat hook output priority -100;\n"
+            f"    meta mark {mark} return; ip daddr != {SUBNET}.0/24 return; ip daddr {own_ip} return;\n"
+            f"    meta l4proto tcp redirect to :{PROXY_PORT}; }}\n"
+            "}\n"
+        )
+        _run("ip", "netns", "exec", ns, "nft", "-f", "-", input=rules)
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {PROXY_PORT}), timeout=2).close()"
+        deadline = time.monotonic() + 60
+        while True:
+            if proxy.poll() is not None:
+                raise NetnsUnavailable(f"the delay proxy in {ns} exited with {proxy.returncode}")
+            ok = subprocess.run([*self.exec_args(ns), sys.executable, "-c", probe], capture_output=True)
+            if ok.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise NetnsUnavailable(f"the delay proxy in {ns} did not listen in 60 s")
+            time.sleep(0.2)
 
     def _shape(self, ns: str, dev: str) -> None:
         rate_bps = self.rate_mbit * 1e6
@@ -149,6 +195,15 @@ class Hosts:
         return {"tx": int(stats["tx"]["bytes"]), "rx": int(stats["rx"]["bytes"])}
 
     def close(self) -> None:
+        while self._proxies:
+            proxy = self._proxies.pop()
+            if proxy.poll() is None:
+                proxy.terminate()
+                try:
+                    proxy.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proxy.kill()
+                    proxy.wait(timeout=10)
         while self._made:
             name = self._made.pop()
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)

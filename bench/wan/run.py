@@ -3,17 +3,18 @@
     sudo python bench/wan/run.py --workers 2 --rates 20 100 --rtt-ms 40 --model mlp --json /tmp/wan.json
 
 For each link rate it builds a server host and ``--workers`` worker hosts (network namespaces,
-bench/wan/netns.py: tbf rate, nft loss, a delay proxy for latency), runs every ``--methods`` entry
+bench/wan/netns.py: tbf rate, nft loss, a transparent delay proxy on each worker host that every
+TCP connection it opens goes through, for latency), runs every ``--methods`` entry
 on them one after the other with the same model, data and sample budget (``--steps`` local steps
 of ``--batch-size`` per worker), and tears the hosts down. Per run it records the wall time, the
 bytes on each host's link from the interface counters, and accuracy against time (lte-server's
 evaluations; the baselines' rank 0 evaluates on the same ``--eval-samples`` test subset).
 
 - lte-sync / lte-async: ``lte-server`` on the server host (N = workers heads, one per worker),
-  one ``lte-worker`` per worker host reaching it through a delay proxy on its own loopback.
+  one ``lte-worker`` per worker host.
 - ddp / diloco: bench/wan/baselines.py, one gloo rank per worker host (rank 0's host holds the
-  store); the server host idles. Their traffic crosses the same shaped links, but not the delay
-  proxy: gloo connects rank to rank, so the baselines get no added latency (an advantage to them).
+  store); the server host idles. Their traffic crosses the same shaped links and the same delay
+  proxies (gloo's rank-to-rank connections and the store's): every method sees the same RTT.
 
 Time to target: the target is the accuracy DDP reached at its budget minus ``--target-drop``
 points; each method's time is its first evaluation at or above it (elapsed since its processes
@@ -43,7 +44,7 @@ from netns import Hosts  # noqa: E402
 from lte.server.run import stop_processes  # noqa: E402
 
 BIN = Path(sys.executable).parent
-PORT, PROXY_PORT, STORE_PORT = 50051, 7000, 29500
+PORT, STORE_PORT = 50051, 29500
 # Per-model defaults: BENCHMARKS.md's tuned settings (convergence section) where they exist.
 MODEL_DEFAULTS = {
     "mlp": {"rank": 128, "alpha": 8192.0, "lr_lte": 3e-4, "lr_full": 1e-3},
@@ -98,17 +99,12 @@ def run_lte(hosts: Hosts, args, mode: str, work: Path) -> dict:
     token = {"LTE_TOKEN": secrets.token_hex(16)}  # the server listens off loopback: it needs one
     procs = [_start(hosts, hosts.server, server_argv, work / f"lte-{mode}-server.log", env=token)]
     try:
-        _wait_port(hosts, hosts.server, hosts.server_ip, PORT, 120, procs[0])
+        _wait_port(hosts, hosts.server, hosts.server_ip, PORT, 600, procs[0])
         # the server's evaluation times count from its coordinator's start, a little before it
         # listened: adding the whole wait counts the server's start-up against LTE, in full
         offset = time.monotonic() - t0
         for i, ns in enumerate(hosts.workers):
-            proxy = [sys.executable, str(HERE / "delay_proxy.py"), "--listen", f"127.0.0.1:{PROXY_PORT}",
-                     "--to", f"{hosts.server_ip}:{PORT}", "--delay-ms", str(args.rtt_ms / 2)]  # fmt: skip
-            procs.append(_start(hosts, ns, proxy, work / f"lte-{mode}-proxy{i}.log"))
-        for i, ns in enumerate(hosts.workers):
-            _wait_port(hosts, ns, "127.0.0.1", PROXY_PORT, 60, procs[1 + i])
-            worker = [str(BIN / "lte-worker"), "--server", f"127.0.0.1:{PROXY_PORT}", "--threads", "1",
+            worker = [str(BIN / "lte-worker"), "--server", f"{hosts.server_ip}:{PORT}", "--threads", "1",
                       "--max-heads", "1", "--log-format", "json", "--name", f"w{i}", "--loader-workers", "0"]  # fmt: skip
             procs.append(_start(hosts, ns, worker, work / f"lte-{mode}-worker{i}.log", env=token))
         rc = procs[0].wait(timeout=args.timeout)
@@ -174,6 +170,7 @@ def time_to(curve: list[dict], target: float) -> float | None:
 
 
 def render(results: list[dict], meta: dict) -> list[str]:
+    scope = meta.get("rtt_scope", "LTE's gRPC only")  # runs saved before every method got the RTT
     lines = [
         f"## Over shaped links: time to accuracy, {meta['model']} (bench/wan, issue 23)",
         "",
@@ -188,7 +185,7 @@ def render(results: list[dict], meta: dict) -> list[str]:
         f"{meta['workers']} worker hosts, {meta['model']} on {meta['dataset']}, {meta['steps']} local steps "
         f"of batch {meta['batch_size']} per worker ({meta['steps'] * meta['batch_size'] * meta['workers']} "
         f"samples), T = H = {meta['merge_every']}; LTE {meta['quant']} snapshots, {meta['uplink']} uplink; "
-        f"RTT +{meta['rtt_ms']} ms (LTE's gRPC only), loss {meta['loss'] * 100:g} %.",
+        f"RTT +{meta['rtt_ms']} ms ({scope}), loss {meta['loss'] * 100:g} %.",
         "",
     ]
     for rate in sorted({r["rate_mbit"] for r in results}):
@@ -230,7 +227,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=2, help="K worker hosts (2-4)")
     p.add_argument("--rates", type=float, nargs="+", default=[20.0], help="Mbit/s per worker link, each way")
-    p.add_argument("--rtt-ms", type=float, default=40.0, help="added round-trip time (LTE's gRPC)")
+    p.add_argument("--rtt-ms", type=float, default=40.0, help="added round-trip time, every method")
     p.add_argument("--loss", type=float, default=0.0, help="fraction of packets dropped each way, e.g. 0.02")
     p.add_argument("--methods", nargs="+", default=["lte-sync", "lte-async", "ddp", "diloco"])
     p.add_argument("--model", default="mlp")
@@ -276,6 +273,7 @@ def main() -> int:
             "machine": machine(),
             "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
             "load_start": load(),
+            "rtt_scope": "every TCP connection a worker host opens, all methods",
             **{k: getattr(args, k) for k in ("workers", "model", "dataset", "steps", "batch_size", "merge_every",
                                               "quant", "uplink", "rtt_ms", "loss", "target_drop")},
         }  # fmt: skip
@@ -284,7 +282,7 @@ def main() -> int:
         print(f"logs and run folders in {tmp}", flush=True)
         if True:
             for rate in args.rates:
-                with Hosts(args.workers, rate_mbit=rate, loss=args.loss) as hosts:
+                with Hosts(args.workers, rate_mbit=rate, loss=args.loss, rtt_ms=args.rtt_ms) as hosts:
                     for method in args.methods:
                         work = Path(tmp) / f"{rate:g}"
                         work.mkdir(parents=True, exist_ok=True)
