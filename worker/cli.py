@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import os
 import signal
@@ -152,6 +153,14 @@ EXIT_BOUND_S = 20.0  # a stopping worker that is still running after this exits 
 FINAL_BOUND_S = 45.0  # ... and one whose interpreter shutdown hangs is ended by faulthandler (exit 1)
 
 
+def _no_wakeup_fd() -> None:
+    """In a forked child (a DataLoader process): a signal to it is not one to this worker, so its C
+    handler must not write to the parent's wakeup pipe (a SIGTERM from the DataLoader's shutdown
+    would stop the worker)."""
+    with contextlib.suppress(ValueError):  # not the main thread: nothing was inherited there
+        signal.set_wakeup_fd(-1)
+
+
 class StopWatch(threading.Thread):
     """Acts on the first stop signal from outside the main thread, so that no state of the worker
     can lose it.
@@ -174,6 +183,7 @@ class StopWatch(threading.Thread):
         os.set_blocking(self._write, False)
         # main thread only (main() runs there); the C handler writes each signal's number to it
         self._old_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        os.register_at_fork(after_in_child=_no_wakeup_fd)  # idempotent in effect: -1 in any child
 
     def close(self) -> None:
         """``main`` returns without a stop signal so far: stop watching (a command run in-process,
