@@ -294,14 +294,17 @@ class Worker:
         return self.job, self.dataset
 
     # -- network plumbing ----------------------------------------------------------------------
-    def _call(self, fn: Callable, *args, what: str, **kwargs):
-        """Run one RPC, retrying transient failures with backoff until ``give_up_after_s``."""
+    def _call(self, fn: Callable, *args, what: str, future: bool = False, **kwargs):
+        """Run one RPC, retrying transient failures with backoff until ``give_up_after_s``.
+        ``future``: ``fn`` returns a ``grpc.Future`` of a unary reply (``.future``), waited for by
+        ``_await``; otherwise what ``fn`` returns is returned (a server stream: the caller reads it)."""
         backoff = Backoff()
         deadline = time.monotonic() + self.give_up_after_s
         while True:
             self._check_parent()
             try:
-                return self._await(fn(*args, metadata=self.metadata, **kwargs))
+                call = fn(*args, metadata=self.metadata, **kwargs)
+                return self._await(call) if future else call
             except grpc.RpcError as err:
                 self._check_interrupted()  # a call cut short by the stop: the interrupt, not an error
                 self._raise_refusal(err)
@@ -314,12 +317,11 @@ class Worker:
                 if self.stop.wait(delay):
                     raise
 
-    def _await(self, call):
+    def _await(self, call: grpc.Future):
         """The reply of a unary-reply call made with ``.future``, waited for in ``STOP_POLL_S`` steps:
         a stopping worker cancels it and raises ``Interrupted`` instead of sitting out a reply the
-        server holds back (push: up to its 600 s deadline). Anything else is returned as it is."""
-        if not isinstance(call, grpc.Future):
-            return call  # a server stream (pull): _StallWatchdog cancels it on the stop
+        server holds back (push: up to its 600 s deadline). Never for a server stream (pull), whose
+        call object is a Future too: its ``result()`` waits for the whole stream, unread."""
         while True:
             try:
                 return call.result(timeout=STOP_POLL_S)
@@ -398,7 +400,7 @@ class Worker:
             job_fields=self.known_job_fields,
         )
         request = pb.RegisterRequest(worker=info)
-        reply = self._call(self.stub.Register.future, request, what="register", timeout=30)
+        reply = self._call(self.stub.Register.future, request, what="register", future=True, timeout=30)
         job = job_from_proto(reply.job)
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
         differs = fingerprint_difference(
@@ -494,6 +496,7 @@ class Worker:
                     state=self.state,
                 ),
                 what="heartbeat",
+                future=True,
                 timeout=30,
             )
         if view.done:
@@ -667,6 +670,7 @@ class Worker:
                 self._push_messages(meta, encoded), metadata=metadata, timeout=600
             ),
             what="push",
+            future=True,
         )
         self.bytes_up += sum(len(e.payload) for e in encoded)
         return reply
