@@ -9,7 +9,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lte.common.checks import ConfigError, check_choice, check_model_name, check_range, coerce_types, flag, read_toml
+from lte.common.checks import (
+    ConfigError,
+    check_choice,
+    check_model_name,
+    check_range,
+    coerce_types,
+    flag,
+    read_toml,
+)
 from lte.common.data import DATASET_NAMES
 from lte.common.hf import context_of, read_config
 from lte.common.images import AUGMENTS

@@ -462,7 +462,13 @@ class Coordinator:
             found = self.snapshots.delta(version, have_version)
             if found is not None:
                 messages, payload, delta_base = found[0], found[1], have_version
-        return version, messages, payload, delta_base, self.snapshots.stream_id(version, delta_base, head_factors)
+        return (
+            version,
+            messages,
+            payload,
+            delta_base,
+            self.snapshots.stream_id(version, delta_base, head_factors),
+        )
 
     def count_sent(self, lease: Lease, nbytes: int, version: int) -> None:
         with self.lock:

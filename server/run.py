@@ -21,12 +21,12 @@ import torch
 from lte.common.auth import token_from
 from lte.common.config import JobConfig, ServerSettings
 from lte.common.progress import Progress, format_bytes, format_duration
-from lte.server.grpc_server import ParameterServer, format_address
 from lte.server.checkpoint import load_checkpoint
 from lte.server.coordinator import Coordinator
 from lte.server.dashboard import DashboardServer
 from lte.server.disk import export_with_fallback, final_checkpoint
 from lte.server.finish import linger, linger_seconds
+from lte.server.grpc_server import ParameterServer, format_address
 from lte.server.guard import GuardSettings
 from lte.server.security import server_credentials
 from lte.server.startup import local_worker_command

@@ -183,7 +183,9 @@ def test_more_waiting_workers_than_server_threads_do_not_starve_pushes_or_heartb
     from lte.server.grpc_server import ParameterServer
 
     job = digits_job(heads=6, steps=100)  # 10 sync rounds, one head per worker
-    coordinator = Coordinator(job, DIGITS, heads_per_worker=1, lease_timeout_s=10.0, heartbeat_interval_s=0.5)
+    # 20 s: below a long-poll's 30 s, so a heartbeat queued behind one still expires its lease (the
+    # bug this pins); above the stalls of six worker threads and the server on a loaded 2-core box
+    coordinator = Coordinator(job, DIGITS, heads_per_worker=1, lease_timeout_s=20.0, heartbeat_interval_s=0.5)
     server = ParameterServer(coordinator, host="127.0.0.1", port=0, threads=4).start()
     try:
         workers = [Worker(server.address, quiet=True) for _ in range(6)]

@@ -73,7 +73,7 @@ def test_a_killed_worker_s_heads_expire_return_to_the_pool_and_a_new_worker_fini
             died = time.monotonic()
             with c.lock:  # the newest lease of that pid (a slow start may have re-registered once)
                 lost = [l for l in c.leases.values() if l.worker["pid"] == doomed.pid][-1]
-            wait_for(c, lambda c: lost.state == "expired", 30, "the dead worker's lease to expire")
+            wait_for(c, lambda c: lost.state == "expired", 120, "the dead worker's lease to expire")
             expired_after = time.monotonic() - died
             assert c.version == 3  # the survivor's round-3 push waits in the open round
             for h in lost.head_ids:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import os
 import signal
 import sys
 import textwrap
+import threading
 
 import torch
 
@@ -152,6 +156,79 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+EXIT_BOUND_S = 20.0  # a stopping worker that is still running after this exits without more cleanup
+FINAL_BOUND_S = 45.0  # ... and one whose interpreter shutdown hangs is ended by faulthandler (exit 1)
+
+
+def _no_wakeup_fd() -> None:
+    """In a forked child (a DataLoader process): a signal to it is not one to this worker, so its C
+    handler must not write to the parent's wakeup pipe (a SIGTERM from the DataLoader's shutdown
+    would stop the worker)."""
+    with contextlib.suppress(ValueError):  # not the main thread: nothing was inherited there
+        signal.set_wakeup_fd(-1)
+
+
+class StopWatch(threading.Thread):
+    """Acts on the first stop signal from outside the main thread, so that no state of the worker
+    can lose it.
+
+    The main thread's handler raises KeyboardInterrupt, but Python drops an exception raised while it
+    runs a ``__del__`` or a callback ("Exception ignored in ..."), and the handler ignores every later
+    signal. This thread reads the signal numbers that CPython's C-level handler writes to a
+    ``signal.set_wakeup_fd`` pipe at once, whatever the main thread is doing, and calls
+    ``Worker.interrupt()`` (every wait ends, the next check raises ``Interrupted``). After
+    ``EXIT_BOUND_S`` it prints one line and exits 130 with the threads' stacks in the log;
+    ``faulthandler`` bounds a hang of the interpreter's shutdown itself, where no Python thread runs.
+    """
+
+    def __init__(self, exit_bound_s: float = EXIT_BOUND_S, final_bound_s: float = FINAL_BOUND_S) -> None:
+        super().__init__(name="lte-stop-watch", daemon=True)
+        self.exit_bound_s, self.final_bound_s = exit_bound_s, final_bound_s
+        self.signum = 0
+        self.worker = None  # the Worker to interrupt, once built
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        # main thread only (main() runs there); the C handler writes each signal's number to it
+        self._old_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        os.register_at_fork(after_in_child=_no_wakeup_fd)  # idempotent in effect: -1 in any child
+
+    def close(self) -> None:
+        """``main`` returns without a stop signal so far: stop watching (a command run in-process,
+        e.g. by a test, leaves no thread or wakeup fd behind). After a signal the bounds stay armed."""
+        if self.signum:
+            return
+        signal.set_wakeup_fd(self._old_fd)
+        os.close(self._write)  # the thread reads the end of the pipe and returns
+
+    def attach(self, worker) -> None:
+        """The worker to interrupt (at once when the signal came while it was being built)."""
+        self.worker = worker
+        if self.signum:
+            worker.interrupt()
+
+    def run(self) -> None:
+        stops = {int(s) for s in STOP_SIGNALS}
+        while not self.signum:
+            got = os.read(self._read, 64)  # other handled signals (torch's SIGCHLD) wake it too
+            if not got:  # closed: main() returned
+                os.close(self._read)
+                return
+            self.signum = next((b for b in got if b in stops), 0)
+        faulthandler.dump_traceback_later(self.final_bound_s, exit=True)
+        worker = self.worker
+        if worker is not None:
+            worker.interrupt()
+        threading.Event().wait(self.exit_bound_s)  # the process normally ends long before
+        print(
+            f"lte-worker: still running {self.exit_bound_s:g} s after {signal.Signals(self.signum).name}; "
+            "exiting without more cleanup (the threads' stacks follow)",
+            file=sys.stderr,
+            flush=True,
+        )
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        os._exit(130)
+
+
 @one_line_errors("lte-worker")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -161,8 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     from lte.common.logs import setup_logging
 
     setup_logging(args.log_format, "INFO", prog="lte-worker")
+    watch = StopWatch()
     for sig in STOP_SIGNALS:  # Ctrl+C, SIGTERM, a closed terminal: leave the job the same way
         signal.signal(sig, _interrupt)
+    watch.start()
+    try:
+        return _run(args, watch)
+    except KeyboardInterrupt:  # before the worker was built (its run() is handled in _run)
+        print("lte-worker: interrupted; stopped before joining the job", file=sys.stderr)
+        return 130
+    finally:
+        watch.close()
+
+
+def _run(args: argparse.Namespace, watch: StopWatch) -> int:
     from lte.common.auth import bearer_metadata, channel_credentials, token_from
     from lte.worker.client import EXIT_JOB_OVER, Worker
     from lte.worker.hooks import FaultInjection
@@ -203,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_frozen=args.frozen_cache,
         delta_snapshots=args.delta_snapshots,
     )
+    watch.attach(worker)
     try:
         code = worker.run()
         if code == EXIT_JOB_OVER:

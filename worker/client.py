@@ -74,6 +74,9 @@ EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
 DELTA_PROTOCOL = 1  # delta-coded snapshots this worker can apply (PullRequest.delta_protocol)
 PULL_STALL_S = 120.0  # a pull that receives nothing for this long is cancelled and retried
 PULL_MAX_S = 6 * 3600.0  # the longest a pull may run however steadily its bytes arrive
+STOP_POLL_S = 0.25  # how soon a call in flight is cancelled once the worker is stopping
+LEAVE_TIMEOUT_S = 5.0  # the Leave that gives the lease back (2 s was short for a loaded server)
+CLOSE_TIMEOUT_S = 5.0  # the longest the worker waits for grpcio to close its channel
 # A push's deadline grows with its bytes: PUSH_BASE_S plus their time at PUSH_FLOOR_BPS (a fixed
 # 600 s failed every push of more than 75 MB on a 1 Mbit/s uplink, and retried it from the start)
 PUSH_BASE_S = 600.0
@@ -88,10 +91,13 @@ def push_deadline_s(payload_bytes: int) -> float:
 
 class _StallWatchdog:
     """Cancels a streaming call when no message arrived for ``stall_s`` (``first_s`` before the
-    first one, which a long-poll may hold back): a deadline that grows with the bytes that do move."""
+    first one, which a long-poll may hold back): a deadline that grows with the bytes that do move.
+    It also cancels the call at once (within ``STOP_POLL_S``) when ``stop`` is set: a stopping
+    worker does not sit out a 30 s long-poll or a slow transfer."""
 
-    def __init__(self, call, *, first_s: float, stall_s: float) -> None:
+    def __init__(self, call, *, first_s: float, stall_s: float, stop: threading.Event | None = None) -> None:
         self.call, self.stall_s = call, stall_s
+        self.stopping = stop or threading.Event()
         self.fired = False
         self._due = time.monotonic() + first_s
         self._done = threading.Event()
@@ -102,7 +108,10 @@ class _StallWatchdog:
         self._due = time.monotonic() + self.stall_s
 
     def _watch(self) -> None:
-        while not self._done.wait(min(1.0, self.stall_s)):
+        while not self._done.wait(min(STOP_POLL_S, self.stall_s)):
+            if self.stopping.is_set():  # not a stall: the caller sees its interrupt, not a retry
+                self.call.cancel()
+                return
             if time.monotonic() > self._due:
                 self.fired = True
                 self.call.cancel()
@@ -121,6 +130,17 @@ def refusal(err: grpc.RpcError) -> Refusal | None:
 
 
 _log = logging.getLogger("lte.worker")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (Ctrl+C, SIGTERM, SIGHUP) reached the worker: it leaves the job.
+
+    Raised again at the worker's next check when the handler's own KeyboardInterrupt was lost, as it
+    is when the signal lands while Python runs a ``__del__`` or a callback (gRPC's call objects are
+    finalised on the main thread after every pull): Python prints "Exception ignored in" and carries
+    on. Before this check the worker then trained on to the job's end, deaf to every later signal
+    (the handler ignores them once the first arrived): the likely cause of a CI run where a worker
+    did not exit within 60 s of SIGINT (tests/test_fleet.py)."""
 
 
 class LeaseLost(Exception):
@@ -261,6 +281,7 @@ class Worker:
         self.tls_files = tls_files  # (CA, client certificate, key): to name a failed handshake's cause
         self.stub = pb_grpc.ParameterServerStub(self.channel)
         self.stop = threading.Event()
+        self.interrupted = threading.Event()  # a stop signal arrived: leave, exit 130 (see interrupt())
         self.lease_id = ""
         self.worker_id = ""
         self.job: JobConfig | None = None
@@ -301,15 +322,19 @@ class Worker:
         return self.job, self.dataset
 
     # -- network plumbing ----------------------------------------------------------------------
-    def _call(self, fn: Callable, *args, what: str, **kwargs):
-        """Run one RPC, retrying transient failures with backoff until ``give_up_after_s``."""
+    def _call(self, fn: Callable, *args, what: str, future: bool = False, **kwargs):
+        """Run one RPC, retrying transient failures with backoff until ``give_up_after_s``.
+        ``future``: ``fn`` returns a ``grpc.Future`` of a unary reply (``.future``), waited for by
+        ``_await``; otherwise what ``fn`` returns is returned (a server stream: the caller reads it)."""
         backoff = Backoff()
         deadline = time.monotonic() + self.give_up_after_s
         while True:
             self._check_parent()
             try:
-                return fn(*args, metadata=self.metadata, **kwargs)
+                call = fn(*args, metadata=self.metadata, **kwargs)
+                return self._await(call) if future else call
             except grpc.RpcError as err:
+                self._check_interrupted()  # a call cut short by the stop: the interrupt, not an error
                 self._raise_refusal(err)
                 code = err.code()
                 self._check_tls(err)
@@ -319,6 +344,22 @@ class Worker:
                 self._say(f"{what}: {code.name.lower()} ({err.details()}); retrying in {delay:.1f} s")
                 if self.stop.wait(delay):
                     raise
+
+    def _await(self, call: grpc.Future):
+        """The reply of a unary-reply call made with ``.future``, waited for in ``STOP_POLL_S`` steps:
+        a stopping worker cancels it and raises ``Interrupted`` instead of sitting out a reply the
+        server holds back (push: up to its 600 s deadline). Never for a server stream (pull), whose
+        call object is a Future too: its ``result()`` waits for the whole stream, unread."""
+        while True:
+            try:
+                return call.result(timeout=STOP_POLL_S)
+            except grpc.FutureTimeoutError:
+                if self.interrupted.is_set():
+                    call.cancel()
+                    raise Interrupted() from None
+            except grpc.FutureCancelledError:
+                self._check_interrupted()
+                raise
 
     def _check_tls(self, err: grpc.RpcError) -> None:
         """A TLS handshake that fails for a certificate's reason is not retried: ``TLSProblem`` names
@@ -349,7 +390,22 @@ class Worker:
         if reason is Refusal.INCOMPATIBLE:
             raise Incompatible(f"the server refused this worker: {err.details()}") from None
 
+    def interrupt(self) -> None:
+        """What a stop signal does besides the handler's KeyboardInterrupt (``lte-worker`` calls it
+        from a thread that the signal wakes, worker/cli.py ``StopWatch``): every wait of the worker
+        ends (``stop``), a pull in flight is cancelled within ``STOP_POLL_S``, and the next check
+        raises ``Interrupted``, so the worker leaves within seconds in every state even when the
+        KeyboardInterrupt never reaches ``run``. Call it from any thread but not from a signal
+        handler (an Event's lock may be held by the very code the handler interrupted)."""
+        self.interrupted.set()
+        self.stop.set()
+
+    def _check_interrupted(self) -> None:
+        if self.interrupted.is_set():
+            raise Interrupted()
+
     def _check_parent(self) -> None:
+        self._check_interrupted()
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             raise SystemExit("lte-worker: the server process that started this worker is gone; exiting")
 
@@ -371,7 +427,8 @@ class Worker:
             protocol_version=PROTOCOL_VERSION,
             job_fields=self.known_job_fields,
         )
-        reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
+        request = pb.RegisterRequest(worker=info)
+        reply = self._call(self.stub.Register.future, request, what="register", future=True, timeout=30)
         job = job_from_proto(reply.job)
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
         differs = fingerprint_difference(
@@ -459,7 +516,7 @@ class Worker:
         view = self._view
         if force or view is None or view.lease_epoch != self.epoch:
             view = self._call(
-                self.stub.Heartbeat,
+                self.stub.Heartbeat.future,
                 pb.HeartbeatRequest(
                     lease_id=self.lease_id,
                     version=self.version,
@@ -467,6 +524,7 @@ class Worker:
                     state=self.state.value,
                 ),
                 what="heartbeat",
+                future=True,
                 timeout=30,
             )
         if view.done:
@@ -503,7 +561,9 @@ class Worker:
         # No fixed deadline for the bytes (85 MB take 34 s at 20 Mbit/s, 340 s at 2): a pull that
         # moves nothing for pull_stall_s is cancelled and retried; PULL_MAX_S only bounds the call.
         stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + PULL_MAX_S)
-        watchdog = _StallWatchdog(stream, first_s=wait_s + self.pull_stall_s, stall_s=self.pull_stall_s)
+        watchdog = _StallWatchdog(
+            stream, first_s=wait_s + self.pull_stall_s, stall_s=self.pull_stall_s, stop=self.stop
+        )
         state: _PartialPull | None = None
         try:
             for msg in stream:
@@ -540,6 +600,7 @@ class Worker:
             return False
         except grpc.RpcError as err:
             # errors of a server stream surface here, not in _call: map them the same way
+            self._check_interrupted()  # cancelled by the watchdog because the worker is stopping
             self._raise_refusal(err)
             if err.code() not in RETRYABLE and not watchdog.fired:
                 raise
@@ -668,10 +729,11 @@ class Worker:
         )
         timeout = push_deadline_s(sum(len(e.payload) for e in encoded))
         reply = self._call(
-            lambda metadata: self.stub.PushUpdate(
+            lambda metadata: self.stub.PushUpdate.future(
                 self._push_messages(meta, encoded), metadata=metadata, timeout=timeout
             ),
             what="push",
+            future=True,
         )
         self.bytes_up += sum(len(e.payload) for e in encoded)
         return reply
@@ -716,6 +778,7 @@ class Worker:
                 except LeaseLost as exc:
                     self._say(f"lease lost ({exc}); registering again")
                     continue
+            self._check_interrupted()  # the loops end on `stop`: an interrupt is not the job's end
             if self._view is not None and self._view.done:  # a heartbeat brought the end first
                 self._say_finished()
             return 0
@@ -758,6 +821,7 @@ class Worker:
         job, _ = self._joined()
         sync = job.mode == "sync"
         while not self.stop.is_set():
+            self._check_interrupted()
             if self.lease_lost.is_set():
                 raise LeaseLost("heartbeat refused")
             self._sync_lease()
@@ -772,6 +836,7 @@ class Worker:
                     self._sync_lease(force=True)
                 continue
             for turn in due:
+                self._check_interrupted()
                 if self.stop.is_set():
                     return
                 if turn not in self.turns:  # an earlier turn's push adopted a lease without its heads
@@ -785,6 +850,7 @@ class Worker:
                 self.hooks.after_training(self.pushes, stats.seconds)
                 samples += stats.samples
                 self.samples_per_s = samples / max(1e-9, time.perf_counter() - started)
+                self._check_interrupted()  # a round trained through a lost KeyboardInterrupt: not pushed
                 if not self.hooks.before_push(self.pushes, self.stop):
                     return
                 base = self.version
@@ -856,10 +922,20 @@ class Worker:
             self.stub.Leave(
                 pb.LeaveRequest(lease_id=self.lease_id, reason=leave_reason(self.failure)),
                 metadata=self.metadata,
-                timeout=2,
+                timeout=LEAVE_TIMEOUT_S,
             )
         except grpc.RpcError:
             pass  # the server may already be gone; its scheduler returns the heads
         finally:
             self.lease_id = ""
-            self.channel.close()
+            self._close_channel()
+
+    def _close_channel(self) -> None:
+        """Close the channel, waiting at most ``CLOSE_TIMEOUT_S``. grpcio's ``close`` waits without a
+        deadline until every call it manages has drained; a worker stopped in the middle of a pull
+        was seen stuck there, after its Leave, with no thread left to drain the call (the stack is
+        in the commit that added this), deaf to every later signal. The process ends right after;
+        an undrained channel goes with it."""
+        closer = threading.Thread(target=self.channel.close, name="lte-channel-close", daemon=True)
+        closer.start()
+        closer.join(CLOSE_TIMEOUT_S)
