@@ -293,6 +293,10 @@ def main() -> int:
                             r = run_baseline(hosts, args, method, work)
                         r["rate_mbit"] = rate
                         results.append(r)
+                        if args.json:  # after every run: a run killed later keeps what it measured
+                            Path(args.json).write_text(
+                                json.dumps({"meta": meta, "results": results}, indent=1)
+                            )
                         print(
                             f"  rc {r['rc']}, {r['wall_s']} s, final {r['curve'][-1] if r['curve'] else None}",
                             flush=True,
