@@ -164,7 +164,7 @@ def test_an_interrupt_whose_keyboardinterrupt_was_lost_still_stops_the_worker(st
             thread, out = run_in_thread(worker.run)
             try:
                 if state == "waiting":
-                    wait_until(lambda: worker.rounds >= 1 and worker.state == "waiting", SETUP_S, "its wait")
+                    wait_until(lambda: worker.pushes >= 1 and worker.state == "waiting", SETUP_S, "its wait")
                 else:
                     assert entered.wait(SETUP_S), f"the worker never reached {state}"
                 lease_id = worker.lease_id
