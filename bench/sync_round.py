@@ -42,8 +42,8 @@ from mdsections import machine  # noqa: E402
 from lte.common.config import JobConfig  # noqa: E402
 from lte.common.data import load_dataset  # noqa: E402
 from lte.proto import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
-from lte.server.grpc_server import ParameterServer  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402
+from lte.server.grpc_server import ParameterServer  # noqa: E402
 from lte.worker.client import JobDone, Worker  # noqa: E402
 
 
