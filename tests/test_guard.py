@@ -188,7 +188,7 @@ def test_a_merge_that_breaks_the_master_is_rolled_back_and_its_worker_quarantine
         c.lease(quarantined[0].lease_id)
     assert refusal.value.reason is Refusal.QUARANTINED
     assert finite(c.master) and c.version == job.rounds
-    c.checkpoint_dir = tmp_path
+    c.checkpoints.directory = tmp_path  # a checkpoint folder after the job: save_checkpoint writes there
     path = c.save_checkpoint()
     assert path is not None and finite(load_file(str(path / "tensors.safetensors")))
 
