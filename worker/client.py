@@ -74,7 +74,7 @@ EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
 DELTA_PROTOCOL = 1  # delta-coded snapshots this worker can apply (PullRequest.delta_protocol)
 PULL_STALL_S = 120.0  # a pull that receives nothing for this long is cancelled and retried
 PULL_MAX_S = 6 * 3600.0  # the longest a pull may run however steadily its bytes arrive
-STOP_POLL_S = 0.25  # how soon a call in flight is cancelled once the worker is stopping
+STOP_POLL_S = 0.25  # how soon a pull in flight is cancelled once the worker is stopping
 LEAVE_TIMEOUT_S = 5.0  # the Leave that gives the lease back (2 s was short for a loaded server)
 CLOSE_TIMEOUT_S = 5.0  # the longest the worker waits for grpcio to close its channel
 
@@ -294,17 +294,14 @@ class Worker:
         return self.job, self.dataset
 
     # -- network plumbing ----------------------------------------------------------------------
-    def _call(self, fn: Callable, *args, what: str, future: bool = False, **kwargs):
-        """Run one RPC, retrying transient failures with backoff until ``give_up_after_s``.
-        ``future``: ``fn`` returns a ``grpc.Future`` of a unary reply (``.future``), waited for by
-        ``_await``; otherwise what ``fn`` returns is returned (a server stream: the caller reads it)."""
+    def _call(self, fn: Callable, *args, what: str, **kwargs):
+        """Run one RPC, retrying transient failures with backoff until ``give_up_after_s``."""
         backoff = Backoff()
         deadline = time.monotonic() + self.give_up_after_s
         while True:
             self._check_parent()
             try:
-                call = fn(*args, metadata=self.metadata, **kwargs)
-                return self._await(call) if future else call
+                return fn(*args, metadata=self.metadata, **kwargs)
             except grpc.RpcError as err:
                 self._check_interrupted()  # a call cut short by the stop: the interrupt, not an error
                 self._raise_refusal(err)
@@ -316,22 +313,6 @@ class Worker:
                 self._say(f"{what}: {code.name.lower()} ({err.details()}); retrying in {delay:.1f} s")
                 if self.stop.wait(delay):
                     raise
-
-    def _await(self, call: grpc.Future):
-        """The reply of a unary-reply call made with ``.future``, waited for in ``STOP_POLL_S`` steps:
-        a stopping worker cancels it and raises ``Interrupted`` instead of sitting out a reply the
-        server holds back (push: up to its 600 s deadline). Never for a server stream (pull), whose
-        call object is a Future too: its ``result()`` waits for the whole stream, unread."""
-        while True:
-            try:
-                return call.result(timeout=STOP_POLL_S)
-            except grpc.FutureTimeoutError:
-                if self.interrupted.is_set():
-                    call.cancel()
-                    raise Interrupted() from None
-            except grpc.FutureCancelledError:
-                self._check_interrupted()
-                raise
 
     def _check_tls(self, err: grpc.RpcError) -> None:
         """A TLS handshake that fails for a certificate's reason is not retried: ``TLSProblem`` names
@@ -399,8 +380,7 @@ class Worker:
             protocol_version=PROTOCOL_VERSION,
             job_fields=self.known_job_fields,
         )
-        request = pb.RegisterRequest(worker=info)
-        reply = self._call(self.stub.Register.future, request, what="register", future=True, timeout=30)
+        reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
         differs = fingerprint_difference(
@@ -488,7 +468,7 @@ class Worker:
         view = self._view
         if force or view is None or view.lease_epoch != self.epoch:
             view = self._call(
-                self.stub.Heartbeat.future,
+                self.stub.Heartbeat,
                 pb.HeartbeatRequest(
                     lease_id=self.lease_id,
                     version=self.version,
@@ -496,7 +476,6 @@ class Worker:
                     state=self.state,
                 ),
                 what="heartbeat",
-                future=True,
                 timeout=30,
             )
         if view.done:
@@ -666,11 +645,10 @@ class Worker:
             num_tensors=len(encoded),
         )
         reply = self._call(
-            lambda metadata: self.stub.PushUpdate.future(
+            lambda metadata: self.stub.PushUpdate(
                 self._push_messages(meta, encoded), metadata=metadata, timeout=600
             ),
             what="push",
-            future=True,
         )
         self.bytes_up += sum(len(e.payload) for e in encoded)
         return reply
