@@ -82,8 +82,8 @@ CLOSE_TIMEOUT_S = 5.0  # the longest the worker waits for grpcio to close its ch
 class _StallWatchdog:
     """Cancels a streaming call when no message arrived for ``stall_s`` (``first_s`` before the
     first one, which a long-poll may hold back): a deadline that grows with the bytes that do move.
-    It also cancels the call at once (within ``STOP_POLL_S``) when ``stop`` is set: a stopping
-    worker does not sit out a 30 s long-poll or a slow transfer."""
+    It also cancels the call at once (within ``STOP_POLL_S``) when ``stop`` is set (the worker's
+    ``interrupted``): a stopped worker does not sit out a 30 s long-poll or a slow transfer."""
 
     def __init__(self, call, *, first_s: float, stall_s: float, stop: threading.Event | None = None) -> None:
         self.call, self.stall_s = call, stall_s
@@ -506,8 +506,8 @@ class Worker:
         # moves nothing for pull_stall_s is cancelled and retried; PULL_MAX_S only bounds the call.
         stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + PULL_MAX_S)
         watchdog = _StallWatchdog(
-            stream, first_s=wait_s + self.pull_stall_s, stall_s=self.pull_stall_s, stop=self.stop
-        )
+            stream, first_s=wait_s + self.pull_stall_s, stall_s=self.pull_stall_s, stop=self.interrupted
+        )  # not self.stop: a heartbeat that brings the job's end sets it, and that pull ends with it
         header = None
         weights: dict[str, torch.Tensor | QuantizedTensor] = {}
         factors: dict[str, torch.Tensor] = {}
