@@ -74,7 +74,7 @@ EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
 DELTA_PROTOCOL = 1  # delta-coded snapshots this worker can apply (PullRequest.delta_protocol)
 PULL_STALL_S = 120.0  # a pull that receives nothing for this long is cancelled and retried
 PULL_MAX_S = 6 * 3600.0  # the longest a pull may run however steadily its bytes arrive
-STOP_POLL_S = 0.25  # how soon a call in flight is cancelled once the worker is stopping
+STOP_POLL_S = 0.25  # how soon a pull in flight is cancelled once the worker is stopping
 LEAVE_TIMEOUT_S = 5.0  # the Leave that gives the lease back (2 s was short for a loaded server)
 CLOSE_TIMEOUT_S = 5.0  # the longest the worker waits for grpcio to close its channel
 # A push's deadline grows with its bytes: PUSH_BASE_S plus their time at PUSH_FLOOR_BPS (a fixed
@@ -92,8 +92,8 @@ def push_deadline_s(payload_bytes: int) -> float:
 class _StallWatchdog:
     """Cancels a streaming call when no message arrived for ``stall_s`` (``first_s`` before the
     first one, which a long-poll may hold back): a deadline that grows with the bytes that do move.
-    It also cancels the call at once (within ``STOP_POLL_S``) when ``stop`` is set: a stopping
-    worker does not sit out a 30 s long-poll or a slow transfer."""
+    It also cancels the call at once (within ``STOP_POLL_S``) when ``stop`` is set (the worker's
+    ``interrupted``): a stopped worker does not sit out a 30 s long-poll or a slow transfer."""
 
     def __init__(self, call, *, first_s: float, stall_s: float, stop: threading.Event | None = None) -> None:
         self.call, self.stall_s = call, stall_s
@@ -322,17 +322,14 @@ class Worker:
         return self.job, self.dataset
 
     # -- network plumbing ----------------------------------------------------------------------
-    def _call(self, fn: Callable, *args, what: str, future: bool = False, **kwargs):
-        """Run one RPC, retrying transient failures with backoff until ``give_up_after_s``.
-        ``future``: ``fn`` returns a ``grpc.Future`` of a unary reply (``.future``), waited for by
-        ``_await``; otherwise what ``fn`` returns is returned (a server stream: the caller reads it)."""
+    def _call(self, fn: Callable, *args, what: str, **kwargs):
+        """Run one RPC, retrying transient failures with backoff until ``give_up_after_s``."""
         backoff = Backoff()
         deadline = time.monotonic() + self.give_up_after_s
         while True:
             self._check_parent()
             try:
-                call = fn(*args, metadata=self.metadata, **kwargs)
-                return self._await(call) if future else call
+                return fn(*args, metadata=self.metadata, **kwargs)
             except grpc.RpcError as err:
                 self._check_interrupted()  # a call cut short by the stop: the interrupt, not an error
                 self._raise_refusal(err)
@@ -344,22 +341,6 @@ class Worker:
                 self._say(f"{what}: {code.name.lower()} ({err.details()}); retrying in {delay:.1f} s")
                 if self.stop.wait(delay):
                     raise
-
-    def _await(self, call: grpc.Future):
-        """The reply of a unary-reply call made with ``.future``, waited for in ``STOP_POLL_S`` steps:
-        a stopping worker cancels it and raises ``Interrupted`` instead of sitting out a reply the
-        server holds back (push: up to its 600 s deadline). Never for a server stream (pull), whose
-        call object is a Future too: its ``result()`` waits for the whole stream, unread."""
-        while True:
-            try:
-                return call.result(timeout=STOP_POLL_S)
-            except grpc.FutureTimeoutError:
-                if self.interrupted.is_set():
-                    call.cancel()
-                    raise Interrupted() from None
-            except grpc.FutureCancelledError:
-                self._check_interrupted()
-                raise
 
     def _check_tls(self, err: grpc.RpcError) -> None:
         """A TLS handshake that fails for a certificate's reason is not retried: ``TLSProblem`` names
@@ -427,8 +408,7 @@ class Worker:
             protocol_version=PROTOCOL_VERSION,
             job_fields=self.known_job_fields,
         )
-        request = pb.RegisterRequest(worker=info)
-        reply = self._call(self.stub.Register.future, request, what="register", future=True, timeout=30)
+        reply = self._call(self.stub.Register, pb.RegisterRequest(worker=info), what="register", timeout=30)
         job = job_from_proto(reply.job)
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
         differs = fingerprint_difference(
@@ -516,7 +496,7 @@ class Worker:
         view = self._view
         if force or view is None or view.lease_epoch != self.epoch:
             view = self._call(
-                self.stub.Heartbeat.future,
+                self.stub.Heartbeat,
                 pb.HeartbeatRequest(
                     lease_id=self.lease_id,
                     version=self.version,
@@ -524,7 +504,6 @@ class Worker:
                     state=self.state.value,
                 ),
                 what="heartbeat",
-                future=True,
                 timeout=30,
             )
         if view.done:
@@ -562,8 +541,8 @@ class Worker:
         # moves nothing for pull_stall_s is cancelled and retried; PULL_MAX_S only bounds the call.
         stream = self._call(self.stub.PullModel, request, what="pull", timeout=wait_s + PULL_MAX_S)
         watchdog = _StallWatchdog(
-            stream, first_s=wait_s + self.pull_stall_s, stall_s=self.pull_stall_s, stop=self.stop
-        )
+            stream, first_s=wait_s + self.pull_stall_s, stall_s=self.pull_stall_s, stop=self.interrupted
+        )  # not self.stop: a heartbeat that brings the job's end sets it, and that pull ends with it
         state: _PartialPull | None = None
         try:
             for msg in stream:
@@ -729,11 +708,10 @@ class Worker:
         )
         timeout = push_deadline_s(sum(len(e.payload) for e in encoded))
         reply = self._call(
-            lambda metadata: self.stub.PushUpdate.future(
+            lambda metadata: self.stub.PushUpdate(
                 self._push_messages(meta, encoded), metadata=metadata, timeout=timeout
             ),
             what="push",
-            future=True,
         )
         self.bytes_up += sum(len(e.payload) for e in encoded)
         return reply
