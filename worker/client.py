@@ -76,7 +76,6 @@ PULL_STALL_S = 120.0  # a pull that receives nothing for this long is cancelled 
 PULL_MAX_S = 6 * 3600.0  # the longest a pull may run however steadily its bytes arrive
 STOP_POLL_S = 0.25  # how soon a pull in flight is cancelled once the worker is stopping
 LEAVE_TIMEOUT_S = 5.0  # the Leave that gives the lease back (2 s was short for a loaded server)
-CLOSE_TIMEOUT_S = 5.0  # the longest the worker waits for grpcio to close its channel
 # A push's deadline grows with its bytes: PUSH_BASE_S plus their time at PUSH_FLOOR_BPS (a fixed
 # 600 s failed every push of more than 75 MB on a 1 Mbit/s uplink, and retried it from the start)
 PUSH_BASE_S = 600.0
@@ -906,14 +905,4 @@ class Worker:
             pass  # the server may already be gone; its scheduler returns the heads
         finally:
             self.lease_id = ""
-            self._close_channel()
-
-    def _close_channel(self) -> None:
-        """Close the channel, waiting at most ``CLOSE_TIMEOUT_S``. grpcio's ``close`` waits without a
-        deadline until every call it manages has drained; a worker stopped in the middle of a pull
-        was seen stuck there, after its Leave, with no thread left to drain the call (the stack is
-        in the commit that added this), deaf to every later signal. The process ends right after;
-        an undrained channel goes with it."""
-        closer = threading.Thread(target=self.channel.close, name="lte-channel-close", daemon=True)
-        closer.start()
-        closer.join(CLOSE_TIMEOUT_S)
+            self.channel.close()  # a hang in grpcio's close after a stop signal: StopWatch's bound
