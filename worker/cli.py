@@ -199,6 +199,8 @@ class StopWatch(threading.Thread):
             return
         signal.set_wakeup_fd(self._old_fd)
         os.close(self._write)  # the thread reads the end of the pipe and returns
+        if self.is_alive():
+            self.join(5.0)  # ended before the interpreter shuts down, not during it
 
     def attach(self, worker) -> None:
         """The worker to interrupt (at once when the signal came while it was being built)."""
