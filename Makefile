@@ -25,7 +25,7 @@ $(BIN)/python:
 # and structure tools see lte.common etc. (the default mode maps them through an import hook).
 # A link tree does not see new files: adding or removing a module relinks (the folders' mtimes).
 EDITABLE := --config-settings editable_mode=strict
-PACKAGE_DIRS := lte_pkg common server server/static worker proto proto/lte/v1
+PACKAGE_DIRS := lte_pkg common common/core common/data common/job common/wire commands server server/static worker proto proto/lte/v1
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_CPU) || $(BIN)/pip install -q "torch>=2.2" --index-url https://download.pytorch.org/whl/cpu
@@ -94,7 +94,7 @@ FAST_TESTS := -m "not process and not server and not slow"
 test-fast: install data
 	LTE_NO_SKIPS=1 $(BIN)/python -m pytest -q $(FAST_TESTS) $(PYTEST_ARGS)
 
-# mypy over lte.common, lte.server and lte.worker (config in pyproject.toml); `make test` runs it too.
+# mypy over lte.common, lte.commands, lte.server and lte.worker (config in pyproject.toml); `make test` runs it too.
 typecheck: install
 	$(BIN)/mypy
 

@@ -18,7 +18,7 @@ init needed (``lr_lte ~ lr_full * fan_in / alpha``: with ``s`` fixed, ``lr = lr_
 BENCHMARKS.md's table ran with it at ``--scale 64 --lr-lte 3e-4``. Full training of the same model on
 the same samples is the reference row.
 
-Training is ``lte.common.sim``'s ``run_lte`` / ``run_full``; this file only builds the jobs and
+Training is ``lte.commands.sim``'s ``run_lte`` / ``run_full``; this file only builds the jobs and
 writes the table. ``--cache FILE`` keeps one JSON line per finished run, so that seeds can run in
 separate processes and a later call (``--seeds 0 1 --cache FILE``) only assembles the table::
 
@@ -42,10 +42,10 @@ from typing import Any
 
 import torch
 
-from lte.common.config import JobConfig
-from lte.common.data import Dataset, load_dataset
-from lte.common.layers import A_INITS
-from lte.common.sim import run_full, run_lte
+from lte.commands.sim import run_full, run_lte
+from lte.common.core.layers import A_INITS
+from lte.common.data.datasets import Dataset, load_dataset
+from lte.common.job.config import JobConfig
 
 SECTION_START = "<!-- ablations:start -->"
 SECTION_END = "<!-- ablations:end -->"

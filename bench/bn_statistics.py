@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.data import load_dataset  # noqa: E402
-from lte.common.sim import run_lte  # noqa: E402
-from lte.common.trainer import build_job_model, evaluate  # noqa: E402
+from lte.commands.sim import run_lte  # noqa: E402
+from lte.common.data.datasets import load_dataset  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.job.trainer import build_job_model, evaluate  # noqa: E402
 
 
 def main() -> None:

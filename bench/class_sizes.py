@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIRS = ("common", "server", "worker", "proto", "lte_pkg")
+PACKAGE_DIRS = ("common", "commands", "server", "worker", "proto", "lte_pkg")
 
 
 def class_sizes(root: Path = ROOT) -> list[tuple[int, int, str]]:

@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mdsections import machine, write_section
 
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.data import HeadBatches, load_dataset  # noqa: E402
-from lte.common.models import count_parameters  # noqa: E402
-from lte.common.trainer import build_job_model, linear_weight_names, loss_fn, make_optimizer  # noqa: E402
+from lte.common.data.datasets import HeadBatches, load_dataset  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.job.models import count_parameters  # noqa: E402
+from lte.common.job.trainer import build_job_model, linear_weight_names, loss_fn, make_optimizer  # noqa: E402
 from lte.proto import parameter_server_pb2 as pb  # noqa: E402
 from lte.proto import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402

@@ -10,7 +10,7 @@ runs both budgets on their own schedules, so the baseline at 1.0x is a finished 
 Every delta is in accuracy points against full training at 1.0x; the targets of issue 2 are
 LTE at 1.3x >= full at 1.0x - 0.5, and int8 within 0.5 point of the unquantised base.
 
-Training is ``lte.common.sim``'s ``run_full`` / ``run_lte``; this file only builds the jobs,
+Training is ``lte.commands.sim``'s ``run_full`` / ``run_lte``; this file only builds the jobs,
 reads the histories and writes the table. Per-model values use ``model=value`` (a bare value
 applies to every model); ``--lr-lte`` and ``--alpha`` take several values and sweep their grid::
 
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from mdsections import write_model_blocks
 
-from lte.common.config import JobConfig
-from lte.common.data import Dataset, load_dataset
-from lte.common.quant import QUANT_KINDS
-from lte.common.sim import SimResult, run_full, run_lte
+from lte.commands.sim import SimResult, run_full, run_lte
+from lte.common.core.quant import QUANT_KINDS
+from lte.common.data.datasets import Dataset, load_dataset
+from lte.common.job.config import JobConfig
 
 MODELS = ("mlp", "vit-tiny")
 SCHEDULES = ("separate", "shared")

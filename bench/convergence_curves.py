@@ -43,10 +43,10 @@ import torch
 from convergence import balanced_test_subset
 from mdsections import write_model_blocks
 
-from lte.common.config import JobConfig
-from lte.common.data import Dataset, load_dataset
-from lte.common.sim import run_diloco, run_full, run_lte
-from lte.common.trainer import build_job_model
+from lte.commands.sim import run_diloco, run_full, run_lte
+from lte.common.data.datasets import Dataset, load_dataset
+from lte.common.job.config import JobConfig
+from lte.common.job.trainer import build_job_model
 
 MODELS = ("mlp", "vit-tiny")
 METHODS = ("full", "lte-sync", "lte-async", "diloco")

@@ -56,7 +56,7 @@ def old_code_path(tree: Path) -> Path:
     pkg.mkdir()
     for f in (tree / "lte_pkg").iterdir():
         (pkg / f.name).symlink_to(f)
-    for sub in ("common", "server", "worker", "proto"):
+    for sub in ("common", "commands", "server", "worker", "proto"):
         (pkg / sub).symlink_to(tree / sub)
     return pkg.parent
 
@@ -128,8 +128,8 @@ def loader_throughput(
 ) -> float:
     """Images/s that ``workers`` DataLoader processes deliver as training batches (crop-flip, then
     RandAugment's (N, M) when N > 0) of ``batch``."""
-    from lte.common.data import HeadBatches, load_dataset
-    from lte.common.loader import PrefetchedBatches
+    from lte.common.data.datasets import HeadBatches, load_dataset
+    from lte.common.data.loader import PrefetchedBatches
 
     ds = load_dataset("imagefolder", str(data), image_size=size, randaugment=randaugment)
     stream = HeadBatches(ds.train_x, ds.train_y, 0, 1, batch, 0)
@@ -151,7 +151,7 @@ def cpu_rates(
     new seed, so the load of other processes falls on all of them alike. CPU time, not wall time."""
     import statistics
 
-    from lte.common.data import HeadBatches, load_dataset
+    from lte.common.data.datasets import HeadBatches, load_dataset
 
     sets = {ra: load_dataset("imagefolder", str(data), image_size=size, randaugment=ra) for ra in settings}
     rates: dict[tuple[int, int], list[float]] = {ra: [] for ra in settings}
@@ -169,9 +169,9 @@ def vit_tiny_consumption(size: int, batch: int, steps: int) -> float:
     """Images/s one vit-tiny LTE worker trains at ``size`` px on this CPU (batches already in memory)."""
     import torch
 
-    from lte.common.config import JobConfig
-    from lte.common.data import Dataset
-    from lte.common.trainer import LocalTrainer
+    from lte.common.data.datasets import Dataset
+    from lte.common.job.config import JobConfig
+    from lte.common.job.trainer import LocalTrainer
 
     x = torch.randn(batch * 2, 3, size, size)
     y = torch.randint(0, 10, (batch * 2,))
@@ -188,7 +188,7 @@ def write_fashion(folder: Path, shards: Path | None) -> None:
     """Fashion-MNIST (Debian's IDX files) as PNG class folders train/ and val/, and as WebDataset shards."""
     from PIL import Image
 
-    from lte.common.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _find_idx_file, read_idx
+    from lte.common.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _find_idx_file, read_idx
 
     root = Path(FASHION_MNIST_DIR)
     names = [c.replace("/", "-") for c in FASHION_MNIST_CLASSES]

@@ -5,7 +5,7 @@
 A worker pulls v -> v'. In a sync job v' is one round later: all N heads merged. In an async job
 with W workers a worker is about W pushes behind. bench/comm.py measures one worker and one
 async push (a span of one head merge, weight 1/N). This bench trains N heads for two sync rounds
-(``lte.common.trainer.LocalTrainer``, all heads vectorised, from the job's seed), then merges the
+(``lte.common.job.trainer.LocalTrainer``, all heads vectorised, from the job's seed), then merges the
 second round's heads into W one at a time (``apply_updates``, weight 1/N each, replicas likewise:
 after N merges W is exactly the sync round's), and builds the server's snapshot after each
 (``server/snapshots.py``: int8-row codes, zstd level 1). For spans 1, 2, 4, ... N it reports the
@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.data import load_dataset  # noqa: E402
-from lte.common.merge import apply_updates  # noqa: E402
-from lte.common.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot  # noqa: E402
+from lte.common.core.merge import apply_updates  # noqa: E402
+from lte.common.data.datasets import load_dataset  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.job.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot  # noqa: E402
 from lte.server.snapshots import SnapshotBuilder  # noqa: E402
 
 

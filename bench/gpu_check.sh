@@ -27,7 +27,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
-if ! "$PY" -c "import lte.common.precision" 2>/dev/null; then
+if ! "$PY" -c "import lte.common.job.precision" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/pip.log" 2>&1 || tail -5 "$OUT/pip.log"
 fi
 if [ "$DEVICE" = cuda ]; then

@@ -16,13 +16,13 @@ import json
 import tempfile
 import time
 
-from lte.common.config import JobConfig
-from lte.common.data import load_dataset
-from lte.common.merge import apply_updates
-from lte.common.models import MODEL_NAMES
-from lte.common.sim import partition_heads
-from lte.common.text import ByteTokenizer, load_text, write_token_files
-from lte.common.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
+from lte.commands.sim import partition_heads
+from lte.common.core.merge import apply_updates
+from lte.common.data.datasets import load_dataset
+from lte.common.data.text import ByteTokenizer, load_text, write_token_files
+from lte.common.job.config import JobConfig
+from lte.common.job.models import MODEL_NAMES
+from lte.common.job.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
 from lte.server.guard import GuardSettings, UpdateGuard
 
 TEXT = (
@@ -44,7 +44,7 @@ def job_for(model: str, rounds: int, folder: str, **kw) -> tuple[JobConfig, obje
 
 def margins(job: JobConfig, data, workers: int = 2) -> dict:
     """The largest value / bound over the run, per check, of honest pushes at the default thresholds."""
-    from lte.common.trainer import lr_at
+    from lte.common.job.trainer import lr_at
 
     master = build_job_model(job).state_dict()
     layers = linear_weight_names(build_job_model(job), job.embedding_heads)

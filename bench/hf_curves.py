@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from lte.common.config import JobConfig
-from lte.common.sim import run_full, run_lte
-from lte.common.text import load_text
+from lte.commands.sim import run_full, run_lte
+from lte.common.data.text import load_text
+from lte.common.job.config import JobConfig
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lte.common.config import job_from_dict
-from lte.common.outputs import forward_logits
-from lte.common.text import load_tokenizer, read_meta
-from lte.common.trainer import build_job_model
+from lte.common.core.outputs import forward_logits
+from lte.common.data.text import load_tokenizer, read_meta
+from lte.common.job.config import job_from_dict
+from lte.common.job.trainer import build_job_model
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import sys
 from transformers import GPT2Config, LlamaConfig
 out = sys.argv[1]
 # no dropout: it draws from each process's generator, so with it no two runs (and no sim and
-# server) can agree bit for bit; lte's own models have none (common/models.py)
+# server) can agree bit for bit; lte's own models have none (common/job/models.py)
 GPT2Config(vocab_size=256, n_positions=128, n_embd=128, n_layer=2, n_head=4, bos_token_id=None,
            eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).save_pretrained(f"{out}/gpt2")
 for name, tied in (("llama", True), ("llama-untied", False)):

@@ -224,9 +224,8 @@ def strongly_connected(nodes: list[str], edges: set[tuple[str, str]]) -> list[li
     return sorted(components)
 
 
-# Commands that still live in common/ until the layout script (issue 20) moves them to lte.commands:
-# lte-sim drives the server's aggregator and snapshot code, so it sits on top, with the commands.
-COMMAND_MODULES = frozenset({"lte.common.sim"})
+# Commands still in common/ (none since the relayout: they are lte.commands.*)
+COMMAND_MODULES: frozenset[str] = frozenset()
 
 
 def layer(module: str) -> str:

@@ -44,8 +44,8 @@ def serve(args: argparse.Namespace) -> int:
     """The server process: serve the job, report a sample line every ``--sample-every`` s, stop on stdin EOF."""
     import torch
 
-    from lte.common.config import JobConfig
-    from lte.common.data import load_dataset
+    from lte.common.data.datasets import load_dataset
+    from lte.common.job.config import JobConfig
     from lte.server.coordinator import Coordinator
     from lte.server.grpc_server import ParameterServer
 

@@ -23,8 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lte.common.layers import LTELinear  # noqa: E402
-from lte.common.precision import MixedPrecision  # noqa: E402
+from lte.common.core.layers import LTELinear  # noqa: E402
+from lte.common.job.precision import MixedPrecision  # noqa: E402
 
 PRODUCTS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
 

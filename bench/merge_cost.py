@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.merge import merge_head_deltas, merge_layers_grouped  # noqa: E402
-from lte.common.trainer import build_job_model, linear_weight_names  # noqa: E402
+from lte.common.core.merge import merge_head_deltas, merge_layers_grouped  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.job.trainer import build_job_model, linear_weight_names  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

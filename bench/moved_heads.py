@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.data import load_dataset  # noqa: E402
-from lte.common.trainer import LocalTrainer  # noqa: E402
+from lte.common.data.datasets import load_dataset  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.job.trainer import LocalTrainer  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402
 from lte.server.grpc_server import ParameterServer  # noqa: E402
 from lte.worker import client  # noqa: E402

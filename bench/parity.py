@@ -2,7 +2,7 @@
 
 The job: the small ViT of ``bench/small_vit.py`` (4 blocks, width 128, 0.8 M parameters) on
 Fashion-MNIST, ``N = 8`` heads of 16 samples per step, rank 32, alpha 32, lr 1e-3, ``T = 10``,
-300 steps, seeds 0 and 1, trained by ``lte.common.sim.run_lte`` (the code behind ``lte-sim``).
+300 steps, seeds 0 and 1, trained by ``lte.commands.sim.run_lte`` (the code behind ``lte-sim``).
 The reference's accuracies on the same batches and initial weights (issue 21, from the authors'
 code github minyoungg/LTE, ``mode="ddp"``, ``MergeCondition(merge_steps=10)``) are constants
 below: this script runs lte only.

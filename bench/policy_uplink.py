@@ -19,11 +19,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lte.common import policy  # noqa: E402
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.data import load_dataset  # noqa: E402
-from lte.common.layers import LTELinear  # noqa: E402
-from lte.common.model_check import check_job_model, explain_rows, explain_summary  # noqa: E402
+from lte.common.core import policy  # noqa: E402
+from lte.common.core.layers import LTELinear  # noqa: E402
+from lte.common.data.datasets import load_dataset  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.job.model_check import check_job_model, explain_rows, explain_summary  # noqa: E402
 
 
 class ExactLinearOnly(LTELinear):

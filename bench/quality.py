@@ -3,7 +3,7 @@
 Each ``--run`` is one configuration: ``full`` or ``lte``, then ``key=value`` job fields
 (``lr=3e-4``, ``rank=16``, ``alpha=256``, ``a_init_gain=2`` ...) and optionally ``x=1.3``, the
 sample budget as a multiple of ``--steps`` (LTE's 1.3x of the paper). Every (run, seed) trains
-with ``lte.common.sim``'s ``run_full`` / ``run_lte`` (the code behind ``lte-sim``), appends one
+with ``lte.commands.sim``'s ``run_full`` / ``run_lte`` (the code behind ``lte-sim``), appends one
 JSON line to ``--results`` and is skipped when that file already holds it, so a sweep can be
 split across processes, stopped and resumed. The table gives each run's mean test accuracy over
 its seeds and its gap to the best full-training run (mean over the same seeds)::
@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from lte.common.config import JobConfig
-from lte.common.data import load_dataset
-from lte.common.sim import run_full, run_lte
+from lte.commands.sim import run_full, run_lte
+from lte.common.data.datasets import load_dataset
+from lte.common.job.config import JobConfig
 
 KINDS = ("full", "lte")
 JOB_FIELDS = {f.name: f.type for f in dataclasses.fields(JobConfig)}

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import contextlib
 
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.data import load_dataset  # noqa: E402
-from lte.common.models import count_parameters  # noqa: E402
+from lte.common.data.datasets import load_dataset  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.job.models import count_parameters  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402
 from lte.server.grpc_server import ParameterServer  # noqa: E402
 from lte.worker.client import JobDone, Worker  # noqa: E402

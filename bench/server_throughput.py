@@ -54,11 +54,11 @@ from mdsections import machine, write_section
 
 import lte.server.push_check as push_check_module  # noqa: E402
 import lte.server.service as service_module  # noqa: E402
-from lte.common import grpc_options  # noqa: E402
-from lte.common.codec import decode_tensor, encode_tensor  # noqa: E402
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.merge import HeadUpdate, ReplicaUpdate, apply_updates  # noqa: E402
-from lte.common.wire import tensor_chunks  # noqa: E402
+from lte.common.core.merge import HeadUpdate, ReplicaUpdate, apply_updates  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.wire import grpc_options  # noqa: E402
+from lte.common.wire.chunks import tensor_chunks  # noqa: E402
+from lte.common.wire.codec import decode_tensor, encode_tensor  # noqa: E402
 from lte.proto import parameter_server_pb2 as pb  # noqa: E402
 from lte.proto import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lte.common.config import JobConfig  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
 from lte.server import coordinator as coord  # noqa: E402
 
 

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from worker_cost import add_model_arguments, build, example_batch, model_config  # noqa: E402
 
-from lte.common.model_state import lte_layers  # noqa: E402
-from lte.common.precision import MixedPrecision  # noqa: E402
+from lte.common.core.model_state import lte_layers  # noqa: E402
+from lte.common.job.precision import MixedPrecision  # noqa: E402
 
 
 def profile_side(cfg: dict, warmup: int, steps: int, rows: int) -> str:

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comm import ByteCounter, diff, measure_lte, uptime  # noqa: E402
 from mdsections import machine  # noqa: E402
 
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.data import load_dataset  # noqa: E402
+from lte.common.data.datasets import load_dataset  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
 from lte.proto import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402
 from lte.server.grpc_server import ParameterServer  # noqa: E402

@@ -28,16 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.model_state import lte_layers, trainable_parameters  # noqa: E402
-from lte.common.policy import (  # noqa: E402
+from lte.common.core.model_state import lte_layers, trainable_parameters  # noqa: E402
+from lte.common.core.policy import (  # noqa: E402
     load_master_weights,
     prepare_model,
     prepare_model_on_device,
 )
-from lte.common.precision import MixedPrecision  # noqa: E402
-from lte.common.quant import quantized_zeros  # noqa: E402
-from lte.common.trainer import build_job_model, make_optimizer  # noqa: E402
+from lte.common.core.quant import quantized_zeros  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.job.precision import MixedPrecision  # noqa: E402
+from lte.common.job.trainer import build_job_model, make_optimizer  # noqa: E402
 
 
 def tensor_bytes(tensors) -> int:

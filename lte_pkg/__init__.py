@@ -8,4 +8,4 @@ import os
 # the GEMMs and keeps the fastest code path; a user's own MKL_CBWR wins. Read at MKL's first call.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-from lte.common.version import __version__  # noqa: E402, F401 (after MKL_CBWR: nothing here imports torch)
+from lte.common.job.version import __version__  # noqa: E402, F401 (after MKL_CBWR: nothing here imports torch)

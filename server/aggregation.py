@@ -2,7 +2,7 @@
 
 ``Aggregator`` holds the open round (sync) or buffer (buffered) and each head's last merged factors
 ``(B'_i, A'_i)``. It is plain Python over tensors: the coordinator calls it under its lock, after the
-push was validated. The merge itself is ``lte.common.merge.apply_updates`` (docs/design.md section 2):
+push was validated. The merge itself is ``lte.common.core.merge.apply_updates`` (docs/design.md section 2):
 
     W <- W + sum_i w_i * s * (B_i A_i - B'_i A'_i),    w_i = 1/N  (sync)  or  1/N * 1/sqrt(1 + staleness)
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lte.common.config import JobConfig
-from lte.common.merge import Factors, HeadUpdate, ReplicaUpdate, apply_updates
-from lte.common.protocol import Refusal, Refused
+from lte.common.core.merge import Factors, HeadUpdate, ReplicaUpdate, apply_updates
+from lte.common.job.config import JobConfig
+from lte.common.wire.protocol import Refusal, Refused
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

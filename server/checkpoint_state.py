@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lte.common.model_check import checkpoint_mismatch
-from lte.common.models import VIT_PRESETS, default_patch_size
-from lte.common.protocol import HEAD_PREFIX, factor_tensors, group_head_factors
+from lte.common.job.model_check import checkpoint_mismatch
+from lte.common.job.models import VIT_PRESETS, default_patch_size
+from lte.common.wire.protocol import HEAD_PREFIX, factor_tensors, group_head_factors
 from lte.server import checkpoint as ckpt
 from lte.server.disk import CheckpointHealth
 from lte.server.evaluation import BackgroundTask

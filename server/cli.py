@@ -10,8 +10,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from lte.common.checks import ConfigError, flag, one_line_errors
-from lte.common.config import (
+from lte.common.data.datasets import dataset_metadata, eval_subset, load_job_dataset
+from lte.common.job.checks import ConfigError, flag, one_line_errors
+from lte.common.job.config import (
     EXPLAIN_HELP,
     MASKED,
     SECRETS,
@@ -25,10 +26,9 @@ from lte.common.config import (
     load_toml,
     resolve_job,
 )
-from lte.common.data import dataset_metadata, eval_subset, load_job_dataset
-from lte.common.logs import setup_logging
-from lte.common.model_check import startup_model_check
-from lte.common.run_metadata import resolved_job
+from lte.common.job.logs import setup_logging
+from lte.common.job.model_check import startup_model_check
+from lte.common.job.run_metadata import resolved_job
 from lte.server.runlock import RunLock, check_reused_out
 from lte.server.startup import check_server_settings, discard_run_folder, prepare_run_folder
 
@@ -111,7 +111,7 @@ def job_for_data(job: JobConfig, dataset: Any) -> JobConfig:
     """The job with what the data decides filled in (image size, channels, classes, vocabulary,
     context...) and no placeholder left: what config.toml, checkpoints and workers get.
 
-    ``dataset``: a loaded dataset, or ``lte.common.data.dataset_metadata``'s description of one.
+    ``dataset``: a loaded dataset, or ``lte.common.data.datasets.dataset_metadata``'s description of one.
     Raises ValueError when the data cannot feed the job (``check_job_data``).
     """
     job = job.with_dataset(dataset)

@@ -1,6 +1,6 @@
 """The parameter server's state and its one lock: the head leases and the round. No gRPC here: a
 request the server will not act on raises ``Refused`` with a domain ``Refusal``
-(``lte.common.protocol``), which the service maps to a status code.
+(``lte.common.wire.protocol``), which the service maps to a status code.
 
 The ``Coordinator`` keeps the leases (``scheduler``: a pure function of state and ``now``, applied
 here) and the round: pulls wait for a version, pushes are folded in (``aggregation``) and merged
@@ -29,16 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lte.common.config import JobConfig
-from lte.common.export import export_model
-from lte.common.failure import REPORTED_STATES, LeaseState
-from lte.common.fingerprint import model_fingerprint
-from lte.common.layers import conv1d_class
-from lte.common.model_check import model_summary
-from lte.common.policy import classify_model
-from lte.common.protocol import PushMeta, Refusal, Refused, decode_update, handshake_refusal
-from lte.common.run_metadata import resolved_job
-from lte.common.trainer import build_job_model, lr_at
+from lte.common.core.layers import conv1d_class
+from lte.common.core.policy import classify_model
+from lte.common.job.config import JobConfig
+from lte.common.job.export import export_model
+from lte.common.job.fingerprint import model_fingerprint
+from lte.common.job.model_check import model_summary
+from lte.common.job.run_metadata import resolved_job
+from lte.common.job.trainer import build_job_model, lr_at
+from lte.common.wire.failure import REPORTED_STATES, LeaseState
+from lte.common.wire.protocol import PushMeta, Refusal, Refused, decode_update, handshake_refusal
 from lte.server import checkpoint_state, push_check, scheduler
 from lte.server.aggregation import AcceptedPush, Aggregator, all_finite, staleness_discount
 from lte.server.checkpoint_state import Checkpoints
@@ -748,7 +748,7 @@ class Coordinator:
             return {k: v.detach().clone().cpu().contiguous() for k, v in self.master.items()}
 
     def export(self, path: str | Path) -> Path:
-        """The merged model as ``lte.common.export.export_model`` writes it (lte-sim writes the same).
+        """The merged model as ``lte.common.job.export.export_model`` writes it (lte-sim writes the same).
 
         Raises ValueError when the master holds NaN or Inf (nothing is written)."""
         path = Path(path)

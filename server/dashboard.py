@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel
 
-from lte.common.failure import GONE_STATES, SHOWN_STATES
+from lte.common.wire.failure import GONE_STATES, SHOWN_STATES
 from lte.server.status import JobStatus, job_status
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from lte.common.config import JobConfig
-from lte.common.text import evaluation_sample
-from lte.common.trainer import build_job_model, evaluate
+from lte.common.data.text import evaluation_sample
+from lte.common.job.config import JobConfig
+from lte.common.job.trainer import build_job_model, evaluate
 
 
 class BackgroundTask:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from lte.common.failure import FAILED_PREFIX
+from lte.common.wire.failure import FAILED_PREFIX
 
 _log = logging.getLogger("lte.server")
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lte.common.config import UPDATE_GUARDS as GUARD_MODES  # declared with --update-guard
+from lte.common.job.config import UPDATE_GUARDS as GUARD_MODES  # declared with --update-guard
 from lte.server.aggregation import AcceptedPush, Aggregator, Merged
 
 _log = logging.getLogger("lte.server")
@@ -194,7 +194,7 @@ class UpdateGuard:
     def init_norm_bound(self, a: torch.Tensor) -> float:
         """The largest ``||A||_F`` the job's ``--a-init`` draws for a factor of ``a``'s size (``r`` rows
         of fan-in ``n``): orthogonal inits have exactly ``sqrt(min(r, n))`` times their spectral norm,
-        uniform ones at most ``sqrt(r n)`` times their bound (common/layers.py ``init_lora_a``)."""
+        uniform ones at most ``sqrt(r n)`` times their bound (common/core/layers.py ``init_lora_a``)."""
         r = max(1, int(self.job.rank))
         n = max(1, a.numel() // r)
         gain, kind = self.job.a_init_gain, self.job.a_init

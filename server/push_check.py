@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lte.common.config import UPLINK_CODECS, JobConfig
-from lte.common.protocol import PushMeta, Refusal, Refused, head_tensor_name, replica_tensor_name
+from lte.common.job.config import UPLINK_CODECS, JobConfig
+from lte.common.wire.protocol import PushMeta, Refusal, Refused, head_tensor_name, replica_tensor_name
 from lte.server.aggregation import all_finite
 from lte.server.scheduler import Lease
 
@@ -112,7 +112,7 @@ def check_tensor(
 @dataclass(frozen=True)
 class IncomingPush:
     """A push whose header passed: its lease, what its stream must carry (wire name -> shape) and
-    the limits of that stream in bytes (``lte.common.wire.TensorAssembler``)."""
+    the limits of that stream in bytes (``lte.common.wire.chunks.TensorAssembler``)."""
 
     lease: Lease
     header: PushMeta

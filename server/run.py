@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from lte.common.auth import token_from
-from lte.common.config import JobConfig, ServerSettings
-from lte.common.progress import Progress, format_bytes, format_duration
+from lte.common.job.config import JobConfig, ServerSettings
+from lte.common.job.progress import Progress, format_bytes, format_duration
+from lte.common.wire.auth import token_from
 from lte.server.checkpoint import load_checkpoint
 from lte.server.coordinator import Coordinator
 from lte.server.dashboard import DashboardServer

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from lte.common.checks import ConfigError
+from lte.common.job.checks import ConfigError
 from lte.server.checkpoint import list_checkpoints
 
 LOCK_NAME = ".lte-lock"

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lte.common.failure import ENDED_STATES, LeaseState
+from lte.common.wire.failure import ENDED_STATES, LeaseState
 
 
 @dataclass

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from lte.common.codec import CodecError, decode_tensor
-from lte.common.protocol import REFUSAL_KEY, PushMeta, Refusal, Refused, job_to_proto
-from lte.common.wire import TensorAssembler, WireError
+from lte.common.wire.chunks import TensorAssembler, WireError
+from lte.common.wire.codec import CodecError, decode_tensor
+from lte.common.wire.protocol import REFUSAL_KEY, PushMeta, Refusal, Refused, job_to_proto
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.server.coordinator import Coordinator

@@ -24,10 +24,10 @@ from dataclasses import replace
 
 import torch
 
-from lte.common.codec import EncodedTensor, byte_delta, encode_tensor, zstd_compress
-from lte.common.config import JobConfig
-from lte.common.protocol import Role, codec_for, factor_tensors
-from lte.common.wire import tensor_chunks
+from lte.common.job.config import JobConfig
+from lte.common.wire.chunks import tensor_chunks
+from lte.common.wire.codec import EncodedTensor, byte_delta, encode_tensor, zstd_compress
+from lte.common.wire.protocol import Role, codec_for, factor_tensors
 from lte.proto import parameter_server_pb2 as pb
 
 # zstd level of what the server sends. Level 1 compresses fp32, int8 and nf4 snapshots as well as

@@ -1,7 +1,7 @@
 """lte-server's start-up checks: the effective settings, the credentials and the run folder.
 
 Everything here runs before the server binds a port or leaves a folder behind. A refusal is a
-:class:`~lte.common.checks.ConfigError` naming the option, the value and the allowed range.
+:class:`~lte.common.job.checks.ConfigError` naming the option, the value and the allowed range.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import shutil
 import time
 from pathlib import Path
 
-from lte.common import grpc_options
-from lte.common.auth import TOKEN_ENV, is_loopback
-from lte.common.checks import ConfigError, check_chunk_fits, check_pem, check_range, check_token
-from lte.common.config import JobConfig, ServerSettings
+from lte.common.job.checks import ConfigError, check_chunk_fits, check_pem, check_range, check_token
+from lte.common.job.config import JobConfig, ServerSettings
+from lte.common.wire import grpc_options
+from lte.common.wire.auth import TOKEN_ENV, is_loopback
 
 
 def effective_token(settings: ServerSettings) -> str | None:

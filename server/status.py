@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from lte.common.failure import GONE_STATES, SHOWN_STATES, LeaseState
+from lte.common.wire.failure import GONE_STATES, SHOWN_STATES, LeaseState
 
 if TYPE_CHECKING:
     from lte.server.coordinator import Coordinator
@@ -79,7 +79,7 @@ class JobStatus(BaseModel):
     )
     server: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict,
-        description="lte-server's settings (ServerSettings, common/config.py), placeholders resolved, "
+        description="lte-server's settings (ServerSettings, common/job/config.py), placeholders resolved, "
         "the token masked",
     )
     version: int = Field(description="merges applied to the master weights")

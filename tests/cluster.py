@@ -8,8 +8,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from lte.common.config import JobConfig
-from lte.common.data import load_dataset
+from lte.common.data.datasets import load_dataset
+from lte.common.job.config import JobConfig
 from lte.server.coordinator import Coordinator
 from lte.server.grpc_server import ParameterServer
 from lte.server.run import start_worker_processes, stop_processes

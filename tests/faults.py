@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from lte.common.codec import encode_tensor
-from lte.common.wire import tensor_chunks
+from lte.common.wire.chunks import tensor_chunks
+from lte.common.wire.codec import encode_tensor
 from lte.proto import parameter_server_pb2 as pb
 from lte.server.coordinator import Coordinator
 from lte.server.guard import GuardSettings

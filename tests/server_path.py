@@ -10,10 +10,10 @@ from dataclasses import fields
 
 import torch
 
-from lte.common.codec import decode_tensor
-from lte.common.config import JobConfig
-from lte.common.protocol import PROTOCOL_VERSION, PushMeta, Refused, encode_update
-from lte.common.trainer import LocalTrainer, make_snapshot
+from lte.common.job.config import JobConfig
+from lte.common.job.trainer import LocalTrainer, make_snapshot
+from lte.common.wire.codec import decode_tensor
+from lte.common.wire.protocol import PROTOCOL_VERSION, PushMeta, Refused, encode_update
 from lte.server.coordinator import Coordinator
 from lte.server.guard import GuardSettings
 
@@ -95,8 +95,8 @@ def _round_to_wire(trainer: LocalTrainer, job: JobConfig) -> None:
     """What ``lte-worker`` does before it commits: its live factors become what the server holds."""
     if job.uplink == "fp32":
         return
-    from lte.common.codec import get_codec
-    from lte.common.model_state import lte_layers
+    from lte.common.core.model_state import lte_layers
+    from lte.common.wire.codec import get_codec
 
     codec = get_codec(job.uplink)
     with torch.no_grad():

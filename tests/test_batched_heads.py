@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lte.common.layers import LTELinear
+from lte.common.core.layers import LTELinear
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 
@@ -68,7 +68,7 @@ def test_eval_and_a_sequence_batch_equal_the_reference():
     "add, chunk_bytes", [("bmm", 1 << 28), ("bmm", 700), ("addmm", 1 << 28)]
 )  # 700 B: one layer per chunk
 def test_the_grouped_merge_equals_the_per_layer_merge_in_float64(heads_per_push, add, chunk_bytes):
-    from lte.common.merge import merge_head_deltas, merge_layers_grouped
+    from lte.common.core.merge import merge_head_deltas, merge_layers_grouped
 
     torch.manual_seed(2)
     shapes = [(6, 5), (5, 6), (6, 5), (4, 4), (6, 5), (5, 6)]  # groups of 3, 2 and 1 layers
@@ -108,7 +108,7 @@ def test_the_grouped_merge_equals_the_per_layer_merge_in_float64(heads_per_push,
 
 
 def test_apply_updates_grouped_or_per_layer_give_the_same_master_over_rounds():
-    from lte.common.merge import HeadUpdate, apply_updates
+    from lte.common.core.merge import HeadUpdate, apply_updates
 
     torch.manual_seed(3)
     shapes = {"a.weight": (6, 5), "b.weight": (6, 5), "c.weight": (5, 6)}

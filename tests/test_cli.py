@@ -13,7 +13,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from lte.common.config import JobConfig
+from lte.common.job.config import JobConfig
 from lte.server.cli import main
 
 

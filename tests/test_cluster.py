@@ -8,8 +8,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from lte.common.codec import get_codec
-from lte.common.sim import run_lte
+from lte.commands.sim import run_lte
+from lte.common.wire.codec import get_codec
 from lte.worker.client import Worker
 from tests.cluster import DIGITS, digits_job, run_in_thread, running_server, worker_processes
 from tests.faults import SYNTHETIC, wait_until
@@ -109,7 +109,7 @@ def test_health_and_reflection_answer():
 def test_exported_model_loads_into_the_plain_zoo_model(tmp_path):
     from safetensors.torch import load_file
 
-    from lte.common.trainer import build_job_model
+    from lte.common.job.trainer import build_job_model
 
     job = digits_job(heads=2, steps=10)
     with running_server(job) as server:
@@ -151,7 +151,7 @@ def test_a_worker_registering_again_gets_back_the_heads_it_trained():
 
 
 def test_ended_leases_and_version_records_stay_bounded_in_memory():
-    from lte.common.protocol import Refusal
+    from lte.common.wire.protocol import Refusal
     from lte.server.coordinator import Coordinator, PushMeta, Refused
 
     c = Coordinator(digits_job(heads=1, mode="async"), None)

@@ -14,7 +14,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lte.common.codec import (
+from lte.common.core.quant import quantize
+from lte.common.wire.codec import (
     CODECS,
     CodecError,
     EncodedTensor,
@@ -26,7 +27,6 @@ from lte.common.codec import (
     zstd_compress,
     zstd_decompress,
 )
-from lte.common.quant import quantize
 
 SHAPES = [(), (0,), (1,), (7,), (64,), (65,), (3, 0, 5), (5, 13), (2, 3, 33), (96, 130)]
 

@@ -156,7 +156,7 @@ def test_api_status_follows_the_documented_schema(client):
 
 
 def test_api_status_carries_the_server_settings_with_the_token_masked():
-    from lte.common.config import ServerSettings
+    from lte.common.job.config import ServerSettings
 
     shown = ServerSettings(token="a-secret-of-sufficient-length", lease_timeout=12.0).public()
     body = TestClient(create_app(lambda: fake_status(server=shown))).get("/api/status").json()
@@ -356,8 +356,8 @@ def test_a_token_with_odd_characters_is_quoted_into_the_page():
 
 # -- with the real coordinator -------------------------------------------------------------------
 def test_the_real_coordinator_status_fits_the_schema():
-    from lte.common.config import JobConfig
-    from lte.common.data import load_dataset
+    from lte.common.data.datasets import load_dataset
+    from lte.common.job.config import JobConfig
     from lte.server.coordinator import Coordinator
 
     dataset = load_dataset("digits", seed=0)
@@ -379,8 +379,8 @@ def test_the_real_coordinator_status_after_merges_and_an_evaluation_fits_the_sch
     """Not a hand-written status and not version 0: merges, a worker's progress, an evaluation."""
     import torch
 
-    from lte.common.config import JobConfig
-    from lte.common.data import load_dataset
+    from lte.common.data.datasets import load_dataset
+    from lte.common.job.config import JobConfig
     from lte.server.coordinator import Coordinator, PushMeta
 
     dataset = load_dataset("digits", seed=0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lte.common.data import (
+from lte.common.data.datasets import (
     DATASET_NAMES,
     FASHION_MNIST_DIR,
     HeadBatches,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lte.common.config import JobConfig
-from lte.common.data import load_dataset
+from lte.common.data.datasets import load_dataset
+from lte.common.job.config import JobConfig
 from lte.server.coordinator import Coordinator
 from tests.faults import wait_until
 from tests.test_image_data import write_classes

@@ -8,8 +8,14 @@ import os
 import pytest
 import torch
 
-from lte.common.codec import CodecError, apply_byte_delta, byte_delta, codec_bytes, decode_tensor_quantized
-from lte.common.wire import TensorAssembler
+from lte.common.wire.chunks import TensorAssembler
+from lte.common.wire.codec import (
+    CodecError,
+    apply_byte_delta,
+    byte_delta,
+    codec_bytes,
+    decode_tensor_quantized,
+)
 from lte.server.snapshots import SnapshotBuilder
 from lte.worker.client import Worker
 from tests.cluster import digits_job, run_in_thread, running_server

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "design.md"
-SOURCES = ("common", "server", "worker", "proto", "tests", "bench", "lte_pkg")
+SOURCES = ("common", "commands", "server", "worker", "proto", "tests", "bench", "lte_pkg")
 REFERENCE = re.compile(r"docs/design\.md sections? (\d+)(?: and (\d+))?")
 
 

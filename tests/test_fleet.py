@@ -12,9 +12,9 @@ import signal
 import pytest
 import torch
 
-from lte.common.config import JobConfig
-from lte.common.data import load_dataset
-from lte.common.sim import run_lte
+from lte.commands.sim import run_lte
+from lte.common.data.datasets import load_dataset
+from lte.common.job.config import JobConfig
 from tests.cluster import DIGITS, digits_job, running_server, worker_processes
 from tests.faults import wait_for, wait_until
 

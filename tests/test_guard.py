@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lte.common.config import JobConfig
-from lte.common.models import MODEL_NAMES
-from lte.common.protocol import Refusal, Refused
-from lte.common.sim import run_lte
-from lte.common.text import ByteTokenizer, load_text, write_token_files
+from lte.commands.sim import run_lte
+from lte.common.data.text import ByteTokenizer, load_text, write_token_files
+from lte.common.job.config import JobConfig
+from lte.common.job.models import MODEL_NAMES
+from lte.common.wire.protocol import Refusal, Refused
 from lte.server.guard import GuardSettings, adam_step_bound, contribution_norm
 from lte.worker.hooks import poison_factors
 from tests.cluster import DIGITS, digits_job, running_server, worker_processes
@@ -264,7 +264,7 @@ def test_a_first_round_push_that_scales_only_a_is_refused():
     """A head's first round: ``A'`` is unknown and there is no history yet, so only ``B`` was bounded.
     The first worker to push, with ``B`` honest and ``A`` x30, merged: the master's norms ended 7x
     those of the clean job (94 vs 14 on hidden.0) and an honest worker was refused afterwards."""
-    from lte.common.merge import HeadUpdate
+    from lte.common.core.merge import HeadUpdate
 
     def scale_a(worker, _, heads):
         if worker != 0:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lte.common.config import JobConfig
-from lte.common.fingerprint import fingerprint_difference, model_fingerprint
-from lte.common.protocol import CORE_JOB_FIELDS, handshake_refusal
+from lte.common.job.config import JobConfig
+from lte.common.job.fingerprint import fingerprint_difference, model_fingerprint
+from lte.common.wire.protocol import CORE_JOB_FIELDS, handshake_refusal
 from lte.worker.client import Worker
 from tests.cluster import digits_job, running_server
 

@@ -21,13 +21,13 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-from lte.common.config import JobConfig  # noqa: E402
-from lte.common.layers import LTEConfig, LTEConv1D, LTEEmbedding, LTELinear, LTETiedLinear  # noqa: E402
-from lte.common.merge import HeadUpdate, apply_updates  # noqa: E402
-from lte.common.model_check import explain_rows, explain_summary  # noqa: E402
-from lte.common.model_state import export_head_factors, load_head_factors, lte_layers, plain_state_dict  # noqa: E402
-from lte.common.outputs import forward_logits, logits_of  # noqa: E402
-from lte.common.policy import (  # noqa: E402
+from lte.commands.sim import main as sim_main  # noqa: E402
+from lte.commands.sim import run_lte  # noqa: E402
+from lte.common.core.layers import LTEConfig, LTEConv1D, LTEEmbedding, LTELinear, LTETiedLinear  # noqa: E402
+from lte.common.core.merge import HeadUpdate, apply_updates  # noqa: E402
+from lte.common.core.model_state import export_head_factors, load_head_factors, lte_layers, plain_state_dict  # noqa: E402
+from lte.common.core.outputs import forward_logits, logits_of  # noqa: E402
+from lte.common.core.policy import (  # noqa: E402
     HEADS,
     REPLICA,
     TIED,
@@ -35,9 +35,9 @@ from lte.common.policy import (  # noqa: E402
     expect_stacked_batch,
     prepare_model,  # noqa: E402
 )
-from lte.common.sim import main as sim_main  # noqa: E402
-from lte.common.sim import run_lte  # noqa: E402
-from lte.common.text import ByteTokenizer, load_text, write_token_files  # noqa: E402
+from lte.common.data.text import ByteTokenizer, load_text, write_token_files  # noqa: E402
+from lte.common.job.config import JobConfig  # noqa: E402
+from lte.common.job.model_check import explain_rows, explain_summary  # noqa: E402
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
         "and darkness was upon the face of the deep. Caf\u00e9 \u2014 \u00fcber.\n") * 60  # fmt: skip
@@ -85,7 +85,7 @@ def hf_job(configs, data, name, **kw) -> JobConfig:
 
 
 def build(configs, name) -> nn.Module:
-    from lte.common.models import build_model
+    from lte.common.job.models import build_model
 
     torch.manual_seed(0)
     return build_model(f"hf:{configs[name]}", image_size=0, in_channels=0, num_classes=256, context=16)
@@ -254,7 +254,7 @@ def test_bad_hf_models_are_refused_in_one_line(configs, byte_data, tmp_path, cap
 
 
 def test_a_factory_is_told_the_context_and_the_vocabulary():
-    from lte.common.models import build_model
+    from lte.common.job.models import build_model
 
     model = build_model("tests.test_hf:lm_factory", image_size=0, in_channels=0, num_classes=97, context=33)
     assert model.seen == {"context": 33, "vocab_size": 97}
@@ -302,9 +302,9 @@ def test_sync_over_the_network_reproduces_the_emulator(configs, byte_data, tmp_p
 def test_the_hf_export_folder_loads_with_transformers_and_lte(configs, byte_data, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from lte.common.eval_cli import main as eval_main
-    from lte.common.generate import main as generate_main
-    from lte.common.trainer import build_job_model
+    from lte.commands.eval import main as eval_main
+    from lte.commands.generate import main as generate_main
+    from lte.common.job.trainer import build_job_model
 
     out = tmp_path / "run" / "model.safetensors"
     args = ["--model", f"hf:{configs['gpt2']}", "--dataset", "text", "--data-dir", str(byte_data)]
@@ -360,8 +360,8 @@ def test_prepare_text_streams_jsonl_parquet_and_datasets_folders_to_the_same_tok
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lte.common.prepare_text import main as prepare_main
-    from lte.common.text import BATCH_ROWS
+    from lte.commands.prepare_text import main as prepare_main
+    from lte.common.data.text import BATCH_ROWS
 
     records = [f"verse {i}: and it was so \u00e9" + ("\n" if i % 3 else "") for i in range(BATCH_ROWS + 300)]
     rows = [{"body": r, "id": i} for i, r in enumerate(records)]
@@ -397,7 +397,7 @@ def test_prepare_text_streams_jsonl_parquet_and_datasets_folders_to_the_same_tok
 def test_the_servers_evaluation_sample_of_a_transformers_model_is_seeded_and_fits_its_positions(
     configs, byte_data
 ):
-    from lte.common.text import SAMPLE_PROMPT_TOKENS, evaluation_sample
+    from lte.common.data.text import SAMPLE_PROMPT_TOKENS, evaluation_sample
 
     data = load_text(str(byte_data), eval_tokens=256)
     model = build(configs, "gpt2")  # 64 positions: the 32-token prompt leaves room for 32 more
@@ -421,8 +421,8 @@ def test_a_workers_conv1d_factors_round_to_exactly_what_the_wire_carries(configs
     # worker must round in that layout for both sides to hold the same B', A'
     from types import SimpleNamespace
 
-    from lte.common.codec import get_codec
-    from lte.common.protocol import Role, codec_for
+    from lte.common.wire.codec import get_codec
+    from lte.common.wire.protocol import Role, codec_for
     from lte.worker.client import Worker
 
     job = JobConfig(model="x", uplink="int8-block")

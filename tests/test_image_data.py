@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lte.common.config import JobConfig, ServerSettings
-from lte.common.data import HeadBatches, eval_subset, load_dataset, load_job_dataset, own_data_shards
-from lte.common.images import BadImageError, ImageFiles, decode_image, random_resized_box
-from lte.common.loader import PrefetchedBatches, eval_batches
-from lte.common.trainer import LocalTrainer, evaluate
+from lte.common.data.datasets import HeadBatches, eval_subset, load_dataset, load_job_dataset, own_data_shards
+from lte.common.data.images import BadImageError, ImageFiles, decode_image, random_resized_box
+from lte.common.data.loader import PrefetchedBatches, eval_batches
+from lte.common.job.config import JobConfig, ServerSettings
+from lte.common.job.trainer import LocalTrainer, evaluate
 from lte.server.run import local_data_args
 
 # --- fixtures: the kinds of folders users have, generated here --------------------------------
@@ -117,7 +117,7 @@ def test_a_damaged_file_is_named_or_skipped_and_counted(tmp_path: Path, kind: st
 def test_a_damaged_file_stops_lte_sim_with_one_line(tmp_path: Path) -> None:
     write_classes(tmp_path, {"a": 6, "b": 6})
     (tmp_path / "b" / "7.jpg").write_text("<html>not an image</html>")
-    cmd = [sys.executable, "-m", "lte.common.sim", "--dataset", "imagefolder", "--data-dir", str(tmp_path),
+    cmd = [sys.executable, "-m", "lte.commands.sim", "--dataset", "imagefolder", "--data-dir", str(tmp_path),
            "--image-size", "8", "--heads", "2", "--steps", "10", "--batch-size", "8", "--quiet"]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert run.returncode == 2, run.stderr
@@ -281,7 +281,7 @@ def test_local_workers_stream_the_servers_folder_and_export_survives_a_failed_ev
 @pytest.mark.process
 @pytest.mark.server
 def test_sync_over_the_network_on_a_streamed_augmented_folder_equals_the_emulator(tmp_path: Path) -> None:
-    from lte.common.sim import run_lte
+    from lte.commands.sim import run_lte
     from lte.server.coordinator import Coordinator
     from lte.server.grpc_server import ParameterServer
     from tests.cluster import worker_processes

@@ -15,14 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lte.common.config import JobConfig
-from lte.common.layers import LTEConfig, LTEEmbedding
-from lte.common.models import GPT, GPTConfig, build_model
-from lte.common.policy import prepare_model
-from lte.common.prepare_text import main as prepare_main
-from lte.common.sim import main as sim_main
-from lte.common.sim import run_full, run_lte
-from lte.common.text import (
+from lte.commands.prepare_text import main as prepare_main
+from lte.commands.sim import main as sim_main
+from lte.commands.sim import run_full, run_lte
+from lte.common.core.layers import LTEConfig, LTEEmbedding
+from lte.common.core.policy import prepare_model
+from lte.common.data.text import (
     BPETokenizer,
     ByteTokenizer,
     TokenBatches,
@@ -30,7 +28,9 @@ from lte.common.text import (
     load_tokenizer,
     write_token_files,
 )
-from lte.common.trainer import build_job_model, evaluate
+from lte.common.job.config import JobConfig
+from lte.common.job.models import GPT, GPTConfig, build_model
+from lte.common.job.trainer import build_job_model, evaluate
 
 TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
@@ -87,7 +87,7 @@ def test_bpe_round_trip(tmp_path):
 
 
 def test_uint32_for_large_vocabularies():
-    from lte.common.text import token_dtype
+    from lte.common.data.text import token_dtype
 
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
@@ -349,8 +349,8 @@ def test_lte_server_ends_with_the_validation_scores_and_an_export_that_lte_gener
 
 @pytest.mark.slow
 def test_lte_generate_samples_from_an_lte_sim_export(byte_data, tmp_path, capsys):
-    from lte.common.generate import load_exported
-    from lte.common.generate import main as generate_main
+    from lte.commands.generate import load_exported
+    from lte.commands.generate import main as generate_main
 
     out = tmp_path / "run" / "model.safetensors"
     base = ["--model", "gpt-micro", "--dataset", "text", "--data-dir", str(byte_data), "--context", "16"]
@@ -376,7 +376,7 @@ def test_lte_eval_finds_a_runs_relative_token_folder_from_anywhere_and_names_wha
 ):
     import shutil
 
-    from lte.common.eval_cli import main as eval_main
+    from lte.commands.eval import main as eval_main
 
     project = tmp_path / "project"  # where lte-server ran: data_dir and out are relative to it
     shutil.copytree(byte_data, project / "data" / "kjv")
@@ -400,7 +400,7 @@ def test_lte_eval_finds_a_runs_relative_token_folder_from_anywhere_and_names_wha
 
 
 def test_token_data_of_another_tokenizer_is_refused(byte_data):
-    from lte.common.trainer import LocalTrainer
+    from lte.common.job.trainer import LocalTrainer
 
     data = load_text(str(byte_data), eval_tokens=256)
     job = dataclasses.replace(tiny_job(byte_data), tokenizer="bpe:0123456789abcdef")
@@ -413,7 +413,7 @@ def test_token_data_of_another_tokenizer_is_refused(byte_data):
 
 @pytest.mark.slow
 def test_the_evaluation_sample_starts_at_a_line_of_val_bin_and_names_its_prompt(tmp_path):
-    from lte.common.text import SAMPLE_PROMPT_TOKENS, evaluation_sample, sample_prompt_start
+    from lte.common.data.text import SAMPLE_PROMPT_TOKENS, evaluation_sample, sample_prompt_start
 
     lines = "".join(f"Ge1:{i} And God said, Let there be light number {i}.\n" for i in range(200))
     write_token_files(tmp_path, [lines], ByteTokenizer(), val_fraction=0.5)
@@ -486,7 +486,7 @@ def test_dashboard_page_puts_the_sample_in_through_text_content_only():
 
 
 def test_lte_eval_of_an_lte_sim_export_asks_for_the_token_folder_in_one_line(byte_data, tmp_path, capsys):
-    from lte.common.eval_cli import main as eval_main
+    from lte.commands.eval import main as eval_main
 
     run = tmp_path / "run"  # lte-sim --export: no config.toml beside it naming the token folder
     base = ["--model", "gpt-micro", "--dataset", "text", "--data-dir", str(byte_data), "--context", "16"]

@@ -8,11 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from lte.common.config import JobConfig
-from lte.common.data import load_dataset
-from lte.common.layers import LTEConfig, LTELinear, LTETiedLinear
-from lte.common.merge import HeadUpdate, ReplicaUpdate, apply_updates, merge_head_deltas
-from lte.common.model_state import (
+from lte.common.core.layers import LTEConfig, LTELinear, LTETiedLinear
+from lte.common.core.merge import HeadUpdate, ReplicaUpdate, apply_updates, merge_head_deltas
+from lte.common.core.model_state import (
     commit_merge,
     export_head_factors,
     lte_layers,
@@ -20,9 +18,11 @@ from lte.common.model_state import (
     replica_parameters,
     trainable_parameters,
 )
-from lte.common.policy import export_replica_deltas, load_master_weights, prepare_model
-from lte.common.quant import quantize
-from lte.common.trainer import LocalTrainer, make_optimizer
+from lte.common.core.policy import export_replica_deltas, load_master_weights, prepare_model
+from lte.common.core.quant import quantize
+from lte.common.data.datasets import load_dataset
+from lte.common.job.config import JobConfig
+from lte.common.job.trainer import LocalTrainer, make_optimizer
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -442,9 +442,9 @@ def test_last_merge_term_is_exact_whether_folded_into_w_or_not(rows_per_head, qu
 @pytest.mark.parametrize("quant", ["none", "int8", "nf4"])
 def test_a_trainer_built_without_its_base_trains_exactly_as_one_built_with_it(quant):
     """A worker builds on the meta device and takes its base from the snapshot: no fp32 model."""
-    from lte.common.config import JobConfig
-    from lte.common.data import load_dataset
-    from lte.common.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
+    from lte.common.data.datasets import load_dataset
+    from lte.common.job.config import JobConfig
+    from lte.common.job.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
 
     data = load_dataset("digits", seed=0)
     job = JobConfig(
@@ -466,9 +466,9 @@ def test_a_trainer_built_without_its_base_trains_exactly_as_one_built_with_it(qu
 
 
 def test_heads_that_continue_mid_job_ramp_their_lr_again_with_fresh_adamw_moments():
-    from lte.common.config import JobConfig
-    from lte.common.data import load_dataset
-    from lte.common.trainer import LocalTrainer, lr_at
+    from lte.common.data.datasets import load_dataset
+    from lte.common.job.config import JobConfig
+    from lte.common.job.trainer import LocalTrainer, lr_at
 
     data = load_dataset("digits", seed=0)
     job = JobConfig(model="mlp", dataset="digits", heads=2, steps=200, warmup_steps=4, merge_every=2)
@@ -529,9 +529,9 @@ def test_reset_optimizer_clears_the_adamw_state_exactly_at_merges():
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_a_cached_frozen_weight_trains_exactly_as_the_rebuilt_one_across_commits(quant):
     """The cache lives for a round: every change of the base or of B', A' must drop it."""
-    from lte.common.config import JobConfig
-    from lte.common.data import load_dataset
-    from lte.common.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
+    from lte.common.data.datasets import load_dataset
+    from lte.common.job.config import JobConfig
+    from lte.common.job.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
 
     data = load_dataset("digits", seed=0)
     job = JobConfig(model="mlp", dataset="digits", heads=2, rank=4, quant=quant, merge_every=3, batch_size=64)

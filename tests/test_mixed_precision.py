@@ -8,14 +8,14 @@ import copy
 import pytest
 import torch
 
-from lte.common.config import JobConfig
-from lte.common.data import load_dataset
-from lte.common.layers import LTELinear
-from lte.common.model_state import load_head_factors, lte_layers
-from lte.common.precision import MixedPrecision, resolve_precision
-from lte.common.quant import quantize
-from lte.common.sim import main as sim_main
-from lte.common.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
+from lte.commands.sim import main as sim_main
+from lte.common.core.layers import LTELinear
+from lte.common.core.model_state import load_head_factors, lte_layers
+from lte.common.core.quant import quantize
+from lte.common.data.datasets import load_dataset
+from lte.common.job.config import JobConfig
+from lte.common.job.precision import MixedPrecision, resolve_precision
+from lte.common.job.trainer import LocalTrainer, build_job_model, linear_weight_names, make_snapshot
 
 
 def test_auto_is_fp32_on_the_cpu_and_names_are_checked():
@@ -207,7 +207,7 @@ def test_the_job_carries_its_precision_to_the_worker_and_the_worker_flag_parses(
 @pytest.mark.server
 def test_sync_over_the_network_in_bf16_reproduces_the_emulator_in_bf16(tmp_path):
     """The job's precision reaches the worker processes: same bits as lte-sim with bf16 autocast."""
-    from lte.common.sim import run_lte
+    from lte.commands.sim import run_lte
     from tests.cluster import DIGITS, digits_job, running_server, worker_processes
 
     job = digits_job(heads=2, steps=12, uplink="fp32", quant="int8", precision="bf16")
@@ -285,8 +285,8 @@ def test_under_autocast_an_lte_layer_moves_only_its_bias_pass_and_gradient_sum_o
 def test_under_autocast_the_losses_keep_the_targets_and_mixing_weights_in_fp32():
     """An LTE layer's output is bf16 under autocast (as nn.Linear's): the regression target and the
     mixup/cutmix weights must not be rounded to it (MSE and cross-entropy run in fp32 there)."""
-    from lte.common.mixing import mixed_loss
-    from lte.common.trainer import loss_fn
+    from lte.common.data.mixing import mixed_loss
+    from lte.common.job.trainer import loss_fn
 
     gen = torch.Generator().manual_seed(0)
     layer = LTELinear(16, 8, heads=1, rank=4)

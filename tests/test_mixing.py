@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lte.common.config import JobConfig
-from lte.common.mixing import mix_heads, mixed_loss
+from lte.common.data.mixing import mix_heads, mixed_loss
+from lte.common.job.config import JobConfig
 
 
 def batch(heads: int, per_head: int = 6) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The state policy (common/policy.py) over a gallery of user models: every model trains over a
+"""The state policy (common/core/policy.py) over a gallery of user models: every model trains over a
 real lte-server with two lte-worker processes, or is refused at start-up in one line (exit 2)."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lte.common.layers import LTEConfig, LTEConv2d, LTEMultiheadAttention
-from lte.common.merge import apply_updates
-from lte.common.model_check import check_job_model, explain_rows, explain_summary
-from lte.common.policy import AVERAGED, FROZEN, HEADS, REPLICA, TIED, ModelRefused, classify_model
-from lte.common.trainer import LocalTrainer, build_job_model, make_snapshot
+from lte.common.core.layers import LTEConfig, LTEConv2d, LTEMultiheadAttention
+from lte.common.core.merge import apply_updates
+from lte.common.core.policy import AVERAGED, FROZEN, HEADS, REPLICA, TIED, ModelRefused, classify_model
+from lte.common.job.model_check import check_job_model, explain_rows, explain_summary
+from lte.common.job.trainer import LocalTrainer, build_job_model, make_snapshot
 from tests import gallery_models as gm
 from tests.cluster import DIGITS, digits_job, running_server, worker_processes
 
@@ -229,7 +229,7 @@ def test_resume_after_the_model_code_changed_names_the_first_mismatch(tmp_path, 
 @pytest.mark.server
 @pytest.mark.parametrize("model", ["tied", "batchnorm", "conv", "mha"])
 def test_sync_over_the_network_reproduces_the_emulator_for_gallery_models(model, tmp_path):
-    from lte.common.sim import run_lte
+    from lte.commands.sim import run_lte
 
     job = digits_job(model=f"tests.gallery_models:{model}", heads=4, steps=30, uplink="fp32", quant="none")
     # workers train with this process's thread count: a plain layer's weight gradient (the tied
@@ -248,7 +248,7 @@ def test_sync_over_the_network_reproduces_the_emulator_for_gallery_models(model,
 
 
 def test_explain_model_prints_every_entry_and_warns(capsys):
-    from lte.common.sim import main as sim_main
+    from lte.commands.sim import main as sim_main
     from lte.server.cli import main as server_main
 
     args = ["--model", "tests.gallery_models:batchnorm", "--dataset", "digits", "--heads", "4"]

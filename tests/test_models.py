@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lte.common.models import (
+from lte.common.job.models import (
     MODEL_NAMES,
     VIT_PRESETS,
     MLPConfig,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lte.common.protocol import PushMeta
+from lte.common.wire.protocol import PushMeta
 from lte.server.coordinator import Coordinator
 from lte.server.status import job_status
 from tests.cluster import DIGITS, digits_job
@@ -291,8 +291,8 @@ def test_a_checkpoint_with_placeholders_resumes_into_the_resolved_job_and_a_real
     ``warmup_steps = -1``; the run's config.toml (and a server now) the values they stand for."""
     import dataclasses
 
-    from lte.common.config import job_from_dict
-    from lte.common.run_metadata import resolved_job
+    from lte.common.job.config import job_from_dict
+    from lte.common.job.run_metadata import resolved_job
     from lte.server.checkpoint import load_checkpoint
 
     old_job = digits_job(model="vit-micro", heads=2, steps=20)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lte.common.auth import TOKEN_ENV
+from lte.common.wire.auth import TOKEN_ENV
 
 TOKEN = "a-token-of-sufficient-length-0123"
 
@@ -162,7 +162,7 @@ def test_lte_sim_refuses_its_own_flags_in_a_config_file_where_they_would_be_igno
 def test_every_server_setting_has_a_flag_a_checked_file_type_and_its_help():
     from dataclasses import fields
 
-    from lte.common.config import SERVER_TYPES, ServerSettings
+    from lte.common.job.config import SERVER_TYPES, ServerSettings
     from lte.server.cli import build_parser
 
     actions = {a.dest: a for a in build_parser()._actions}
@@ -306,7 +306,7 @@ def test_sim_refuses_more_workers_than_heads():
 
 
 def test_bytes_and_rates_read_as_on_the_dashboard():
-    from lte.common.progress import format_bytes, format_count
+    from lte.common.job.progress import format_bytes, format_count
 
     assert [format_bytes(n) for n in (0, 1023, 1024, 27044826, 3 << 30)] == [
         "0 B",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lte.common.auth import TOKEN_ENV
+from lte.common.wire.auth import TOKEN_ENV
 from lte.server.coordinator import Coordinator
 from lte.server.grpc_server import ParameterServer
 from lte.worker.client import EXIT_JOB_OVER

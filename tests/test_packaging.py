@@ -40,7 +40,7 @@ def test_the_wheel_builds_without_warnings_and_carries_the_proto_and_the_dashboa
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "lte/proto/lte/v1/parameter_server.proto" in names
     assert {"lte/server/static/index.html", "lte/server/static/dashboard.js", "lte/py.typed"} <= names
-    assert {"lte/common/checks.py", "lte/common/eval_cli.py", "lte/server/disk.py"} <= names
+    assert {"lte/common/job/checks.py", "lte/commands/eval.py", "lte/server/disk.py"} <= names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in metadata
 
@@ -53,10 +53,10 @@ def test_the_development_install_lays_out_lte_as_files_static_tools_can_read():
 
 
 def test_the_package_version_is_the_one_pyproject_declares():
-    """``lte.__version__`` (kept in ``lte.common.version`` so no sub-package imports ``lte``) is the
+    """``lte.__version__`` (kept in ``lte.common.job.version`` so no sub-package imports ``lte``) is the
     version the wheel is built with."""
     import lte
-    from lte.common.checks import read_toml
+    from lte.common.job.checks import read_toml
 
     declared = read_toml(ROOT / "pyproject.toml")["project"]["version"]
     assert lte.__version__ == declared

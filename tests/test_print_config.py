@@ -19,10 +19,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from lte.common.checks import ConfigError
-from lte.common.config import JobConfig, ServerSettings
-from lte.common.data import DatasetMetadata, dataset_metadata, load_job_dataset
-from lte.common.text import ByteTokenizer, write_token_files
+from lte.common.data.datasets import DatasetMetadata, dataset_metadata, load_job_dataset
+from lte.common.data.text import ByteTokenizer, write_token_files
+from lte.common.job.checks import ConfigError
+from lte.common.job.config import JobConfig, ServerSettings
 from lte.server.cli import job_for_data, main
 from lte.server.run import stop_processes
 from tests.faults import wait_until

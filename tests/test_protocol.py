@@ -1,4 +1,4 @@
-"""The protocol's vocabulary (common/protocol.py): one home, both sides."""
+"""The protocol's vocabulary (common/wire/protocol.py): one home, both sides."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from lte.common import protocol
-from lte.common.config import JobConfig
-from lte.common.merge import HeadUpdate, ReplicaUpdate
-from lte.common.trainer import LocalTrainer
+from lte.common.core.merge import HeadUpdate, ReplicaUpdate
+from lte.common.job.config import JobConfig
+from lte.common.job.trainer import LocalTrainer
+from lte.common.wire import protocol
 from lte.server.service import STATUS_OF
 from tests.cluster import DIGITS, digits_job
 
@@ -63,7 +63,7 @@ def test_an_update_encodes_with_the_codec_policy_and_decodes_whole():
         ("head/5/l.weight/A", "fp16"),
         ("replica/l.bias", "fp32"),  # replicas stay exact
     ]
-    from lte.common.codec import decode_tensor
+    from lte.common.wire.codec import decode_tensor
 
     tensors = {e.name: decode_tensor(e).float() for e in encoded}
     got_heads, got_replica = protocol.decode_update(tensors, [5], ["l.weight"], ["l.bias"])
@@ -83,7 +83,7 @@ def test_every_refusal_has_a_status_code_and_travels_by_name():
 
 
 def test_keep_heads_carries_the_kept_heads_factors_and_adamw_moments_exactly():
-    from lte.common.model_state import lte_layers
+    from lte.common.core.model_state import lte_layers
 
     job = dataclasses.replace(digits_job(heads=3, steps=40), dtype="float64")
     trainer = LocalTrainer(job, [0, 1, 2], DIGITS)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lte.common.models import build_model, count_parameters
+from lte.common.job.models import build_model, count_parameters
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
 

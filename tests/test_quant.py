@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lte.common.quant import (
+from lte.common.core.quant import (
     NF4_LEVELS,
     QUANT_KINDS,
     QuantizedTensor,

@@ -1,4 +1,4 @@
-"""RandAugment (common/randaugment.py): torchvision's magnitudes, every op doing its work, and the
+"""RandAugment (common/data/randaugment.py): torchvision's magnitudes, every op doing its work, and the
 augmented training batch a pure function of (seed, head, step) wherever it is decoded."""
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lte.common.config import JobConfig
-from lte.common.data import HeadBatches, load_dataset, load_job_dataset
-from lte.common.images import ImageFiles
-from lte.common.loader import PrefetchedBatches
-from lte.common.randaugment import (
+from lte.common.data.datasets import HeadBatches, load_dataset, load_job_dataset
+from lte.common.data.images import ImageFiles
+from lte.common.data.loader import PrefetchedBatches
+from lte.common.data.randaugment import (
     DEFAULT_MAGNITUDE,
     RANDAUGMENT_OPS,
     Op,
@@ -24,6 +23,7 @@ from lte.common.randaugment import (
     op_value,
     rand_augment,
 )
+from lte.common.job.config import JobConfig
 from tests.test_image_data import write_classes
 
 SIGNED = (

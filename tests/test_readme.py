@@ -98,7 +98,7 @@ def test_after_run_blocks_run_on_a_real_run(tmp_path):
 
 
 def _parse(tool: str, argv: list[str]):
-    module = {"lte-server": "lte.server.cli", "lte-worker": "lte.worker.cli", "lte-sim": "lte.common.sim"}
+    module = {"lte-server": "lte.server.cli", "lte-worker": "lte.worker.cli", "lte-sim": "lte.commands.sim"}
     import importlib
 
     parser = importlib.import_module(module[tool]).build_parser()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lte.common.text import ByteTokenizer, write_token_files
+from lte.common.data.text import ByteTokenizer, write_token_files
 from lte.server.checkpoint import latest_checkpoint
 from tests.cluster import worker_processes
 from tests.faults import wait_until

@@ -18,12 +18,12 @@ from lte.worker.client import Worker
 from tests.cluster import DIGITS, digits_job
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIRS = ("server", "worker", "common", "proto")  # lte.<dir> is <dir>/ in the repository
+PACKAGE_DIRS = ("server", "worker", "common", "commands", "proto")  # lte.<dir> is <dir>/ in the repository
 FILE = re.compile(r"`((?:server|worker|common|proto)/[\w/]+\.py)`")
 
 
 def _repo_path(filename: str) -> str | None:
-    """``common/lte.py`` for a module file of the package (through the editable install's links)."""
+    """``common/core/layers.py`` for a module file of the package (through the editable install's links)."""
     path = Path(filename).resolve()
     try:
         rel = path.relative_to(ROOT)

@@ -127,7 +127,7 @@ def test_a_reused_out_with_checkpoints_of_an_interrupted_job_is_refused_unless_o
     """An interrupted job leaves checkpoints and no export: a new job on its folder without --resume
     went on silently, its own first checkpoints (lower versions) were pruned at once beside the old
     ones, and ``--resume`` would then pick the old job's."""
-    from lte.common.checks import ConfigError
+    from lte.common.job.checks import ConfigError
     from lte.server.checkpoint import list_checkpoints, save_checkpoint
     from lte.server.runlock import check_reused_out
 

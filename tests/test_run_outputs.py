@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lte.common.config import JobConfig
-from lte.common.run_metadata import resolved_job
+from lte.common.job.config import JobConfig
+from lte.common.job.run_metadata import resolved_job
 
 
 def command(tool: str) -> str:
@@ -77,7 +77,7 @@ def test_the_exported_model_says_how_to_rebuild_and_feed_it(cluster_run):
 
 @pytest.mark.process
 def test_the_run_config_holds_effective_values_not_placeholders(cluster_run):
-    from lte.common.checks import read_toml
+    from lte.common.job.checks import read_toml
 
     config = read_toml(cluster_run[0] / "config.toml")
     assert config["warmup_steps"] == 1 and config["eval_every"] >= 1 and config["checkpoint_every"] >= 1
@@ -120,7 +120,7 @@ def test_a_trained_export_runs_in_plain_torch_from_its_metadata_alone(cluster_ru
     import torch.nn.functional as F
     from safetensors.torch import load_file
 
-    from lte.common.data import load_dataset
+    from lte.common.data.datasets import load_dataset
 
     run_dir, _ = cluster_run
     weights = load_file(str(run_dir / "model.safetensors"))
@@ -141,7 +141,7 @@ def test_a_trained_export_runs_in_plain_torch_from_its_metadata_alone(cluster_ru
     accuracy = (plain_mlp(raw).argmax(1) == digits.test_y).float().mean().item()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert abs(accuracy - summary["test_accuracy"]) <= 1 / len(digits.test_y)  # at most one image apart
-    from lte.common.trainer import build_job_model
+    from lte.common.job.trainer import build_job_model
 
     initial = build_job_model(
         JobConfig(**json.loads(safe_open(str(run_dir / "model.safetensors"), "pt").metadata()["lte_job"]))
@@ -172,9 +172,9 @@ def test_lte_eval_loads_an_image_folder_at_the_job_s_size_and_streams_it(tmp_pat
     got = json.loads(result.stdout)
     assert (got["test_accuracy"], got["test_loss"]) == (want["test_accuracy"], want["test_loss"])
 
-    from lte.common.data import load_job_dataset
-    from lte.common.eval_cli import restandardise
-    from lte.common.images import ImageFiles
+    from lte.commands.eval import restandardise
+    from lte.common.data.datasets import load_job_dataset
+    from lte.common.data.images import ImageFiles
 
     job = JobConfig(dataset="imagefolder", image_size=8, seed=0)
     dataset = load_job_dataset(job, str(tmp_path / "data"))

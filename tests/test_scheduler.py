@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lte.common.protocol import PushMeta, Refusal, Refused
+from lte.common.wire.protocol import PushMeta, Refusal, Refused
 from lte.server import scheduler
 from lte.server.coordinator import Coordinator
 from lte.server.scheduler import HeadState, Lease, Policy

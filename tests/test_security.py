@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from lte.common.auth import bearer_metadata, channel_credentials, is_loopback, token_from
+from lte.common.wire.auth import bearer_metadata, channel_credentials, is_loopback, token_from
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.server.coordinator import Coordinator
@@ -351,7 +351,7 @@ PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "sh
 
 def _package_sources() -> list[Path]:
     files = []
-    for folder in ("server", "worker", "common", "proto", "lte_pkg"):
+    for folder in ("server", "worker", "common", "commands", "proto", "lte_pkg"):
         files += [p for p in (ROOT / folder).rglob("*.py") if "_pb2" not in p.name]
     assert len(files) > 10, files
     return files

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from lte.common.config import JobConfig
-from lte.common.data import load_dataset
-from lte.common.sim import main, partition_heads, run_diloco, run_full
+from lte.commands.sim import main, partition_heads, run_diloco, run_full
+from lte.common.data.datasets import load_dataset
+from lte.common.job.config import JobConfig
 
 DIGITS = load_dataset("digits", seed=0)
 
@@ -30,9 +30,9 @@ def test_diloco_with_one_replica_is_full_training():
 
 def test_diloco_averages_replicas():
     """After one sync the master is the mean of the two replicas, each trained alone on its block."""
-    from lte.common.data import HeadBatches
-    from lte.common.sim import _full_step
-    from lte.common.trainer import build_job_model, make_optimizer
+    from lte.commands.sim import _full_step
+    from lte.common.data.datasets import HeadBatches
+    from lte.common.job.trainer import build_job_model, make_optimizer
 
     job = JobConfig(model="mlp", heads=4, steps=10, merge_every=10, dtype="float64").with_dataset(DIGITS)
     result = run_diloco(job, DIGITS, workers=2)
@@ -82,7 +82,7 @@ def test_default_warmup_follows_the_steps_of_a_replaced_job():
 
 
 def test_the_export_is_the_servers_one_function_with_its_metadata(tmp_path, capsys):
-    """lte-sim --export writes through lte.common.export.export_model, as lte-server does: the
+    """lte-sim --export writes through lte.common.job.export.export_model, as lte-server does: the
     resolved job, the preprocessing, the package version and the model version (merges)."""
     from safetensors import safe_open
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lte.common.checks import ConfigError, check_certificate_dates
+from lte.common.job.checks import ConfigError, check_certificate_dates
 from lte.server.security import server_credentials
 from tests.test_operator_cli import assert_refused, run
 from tests.test_security import _write, serving

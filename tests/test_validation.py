@@ -17,8 +17,8 @@ import grpc
 import pytest
 import torch
 
-from lte.common.codec import encode_tensor
-from lte.common.wire import tensor_chunks
+from lte.common.wire.chunks import tensor_chunks
+from lte.common.wire.codec import encode_tensor
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.server.grpc_server import ParameterServer
@@ -592,8 +592,8 @@ def test_all_finite_is_exact_where_the_fast_sum_overflows():
 def test_a_worker_that_does_not_apply_the_jobs_head_data_is_refused_at_register():
     """An older worker drops the unknown JobConfig.head_data and would train on shards: the version
     handshake refuses it by name unless its WorkerInfo lists the field (a shard job still takes it)."""
-    from lte.common.config import JobConfig
-    from lte.common.protocol import PROTOCOL_VERSION, REFUSAL_KEY, Refusal
+    from lte.common.job.config import JobConfig
+    from lte.common.wire.protocol import PROTOCOL_VERSION, REFUSAL_KEY, Refusal
 
     with (
         running_server(digits_job(heads=2, head_data="iid"), lease_timeout_s=600) as server,

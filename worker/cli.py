@@ -13,8 +13,8 @@ import threading
 
 import torch
 
-from lte.common.checks import one_line_errors
-from lte.common.precision import PRECISIONS
+from lte.common.job.checks import one_line_errors
+from lte.common.job.precision import PRECISIONS
 from lte.worker.startup import TOKEN_HINT, check_resolves, check_worker_args, rpc_hint
 
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     check_worker_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lte.common.logs import setup_logging
+    from lte.common.job.logs import setup_logging
 
     setup_logging(args.log_format, "INFO", prog="lte-worker")
     watch = StopWatch()
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, watch: StopWatch) -> int:
-    from lte.common.auth import bearer_metadata, channel_credentials, token_from
+    from lte.common.wire.auth import bearer_metadata, channel_credentials, token_from
     from lte.worker.client import EXIT_JOB_OVER, Worker
     from lte.worker.hooks import FaultInjection
 

@@ -22,9 +22,20 @@ from dataclasses import fields as dataclass_fields
 import grpc
 import torch
 
-from lte.common import grpc_options
-from lte.common.checks import check_chunk_fits
-from lte.common.codec import (
+from lte.common.core.model_state import lte_layers
+from lte.common.core.quant import QuantizedTensor
+from lte.common.data.datasets import Dataset, load_job_dataset
+from lte.common.data.images import BadImageError
+from lte.common.data.text import TokenDataset
+from lte.common.job.checks import check_chunk_fits
+from lte.common.job.config import JobConfig
+from lte.common.job.fingerprint import fingerprint_difference, model_fingerprint
+from lte.common.job.progress import Progress, format_bytes
+from lte.common.job.trainer import LocalTrainer
+from lte.common.job.version import __version__
+from lte.common.wire import grpc_options
+from lte.common.wire.chunks import TensorAssembler, tensor_chunks
+from lte.common.wire.codec import (
     CodecError,
     EncodedTensor,
     apply_byte_delta,
@@ -33,14 +44,8 @@ from lte.common.codec import (
     decode_tensor_quantized,
     get_codec,
 )
-from lte.common.config import JobConfig
-from lte.common.data import Dataset, load_job_dataset
-from lte.common.failure import LeaseState, leave_reason, training_failure
-from lte.common.fingerprint import fingerprint_difference, model_fingerprint
-from lte.common.images import BadImageError
-from lte.common.model_state import lte_layers
-from lte.common.progress import Progress, format_bytes
-from lte.common.protocol import (
+from lte.common.wire.failure import LeaseState, leave_reason, training_failure
+from lte.common.wire.protocol import (
     HEAD_PREFIX,
     PROTOCOL_VERSION,
     QUANTIZED_SNAPSHOT_CODECS,
@@ -55,11 +60,6 @@ from lte.common.protocol import (
     job_from_proto,
     refusal_of,
 )
-from lte.common.quant import QuantizedTensor
-from lte.common.text import TokenDataset
-from lte.common.trainer import LocalTrainer
-from lte.common.version import __version__
-from lte.common.wire import TensorAssembler, tensor_chunks
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.worker.hooks import RoundHooks

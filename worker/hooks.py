@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lte.common.merge import HeadUpdate, ReplicaUpdate
+from lte.common.core.merge import HeadUpdate, ReplicaUpdate
 
 # What --poison-push does to the factors a rogue worker sends (B and A of every head and layer):
 #   scale=K   every B times K (the contribution B A - B' A' grows about K-fold)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import grpc
 
-from lte.common.auth import TOKEN_ENV
-from lte.common.checks import ConfigError, check_pem, check_range, parse_server_address
+from lte.common.job.checks import ConfigError, check_pem, check_range, parse_server_address
+from lte.common.wire.auth import TOKEN_ENV
 
 
 def check_worker_args(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ over gloo; an outer SGD with Nesterov momentum (the paper's lr 0.7, momentum 0.9
 and every replica restarts from it, keeping its inner AdamW state.
 
 Both see the same data as LTE's heads: each rank samples its own batches (seeded by rank) from the
-train split, with the job's warm-up + cosine learning rate (``lte.common.trainer.lr_at``) over its
+train split, with the job's warm-up + cosine learning rate (``lte.common.job.trainer.lr_at``) over its
 ``--steps`` local steps. Rank 0 evaluates on the same test subset as lte-server's
 ``--eval-samples`` and appends ``{"time", "wall", "step", "samples", "test_accuracy"}`` lines to
 ``--out`` (time: seconds since all ranks joined; wall: the Unix time).
@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lte.common.config import JobConfig
-from lte.common.data import eval_subset, load_dataset
-from lte.common.models import build_model
-from lte.common.trainer import lr_at
+from lte.common.data.datasets import eval_subset, load_dataset
+from lte.common.job.config import JobConfig
+from lte.common.job.models import build_model
+from lte.common.job.trainer import lr_at
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

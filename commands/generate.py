@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from lte.common.config import job_from_dict
-from lte.common.hf import load_hf_folder, sample_tokens
-from lte.common.models import GPT
-from lte.common.text import Tokenizer, load_tokenizer
-from lte.common.trainer import build_job_model
+from lte.common.core.hf import load_hf_folder, sample_tokens
+from lte.common.data.text import Tokenizer, load_tokenizer
+from lte.common.job.config import job_from_dict
+from lte.common.job.models import GPT
+from lte.common.job.trainer import build_job_model
 
 
 def load_exported(path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:

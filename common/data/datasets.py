@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lte.common.images import IMAGE_EXTENSIONS, ImageFiles, channel_stats, scan_class_folders
-from lte.common.seeds import generator, mixed_seed
-from lte.common.shards import index_shards, shard_files
-from lte.common.text import TokenBatches, TokenDataset, load_text
+from lte.common.data.images import IMAGE_EXTENSIONS, ImageFiles, channel_stats, scan_class_folders
+from lte.common.data.seeds import generator, mixed_seed
+from lte.common.data.shards import index_shards, shard_files
+from lte.common.data.text import TokenBatches, TokenDataset, load_text
 
 _log = logging.getLogger("lte.data")
 SYNTHETIC_D_IN, SYNTHETIC_D_OUT = 64, 64  # synthetic-regression's input and target widths
@@ -127,7 +127,7 @@ def load_dataset(
         classes=None, augment="crop-flip", randaugment=(0, 0), skip_bad_images=False (data_dir required)
       synthetic-regression: d_in=64, d_out=64, num_train=4096, num_test=1024, noise_std=0.0
       text: eval_tokens=65536 (data_dir required: token files from lte-prepare-text; returns a
-        lte.common.text.TokenDataset, task "lm")
+        lte.common.data.text.TokenDataset, task "lm")
     """
     key = name.lower().replace("_", "-")
     loaders: dict[str, Callable[..., Any]] = {
@@ -356,7 +356,7 @@ def _load_imagefolder(
     skip_bad_images: bool = False,
     randaugment: tuple[int, int] = (0, 0),
 ) -> Dataset:
-    """Class-per-folder images, streamed from disk (``ImageFiles``); see ``common/images.py``.
+    """Class-per-folder images, streamed from disk (``ImageFiles``); see ``common/data/images.py``.
 
     ``image_size`` 0: 32. ``channels`` 1 or 3 (0: 1 if ``grayscale`` else 3). ``classes``: the
     job's class names, to map a worker's own folders by name. ``augment`` "": crop-flip.
@@ -446,7 +446,7 @@ def _image_dataset(
 
 
 # ---------------------------------------------------------------------------------------
-# webdataset: .tar shards (common/shards.py), root/train/*.tar with root/val|test/*.tar, or root/*.tar
+# webdataset: .tar shards (common/data/shards.py), root/train/*.tar with root/val|test/*.tar, or root/*.tar
 
 
 def _load_webdataset(

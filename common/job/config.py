@@ -9,7 +9,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lte.common.checks import (
+from lte.common.core.hf import context_of, read_config
+from lte.common.core.layers import A_INITS, LTEConfig
+from lte.common.core.quant import QUANT_KINDS
+from lte.common.data.datasets import DATASET_NAMES
+from lte.common.data.images import AUGMENTS
+from lte.common.data.randaugment import DEFAULT_MAGNITUDE, MAX_MAGNITUDE, RANDAUGMENT_OPS
+from lte.common.data.text import check_token_data
+from lte.common.job.checks import (
     ConfigError,
     check_choice,
     check_model_name,
@@ -18,15 +25,8 @@ from lte.common.checks import (
     flag,
     read_toml,
 )
-from lte.common.data import DATASET_NAMES
-from lte.common.hf import context_of, read_config
-from lte.common.images import AUGMENTS
-from lte.common.layers import A_INITS, LTEConfig
-from lte.common.models import GPT_PRESETS, MODEL_NAMES
-from lte.common.precision import PRECISIONS
-from lte.common.quant import QUANT_KINDS
-from lte.common.randaugment import DEFAULT_MAGNITUDE, MAX_MAGNITUDE, RANDAUGMENT_OPS
-from lte.common.text import check_token_data
+from lte.common.job.models import GPT_PRESETS, MODEL_NAMES
+from lte.common.job.precision import PRECISIONS
 
 MODES = ("sync", "async", "buffered")
 UPLINK_CODECS = ("fp32", "fp16", "bf16", "int8-block")
@@ -51,7 +51,7 @@ class JobConfig:
     alpha: float = 64.0  # s = alpha / r = 4; README "Tuning LTE for a new model" has the measured band
     merge_every: int = 10  # T: local steps per round
     reset: bool = False
-    a_init: str = "reference"  # the paper authors' A scale, spectral norm sqrt(n / r) (common/layers.py)
+    a_init: str = "reference"  # the paper authors' A scale, spectral norm sqrt(n / r) (common/core/layers.py)
     a_init_gain: float = 1.0
     quant: str = "none"  # base weights on the workers: none | int8 | nf4
     uplink: str = "fp16"  # factors on the wire: fp32 | fp16 | bf16 | int8-block

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from lte.common.layers import (
+from lte.common.core.layers import (
     LTEConfig,
     LTEConv1D,
     LTEConv2d,
@@ -41,8 +41,8 @@ from lte.common.layers import (
     LTETiedLinear,
     conv1d_class,
 )
-from lte.common.model_state import lte_layers, replica_parameters
-from lte.common.quant import QuantizedTensor
+from lte.common.core.model_state import lte_layers, replica_parameters
+from lte.common.core.quant import QuantizedTensor
 
 HEADS, REPLICA, AVERAGED, LOCAL, FROZEN, TIED = (
     "lte heads",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lte.common.images import IMAGE_EXTENSIONS, is_hidden, read_member  # noqa: F401 (re-exported)
+from lte.common.data.images import IMAGE_EXTENSIONS, is_hidden, read_member  # noqa: F401 (re-exported)
 
 
 def shard_files(folder: Path) -> list[Path]:

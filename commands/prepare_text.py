@@ -1,6 +1,6 @@
 """``lte-prepare-text``: text files, .jsonl / .parquet records or a saved Hugging Face dataset turned
 into token files (``train.bin``, ``val.bin``, ``meta.json``) for ``--dataset text``; the tokenizers and
-the token files are ``lte.common.text``'s."""
+the token files are ``lte.common.data.text``'s."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from lte.common.text import (
+from lte.common.data.text import (
     BYTES_ID,
     DEFAULT_BPE_VOCAB,
     BPETokenizer,

@@ -1,6 +1,6 @@
 """``lte-eval``: evaluate an exported model the way lte-server did, from the file alone.
 
-The model's metadata (common/run_metadata.py) holds the job and the preprocessing, so the same
+The model's metadata (common/job/run_metadata.py) holds the job and the preprocessing, so the same
 zoo model is rebuilt, the dataset is loaded with the job's seed (the same test split), and its
 images are standardised with the *training* mean and std stored in the file.
 """
@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lte.common.checks import ConfigError, check_range, one_line_errors, read_toml
+from lte.common.job.checks import ConfigError, check_range, one_line_errors, read_toml
 
-# lte.common.data, text, run_metadata, trainer and hf import torch: imported where used, so that
+# lte.common.data.datasets, text, run_metadata, trainer and hf import torch: imported where used, so that
 # `lte-eval --help` and its argument errors start without it (python -X importtime, 2026-12-07,
 # the loaded 2-core machine: this module 0.1-0.3 s, torch alone 6.5-7.8 s)
 if TYPE_CHECKING:
-    from lte.common.data import Dataset
-    from lte.common.text import TokenDataset
+    from lte.common.data.datasets import Dataset
+    from lte.common.data.text import TokenDataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +93,7 @@ def restandardise(dataset, prep: dict) -> None:
     """
     import torch
 
-    from lte.common.data import ResizedImages
+    from lte.common.data.datasets import ResizedImages
 
     extras = dataset.extras
     if not {"mean", "std"} <= set(prep) or not {"mean", "std"} <= set(extras):
@@ -116,7 +116,7 @@ def restandardise(dataset, prep: dict) -> None:
 
 def _test_samples(dataset: Dataset | TokenDataset, context: int) -> int:
     """Images of the test split, or for token data the validation windows ``evaluate`` reads."""
-    from lte.common.text import TokenDataset, eval_starts
+    from lte.common.data.text import TokenDataset, eval_starts
 
     if isinstance(dataset, TokenDataset):
         return eval_starts(len(dataset.val_tokens), context, dataset.eval_tokens).numel()
@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             metadata = fh.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise ConfigError(f"RUN_OR_MODEL {model_file}: not a readable safetensors file ({exc})") from None
-    from lte.common.run_metadata import job_from_metadata
+    from lte.common.job.run_metadata import job_from_metadata
 
     job = job_from_metadata(metadata, source=str(model_file))
     prep = json.loads(metadata.get("lte_preprocessing") or "{}")
     dataset_name = args.dataset or job.dataset
-    from lte.common.data import DATASET_NAMES, load_job_dataset
+    from lte.common.data.datasets import DATASET_NAMES, load_job_dataset
 
     if dataset_name not in DATASET_NAMES:
         raise ConfigError(f"--dataset {dataset_name!r}: must be one of {', '.join(DATASET_NAMES)}")
@@ -166,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     restandardise(dataset, prep)
     from safetensors.torch import load_file
 
-    from lte.common.trainer import build_job_model, evaluate
+    from lte.common.job.trainer import build_job_model, evaluate
 
     hf_folder = (model_file.parent / "config.json").is_file()
     if hf_folder:  # lte's hf/ export: transformers loads it (its own names, ties saved once)
-        from lte.common.hf import HFError, load_hf_folder
+        from lte.common.core.hf import HFError, load_hf_folder
 
         try:
             model = load_hf_folder(model_file.parent, job.context).to(args.device)

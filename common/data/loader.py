@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from lte.common.data import HeadBatches
+from lte.common.data.datasets import HeadBatches
 
 _log = logging.getLogger("lte.data")
 

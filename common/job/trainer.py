@@ -13,22 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lte.common.config import JobConfig
-from lte.common.data import Dataset, HeadBatches, head_batches, head_shard, own_data_shards
-from lte.common.images import ImageFiles
-from lte.common.loader import PrefetchedBatches, eval_batches
-from lte.common.merge import HeadUpdate, ReplicaUpdate
-from lte.common.mixing import mix_heads, mixed_loss
-from lte.common.model_state import (
+from lte.common.core.merge import HeadUpdate, ReplicaUpdate
+from lte.common.core.model_state import (
     commit_merge,
     export_head_factors,
     load_head_factors,
     lte_layers,
     trainable_parameters,
 )
-from lte.common.models import build_model
-from lte.common.outputs import forward_logits
-from lte.common.policy import (
+from lte.common.core.outputs import forward_logits
+from lte.common.core.policy import (
     classify_model,
     expect_stacked_batch,
     export_replica_deltas,
@@ -37,9 +31,15 @@ from lte.common.policy import (
     prepare_model_on_device,
     uplink_tensors,
 )
-from lte.common.precision import MixedPrecision
-from lte.common.quant import QuantizedTensor, quantize
-from lte.common.text import TokenDataset, check_token_data, evaluate_lm
+from lte.common.core.quant import QuantizedTensor, quantize
+from lte.common.data.datasets import Dataset, HeadBatches, head_batches, head_shard, own_data_shards
+from lte.common.data.images import ImageFiles
+from lte.common.data.loader import PrefetchedBatches, eval_batches
+from lte.common.data.mixing import mix_heads, mixed_loss
+from lte.common.data.text import TokenDataset, check_token_data, evaluate_lm
+from lte.common.job.config import JobConfig
+from lte.common.job.models import build_model
+from lte.common.job.precision import MixedPrecision
 
 
 def build_job_model(job: JobConfig, seed: int | None = None) -> nn.Module:
@@ -217,7 +217,7 @@ class LocalTrainer:
         ``cache_frozen``: keep each layer's frozen weight (dequantised, ``B'A'`` folded) in the
         compute dtype for the round instead of rebuilding it twice per step: faster, for one
         ``[m, n]`` per layer (per head where folded) of memory; None: on for CUDA devices only.
-        ``precision``: fp32 | bf16 | fp16 | auto (``lte.common.precision``); None: the job's.
+        ``precision``: fp32 | bf16 | fp16 | auto (``lte.common.job.precision``); None: the job's.
         ``loader_workers``: DataLoader processes decoding the batches of streamed data ahead of the
         step (0, or in-memory data: in this process)."""
         if not head_ids:

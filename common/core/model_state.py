@@ -10,8 +10,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lte.common.layers import LTELinear, LTETiedLinear
-from lte.common.merge import Factors
+from lte.common.core.layers import LTELinear, LTETiedLinear
+from lte.common.core.merge import Factors
 
 
 # -- an LTE model's layers and replicas, by name ---------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from lte.common.checks import check_token
+from lte.common.job.checks import check_token
 
 TOKEN_ENV = "LTE_TOKEN"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from lte.common.codec import EncodedTensor, iter_chunks
+from lte.common.wire.codec import EncodedTensor, iter_chunks
 from lte.proto import parameter_server_pb2 as pb
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lte.common.seeds import generator, mixed_seed
+from lte.common.data.seeds import generator, mixed_seed
 
 _MIX_SALT = 0x4D1C  # keeps the mixing stream apart from the sample order and crop streams
 

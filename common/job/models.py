@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lte.common.hf import build_hf_model
+from lte.common.core.hf import build_hf_model
 
 MODEL_NAMES = (
     "mlp",
@@ -496,7 +496,7 @@ def build_model(
     A factory is called with whichever of image_size, in_channels, num_classes, patch_size
     (when given), and for a language model context and vocab_size (= num_classes), its signature
     accepts, plus the overrides. ``hf:PATH`` builds a transformers model from a local config
-    (``lte.common.hf.build_hf_model``: ``vocab_size`` must be ``num_classes``).
+    (``lte.common.core.hf.build_hf_model``: ``vocab_size`` must be ``num_classes``).
     """
     if name.startswith("hf:"):
         return build_hf_model(name, vocab_size=num_classes or None, context=context)

@@ -1,6 +1,6 @@
 """The LoRA-the-Explorer layers: ``LTELinear`` and the LTE forms of Conv2d, MultiheadAttention,
-Embedding, transformers' Conv1D and a tied output layer (model conversion: ``lte.common.policy``;
-the merge arithmetic: ``lte.common.merge``; an LTE model's state by name: ``lte.common.model_state``).
+Embedding, transformers' Conv1D and a tied output layer (model conversion: ``lte.common.core.policy``;
+the merge arithmetic: ``lte.common.core.merge``; an LTE model's state by name: ``lte.common.core.model_state``).
 
 The math (docs/design.md section 2). Scale ``s = alpha / r``; ``N`` heads in the whole job. Head ``i``
 with factors ``(B_i, A_i)`` and the factors of its last merge ``(B'_i, A'_i)`` computes
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lte.common.merge import Factors, merge_head_deltas
-from lte.common.quant import QUANT_KINDS, QuantizedTensor, quantize, quantized_zeros
+from lte.common.core.merge import Factors, merge_head_deltas
+from lte.common.core.quant import QUANT_KINDS, QuantizedTensor, quantize, quantized_zeros
 
 A_INITS = ("semi-orthogonal", "reference", "kaiming", "xavier")
 
@@ -294,7 +294,7 @@ class LTELinear(nn.Module):
         layer.reset_parameters(config.head_ids, config.seed, layer_index, config.a_init, config.a_init_gain)
         return layer
 
-    # -- the conversion table's interface (lte.common.policy.LTE_MODULES) --------------------
+    # -- the conversion table's interface (lte.common.core.policy.LTE_MODULES) --------------------
     @staticmethod
     def matrices(module: nn.Module) -> tuple[str, ...]:
         """Names (relative to ``module``) of the parameters that become LTE matrices."""

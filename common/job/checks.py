@@ -150,14 +150,14 @@ def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
 def check_model_name(name: str, zoo: Iterable[str]) -> None:
     """Refuse a model that no process could build: an unknown zoo name or a factory that does not import.
 
-    ``zoo``: the zoo's names (``lte.common.models.MODEL_NAMES``). A ``package.module:factory``
+    ``zoo``: the zoo's names (``lte.common.job.models.MODEL_NAMES``). A ``package.module:factory``
     spec is imported here, so a typo is found before any worker joins.
     Raises ConfigError.
     """
     zoo = tuple(zoo)
     if name.startswith("hf:"):
-        # lazy: hf imports torch, and checks is torch-free for lte-eval's start (common/eval_cli.py)
-        from lte.common.hf import HFError, check_hf_model
+        # lazy: hf imports torch, and checks is torch-free for lte-eval's start (commands/eval.py)
+        from lte.common.core.hf import HFError, check_hf_model
 
         try:
             check_hf_model(name)

@@ -9,10 +9,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lte.common.config import JobConfig
-from lte.common.layers import LayoutError
-from lte.common.outputs import forward_logits
-from lte.common.policy import (
+from lte.common.core.layers import LayoutError
+from lte.common.core.outputs import forward_logits
+from lte.common.core.policy import (
     AVERAGED,
     FROZEN,
     HEADS,
@@ -24,9 +23,10 @@ from lte.common.policy import (
     convert_model,
     expect_stacked_batch,
 )
-from lte.common.progress import format_bytes
-from lte.common.quant import quantized_zeros
-from lte.common.trainer import build_job_model
+from lte.common.core.quant import quantized_zeros
+from lte.common.job.config import JobConfig
+from lte.common.job.progress import format_bytes
+from lte.common.job.trainer import build_job_model
 
 UPLINK_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8-block": 1.0 + 4.0 / 64}
 FULL_RANK_WARN = 0.10  # warn when more than this share of the uplink travels full-rank

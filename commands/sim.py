@@ -4,7 +4,7 @@ The emulator is the parameter server and its workers in one process, on the serv
 each simulated worker is a ``LocalTrainer`` over its heads that loads the server's snapshot
 (``lte.server.snapshots``) as a worker decodes it, and every merge is the server's
 ``Aggregator`` (``lte.server.aggregation``) over plain master weights; the export is the server's
-too (``lte.common.export``). With ``--workers 1`` (the default) all ``N`` heads are one vectorised
+too (``lte.common.job.export``). With ``--workers 1`` (the default) all ``N`` heads are one vectorised
 model. It imports the server, so it is a command, above ``common``, ``server`` and ``worker``.
 """
 
@@ -19,8 +19,18 @@ from typing import Any
 
 import torch
 
-from lte.common.checks import ConfigError, check_range, one_line_errors
-from lte.common.config import (
+from lte.common.core.outputs import forward_logits
+from lte.common.core.policy import classify_model
+from lte.common.data.datasets import (
+    DATASET_NAMES,
+    eval_subset,
+    head_batches,
+    load_job_dataset,
+    stacked_batch,
+)
+from lte.common.data.images import BadImageError
+from lte.common.job.checks import ConfigError, check_range, one_line_errors
+from lte.common.job.config import (
     EXPLAIN_HELP,
     SERVER_TYPES,
     JobConfig,
@@ -30,22 +40,11 @@ from lte.common.config import (
     load_toml,
     resolve_job,
 )
-from lte.common.data import (
-    DATASET_NAMES,
-    eval_subset,
-    head_batches,
-    load_job_dataset,
-    stacked_batch,
-)
-from lte.common.export import export_model
-from lte.common.images import BadImageError
-from lte.common.model_check import startup_model_check
-from lte.common.outputs import forward_logits
-from lte.common.policy import classify_model
-from lte.common.precision import MixedPrecision
-from lte.common.progress import Progress
-from lte.common.protocol import snapshot_weights
-from lte.common.trainer import (
+from lte.common.job.export import export_model
+from lte.common.job.model_check import startup_model_check
+from lte.common.job.precision import MixedPrecision
+from lte.common.job.progress import Progress
+from lte.common.job.trainer import (
     LocalTrainer,
     build_job_model,
     evaluate,
@@ -53,6 +52,7 @@ from lte.common.trainer import (
     lr_at,
     make_optimizer,
 )
+from lte.common.wire.protocol import snapshot_weights
 from lte.server.aggregation import AcceptedPush, Aggregator
 from lte.server.snapshots import SnapshotBuilder, master_for_snapshot
 

@@ -19,8 +19,8 @@ import textwrap
 import torch
 from torch import nn
 
-from lte.common.config import JobConfig
-from lte.common.trainer import build_job_model
+from lte.common.job.config import JobConfig
+from lte.common.job.trainer import build_job_model
 
 
 def model_tree(model: nn.Module) -> str:

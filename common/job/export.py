@@ -22,11 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from lte.common.config import JobConfig
-from lte.common.hf import HF_FOLDER, is_hf, require_transformers
-from lte.common.run_metadata import export_metadata, share_as_umask
-from lte.common.text import BYTES_ID, META_FILE, TOKENIZER_FILE, copy_tokenizer
-from lte.common.trainer import build_job_model
+from lte.common.core.hf import HF_FOLDER, is_hf, require_transformers
+from lte.common.data.text import BYTES_ID, META_FILE, TOKENIZER_FILE, copy_tokenizer
+from lte.common.job.config import JobConfig
+from lte.common.job.run_metadata import export_metadata, share_as_umask
+from lte.common.job.trainer import build_job_model
 
 
 def export_model(

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import zstandard
 
-from lte.common.quant import (
+from lte.common.core.quant import (
     QuantizedTensor,
     dequantize_int8_rows,
     quantize_int8_rows,
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 if sys.byteorder != "little":  # float payloads are the host's bytes; every supported host is little-endian
-    raise ImportError("lte.common.codec needs a little-endian host")
+    raise ImportError("lte.common.wire.codec needs a little-endian host")
 
 BLOCK_SIZE = 64
 MAX_NDIM = 32

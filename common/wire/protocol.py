@@ -20,13 +20,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lte.common import grpc_options
-from lte.common.codec import EncodedTensor, decode_tensor, decode_tensor_quantized, encode_tensor
-from lte.common.config import SNAPSHOT_CODEC, JobConfig
-from lte.common.merge import Factors, HeadUpdate, ReplicaUpdate
-from lte.common.quant import QuantizedTensor
-from lte.common.version import __version__
-from lte.common.wire import TensorAssembler
+from lte.common.core.merge import Factors, HeadUpdate, ReplicaUpdate
+from lte.common.core.quant import QuantizedTensor
+from lte.common.job.config import SNAPSHOT_CODEC, JobConfig
+from lte.common.job.version import __version__
+from lte.common.wire import grpc_options
+from lte.common.wire.chunks import TensorAssembler
+from lte.common.wire.codec import EncodedTensor, decode_tensor, decode_tensor_quantized, encode_tensor
 from lte.proto import parameter_server_pb2 as pb
 
 # -- tensor names --------------------------------------------------------------------------------

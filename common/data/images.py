@@ -2,8 +2,8 @@
 
 Nothing here holds decoded pixels beyond one batch: an ``ImageFiles`` is a list of paths and
 labels, and ``x[idx]`` decodes those files (in the caller's process, or in a DataLoader worker
-process, see ``common/loader.py``). A training sample's augmentation is drawn from a generator
-seeded by the caller (``common/data.py`` seeds it from (seed, head, step, position)), so a batch is
+process, see ``common/data/loader.py``). A training sample's augmentation is drawn from a generator
+seeded by the caller (``common/data/datasets.py`` seeds it from (seed, head, step, position)), so a batch is
 a pure function of its indices and seeds, in any process.
 
 Decoding (Pillow, already a dependency) brings every PIL mode to 8-bit L or RGB: 16-bit and
@@ -15,7 +15,7 @@ Augmentations (Pillow crop-and-resize in one call, on uint8, in the loader proce
          ``torchvision.transforms.RandomResizedCrop``) to ``image_size``, then a horizontal flip
          with probability 1/2;
   eval:  resize the shorter side to ``image_size`` and take the centre square.
-  RandAugment (``randaugment=(N, M)``, ``common/randaugment.py``): after the crop and flip, N ops at
+  RandAugment (``randaugment=(N, M)``, ``common/data/randaugment.py``): after the crop and flip, N ops at
          magnitude M, drawn from the same per-sample generator (so the crop does not change with it).
 Kornia was the other candidate; it works on float tensors of the full decoded image, and the
 crop happens better before the float conversion, where Pillow does it in one pass.
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lte.common.randaugment import MAX_MAGNITUDE, rand_augment
-from lte.common.seeds import generator
+from lte.common.data.randaugment import MAX_MAGNITUDE, rand_augment
+from lte.common.data.seeds import generator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUGMENTS = ("none", "crop-flip")
@@ -194,7 +194,7 @@ class ImageFiles:
 
     ``load(indices, seeds)`` gives the training view: sample k augmented from ``seeds[k]`` (``augment``,
     then ``randaugment=(num_ops, magnitude)`` when num_ops > 0).
-    ``shards`` and ``members`` (``common/shards.py``): the samples are tar members, sample i is
+    ``shards`` and ``members`` (``common/data/shards.py``): the samples are tar members, sample i is
     ``members[i] = (shard, offset, size)``, and ``files[i]`` only names it in messages.
     With ``skip_bad``, a file that does not decode is replaced by the next one in the list that does
     (deterministic: the same in every process), counted in ``bad_files``, warned once per file;

@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lte.common.checks import ConfigError
-from lte.common.config import JobConfig, job_from_dict
-from lte.common.models import VIT_PRESETS, default_patch_size
-from lte.common.version import __version__
+from lte.common.job.checks import ConfigError
+from lte.common.job.config import JobConfig, job_from_dict
+from lte.common.job.models import VIT_PRESETS, default_patch_size
+from lte.common.job.version import __version__
 
 # raw pixel range per dataset: the loaders divide by it before standardising
 PIXEL_SCALE = {"digits": 16.0, "fashion-mnist": 255.0, "imagefolder": 255.0}

@@ -5,7 +5,7 @@
 ``vocab_size`` must be the token files' vocabulary. ``transformers`` is the optional extra
 ``lte[hf]``, imported only here and only when such a model is used.
 
-The export of such a model as a transformers folder (``<run>/hf/``) is ``lte.common.export``'s.
+The export of such a model as a transformers folder (``<run>/hf/``) is ``lte.common.job.export``'s.
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lte.common.hf import is_transformers_model, sample_tokens
-from lte.common.outputs import forward_logits
-from lte.common.seeds import generator, mixed_seed
+from lte.common.core.hf import is_transformers_model, sample_tokens
+from lte.common.core.outputs import forward_logits
+from lte.common.data.seeds import generator, mixed_seed
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
