@@ -121,8 +121,8 @@ def test_dropped_connections_are_retried_and_no_push_is_applied_twice():
         outcomes = {"applied": 0, "duplicate": 0}
         real_apply = c.apply_push
 
-        def apply_then_cut(header, tensors):  # the real method; then the reply is lost on the way
-            result = real_apply(header, tensors)
+        def apply_then_cut(header, tensors, *received):  # the real method; then the reply is lost
+            result = real_apply(header, tensors, *received)
             outcomes["duplicate" if result["duplicate"] else "applied"] += 1
             if not result["duplicate"] and outcomes["applied"] < job.rounds:
                 proxy.drop()  # applied, but the worker never hears so: it must push the same round again
