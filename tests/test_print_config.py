@@ -214,3 +214,18 @@ def test_resolved_settings_fill_the_placeholders_as_the_server_runs_them():
     kept = ServerSettings(heads_per_worker=1, eval_every=0, checkpoint_every=7).resolved(job)
     assert (kept.heads_per_worker, kept.eval_every, kept.checkpoint_every) == (1, 0, 7)
     assert ServerSettings().resolved(job).heads_per_worker == 0  # no bound without local workers
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--eval-samples", "-1"], "--eval-samples -1: must be >= 0"),
+        (["--loader-workers", "-5"], "--loader-workers -5: must be >= -1"),
+    ],
+)
+def test_print_config_refuses_the_counts_a_start_refuses(flags, message, capsys):
+    # --eval-samples -1 printed a config that a start refuses; --loader-workers -5 started as -1 (the default)
+    code = main(["--model", "mlp", "--dataset", "digits", *flags, "--print-config"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out[:300]
+    assert captured.err.startswith("lte-server: error: " + message) and captured.err.count("\n") == 1
