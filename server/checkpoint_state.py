@@ -107,7 +107,9 @@ class Checkpoints:
 def restore(c: Coordinator, state: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Continue ``c`` from a checkpoint of the same job; ``ValueError`` naming the differing settings
     (another job) or the mismatching tensor."""
-    saved, now = _effective(state.get("job", {})), _effective(c.job.to_dict())
+    # a job field added later is absent from an older checkpoint, whose job ran without it
+    saved = _effective({**ABSENT_IN_OLDER_CHECKPOINTS, **state.get("job", {})})
+    now = _effective(c.job.to_dict())
     # a run's own config.toml holds resolved values (warmup 300 for the -1 the checkpoint kept)
     diff = sorted(k for k, v in now.items() if k in saved and saved[k] != v)
     if diff:
@@ -149,6 +151,12 @@ def restore(c: Coordinator, state: dict[str, Any], tensors: Mapping[str, torch.T
         c.snapshots.invalidate()
         c.guard.remember_master(c.master)
         c.changed.notify_all()
+
+
+# Job fields added after checkpoints were first written, with the value an older server's job ran
+# with: ``reset_optimizer`` (a checkpoint from before it trained with it off). Only fields whose
+# default is that older behaviour belong here.
+ABSENT_IN_OLDER_CHECKPOINTS: dict[str, Any] = {"reset_optimizer": False}
 
 
 def _effective(job: Mapping[str, Any]) -> dict[str, Any]:
