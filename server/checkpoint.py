@@ -104,13 +104,20 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A checkpoint folder, or a run folder holding checkpoints (the newest is taken)."""
+def checkpoint_folder(path: str | Path) -> Path:
+    """The checkpoint ``--resume path`` continues from: ``path`` itself, or the newest checkpoint of
+    a run folder. FileNotFoundError when there is none."""
     path = Path(path)
     if not (path / "state.json").is_file():
         newest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
         if newest is None:
             raise FileNotFoundError(f"no checkpoint in {path} (expected ckpt-<version>/state.json)")
         path = newest
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint folder, or a run folder holding checkpoints (the newest is taken)."""
+    path = checkpoint_folder(path)
     state = json.loads((path / "state.json").read_text())
     return state, load_file(str(path / "tensors.safetensors"))

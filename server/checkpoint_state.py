@@ -107,16 +107,9 @@ class Checkpoints:
 def restore(c: Coordinator, state: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Continue ``c`` from a checkpoint of the same job; ``ValueError`` naming the differing settings
     (another job) or the mismatching tensor."""
-    # a job field added later is absent from an older checkpoint, whose job ran without it
-    saved = _effective({**ABSENT_IN_OLDER_CHECKPOINTS, **state.get("job", {})})
-    now = _effective(c.job.to_dict())
-    # a run's own config.toml holds resolved values (warmup 300 for the -1 the checkpoint kept)
-    diff = sorted(k for k, v in now.items() if k in saved and saved[k] != v)
-    if diff:
-        raise ValueError(
-            "the checkpoint belongs to another job; differing settings: "
-            + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in diff)
-        )
+    difference = job_difference(state.get("job", {}), c.job.to_dict())
+    if difference:
+        raise ValueError(difference)
     mismatch = checkpoint_mismatch(c.master, tensors)
     if mismatch:
         raise ValueError(mismatch)
@@ -157,6 +150,21 @@ def restore(c: Coordinator, state: dict[str, Any], tensors: Mapping[str, torch.T
 # with: ``reset_optimizer`` (a checkpoint from before it trained with it off). Only fields whose
 # default is that older behaviour belong here.
 ABSENT_IN_OLDER_CHECKPOINTS: dict[str, Any] = {"reset_optimizer": False}
+
+
+def job_difference(saved_job: Mapping[str, Any], job: Mapping[str, Any]) -> str | None:
+    """None when a checkpoint's job (``state.json``'s ``job``) is ``job``; else the phrase naming the
+    differing settings. Both compare resolved (a run's own config.toml holds warmup 300 for the -1
+    a checkpoint kept); a job field added later is absent from an older checkpoint, whose job ran
+    without it (``ABSENT_IN_OLDER_CHECKPOINTS``)."""
+    saved = _effective({**ABSENT_IN_OLDER_CHECKPOINTS, **saved_job})
+    now = _effective(job)
+    diff = sorted(k for k, v in now.items() if k in saved and saved[k] != v)
+    if not diff:
+        return None
+    return "the checkpoint belongs to another job; differing settings: " + ", ".join(
+        f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in diff
+    )
 
 
 def _effective(job: Mapping[str, Any]) -> dict[str, Any]:
