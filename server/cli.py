@@ -29,8 +29,7 @@ from lte.common.job.config import (
 from lte.common.job.logs import setup_logging
 from lte.common.job.model_check import startup_model_check
 from lte.common.job.run_metadata import resolved_job
-from lte.server.checkpoint import checkpoint_folder
-from lte.server.checkpoint_state import job_difference
+from lte.server.checkpoint import checkpoint_folder, job_difference
 from lte.server.runlock import RunLock, check_reused_out
 from lte.server.startup import check_server_settings, discard_run_folder, prepare_run_folder
 
