@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lte.common.job.model_check import checkpoint_mismatch
-from lte.common.job.models import VIT_PRESETS, default_patch_size
 from lte.common.wire.protocol import HEAD_PREFIX, factor_tensors, group_head_factors
 from lte.server import checkpoint as ckpt
 from lte.server.disk import CheckpointHealth
@@ -107,14 +106,9 @@ class Checkpoints:
 def restore(c: Coordinator, state: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Continue ``c`` from a checkpoint of the same job; ``ValueError`` naming the differing settings
     (another job) or the mismatching tensor."""
-    saved, now = _effective(state.get("job", {})), _effective(c.job.to_dict())
-    # a run's own config.toml holds resolved values (warmup 300 for the -1 the checkpoint kept)
-    diff = sorted(k for k, v in now.items() if k in saved and saved[k] != v)
-    if diff:
-        raise ValueError(
-            "the checkpoint belongs to another job; differing settings: "
-            + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in diff)
-        )
+    difference = ckpt.job_difference(state.get("job", {}), c.job.to_dict())
+    if difference:
+        raise ValueError(difference)
     mismatch = checkpoint_mismatch(c.master, tensors)
     if mismatch:
         raise ValueError(mismatch)
@@ -149,18 +143,3 @@ def restore(c: Coordinator, state: dict[str, Any], tensors: Mapping[str, torch.T
         c.snapshots.invalidate()
         c.guard.remember_master(c.master)
         c.changed.notify_all()
-
-
-def _effective(job: Mapping[str, Any]) -> dict[str, Any]:
-    """Job settings with placeholders resolved, as lists where the TOML and JSON have lists.
-
-    A checkpoint of an older server holds ``patch_size = 0`` and ``warmup_steps = -1`` where a run's
-    config.toml (and a server now) holds the values they stand for: both sides compare resolved.
-    """
-    out: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in job.items()}
-    if out.get("warmup_steps", -1) == -1 and "steps" in out:
-        out["warmup_steps"] = max(1, int(out["steps"]) // 20)  # JobConfig.warmup's rule
-    is_vit = str(out.get("model", "")).lower().replace("_", "-") in VIT_PRESETS
-    if is_vit and not out.get("patch_size") and out.get("image_size"):
-        out["patch_size"] = default_patch_size(int(out["image_size"]))  # the zoo's rule, as built
-    return out

@@ -29,6 +29,7 @@ from lte.common.job.config import (
 from lte.common.job.logs import setup_logging
 from lte.common.job.model_check import startup_model_check
 from lte.common.job.run_metadata import resolved_job
+from lte.server.checkpoint import checkpoint_folder, job_difference
 from lte.server.runlock import RunLock, check_reused_out
 from lte.server.startup import check_server_settings, discard_run_folder, prepare_run_folder
 
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, out=str(resumed_run_folder(settings.resume)))
         if args.print_config:  # the job as a start resolves it, from the data's metadata only
             job = job_for_data(job, dataset_metadata(job, settings.data_dir))
+            if settings.resume:  # what a start refuses before it serves: no checkpoint, another job
+                check_resumable(settings.resume, job)
             print(to_toml({**resolved_job(job), **settings.resolved(job).public()}), end="")
             return 0
         dataset = load_job_dataset(job, settings.data_dir, skip_bad_images=settings.skip_bad_images)
@@ -187,6 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         run.stop()
         lock.release()
+
+
+def check_resumable(resume: str, job: JobConfig) -> None:
+    """ValueError (the start's ``cannot resume from`` line) when ``--resume`` holds no checkpoint or
+    a checkpoint of another job; reads its state.json only."""
+    try:
+        state = json.loads((checkpoint_folder(resume) / "state.json").read_text())
+        difference = job_difference(state.get("job", {}), job.to_dict())
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"cannot resume from {resume}: {exc}") from None
+    if difference:
+        raise ValueError(f"cannot resume from {resume}: {difference}")
 
 
 def resumed_run_folder(resume: str) -> Path:

@@ -339,3 +339,26 @@ def test_stopping_cancels_an_evaluation_in_progress_and_joins_its_thread(monkeyp
     monkeypatch.setattr(evaluation, "evaluate", real)
     assert c.evaluate_now()["test_accuracy"] is not None  # a stopped coordinator still evaluates
     c.close()
+
+
+def test_a_checkpoint_from_before_reset_optimizer_refuses_a_resume_that_turns_it_on(tmp_path):
+    """A checkpoint whose job has no ``reset_optimizer`` (written before the option existed) trained
+    with it off: resuming it with ``--reset-optimizer`` is another job, as it is for a checkpoint
+    that holds ``reset_optimizer = false``; resuming it with the option off goes on."""
+    import dataclasses
+
+    from lte.server.checkpoint import load_checkpoint
+
+    job = digits_job(heads=2, steps=20)
+    old = Coordinator(job, None, checkpoint_dir=tmp_path)
+    path = old.save_checkpoint()
+    old.close()
+    state, tensors = load_checkpoint(path)
+    del state["job"]["reset_optimizer"]  # what a checkpoint of the older server holds
+    resumed = Coordinator(job, None)
+    resumed.restore(state, tensors)
+    other = Coordinator(dataclasses.replace(job, reset_optimizer=True), None)
+    with pytest.raises(ValueError, match=r"reset_optimizer \(checkpoint False, now True\)"):
+        other.restore(state, tensors)
+    for c in (resumed, other):
+        c.close()

@@ -214,3 +214,49 @@ def test_resolved_settings_fill_the_placeholders_as_the_server_runs_them():
     kept = ServerSettings(heads_per_worker=1, eval_every=0, checkpoint_every=7).resolved(job)
     assert (kept.heads_per_worker, kept.eval_every, kept.checkpoint_every) == (1, 0, 7)
     assert ServerSettings().resolved(job).heads_per_worker == 0  # no bound without local workers
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--eval-samples", "-1"], "--eval-samples -1: must be >= 0"),
+        (["--loader-workers", "-5"], "--loader-workers -5: must be >= -1"),
+    ],
+)
+def test_print_config_refuses_the_counts_a_start_refuses(flags, message, capsys):
+    # --eval-samples -1 printed a config that a start refuses; --loader-workers -5 started as -1 (the default)
+    code = main(["--model", "mlp", "--dataset", "digits", *flags, "--print-config"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out[:300]
+    assert captured.err.startswith("lte-server: error: " + message) and captured.err.count("\n") == 1
+
+
+def test_print_config_with_resume_refuses_what_the_resumed_start_refuses(tmp_path, capsys):
+    # --print-config --resume printed a config (exit 0) for a folder without a checkpoint, and for a
+    # checkpoint of another job, both of which the start then refused
+    from lte.common.job.config import job_from_dict
+    from lte.common.job.run_metadata import resolved_job
+    from lte.server.coordinator import Coordinator
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    flags = ["--model", "mlp", "--dataset", "digits", "--heads", "2", "--steps", "20", "--print-config"]
+    assert main([*flags, "--resume", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"lte-server: error: cannot resume from {empty}: no checkpoint in")
+        and err.count("\n") == 1
+    )
+    job = job_for_data(
+        JobConfig(model="mlp", dataset="digits", heads=2, steps=20),
+        dataset_metadata(JobConfig(model="mlp", dataset="digits", heads=2, steps=20), None),
+    )
+    c = Coordinator(job_from_dict(resolved_job(job)), None, checkpoint_dir=tmp_path / "run" / "checkpoints")
+    c.save_checkpoint()
+    c.close()
+    assert main([*flags, "--resume", str(tmp_path / "run")]) == 0  # the same job
+    capsys.readouterr()
+    assert main([*flags, "--resume", str(tmp_path / "run"), "--reset-optimizer"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "reset_optimizer (checkpoint False, now True)" in captured.err

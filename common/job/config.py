@@ -319,9 +319,14 @@ class ServerSettings:
         -1,
         "DataLoader processes decoding streamed images: the server's evaluation uses this many, "
         "--local-workers get it too [0 here, 2 on local workers]",
+        low=-1,
+        note="-1 means 0 here, 2 on local workers",
     )
     eval_samples: int = _setting(
-        0, "evaluate on a fixed class-balanced subset of K test samples, 0 for all [0]"
+        0,
+        "evaluate on a fixed class-balanced subset of K test samples, 0 for all [0]",
+        low=0,
+        note="0 for all",
     )
     heads_per_worker: int = _setting(
         0,
