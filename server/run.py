@@ -264,7 +264,8 @@ class ServerRun:
             except OSError as exc:
                 self.stop()
                 raise StartError(
-                    f"dashboard: {exc} (pick another --dashboard-port, or -1 for none)"
+                    f"--dashboard-port {srv.dashboard_port}: {exc} (pick another, 0 for a free one, "
+                    'or -1 for none; under make: ARGS="--dashboard-port 0")'
                 ) from None
             if self.quiet and self.log_format == "text":  # even with --quiet: the one line a user needs
                 print(f"lte-server: dashboard at {dashboard.url}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -48,6 +49,23 @@ def test_rpc_threads_reach_the_server_and_too_few_are_refused(tmp_path, capsys):
     code = main(["--rpc-threads", "1", "--dashboard-port", "-1", "--port", "0", "--out", str(tmp_path)])
     assert code == 2
     assert "at least 2 handler threads" in capsys.readouterr().err
+
+
+@pytest.mark.server
+def test_a_dashboard_port_in_use_is_one_line_naming_the_option_and_the_way_out(tmp_path, capsys):
+    """A second `make cluster` while the first one's dashboard lingers on 8080: the line named the
+    dashboard twice ("dashboard: dashboard cannot listen ...") and not the flag, nor how to pass
+    another one through make."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["--dashboard-port", str(port), "--port", "0", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"lte-server: error: --dashboard-port {port}: dashboard cannot listen on "), err
+    assert "0 for a free one" in err and 'ARGS="--dashboard-port 0"' in err, err
+    assert not (tmp_path / "run").exists()  # a refused start leaves no run folder
 
 
 def test_invalid_values_are_refused_with_the_reason(capsys):
