@@ -68,6 +68,30 @@ def test_a_dashboard_port_in_use_is_one_line_naming_the_option_and_the_way_out(t
     assert not (tmp_path / "run").exists()  # a refused start leaves no run folder
 
 
+def test_a_relative_data_dir_is_resolved_absolute_so_the_config_starts_from_any_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """README: the resume command printed at Ctrl+C pastes "from any folder", with the run's
+    config.toml (what --print-config prints). A job started with `--data-dir data/kjv` wrote that
+    relative path, and the command failed from elsewhere: "data/kjv/meta.json: missing"."""
+    from lte.common.data.text import ByteTokenizer, write_token_files
+
+    project = tmp_path / "project"
+    write_token_files(
+        project / "data" / "kjv", ["In the beginning God created the heaven. " * 40], ByteTokenizer()
+    )
+    monkeypatch.chdir(project)
+    job = ["--model", "gpt-micro", "--dataset", "text", "--data-dir", "data/kjv", "--context", "16"]
+    assert main([*job, "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert tomllib.loads(text)["data_dir"] == str(project / "data" / "kjv")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.toml").write_text(text)
+    monkeypatch.chdir(elsewhere)
+    assert print_config(capsys, "--config", "config.toml") == tomllib.loads(text)
+
+
 def test_invalid_values_are_refused_with_the_reason(capsys):
     assert main(["--heads", "0", "--print-config"]) == 2
     assert "heads must be >= 1" in capsys.readouterr().err
