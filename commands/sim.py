@@ -433,12 +433,14 @@ def main(argv: list[str] | None = None) -> int:
         acc = (
             f"test accuracy {summary['test_accuracy']:.4f}, " if summary["test_accuracy"] is not None else ""
         )
-        if "perplexity" in summary:
-            acc = (
-                f"perplexity {summary['perplexity']:.3f}, bits per byte {summary['bits_per_byte']:.4f}, val "
-            )
+        split = "test"
+        if "perplexity" in summary:  # a language model scores its validation tokens (val.bin)
+            acc = f"perplexity {summary['perplexity']:.3f}, bits per byte {summary['bits_per_byte']:.4f}, "
+            split = "val"
         loss = (
-            f"test loss {summary['test_loss']:.4f}" if summary["test_loss"] is not None else "no test metrics"
+            f"{split} loss {summary['test_loss']:.4f}"
+            if summary["test_loss"] is not None
+            else f"no {split} metrics"
         )
         print(f"{mode}: {acc}{loss}, {summary['samples']} samples in {summary['seconds']:.1f} s")
     return 0

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,12 +88,27 @@ def local_data_args(settings: ServerSettings) -> list[str]:
     return args
 
 
+def server_program() -> str:
+    """How to name this environment's ``lte-server`` in a printed command: ``lte-server`` when the
+    PATH the server was started with finds this very one (an activated ``.venv``), else its absolute
+    path (``make cluster`` runs ``.venv/bin/lte-server`` with ``.venv/bin`` off the PATH, where a bare
+    ``lte-server`` is "command not found" or another install's)."""
+    own = Path(sys.executable).absolute().parent / "lte-server"
+    if not own.is_file():
+        return "lte-server"
+    found = shutil.which("lte-server")
+    if found is not None and Path(found).resolve() == own.resolve():
+        return "lte-server"
+    return str(own)
+
+
 def resume_command(run_dir: Path) -> str:
     """The command that continues the job of ``run_dir`` from its newest checkpoint, shell-quoted
     (a folder name with a space or a quote pastes as one word), with absolute paths (it pastes from any
-    folder, not only the one the server started in): its config.toml holds the resolved job."""
+    folder, not only the one the server started in, and runs in a shell that did not activate the
+    ``.venv``: see ``server_program``): its config.toml holds the resolved job."""
     run_dir = Path(run_dir).absolute()
-    return shlex.join(["lte-server", "--config", str(run_dir / "config.toml"), "--resume", str(run_dir)])
+    return shlex.join([server_program(), "--config", str(run_dir / "config.toml"), "--resume", str(run_dir)])
 
 
 # SIGHUP: the terminal closed (an ssh session dropped); the job stops as on SIGTERM or Ctrl+C,
@@ -248,7 +264,8 @@ class ServerRun:
             except OSError as exc:
                 self.stop()
                 raise StartError(
-                    f"dashboard: {exc} (pick another --dashboard-port, or -1 for none)"
+                    f"--dashboard-port {srv.dashboard_port}: {exc} (pick another, 0 for a free one, "
+                    'or -1 for none; under make: ARGS="--dashboard-port 0")'
                 ) from None
             if self.quiet and self.log_format == "text":  # even with --quiet: the one line a user needs
                 print(f"lte-server: dashboard at {dashboard.url}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -48,6 +49,47 @@ def test_rpc_threads_reach_the_server_and_too_few_are_refused(tmp_path, capsys):
     code = main(["--rpc-threads", "1", "--dashboard-port", "-1", "--port", "0", "--out", str(tmp_path)])
     assert code == 2
     assert "at least 2 handler threads" in capsys.readouterr().err
+
+
+@pytest.mark.server
+def test_a_dashboard_port_in_use_is_one_line_naming_the_option_and_the_way_out(tmp_path, capsys):
+    """A second `make cluster` while the first one's dashboard lingers on 8080: the line named the
+    dashboard twice ("dashboard: dashboard cannot listen ...") and not the flag, nor how to pass
+    another one through make."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["--dashboard-port", str(port), "--port", "0", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"lte-server: error: --dashboard-port {port}: dashboard cannot listen on "), err
+    assert "0 for a free one" in err and 'ARGS="--dashboard-port 0"' in err, err
+    assert not (tmp_path / "run").exists()  # a refused start leaves no run folder
+
+
+def test_a_relative_data_dir_is_resolved_absolute_so_the_config_starts_from_any_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """README: the resume command printed at Ctrl+C pastes "from any folder", with the run's
+    config.toml (what --print-config prints). A job started with `--data-dir data/kjv` wrote that
+    relative path, and the command failed from elsewhere: "data/kjv/meta.json: missing"."""
+    from lte.common.data.text import ByteTokenizer, write_token_files
+
+    project = tmp_path / "project"
+    write_token_files(
+        project / "data" / "kjv", ["In the beginning God created the heaven. " * 40], ByteTokenizer()
+    )
+    monkeypatch.chdir(project)
+    job = ["--model", "gpt-micro", "--dataset", "text", "--data-dir", "data/kjv", "--context", "16"]
+    assert main([*job, "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert tomllib.loads(text)["data_dir"] == str(project / "data" / "kjv")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.toml").write_text(text)
+    monkeypatch.chdir(elsewhere)
+    assert print_config(capsys, "--config", "config.toml") == tomllib.loads(text)
 
 
 def test_invalid_values_are_refused_with_the_reason(capsys):

@@ -268,6 +268,12 @@ def test_lte_sim_cli_text(byte_data, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["test_loss"] < np.log(256) + 0.5 and out["perplexity"] > 1 and out["bits_per_byte"] > 0
     assert sim_main([*base, "--full", "--json", "--quiet"]) == 0
+    capsys.readouterr()
+    assert sim_main([*base, "--quiet"]) == 0  # the text summary names the split as lte-server does
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r"perplexity [\d.]+, bits per byte [\d.]+, val loss [\d.]+, \d+ samples", summary), (
+        summary
+    )
     assert sim_main(["--model", "gpt-micro", "--dataset", "text", "--quiet"]) == 2
     assert "--data-dir" in capsys.readouterr().err
 

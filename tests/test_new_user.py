@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -192,7 +194,7 @@ def test_sighup_stops_the_server_and_its_local_workers_with_a_checkpoint(tmp_pat
     finally:
         stop_group(proc)
     text = log.read_text()
-    assert "continue with: lte-server --config" in text, text[-3000:]
+    assert re.search(r"continue with: \S*lte-server --config", text), text[-3000:]
     assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
     for worker_log in out.glob("worker-*.log"):
         assert "Traceback" not in worker_log.read_text(), worker_log.read_text()[-2000:]
@@ -257,7 +259,7 @@ def test_ctrl_c_on_a_terminal_during_evaluations_stops_in_order_without_a_native
         text = drain()
         os.close(leader)
     assert code == 130, text[-3000:]
-    assert "continue with: lte-server --config" in text, text[-3000:]
+    assert re.search(r"continue with: \S*lte-server --config", text), text[-3000:]
     assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
 
 
@@ -362,3 +364,20 @@ def test_a_checkpoint_from_before_reset_optimizer_refuses_a_resume_that_turns_it
         other.restore(state, tensors)
     for c in (resumed, other):
         c.close()
+
+
+def test_the_resume_command_runs_in_a_shell_that_did_not_activate_the_venv(tmp_path, monkeypatch):
+    """README "Stopping and resuming": the printed command pastes as is. After Ctrl+C of ``make
+    cluster`` (which runs .venv/bin/lte-server, .venv/bin off the PATH) it used to say a bare
+    ``lte-server``: "command not found" in that very shell. Off the PATH it names this environment's
+    lte-server by its absolute path; where the PATH finds that same one, the short name."""
+    from lte.server.run import resume_command
+
+    run = tmp_path / "runs" / "a run"
+    monkeypatch.setenv("PATH", os.defpath)  # a shell that did not activate the .venv
+    program, *rest = shlex.split(resume_command(run))
+    assert program == str((BIN / "lte-server").absolute()), program
+    assert os.access(program, os.X_OK)
+    assert rest == ["--config", str(run / "config.toml"), "--resume", str(run)]
+    monkeypatch.setenv("PATH", f"{BIN.absolute()}{os.pathsep}{os.defpath}")  # after . .venv/bin/activate
+    assert shlex.split(resume_command(run))[0] == "lte-server"

@@ -463,7 +463,9 @@ class ServerSettings:
     def resolved(self, job: JobConfig) -> ServerSettings:
         """The placeholders filled in for ``job`` as the server runs it: ``heads_per_worker`` 0 is
         ceil(N / local workers) (0, no bound, without local workers), ``eval_every`` and
-        ``checkpoint_every`` -1 are a tenth of the rounds per head (at least 1)."""
+        ``checkpoint_every`` -1 are a tenth of the rounds per head (at least 1); an existing
+        ``data_dir`` or TLS file given relative to the working folder becomes absolute, so that the
+        run's config.toml (and the resume command printed at Ctrl+C) works from any folder."""
         local = self.local_workers
         tenth = max(1, job.rounds // 10)
         return dataclasses.replace(
@@ -471,6 +473,10 @@ class ServerSettings:
             heads_per_worker=self.heads_per_worker or (-(-job.heads // local) if local else 0),
             eval_every=self.eval_every if self.eval_every >= 0 else tenth,
             checkpoint_every=self.checkpoint_every if self.checkpoint_every >= 0 else tenth,
+            data_dir=_absolute(self.data_dir),
+            tls_cert=_absolute(self.tls_cert),
+            tls_key=_absolute(self.tls_key),
+            tls_ca=_absolute(self.tls_ca),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -484,6 +490,13 @@ class ServerSettings:
     def without_secrets(self) -> dict[str, Any]:
         """Settings fit for a file on disk (a run's config.toml): secrets left out."""
         return {k: v for k, v in self.to_dict().items() if k not in SECRETS}
+
+
+def _absolute(path: str | None) -> str | None:
+    """``path`` made absolute when it names something that exists here; else as given."""
+    if not path or not Path(path).exists():
+        return path
+    return str(Path(path).absolute())
 
 
 def _plain_type(annotation: str) -> type:
