@@ -160,3 +160,33 @@ def test_a_functional_activation_in_another_file_than_the_factory_is_part_of_the
     assert why is not None and why.startswith("the code of the model's modules differs"), why
     old_server = (prints["gelu"][0].rsplit(" code ", 1)[0], prints["gelu"][1])  # sends no code part
     assert fingerprint_difference(old_server, prints["relu"], job.model) is None
+
+
+def test_model_fingerprints_computed_by_threads_at_once_agree_and_never_fail():
+    """In-process workers joining together fingerprint their models at the same moment; the class
+    sources are parsed once, under a lock (CPython 3.11's ast recursion count is shared by threads:
+    `make test` saw "SystemError: AST constructor recursion depth mismatch" kill a worker)."""
+    import threading
+
+    from lte.common.job import fingerprint
+
+    job = JobConfig(model="vit-micro", image_size=8, patch_size=2, in_channels=1, num_classes=10)
+    results, errors = [], []
+    for _ in range(5):
+        fingerprint._code_of.cache_clear()
+        start = threading.Barrier(6)
+
+        def one(start=start):
+            start.wait()
+            try:
+                results.append(model_fingerprint(job)[0])
+            except Exception as exc:  # the test's point: none may fail
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors, errors
+    assert len(results) == 30 and len(set(results)) == 1

@@ -10,11 +10,13 @@ other side has GELU has the same shapes); ``fingerprint_difference`` names the f
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 import inspect
 import json
 import textwrap
+import threading
 
 import torch
 from torch import nn
@@ -47,9 +49,22 @@ def factory_source_hash(spec: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+# CPython 3.11's ast module keeps its AST-constructor recursion-depth count in the interpreter's
+# module state, shared by its threads: two threads parsing at once (in-process workers joining
+# together; seen in `make test`) can fail with "SystemError: AST constructor recursion depth
+# mismatch" (a threaded report: python/cpython#106905). One parse at a time, and once per class.
+_AST_LOCK = threading.Lock()
+
+
+@functools.cache
 def _code_of(cls: type) -> str:
     """A class's source as its syntax tree without docstrings (comments, formatting and docs do not
-    count); "" when the source cannot be read."""
+    count); "" when the source cannot be read. Cached per class; safe to call from several threads."""
+    with _AST_LOCK:
+        return _syntax_without_docstrings(cls)
+
+
+def _syntax_without_docstrings(cls: type) -> str:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):
