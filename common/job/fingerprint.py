@@ -10,7 +10,6 @@ other side has GELU has the same shapes); ``fingerprint_difference`` names the f
 from __future__ import annotations
 
 import ast
-import functools
 import hashlib
 import importlib
 import inspect
@@ -54,14 +53,16 @@ def factory_source_hash(spec: str) -> str:
 # together; seen in `make test`) can fail with "SystemError: AST constructor recursion depth
 # mismatch" (a threaded report: python/cpython#106905). One parse at a time, and once per class.
 _AST_LOCK = threading.Lock()
+_CODE_BY_CLASS: dict[type, str] = {}  # holds the classes, so an id is never reused
 
 
-@functools.cache
 def _code_of(cls: type) -> str:
     """A class's source as its syntax tree without docstrings (comments, formatting and docs do not
     count); "" when the source cannot be read. Cached per class; safe to call from several threads."""
     with _AST_LOCK:
-        return _syntax_without_docstrings(cls)
+        if cls not in _CODE_BY_CLASS:
+            _CODE_BY_CLASS[cls] = _syntax_without_docstrings(cls)
+        return _CODE_BY_CLASS[cls]
 
 
 def _syntax_without_docstrings(cls: type) -> str:
