@@ -173,7 +173,7 @@ def test_model_fingerprints_computed_by_threads_at_once_agree_and_never_fail():
     job = JobConfig(model="vit-micro", image_size=8, patch_size=2, in_channels=1, num_classes=10)
     results, errors = [], []
     for _ in range(5):
-        fingerprint._code_of.cache_clear()
+        fingerprint.clear_code_cache()
         start = threading.Barrier(6)
 
         def one(start=start):

@@ -65,6 +65,12 @@ def _code_of(cls: type) -> str:
         return _CODE_BY_CLASS[cls]
 
 
+def clear_code_cache() -> None:
+    """Forget the classes' parsed code (a test parses them again, from several threads at once)."""
+    with _AST_LOCK:
+        _CODE_BY_CLASS.clear()
+
+
 def _syntax_without_docstrings(cls: type) -> str:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
