@@ -225,7 +225,7 @@ def measure_lte(model: str, args, ds, rank: int, quant: str, hpw: int, uplink: s
         lo1 = loopback_bytes()
         join = diff(counter.snapshot(), {})
         out["join"] = {**join, "seconds": time.perf_counter() - t0, "lo": _lo(lo0, lo1)}
-        threading.Thread(target=worker._heartbeat_loop, daemon=True).start()
+        threading.Thread(target=worker.heartbeat.loop, daemon=True).start()
         for _ in range(rounds):
             before, lo0 = counter.snapshot(), loopback_bytes()
             t = time.perf_counter()

@@ -73,7 +73,7 @@ def measure_round(job: JobConfig, ds, heads: int) -> dict:
         first = counted_worker(server.address, first_counter)
         first.register()  # Register + the whole snapshot of version 0
         join = diff(first_counter.snapshot(), {})
-        threading.Thread(target=first._heartbeat_loop, daemon=True).start()
+        threading.Thread(target=first.heartbeat.loop, daemon=True).start()
         before = first_counter.snapshot()
         row = train_and_push(first)
         out["workers"].append({**row, "push": diff(first_counter.snapshot(), before)})
@@ -97,7 +97,7 @@ def measure_round(job: JobConfig, ds, heads: int) -> dict:
             raise RuntimeError(f"worker 0 did not pull version 1 (pulled {pulled}, holds {first.version})")
         out["join"] = join
         out["pull"] = diff(first_counter.snapshot(), before)
-        out["delta_pulls"] = first.delta_pulls
+        out["delta_pulls"] = first.puller.delta_pulls
         first.stop.set()
         first.leave()
     return out

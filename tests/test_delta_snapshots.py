@@ -144,8 +144,8 @@ def test_sync_training_with_delta_snapshots_is_bit_identical_and_pulls_fewer_byt
     full_worker, full_state, full_down = _run_worker(job, delta_worker=False, delta_server=True)
     delta_worker, delta_state, delta_down = _run_worker(job, delta_worker=True, delta_server=True)
     old_server_worker, old_server_state, _ = _run_worker(job, delta_worker=True, delta_server=False)
-    assert full_worker.delta_pulls == old_server_worker.delta_pulls == 0
-    assert delta_worker.delta_pulls == job.rounds - 1  # every pull after the first one
+    assert full_worker.puller.delta_pulls == old_server_worker.puller.delta_pulls == 0
+    assert delta_worker.puller.delta_pulls == job.rounds - 1  # every pull after the first one
     # a q(W) that differed in any round would change the factors trained on it, hence W
     for name, value in full_state.items():
         assert torch.equal(delta_state[name], value), name
@@ -155,7 +155,7 @@ def test_sync_training_with_delta_snapshots_is_bit_identical_and_pulls_fewer_byt
 
 def test_a_worker_refuses_a_delta_against_codes_it_does_not_hold():
     """The worker checks the delta's base version and the result's crc32; the pull then falls back
-    to the whole snapshot (worker/client.py, ``pull``'s CodecError branch)."""
+    to the whole snapshot (worker/pulls.py, ``SnapshotPuller.fetch``'s CodecError branch)."""
     job = digits_job(quant="int8")
     builder = SnapshotBuilder(job, ["fc1.weight"], delta_history=1)
     gen = torch.Generator().manual_seed(3)
@@ -168,15 +168,14 @@ def test_a_worker_refuses_a_delta_against_codes_it_does_not_hold():
     held = codec_bytes(_tensors(full0)["fc1.weight"])
     worker = Worker("127.0.0.1:1", quiet=True)  # no call is made: the channel connects lazily
     try:
-        worker.version, worker._codes = 0, {"fc1.weight": held}
-        assert worker._undelta(enc, 0).payload != held  # the right base: it applies
+        puller = worker.puller
+        puller.codes = {"fc1.weight": held}
+        assert puller.undelta(enc, 0, version=0).payload != held  # the right base: it applies
         with pytest.raises(CodecError, match="against version 0, but this worker holds version 5"):
-            worker.version = 5
-            worker._undelta(enc, 0)
-        worker.version = 0
-        worker._codes = {"fc1.weight": bytes(len(held))}  # codes that are not version 0's
+            puller.undelta(enc, 0, version=5)
+        puller.codes = {"fc1.weight": bytes(len(held))}  # codes that are not version 0's
         with pytest.raises(CodecError, match="crc32"):
-            worker._undelta(enc, 0)
+            puller.undelta(enc, 0, version=0)
     finally:
         worker.channel.close()
 

@@ -423,15 +423,14 @@ def test_a_workers_conv1d_factors_round_to_exactly_what_the_wire_carries(configs
 
     from lte.common.wire.codec import get_codec
     from lte.common.wire.protocol import Role, codec_for
-    from lte.worker.client import Worker
+    from lte.worker.pushes import round_factors_to_wire
 
     job = JobConfig(model="x", uplink="int8-block")
     model = prepare_model(build(configs, "gpt2"), LTEConfig(heads=2, rank=4, alpha=8.0))
     with torch.no_grad():
         for layer in lte_layers(model).values():
             layer.lora_B.normal_()
-    fake = SimpleNamespace(_joined=lambda: (job, None))
-    Worker._round_factors_to_wire(fake, SimpleNamespace(model=model))  # type: ignore[arg-type]
+    round_factors_to_wire(SimpleNamespace(model=model), job)  # type: ignore[arg-type]
     codec = get_codec(codec_for(Role.HEAD_FACTOR, job))
     for head in range(2):
         for name, factors in export_head_factors(model, head).items():

@@ -90,7 +90,7 @@ def _codes_of_a_whole_pull(address: str) -> tuple[int, dict[str, bytes], int]:
     worker = Worker(address, quiet=True)
     try:
         worker.register()  # Register + the whole snapshot
-        return worker.version, dict(worker._codes), worker.bytes_down
+        return worker.version, dict(worker.puller.codes), worker.bytes_down
     finally:
         worker.leave()
         worker.stop.set()
@@ -119,13 +119,13 @@ def test_a_pull_cut_mid_stream_resumes_after_the_chunks_it_has(server_keeps_stre
             worker.register()  # the first pull breaks half-way; register retries it
             assert proxy.cut.is_set() and proxy.connections >= 2
             assert worker.version == version
-            assert worker._codes == whole  # the snapshot's codes, bit for bit
+            assert worker.puller.codes == whole  # the snapshot's codes, bit for bit
             if server_keeps_stream:
-                assert worker.resumed_pulls == 1
+                assert worker.puller.resumed_pulls == 1
                 # the retry sent only what was missing (a chunk that was cut arrives again)
                 assert worker.bytes_down < 1.1 * whole_bytes, (worker.bytes_down, whole_bytes)
             else:
-                assert worker.resumed_pulls == 0
+                assert worker.puller.resumed_pulls == 0
                 assert worker.bytes_down > 1.2 * whole_bytes, (worker.bytes_down, whole_bytes)
         finally:
             worker.stop.set()

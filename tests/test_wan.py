@@ -170,10 +170,10 @@ class _Call:
 
 
 def test_a_pull_is_cancelled_only_when_its_bytes_stop_moving_not_after_a_fixed_deadline():
-    from lte.worker.client import _StallWatchdog
+    from lte.worker.rpc import StallWatchdog
 
     call = _Call()
-    dog = _StallWatchdog(call, first_s=0.5, stall_s=0.5)
+    dog = StallWatchdog(call, first_s=0.5, stall_s=0.5)
     try:
         # a slow pull that keeps moving outlasts the stall bound many times over
         deadline = time.monotonic() + 3.0
@@ -186,14 +186,14 @@ def test_a_pull_is_cancelled_only_when_its_bytes_stop_moving_not_after_a_fixed_d
     finally:
         dog.stop()
     idle = _Call()
-    stopped = _StallWatchdog(idle, first_s=0.2, stall_s=0.2)
+    stopped = StallWatchdog(idle, first_s=0.2, stall_s=0.2)
     stopped.stop()  # a pull that finished: its watchdog never cancels it
-    stopped._thread.join(timeout=30)
+    stopped.thread.join(timeout=30)
     assert not idle.cancelled.is_set() and not stopped.fired
 
 
 def test_a_push_deadline_grows_with_its_bytes():
-    from lte.worker.client import PUSH_BASE_S, PUSH_FLOOR_BPS, push_deadline_s
+    from lte.worker.pushes import PUSH_BASE_S, PUSH_FLOOR_BPS, push_deadline_s
 
     assert push_deadline_s(0) == PUSH_BASE_S
     # 100 MB at the floor rate take 800 s: the deadline leaves them that time beyond the base

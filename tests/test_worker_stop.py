@@ -25,8 +25,9 @@ import time
 
 import pytest
 
-from lte.worker.client import Interrupted, Worker
+from lte.worker.client import Worker
 from lte.worker.hooks import FaultInjection
+from lte.worker.rpc import Interrupted
 from tests.cluster import digits_job, run_in_thread, running_server, worker_processes
 from tests.faults import wait_for, wait_until
 
