@@ -10,6 +10,7 @@ push was validated. The merge itself is ``lte.common.core.merge.apply_updates`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -99,6 +100,14 @@ class Aggregator:
         if self.job.mode == "buffered":
             return len(self.pending) >= self.buffer_size
         return True
+
+    def merged_factors(self, head_ids: Iterable[int]) -> dict[int, dict[str, Factors]]:
+        """Copies of the last merged ``(B', A')`` of ``head_ids`` by layer (empty for a head never
+        merged): what a worker taking a moved head continues from."""
+        return {
+            h: {k: (b.clone(), a.clone()) for k, (b, a) in self.prev_factors.get(h, {}).items()}
+            for h in head_ids
+        }
 
     def drop(self, lease_id: str) -> list[AcceptedPush]:
         """Take a gone lease's unmerged pushes back out (their heads restart the round elsewhere)."""

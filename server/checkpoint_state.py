@@ -63,7 +63,7 @@ class Checkpoints:
         c = self.c
         with self._lock:
             with c.lock:
-                pending_heads = {u.head_id: a.steps for a in c.pending for u in a.heads}
+                pending_heads = {u.head_id: a.steps for a in c.aggregator.pending for u in a.heads}
                 tensors = {f"master/{k}": v.detach().clone() for k, v in c.master.items()}
                 tensors.update({name: t.clone() for name, t in factor_tensors(c.prev_factors).items()})
                 tensors["rng/torch"] = torch.get_rng_state()
@@ -78,7 +78,7 @@ class Checkpoints:
                         }
                         for h in c.heads.values()
                     },
-                    "samples": c.samples - sum(a.samples for a in c.pending),
+                    "samples": c.samples - sum(a.samples for a in c.aggregator.pending),
                     "bytes_up": c.bytes_up,
                     "bytes_down": c.bytes_down,
                     "head_rounds_applied": c.head_rounds_applied,

@@ -93,7 +93,7 @@ class ParameterServer:
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._scheduler_clock = threading.Thread(target=self._tick, name="lte-scheduler-clock", daemon=True)
         self._scheduler_clock.start()
-        self.coordinator.start_evaluator()
+        self.coordinator.evaluations.start()
         return self
 
     def _tick(self) -> None:

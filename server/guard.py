@@ -49,8 +49,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lte.common.core.merge import HeadUpdate, ReplicaUpdate
 from lte.common.job.config import UPDATE_GUARDS as GUARD_MODES  # declared with --update-guard
+from lte.common.job.trainer import lr_at
+from lte.common.wire.protocol import PushMeta, Refusal, Refused
 from lte.server.aggregation import AcceptedPush, Aggregator, Merged
+from lte.server.scheduler import Lease
 
 _log = logging.getLogger("lte.server")
 
@@ -171,6 +175,7 @@ class UpdateGuard:
         self.quarantined: list[str] = []  # worker ids
         self.events: deque[dict] = deque(maxlen=100)  # the newest, for the dashboard
         self.master_norms: dict[str, float] = {}  # ||W|| per tensor before the next merge (guard on only)
+        self.refused_rounds: dict[int, int] = {}  # head -> its round refused (a retried push: refused again)
 
     def remember_master(self, master: Mapping[str, torch.Tensor]) -> None:
         """Take ``||W||`` of the master now as the next merge's growth bound (guard on only)."""
@@ -290,6 +295,50 @@ class UpdateGuard:
             self._median_check(verdict, (-1, name), "replica/" + name, f"replica {name}", norm, per)
         return verdict
 
+    def judge(
+        self,
+        lease: Lease,
+        heads: list[HeadUpdate],
+        replica_deltas: Mapping[str, torch.Tensor],
+        prev: Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+        lr_sums: Mapping[int, float],
+        trained_replicas: frozenset[str],
+        version: int,
+    ) -> tuple[Verdict, bool, dict | None]:
+        """The verdict on a push of ``lease`` (``check``, with ``lr_sums`` keyed by every pushed head),
+        whether it is refused (mode ``refuse``), and an outlier's metrics record (None for a push in
+        bounds, whose norms join the history). Counts the lease's outliers in a row."""
+        verdict = self.check(
+            {u.head_id: u.factors for u in heads},
+            prev,
+            replica_deltas,
+            lr_sums,
+            trained_replicas,
+            self.master_norms,
+        )
+        refuse = bool(verdict.outliers) and self.settings.mode == "refuse"
+        if not verdict.outliers:
+            self.accept(verdict)
+            lease.outliers_in_row = 0
+            return verdict, refuse, None
+        lease.outliers_in_row += 1
+        name = lease.worker.get("name", "")
+        return (
+            verdict,
+            refuse,
+            self.note_outlier(lease.worker_id, name, sorted(lr_sums), verdict, refuse, version),
+        )
+
+    def refusal(self, head_rounds: Mapping[int, int], verdict: Verdict) -> Refused:
+        """The ``OUTLIER`` refusal of a push of ``head_rounds`` (head -> round id); remembers the rounds,
+        so a retried push of them gets the same answer (``push_check.is_retry``)."""
+        self.refused_rounds.update(head_rounds)
+        return Refused(
+            Refusal.OUTLIER,
+            f"push of heads {sorted(head_rounds)} refused by the update guard: "
+            f"{verdict.describe()}; the round is discarded: roll these heads back and go on",
+        )
+
     def accept(self, verdict: Verdict) -> None:
         """Add an accepted push's norms to the history (not an outlier's: it would drag the median)."""
         if verdict.outliers:
@@ -347,6 +396,40 @@ class UpdateGuard:
             "quarantined": list(self.quarantined),
             "events": list(self.events)[-20:],
         }
+
+
+def screened_push(
+    lease_id: str,
+    header: PushMeta,
+    heads: list[HeadUpdate],
+    replica: ReplicaUpdate,
+    weight: float,
+    lr_start: float,
+    verdict: Verdict,
+    refuse: bool,
+) -> AcceptedPush:
+    """A push as the guard lets it into the round: a refused one merges nothing and counts no samples,
+    but its heads' round counts (``skipped``); an outlier's clip factors and worst ratio go with it."""
+    return AcceptedPush(
+        lease_id,
+        [] if refuse else heads,
+        weight,
+        replica,
+        header.steps,
+        0 if refuse else header.samples,
+        header.train_loss,
+        lr_start,
+        skipped=sorted(header.head_rounds) if refuse else [],
+        clip=dict(verdict.clip) if verdict.outliers else {},
+        guard_ratio=verdict.worst_ratio,
+        impact=verdict.impact,
+    )
+
+
+def round_lr_sum(job, steps_done: int) -> float:
+    """The learning rates of a head's round starting at step ``steps_done``, summed (the step bound's
+    and the running median's unit)."""
+    return sum(lr_at(t, job) for t in range(steps_done, steps_done + job.round_steps(steps_done)))
 
 
 def tensor_norms(master: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -4,9 +4,11 @@ evaluation, a checkpoint, an update-guard event), also handed to each sink (Tens
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from lte.server.aggregation import Merged
 
 Record = dict[str, Any]
 
@@ -37,3 +39,20 @@ class MetricsLog:
         if self._file:
             self._file.close()
             self._file = None
+
+
+def version_record(version: int, time_s: float, merged: Merged, totals: Mapping[str, int]) -> Record:
+    """A new version's line in metrics.jsonl: what the merge took in (``merged``) and the job's running
+    ``totals`` (samples, head-rounds, bytes up and down) at ``time_s`` seconds of the job."""
+    return {
+        "version": version,
+        "time": time_s,
+        "samples": totals["samples"],
+        "train_loss": merged.train_loss,
+        "pushes": merged.pushes,
+        "heads": merged.heads,
+        "head_rounds": totals["head_rounds"],
+        "lr": merged.lr_start,
+        "bytes_up": totals["bytes_up"],
+        "bytes_down": totals["bytes_down"],
+    }

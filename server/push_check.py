@@ -11,16 +11,28 @@ a ``Refusal`` reason and a message naming the head, tensor or field; nothing her
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lte.common.job.config import UPLINK_CODECS, JobConfig
-from lte.common.wire.protocol import PushMeta, Refusal, Refused, head_tensor_name, replica_tensor_name
+from lte.common.wire.protocol import (
+    PushMeta,
+    Refusal,
+    Refused,
+    handshake_refusal,
+    head_tensor_name,
+    replica_tensor_name,
+)
 from lte.server.aggregation import all_finite
+from lte.server.leases import LeaseTable
 from lte.server.scheduler import Lease
+
+_log = logging.getLogger("lte.server")
 
 
 class PushCheck:
@@ -77,6 +89,17 @@ class PushCheck:
                 raise Refused(Refusal.MALFORMED, f"{what} is {value}")
         if header.steps < 0 or header.samples < 0:
             raise Refused(Refusal.MALFORMED, "steps and samples must be >= 0")
+
+    def begin(self, header: PushMeta, leases: LeaseTable, version: int) -> IncomingPush:
+        """Cheap checks before any tensor is read (under the coordinator's lock): the lease, the heads
+        (named, in range, held by it), the version bounds; the push to read, ``Refused`` otherwise."""
+        lease = leases.get(header.lease_id)
+        if not header.head_rounds:
+            raise Refused(Refusal.MALFORMED, "push names no heads")
+        self.check_head_ids(header.head_rounds)
+        leases.check_holds(lease, header.head_rounds)
+        self.check_fields(header, version)
+        return self.incoming(lease, header)
 
     def incoming(self, lease: Lease, header: PushMeta) -> IncomingPush:
         """The checked header's push: what its stream must carry and may weigh."""
@@ -154,3 +177,17 @@ def check_rounds(head_rounds: Mapping[int, int], next_rounds: Mapping[int, int],
         raise Refused(
             Refusal.HEAD_FINISHED, f"heads {finished} have trained all {rounds_planned} of their rounds"
         )
+
+
+def check_handshake(job: JobConfig, worker: Mapping[str, Any]) -> None:
+    """A registering worker's protocol version, the job fields it knows and its lte version allow it
+    to train this job (``protocol.handshake_refusal``); ``Refused(INCOMPATIBLE)`` otherwise, logged."""
+    why = handshake_refusal(
+        job,
+        int(worker.get("protocol_version") or 0),
+        worker.get("job_fields") or (),
+        str(worker.get("lte_version") or ""),
+    )
+    if why is not None:
+        _log.warning("refused worker %s on %s: %s", worker.get("name", ""), worker.get("hostname", ""), why)
+        raise Refused(Refusal.INCOMPATIBLE, why)

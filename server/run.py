@@ -218,7 +218,7 @@ class ServerRun:
             metrics_path=self.out_dir / "metrics.jsonl",
             guard=GuardSettings(mode=srv.update_guard),
         )
-        c.eval_loader_workers = max(0, srv.loader_workers)
+        c.evaluations.loader_workers = max(0, srv.loader_workers)
         if srv.resume:
             try:
                 state, tensors = load_checkpoint(srv.resume)
@@ -242,7 +242,7 @@ class ServerRun:
             raise StartError(str(exc)) from None
         if self.tensorboard:
             try:
-                c.add_sink(tensorboard_sink(self.tensorboard))
+                c.records.add_sink(tensorboard_sink(self.tensorboard))
             except ImportError as exc:
                 self.stop()
                 raise StartError(
@@ -385,7 +385,7 @@ class ServerRun:
             try:
                 final = c.evaluate_now()
             except Exception as exc:  # the trained model is worth more than its last score: export it anyway
-                reason = c.evaluation_failed(exc)
+                reason = c.evaluations.failed(exc)
                 _log.error("final evaluation failed (%s); exporting the model without it", reason)
                 final = {"test_loss": None, "test_accuracy": None}
                 if not c.evals:

@@ -91,6 +91,28 @@ class Policy:
     turn_grace_s: float = 5.0  # a free head waits this long for a worker with room before it goes to turns
     mode: str = "sync"
 
+    @classmethod
+    def for_server(
+        cls,
+        rounds_planned: int,
+        mode: str,
+        lease_timeout_s: float,
+        heartbeat_interval_s: float,
+        straggler_factor: float,
+        turn_grace_s: float | None,
+    ) -> Policy:
+        """The server's policy: a straggler is never called so before two missed heartbeats' worth of
+        time; a free head waits for a worker with room as long as a lease waits for a heartbeat
+        (unless ``turn_grace_s`` says otherwise), then goes to turns."""
+        return cls(
+            rounds_planned=rounds_planned,
+            lease_timeout_s=lease_timeout_s,
+            straggler_factor=straggler_factor,
+            straggler_floor_s=2 * heartbeat_interval_s,
+            turn_grace_s=lease_timeout_s if turn_grace_s is None else turn_grace_s,
+            mode=mode,
+        )
+
 
 @dataclass
 class Plan:

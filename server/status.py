@@ -219,15 +219,15 @@ def read_status(c: Coordinator) -> dict[str, Any]:
             "head_rounds_applied": c.head_rounds_applied,
             "target_head_rounds": planned,
             "head_rounds_done": done,
-            "rounds_planned": c.rounds_planned,
+            "rounds_planned": c.schedule.rounds_planned,
             "elapsed_s": round(c.elapsed_s(), 3),
             "eta_s": None if (eta := c.eta_s()) is None else round(eta, 1),
             "pushes_refused": c.pushes_refused,
             "checkpoint_warning": c.checkpoint_health.warning,
             "snapshot_builds": c.snapshot_builds,
-            "pulls_turned_away": c.pulls_turned_away,
-            "heads_moved": c.heads_moved,
-            "late_pushes_refused": c.late_pushes_refused,
+            "pulls_turned_away": c.long_polls.turned_away,
+            "heads_moved": c.lease_table.heads_moved,
+            "late_pushes_refused": c.lease_table.late_pushes_refused,
             "guard": c.guard.status(),
             "eval_error": c.evaluations.error,
             "heads": [
@@ -236,7 +236,7 @@ def read_status(c: Coordinator) -> dict[str, Any]:
                     "rounds_done": h.next_round - h.pending,
                     "steps_done": h.steps_done,
                     "worker_id": c.leases[h.lease_id].worker_id if h.lease_id in c.leases else None,
-                    "waiting": c.waiting.get(h.head_id),
+                    "waiting": c.lease_table.waiting.get(h.head_id),
                 }
                 for h in c.heads.values()
             ],
@@ -261,7 +261,7 @@ def read_status(c: Coordinator) -> dict[str, Any]:
                 for l in c.leases.values()
             ],
             "free_heads": [h.head_id for h in c.heads.values() if h.lease_id is None],
-            "waiting_heads": {str(h): why for h, why in sorted(c.waiting.items())},
+            "waiting_heads": {str(h): why for h, why in sorted(c.lease_table.waiting.items())},
             "history": list(c.history[-500:]),
             "evals": list(c.evaluations.evals),
         }

@@ -155,7 +155,7 @@ def test_ended_leases_and_version_records_stay_bounded_in_memory():
     from lte.server.coordinator import Coordinator, PushMeta, Refused
 
     c = Coordinator(digits_job(heads=1, mode="async"), None)
-    c.max_ended_leases, c.max_history = 3, 4
+    c.lease_table.max_ended_leases, c.max_history = 3, 4
     ended = []
     for _ in range(10):  # workers that come and go for days
         lease, _ = c.register({})
@@ -199,7 +199,7 @@ def test_more_waiting_workers_than_server_threads_do_not_starve_pushes_or_heartb
             assert out.get("result") == 0, out  # a head moved mid-round kills none of them (issue 25)
     finally:
         server.stop(grace=0.5)
-    assert coordinator.pulls_turned_away > 0  # the limit (4 threads - 2 kept free) was reached
+    assert coordinator.long_polls.turned_away > 0  # the limit (4 threads - 2 kept free) was reached
     assert all(
         h.returned == 0 for h in coordinator.heads.values()
     )  # no lease expired: heartbeats got through
@@ -323,4 +323,4 @@ def test_a_head_move_racing_a_round_never_pushes_a_turn_the_lease_dropped():
         thread.join(timeout=60)
         assert out.get("result") == 0, out
     assert c.version == job.rounds
-    assert c.late_pushes_refused >= 1  # the first turn's push was the one refused
+    assert c.lease_table.late_pushes_refused >= 1  # the first turn's push was the one refused

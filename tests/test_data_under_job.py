@@ -95,7 +95,7 @@ def test_a_failed_evaluation_marks_the_last_score_stale(tmp_path, caplog):
         try:
             c.evaluate_now()
         except Exception as exc:
-            reason = c.evaluation_failed(exc)
+            reason = c.evaluations.failed(exc)
     records = [r for r in caplog.records if "evaluation at version 0 failed" in r.getMessage()]
     assert len(records) == 1 and records[0].exc_info is None  # one line, no traceback
     assert "the accuracy shown is version 0's (stale)" in records[0].getMessage()

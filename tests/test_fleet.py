@@ -55,7 +55,7 @@ def test_a_worker_leaving_mid_round_its_heads_go_to_the_one_left_and_the_sync_jo
                 wait_until(lambda: lease_a.state == "left", 60, "A's lease to be given back")
                 with c.lock:
                     assert len(lease_b.head_ids) == 2 and set(lease_b.head_ids) & {0, 1, 2}
-                    waiting = dict(c.waiting)
+                    waiting = dict(c.lease_table.waiting)
                 assert len(waiting) == 2, waiting  # the other two wait for room, then B's turns
                 assert a.wait(timeout=60) == 130
                 assert server.wait_done(timeout=TIMEOUT_S), "the job stalled after A left"
@@ -81,7 +81,7 @@ def test_a_frozen_worker_s_heads_move_and_its_late_push_is_refused_after_sigcont
             def a_is_between_training_and_pushing() -> bool:
                 la, lb = lease_of(c, a), lease_of(c, b)
                 with c.lock:
-                    pushed = {u.head_id for p in c.pending for u in p.heads}
+                    pushed = {u.head_id for p in c.aggregator.pending for u in p.heads}
                     return bool(la.head_ids) and set(lb.head_ids) <= pushed and not set(la.head_ids) & pushed
 
             wait_until(a_is_between_training_and_pushing, TIMEOUT_S, "B's push in, A's not yet")
@@ -100,10 +100,10 @@ def test_a_frozen_worker_s_heads_move_and_its_late_push_is_refused_after_sigcont
                 version_at_move = c.version
             finally:
                 os.kill(a.pid, signal.SIGCONT)
-            wait_for(c, lambda c: c.late_pushes_refused >= 1, 60, "A's late push to be refused")
+            wait_for(c, lambda c: c.lease_table.late_pushes_refused >= 1, 60, "A's late push to be refused")
             assert server.wait_done(timeout=TIMEOUT_S)
             assert a.wait(timeout=60) == 0 and b.wait(timeout=60) == 0
-    assert c.heads_moved >= len(frozen_heads) and c.version > version_at_move
+    assert c.lease_table.heads_moved >= len(frozen_heads) and c.version > version_at_move
     assert {h.steps_done for h in c.heads.values()} == {job.steps}
     assert c.evaluate_now()["test_accuracy"] >= 0.85
 
@@ -139,7 +139,7 @@ def test_async_with_a_3x_slower_worker_every_head_trains_exactly_its_steps_and_n
     assert min(r["lr"] for r in rounds) > 0  # no round started past its head's cosine schedule
     print(
         f"\nasync, one worker 3x slower: accuracy {accuracy:.4f} vs sync {sync_accuracy:.4f}; "
-        f"{c.heads_moved} head moves"
+        f"{c.lease_table.heads_moved} head moves"
     )
     assert abs(accuracy - sync_accuracy) <= 0.01
 

@@ -330,7 +330,7 @@ def test_stopping_cancels_an_evaluation_in_progress_and_joins_its_thread(monkeyp
 
     monkeypatch.setattr(evaluation, "evaluate", evaluate)
     c = Coordinator(digits_job(model="vit-micro", heads=2), DIGITS)
-    c.start_evaluator()
+    c.evaluations.start()
     c.evaluations.poke()
     assert started.wait(BOUND_S)
     wait_until(lambda: batches, BOUND_S, "the evaluation's first batch")

@@ -128,7 +128,7 @@ def test_a_straggler_keeps_its_heads_when_no_one_else_could_train_them():
 def test_progress_is_counted_per_head_and_no_head_trains_past_its_rounds(mode):
     clock = FakeClock()
     c = coordinator(clock, heads=2, steps=35, mode=mode)  # T = 10: rounds of 10, 10, 10 and 5 steps
-    assert c.rounds_planned == 4 and c.job.round_steps(30) == 5
+    assert c.schedule.rounds_planned == 4 and c.job.round_steps(30) == 5
     a, _ = c.register({"max_heads": 1})
     b, _ = c.register({"max_heads": 1})
     for r in range(4):
@@ -190,7 +190,7 @@ def test_a_stuck_worker_gets_no_heads_back_until_it_pushes_again():
         clock.advance(1.0)
         c.heartbeat(a.lease_id, 3, 0.0, "training")
         c.heartbeat(b.lease_id, 3, 0.0, "training")
-        assert held(c, a.lease_id) == [] and c.heads_moved == 2
+        assert held(c, a.lease_id) == [] and c.lease_table.heads_moved == 2
     with pytest.raises(Refused):
         push(c, a.lease_id, [0, 1], base=3)  # its late push: refused, and a sign of life
     c.heartbeat(a.lease_id, 3, 0.0, "training")
