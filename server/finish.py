@@ -3,12 +3,14 @@ serving the final state for a while, so that someone can still look at it."""
 
 from __future__ import annotations
 
-import contextlib
+import faulthandler
 import logging
 import sys
 import threading
 
 _log = logging.getLogger("lte.server")
+
+EXIT_BOUND_S = 45.0  # a server stopped during its linger that is still running after this: stacks, exit 1
 
 
 def linger_seconds(setting: float, *, has_dashboard: bool, interactive: bool | None = None) -> float | None:
@@ -36,5 +38,10 @@ def linger(seconds: float | None, url: str | None, stop: threading.Event | None 
     until = "until Ctrl+C" if seconds is None else f"for {seconds:g} s (or until Ctrl+C)"
     _log.info("job done; serving the final state %s %s", where, until, extra={"linger_s": seconds})
     stop = stop or threading.Event()
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C (and SIGTERM) end the linger, not the run
+    try:
         stop.wait(seconds)
+    except KeyboardInterrupt:  # Ctrl+C (and SIGTERM) end the linger, not the run
+        # what is left (the dashboard's and gRPC's bounded stops, the interpreter's exit) takes
+        # seconds; should it hang (gRPC's C core at exit), the threads' stacks go to stderr and the
+        # process ends (exit 1) rather than never, as a stopping lte-worker does
+        faulthandler.dump_traceback_later(EXIT_BOUND_S, exit=True)

@@ -28,7 +28,10 @@ def test_the_default_lingers_only_on_a_terminal_with_a_dashboard():
 
 def test_a_lingering_server_shows_the_final_state_tells_late_workers_and_stops_on_ctrl_c(tmp_path):
     bin_dir = Path(sys.executable).parent
-    env = dict({k: v for k, v in os.environ.items() if k != "LTE_TOKEN"}, OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a server that does not stop is sent SIGABRT below, and its threads' stacks say where it hung
+    env = dict(
+        {k: v for k, v in os.environ.items() if k != "LTE_TOKEN"}, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"
+    )
     cmd = [
         str(bin_dir / "lte-server"),
         *("--model", "mlp", "--dataset", "digits", "--heads", "2", "--steps", "20", "--local-workers", "1"),
@@ -58,7 +61,14 @@ def test_a_lingering_server_shows_the_final_state_tells_late_workers_and_stops_o
         )
         assert late.returncode == EXIT_JOB_OVER, late.stderr
         server.send_signal(signal.SIGINT)
-        rest = server.communicate(timeout=60)[1]
+        try:
+            rest = server.communicate(timeout=90)[1]
+        except subprocess.TimeoutExpired:
+            server.send_signal(signal.SIGABRT)
+            stacks = server.communicate(timeout=30)[1]
+            pytest.fail(
+                f"lte-server still running 90 s after Ctrl+C in its linger; its stacks:\n{stacks[-6000:]}"
+            )
     finally:
         if server.poll() is None:
             server.kill()
