@@ -86,7 +86,7 @@ def serve(args: argparse.Namespace) -> int:
                 "version": c.version,
                 "head_rounds": c.head_rounds_applied,
                 "refused": c.pushes_refused,
-                "snapshot_builds": c.snapshot_builds,
+                "snapshot_builds": c.snapshots.builds,
                 "live_leases": sum(l.state not in ("left", "expired") for l in c.leases.values()),
                 "leases": len(c.leases),
                 "history": len(c.history),

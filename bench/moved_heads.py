@@ -28,7 +28,7 @@ from lte.common.job.config import JobConfig  # noqa: E402
 from lte.common.job.trainer import LocalTrainer  # noqa: E402
 from lte.server.coordinator import Coordinator  # noqa: E402
 from lte.server.grpc_server import ParameterServer  # noqa: E402
-from lte.worker import client  # noqa: E402
+from lte.worker import client, turns  # noqa: E402  (turns builds the worker's trainers)
 
 
 class NoRewarmTrainer(LocalTrainer):
@@ -108,7 +108,7 @@ def main() -> int:
     for _ in range(args.repeat):
         unfailed = None
         for name, trainer in RUNS:
-            client.LocalTrainer = trainer
+            turns.LocalTrainer = trainer  # the class TrainerOptions.build makes each turn's trainer of
             started = time.perf_counter()
             out = run(job, dataset, 2, 2, None if unfailed is None else args.move_at)
             out.update(name=name, seconds=time.perf_counter() - started)
@@ -122,7 +122,7 @@ def main() -> int:
                 f"(unfailed {out['unfailed_loss']:.3f}), {out['seconds']:.0f} s",
                 flush=True,
             )
-    client.LocalTrainer = LocalTrainer
+    turns.LocalTrainer = LocalTrainer
     print("\n| run | test accuracy % | gap to unfailed, points | train loss, first round after the move |")
     print("| --- | ---: | ---: | ---: |")
     for name, _ in RUNS:

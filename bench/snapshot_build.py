@@ -85,7 +85,7 @@ def pull_storm(quant: str, pullers: int, duration: float, version_every: float, 
     for t in threads:
         t.join()
     return {
-        "builds": c.snapshot_builds,
+        "builds": c.snapshots.builds,
         "versions": c.version,
         "pulls": len(waits),
         "wait_p50": statistics.median(waits),

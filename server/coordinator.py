@@ -176,10 +176,6 @@ class Coordinator:
         return self.aggregator.prev_factors
 
     @property
-    def snapshot_builds(self) -> int:
-        return self.snapshots.builds
-
-    @property
     def evals(self) -> list[dict[str, Any]]:
         return self.evaluations.evals
 
@@ -263,7 +259,12 @@ class Coordinator:
         return lease, self.snapshots.factor_messages(wanted)
 
     def wait_for_version(
-        self, have_version: int, timeout_s: float, lease: Lease | None = None, epoch: int = -1, slots=None
+        self,
+        have_version: int,
+        timeout_s: float,
+        lease: Lease | None = None,
+        epoch: int = -1,
+        slots: threading.BoundedSemaphore | None = None,
     ) -> tuple[int, bool, bool]:
         """The long-poll: (version, done, turned_away) once the version passes ``have_version``
         (``LongPolls.wait``)."""

@@ -51,6 +51,7 @@ import torch
 
 from lte.common.core.merge import HeadUpdate, ReplicaUpdate
 from lte.common.job.config import UPDATE_GUARDS as GUARD_MODES  # declared with --update-guard
+from lte.common.job.config import JobConfig
 from lte.common.job.trainer import lr_at
 from lte.common.wire.protocol import PushMeta, Refusal, Refused
 from lte.server.aggregation import AcceptedPush, Aggregator, Merged
@@ -426,7 +427,7 @@ def screened_push(
     )
 
 
-def round_lr_sum(job, steps_done: int) -> float:
+def round_lr_sum(job: JobConfig, steps_done: int) -> float:
     """The learning rates of a head's round starting at step ``steps_done``, summed (the step bound's
     and the running median's unit)."""
     return sum(lr_at(t, job) for t in range(steps_done, steps_done + job.round_steps(steps_done)))

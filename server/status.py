@@ -224,7 +224,7 @@ def read_status(c: Coordinator) -> dict[str, Any]:
             "eta_s": None if (eta := c.eta_s()) is None else round(eta, 1),
             "pushes_refused": c.pushes_refused,
             "checkpoint_warning": c.checkpoint_health.warning,
-            "snapshot_builds": c.snapshot_builds,
+            "snapshot_builds": c.snapshots.builds,
             "pulls_turned_away": c.long_polls.turned_away,
             "heads_moved": c.lease_table.heads_moved,
             "late_pushes_refused": c.lease_table.late_pushes_refused,

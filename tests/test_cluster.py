@@ -246,8 +246,8 @@ def test_pullers_waiting_on_a_snapshot_build_share_it_when_versions_move_on(monk
     for thread, out in [first, *waiting]:
         thread.join(30)
         assert out["result"][0] == 0  # a snapshot at least as new as the version they asked at
-    assert c.snapshot_builds == 1  # shared, not rebuilt for version 1 by each of them
-    assert c.snapshot_messages()[0] == 1 and c.snapshot_builds == 2  # a new puller gets the newest
+    assert c.snapshots.builds == 1  # shared, not rebuilt for version 1 by each of them
+    assert c.snapshot_messages()[0] == 1 and c.snapshots.builds == 2  # a new puller gets the newest
 
 
 def test_a_sync_round_merges_the_same_whatever_order_its_pushes_arrived_in():
