@@ -21,6 +21,7 @@ import torch
 
 from lte.common.job.config import JobConfig, ServerSettings
 from lte.common.job.progress import Progress, format_bytes, format_duration
+from lte.common.job.signals import stop_signals
 from lte.common.wire.auth import token_from
 from lte.server.checkpoint import load_checkpoint
 from lte.server.coordinator import Coordinator
@@ -109,11 +110,6 @@ def resume_command(run_dir: Path) -> str:
     ``.venv``: see ``server_program``): its config.toml holds the resolved job."""
     run_dir = Path(run_dir).absolute()
     return shlex.join([server_program(), "--config", str(run_dir / "config.toml"), "--resume", str(run_dir)])
-
-
-# SIGHUP: the terminal closed (an ssh session dropped); the job stops as on SIGTERM or Ctrl+C,
-# with a checkpoint and the command that continues it (README: nohup or setsid for long jobs)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _interrupt(signum, frame) -> None:
@@ -376,7 +372,9 @@ class ServerRun:
         """Serve until the job ends, evaluate, export, write the summary, linger. Returns the exit code."""
         c, _ = self._started()
         started = time.perf_counter()
-        for sig in STOP_SIGNALS:  # a closed terminal (SIGHUP) stops the job as SIGTERM and Ctrl+C do
+        # Ctrl+C, SIGTERM and a closed terminal (SIGHUP, unless started under nohup) stop the job the
+        # same way: a checkpoint and the command that continues it (common/job/signals.py)
+        for sig in stop_signals():
             signal.signal(sig, _interrupt)
         try:
             self._watch()
@@ -448,7 +446,7 @@ class ServerRun:
                 return 1
             return 0
         except KeyboardInterrupt:
-            for sig in (*STOP_SIGNALS, signal.SIGINT):  # a second signal must not cut the save short
+            for sig in stop_signals():  # a second signal must not cut the save short
                 signal.signal(sig, _already_stopping)
             c.begin_stop()
             _log.warning("interrupted; saving a checkpoint, stopping workers and the server")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lte.common.job.signals import stop_signals
 from lte.server.finish import linger_seconds
 from lte.worker.client import EXIT_JOB_OVER
 
@@ -26,7 +27,27 @@ def test_the_default_lingers_only_on_a_terminal_with_a_dashboard():
     assert linger_seconds(5, has_dashboard=False, interactive=False) == 5.0
 
 
+def _as_nohup_in_a_script() -> None:
+    """The child's start as ``nohup lte-server ... &`` in a shell script leaves it: SIGHUP ignored
+    (nohup) and SIGINT ignored (a background job of a shell without job control)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_stop_signals_are_int_and_term_always_and_hup_unless_started_under_nohup():
+    saved = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert stop_signals() == (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        assert stop_signals() == (signal.SIGINT, signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGHUP, saved)
+
+
 def test_a_lingering_server_shows_the_final_state_tells_late_workers_and_stops_on_ctrl_c(tmp_path):
+    """Started as ``nohup lte-server ... &`` from a script starts it (SIGHUP and SIGINT ignored): the
+    terminal's SIGHUP does not end it, Ctrl+C (SIGINT) does, from the linger, exit 0."""
     bin_dir = Path(sys.executable).parent
     # PYTHONFAULTHANDLER: a server that does not stop is sent SIGABRT below, and its threads' stacks say where it hung
     env = dict(
@@ -38,7 +59,9 @@ def test_a_lingering_server_shows_the_final_state_tells_late_workers_and_stops_o
         *("--port", "0", "--dashboard-port", "0", "--out", str(tmp_path / "run"), "--log-format", "json"),
         *("--linger", "120"),
     ]
-    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    server = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_as_nohup_in_a_script
+    )
     try:
         records, deadline = {}, time.monotonic() + 240
         for line in server.stderr:
@@ -52,6 +75,7 @@ def test_a_lingering_server_shows_the_final_state_tells_late_workers_and_stops_o
         with urllib.request.urlopen(f"{url.rstrip('/')}/api/status", timeout=30) as reply:
             status = json.load(reply)
         assert status["done"] is True and status["version"] == 2
+        server.send_signal(signal.SIGHUP)  # the terminal closed: nohup's job goes on serving
         late = subprocess.run(
             [str(bin_dir / "lte-worker"), "--server", address, "--quiet"],
             capture_output=True,
@@ -59,7 +83,8 @@ def test_a_lingering_server_shows_the_final_state_tells_late_workers_and_stops_o
             timeout=120,
             env=env,
         )
-        assert late.returncode == EXIT_JOB_OVER, late.stderr
+        assert late.returncode == EXIT_JOB_OVER, late.stderr  # served after the SIGHUP: told the job is over
+        assert server.poll() is None
         server.send_signal(signal.SIGINT)
         try:
             rest = server.communicate(timeout=90)[1]

@@ -15,6 +15,7 @@ import torch
 
 from lte.common.job.checks import one_line_errors
 from lte.common.job.precision import PRECISIONS
+from lte.common.job.signals import stop_signals
 from lte.worker.startup import TOKEN_HINT, check_resolves, check_worker_args, rpc_hint
 
 
@@ -139,6 +140,7 @@ def pick_device(name: str) -> str:
     return "cpu"
 
 
+# every signal a handler may be installed for (common/job/signals.py says which ones are)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.log_format, "INFO", prog="lte-worker")
     watch = StopWatch()
-    for sig in STOP_SIGNALS:  # Ctrl+C, SIGTERM, a closed terminal: leave the job the same way
+    for sig in stop_signals():  # Ctrl+C, SIGTERM, a closed terminal (not under nohup): leave the job
         signal.signal(sig, _interrupt)
     watch.start()
     try:
