@@ -171,6 +171,12 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # the group this test started (its own session)
 
 
+def _from_a_terminal() -> None:
+    """The child starts as from an interactive shell: SIGHUP at its default, whatever this test run
+    was started with (under ``nohup make test`` it is ignored, and nohup's job must ignore it)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.process
 def test_sighup_stops_the_server_and_its_local_workers_with_a_checkpoint(tmp_path):
     """Issue 24 item 3: a closed terminal sends SIGHUP to the job's process group; the server and
@@ -179,7 +185,11 @@ def test_sighup_stops_the_server_and_its_local_workers_with_a_checkpoint(tmp_pat
     log = tmp_path / "server.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            server_command(out), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            server_command(out),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_from_a_terminal,
         )
     try:
         wait_until(
