@@ -109,13 +109,22 @@ while True:
 """
 _PING = """
 import socket, sys, time
-for _ in range(600):  # the echo host may still be starting: retry the connection, bounded
+# The echo host may still be starting. Through the delay proxy a connection is accepted at once and
+# closed when the echo host does not listen yet (recv gives b""): retry until one echoes, bounded.
+deadline = time.monotonic() + 120
+while True:
     try:
         c = socket.create_connection((sys.argv[1], 9000), timeout=30)
-        break
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.sendall(b"x")
+        if c.recv(16) == b"x":
+            break
+        c.close()
     except OSError:
-        time.sleep(0.1)
-c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("no echo from " + sys.argv[1] + " within 120 s")
+    time.sleep(0.1)
 rtts = []
 for _ in range(5):
     t = time.monotonic()
