@@ -257,7 +257,7 @@ class HeadRound(_message.Message):
     def __init__(self, head_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("lease_id", "base_version", "heads", "steps", "samples", "train_loss", "num_tensors", "seconds")
+    __slots__ = ("lease_id", "base_version", "heads", "steps", "samples", "train_loss", "num_tensors", "seconds", "push_id", "resume_from")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,8 @@ class PushHeader(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     base_version: int
     heads: _containers.RepeatedCompositeFieldContainer[HeadRound]
@@ -274,7 +276,9 @@ class PushHeader(_message.Message):
     train_loss: float
     num_tensors: int
     seconds: float
-    def __init__(self, lease_id: _Optional[str] = ..., base_version: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadRound, _Mapping]]] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_tensors: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    push_id: int
+    resume_from: int
+    def __init__(self, lease_id: _Optional[str] = ..., base_version: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadRound, _Mapping]]] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_tensors: _Optional[int] = ..., seconds: _Optional[float] = ..., push_id: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "tensor")
@@ -299,6 +303,22 @@ class PushReply(_message.Message):
     weight: float
     done: bool
     def __init__(self, applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., staleness: _Optional[int] = ..., weight: _Optional[float] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class PushOffsetRequest(_message.Message):
+    __slots__ = ("lease_id", "push_id")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    push_id: int
+    def __init__(self, lease_id: _Optional[str] = ..., push_id: _Optional[int] = ...) -> None: ...
+
+class PushOffsetReply(_message.Message):
+    __slots__ = ("chunks_received", "bytes_received")
+    CHUNKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    chunks_received: int
+    bytes_received: int
+    def __init__(self, chunks_received: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("lease_id", "version", "samples_per_s", "state")

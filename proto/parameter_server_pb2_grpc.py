@@ -49,6 +49,11 @@ class ParameterServerStub:
                 request_serializer=lte_dot_v1_dot_parameter__server__pb2.UpdateChunk.SerializeToString,
                 response_deserializer=lte_dot_v1_dot_parameter__server__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PushOffset = channel.unary_unary(
+                '/lte.v1.ParameterServer/PushOffset',
+                request_serializer=lte_dot_v1_dot_parameter__server__pb2.PushOffsetRequest.SerializeToString,
+                response_deserializer=lte_dot_v1_dot_parameter__server__pb2.PushOffsetReply.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/lte.v1.ParameterServer/Heartbeat',
                 request_serializer=lte_dot_v1_dot_parameter__server__pb2.HeartbeatRequest.SerializeToString,
@@ -86,6 +91,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushOffset(self, request, context):
+        """Resumable pushes (wire protocol 3): how many chunks of a push whose stream broke the server
+        holds, so that the retry sends only the rest. A server that does not know the push says 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """Keep the lease alive; learn the current version and whether the job has ended.
         """
@@ -117,6 +130,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushUpdate,
                     request_deserializer=lte_dot_v1_dot_parameter__server__pb2.UpdateChunk.FromString,
                     response_serializer=lte_dot_v1_dot_parameter__server__pb2.PushReply.SerializeToString,
+            ),
+            'PushOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushOffset,
+                    request_deserializer=lte_dot_v1_dot_parameter__server__pb2.PushOffsetRequest.FromString,
+                    response_serializer=lte_dot_v1_dot_parameter__server__pb2.PushOffsetReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -210,6 +228,33 @@ class ParameterServer:
             '/lte.v1.ParameterServer/PushUpdate',
             lte_dot_v1_dot_parameter__server__pb2.UpdateChunk.SerializeToString,
             lte_dot_v1_dot_parameter__server__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lte.v1.ParameterServer/PushOffset',
+            lte_dot_v1_dot_parameter__server__pb2.PushOffsetRequest.SerializeToString,
+            lte_dot_v1_dot_parameter__server__pb2.PushOffsetReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,7 @@ class ParameterServer:
                 f"the gRPC server needs at least 2 handler threads (a long-poll and a push), got {self.threads}"
             )
         self.port = 0
+        self.service: ParameterServerService | None = None  # set by start()
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._stop = threading.Event()
@@ -68,6 +69,7 @@ class ParameterServer:
         service = ParameterServerService(
             self.coordinator, max_waiting_pulls=max(1, self.threads - max(2, self.threads // 4))
         )
+        self.service = service
         pb_grpc.add_ParameterServerServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

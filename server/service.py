@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import grpc
+import torch
 
 from lte.common.wire.chunks import TensorAssembler, WireError
 from lte.common.wire.codec import CodecError, decode_tensor
@@ -14,6 +15,8 @@ from lte.common.wire.protocol import REFUSAL_KEY, PushMeta, Refusal, Refused, jo
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.server.coordinator import Coordinator
+from lte.server.partial_pushes import PartialPushes, Superseded
+from lte.server.push_check import IncomingPush
 from lte.server.scheduler import HeadState
 
 MAX_WAIT_S = 60.0  # longest long-poll a pull may ask for
@@ -38,6 +41,7 @@ STATUS_OF = {
     Refusal.OUTLIER: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.QUARANTINED: grpc.StatusCode.PERMISSION_DENIED,
     Refusal.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.RESUME_LOST: grpc.StatusCode.ABORTED,
 }
 
 
@@ -69,6 +73,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         ``retry_after_s``, and the worker polls again after that.
         """
         self.c = coordinator
+        self.partial_pushes = PartialPushes()
         self._waiting = threading.BoundedSemaphore(max_waiting_pulls) if max_waiting_pulls > 0 else None
 
     # Each handler turns a Refused into its status and reason; anything else is a server bug and says so.
@@ -170,50 +175,81 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def PushUpdate(
         self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
     ) -> pb.PushReply:
+        opened = None  # a resumable push: (partial, reader), kept for a retry if its stream breaks
+        broke = True
         try:
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
                 raise Refused(Refusal.MALFORMED, "a push must start with its PushHeader")
+            if first.header.push_id < 0 or first.header.resume_from < 0:
+                raise Refused(Refusal.MALFORMED, "push_id and resume_from must be >= 0")
             try:
                 header = PushMeta.from_proto(first.header, MAX_HEADS_PER_PUSH)
             except ValueError as exc:
                 raise Refused(Refusal.MALFORMED, str(exc)) from None
             push = self.c.begin_push(header)
-            assembler = TensorAssembler(
-                max_chunk_bytes=push.max_chunk_bytes,
-                max_tensor_bytes=push.max_tensor_bytes,
-                max_total_bytes=push.max_total_bytes,
-                max_tensors=len(push.expected),
-            )
-            tensors = {}
-            for msg in request_iterator:
-                if not msg.HasField("tensor"):
-                    raise Refused(Refusal.MALFORMED, "only tensor chunks may follow the PushHeader")
-                enc = assembler.add(msg.tensor)
-                if enc is None:
-                    continue
-                if enc.name not in push.expected:
-                    raise Refused(Refusal.MALFORMED, f"unexpected tensor {enc.name!r} in this push")
-                tensor = decode_tensor(enc, max_elements=max(1, math.prod(push.expected[enc.name]))).float()
-                push.check_tensor(enc.name, tensor, enc.codec)
-                tensors[enc.name] = tensor
-            assembler.finish()
-            missing = sorted(set(push.expected) - set(tensors))
-            if missing:
-                more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-                raise Refused(Refusal.MALFORMED, f"push is missing tensors {missing[:3]}{more}")
-            if header.num_tensors != len(push.expected):
-                raise Refused(
-                    Refusal.MALFORMED,
-                    f"push header announces {header.num_tensors} tensors; {len(header.head_rounds)} head(s) of "
-                    f"this job need {len(push.expected)} (B and A per layer and head, and the replicas)",
-                )
-            result = self.c.apply_push(header, tensors, push, assembler.total_bytes)
+            messages: Iterable[pb.UpdateChunk] = request_iterator
+            if first.header.push_id:
+                partial, reader, held = self.partial_pushes.open(first.header)
+                opened = partial, reader
+                messages = self.partial_pushes.read(partial, reader, held, request_iterator)
+            tensors, total_bytes = self._read_push(messages, push, header)
+            broke = False
+            result = self.c.apply_push(header, tensors, push, total_bytes)
         except Refused as exc:
+            broke = False
             self._abort(context, exc)
         except (WireError, CodecError) as exc:
+            broke = False
             self._malformed(context, str(exc))
+        except Superseded:
+            context.abort(grpc.StatusCode.CANCELLED, "a retry of this push took over its chunks")
+        finally:
+            if opened is not None:
+                self.partial_pushes.close(*opened, keep=broke)
         return pb.PushReply(**result)
+
+    def _read_push(
+        self, messages: Iterable[pb.UpdateChunk], push: IncomingPush, header: PushMeta
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """The push's tensors, each checked as it arrives, and their payload bytes."""
+        assembler = TensorAssembler(
+            max_chunk_bytes=push.max_chunk_bytes,
+            max_tensor_bytes=push.max_tensor_bytes,
+            max_total_bytes=push.max_total_bytes,
+            max_tensors=len(push.expected),
+        )
+        tensors = {}
+        for msg in messages:
+            if not msg.HasField("tensor"):
+                raise Refused(Refusal.MALFORMED, "only tensor chunks may follow the PushHeader")
+            enc = assembler.add(msg.tensor)
+            if enc is None:
+                continue
+            if enc.name not in push.expected:
+                raise Refused(Refusal.MALFORMED, f"unexpected tensor {enc.name!r} in this push")
+            tensor = decode_tensor(enc, max_elements=max(1, math.prod(push.expected[enc.name]))).float()
+            push.check_tensor(enc.name, tensor, enc.codec)
+            tensors[enc.name] = tensor
+        assembler.finish()
+        missing = sorted(set(push.expected) - set(tensors))
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise Refused(Refusal.MALFORMED, f"push is missing tensors {missing[:3]}{more}")
+        if header.num_tensors != len(push.expected):
+            raise Refused(
+                Refusal.MALFORMED,
+                f"push header announces {header.num_tensors} tensors; {len(header.head_rounds)} head(s) of "
+                f"this job need {len(push.expected)} (B and A per layer and head, and the replicas)",
+            )
+        return tensors, assembler.total_bytes
+
+    def PushOffset(self, request: pb.PushOffsetRequest, context: grpc.ServicerContext) -> pb.PushOffsetReply:
+        """How much of a broken push the server holds (``server/partial_pushes.py``)."""
+        if request.push_id <= 0:
+            self._malformed(context, f"push_id must be > 0, got {request.push_id}")
+        chunks, nbytes = self.partial_pushes.offset(request.lease_id[:200], request.push_id)
+        return pb.PushOffsetReply(chunks_received=chunks, bytes_received=nbytes)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         if not math.isfinite(request.samples_per_s) or request.samples_per_s < 0:

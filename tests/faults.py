@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -87,6 +88,91 @@ def kill9(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
 
 
 # -- network faults ------------------------------------------------------------------------------
+class CuttingProxy:
+    """Forwards 127.0.0.1:<port> to ``target`` and cuts one connection once, as a dropped link does.
+
+    ``direction`` "down" cuts the first connection after ``cut_after`` bytes from the target (a
+    pull); "up" cuts the connection that carries ``cut_after`` bytes to the target after ``arm()``
+    (a push). At the cut the rest is held until ``read_enough()`` is true (the reader has what
+    came), then ``on_cut`` is called and both sockets are reset; later bytes and connections pass
+    untouched."""
+
+    def __init__(
+        self, target: str, cut_after: int, read_enough, on_cut=lambda: None, direction: str = "down"
+    ) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.cut_after, self.read_enough, self.on_cut = cut_after, read_enough, on_cut
+        self.direction = direction
+        self.armed = threading.Event()
+        if direction == "down":
+            self.armed.set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        self.cut = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, fn, *args) -> None:
+        thread = threading.Thread(target=fn, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self.target, timeout=30)
+            upstream.settimeout(None)
+            self._sockets += [client, upstream]
+            first = self.connections == 0
+            self.connections += 1
+            up, down = self.direction == "up", first and self.direction == "down"
+            self._spawn(self._pump, client, upstream, self.cut_after if up else None)
+            self._spawn(self._pump, upstream, client, self.cut_after if down else None)
+
+    def arm(self) -> None:
+        """Start counting the bytes to the cut (direction "up")."""
+        self.armed.set()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, cut_after: int | None) -> None:
+        moved = 0
+        try:
+            while data := src.recv(1 << 14):
+                if cut_after is not None and self.cut.is_set():
+                    cut_after = None  # one cut per proxy
+                if cut_after is not None and not self.armed.is_set():
+                    dst.sendall(data)
+                    continue
+                if cut_after is not None and moved + len(data) >= cut_after:
+                    dst.sendall(data[: cut_after - moved])
+                    wait_until(self.read_enough, 120, "the reader to read the bytes before the cut")
+                    self.on_cut()
+                    for s in (src, dst):  # a reset, as a dropped link's TCP ends: no orderly close
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        s.close()
+                    self.cut.set()
+                    return
+                dst.sendall(data)
+                moved += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self._sockets:
+            s.close()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
 class FlakyProxy:
     """A TCP forwarder on 127.0.0.1 (port 0) in front of ``target_port``; ``drop()`` cuts every live
     connection at once, the way a NAT timeout or a flapping link does, so gRPC sees UNAVAILABLE."""

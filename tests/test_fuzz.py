@@ -145,6 +145,8 @@ def push_header(target: Target) -> st.SearchStrategy[pb.PushHeader]:
         train_loss=floats,
         num_tensors=st.one_of(small, int32),
         seconds=floats,
+        push_id=st.one_of(small, int64),
+        resume_from=st.one_of(small, int64),
     )  # fmt: skip
 
 
@@ -214,6 +216,16 @@ def test_fuzz_leave(target, data):
     lease = data.draw(text.filter(lambda s: s not in target.leases))
     request = pb.LeaveRequest(lease_id=lease, reason=data.draw(st.text(max_size=300)))
     call("Leave", lambda: target.stub.Leave(request, timeout=10))
+
+
+@settings(FUZZ, max_examples=100)
+@given(data=st.data())
+def test_fuzz_push_offset(target, data):
+    RAN.add("push-offset")
+    request = pb.PushOffsetRequest(
+        lease_id=data.draw(lease_ids(target)), push_id=data.draw(st.one_of(small, int64))
+    )
+    call("PushOffset", lambda: target.stub.PushOffset(request, timeout=10))
 
 
 # -- 2. correct pushes, mutated: they get past the header into decoding and validation -----------------
@@ -289,6 +301,7 @@ RAW_METHODS = {
     "PushUpdate": ("stream_unary", SERVICE + "PushUpdate"),
     "Heartbeat": ("unary_unary", SERVICE + "Heartbeat"),
     "Leave": ("unary_unary", SERVICE + "Leave"),
+    "PushOffset": ("unary_unary", SERVICE + "PushOffset"),
     "Health.Check": ("unary_unary", "/grpc.health.v1.Health/Check"),
     "ServerReflectionInfo": ("stream_stream", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
 }  # fmt: skip
@@ -320,6 +333,7 @@ def test_after_the_fuzz_the_server_serves_and_the_weights_are_untouched(target, 
         "push": lambda: test_fuzz_push(target),
         "heartbeat": lambda: test_fuzz_heartbeat(target),
         "leave": lambda: test_fuzz_leave(target),
+        "push-offset": lambda: test_fuzz_push_offset(target),
         "mutated": lambda: test_fuzz_mutated_correct_pushes(target, correct_pushes),
         "bytes": lambda: test_fuzz_random_bytes(target),
     }

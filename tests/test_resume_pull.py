@@ -7,83 +7,11 @@ a slow link, where the reader keeps up with the bytes that arrive."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import struct
-import threading
-
 import pytest
 
 from lte.worker.client import Worker
 from tests.cluster import digits_job, running_server
-from tests.faults import wait_until
-
-TIMEOUT_S = 120
-
-
-class CuttingProxy:
-    """Forwards 127.0.0.1:<port> to ``target``. Its first connection passes ``cut_after`` bytes
-    from the target, then holds the rest until ``read_enough()`` is true, calls ``on_cut`` and
-    resets the connection; later connections pass untouched."""
-
-    def __init__(self, target: str, cut_after: int, read_enough, on_cut=lambda: None) -> None:
-        host, _, port = target.rpartition(":")
-        self.target = (host, int(port))
-        self.cut_after, self.read_enough, self.on_cut = cut_after, read_enough, on_cut
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.connections = 0
-        self.cut = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._spawn(self._accept)
-
-    def _spawn(self, fn, *args) -> None:
-        thread = threading.Thread(target=fn, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            upstream = socket.create_connection(self.target, timeout=30)
-            upstream.settimeout(None)
-            self._sockets += [client, upstream]
-            first = self.connections == 0
-            self.connections += 1
-            self._spawn(self._pump, client, upstream, None)
-            self._spawn(self._pump, upstream, client, self.cut_after if first else None)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, cut_after: int | None) -> None:
-        moved = 0
-        try:
-            while data := src.recv(1 << 14):
-                if cut_after is not None and moved + len(data) >= cut_after:
-                    dst.sendall(data[: cut_after - moved])
-                    wait_until(self.read_enough, TIMEOUT_S, "the worker to read the bytes before the cut")
-                    self.on_cut()
-                    for s in (src, dst):  # a reset, as a dropped link's TCP ends: no orderly close
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        s.close()
-                    self.cut.set()
-                    return
-                dst.sendall(data)
-                moved += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for s in self._sockets:
-            s.close()
-        for thread in self._threads:
-            thread.join(timeout=30)
+from tests.faults import CuttingProxy
 
 
 def _codes_of_a_whole_pull(address: str) -> tuple[int, dict[str, bytes], int]:

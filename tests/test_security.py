@@ -139,6 +139,9 @@ def _every_rpc(channel: grpc.Channel, metadata, lease_id: str = "x") -> dict[str
         "Heartbeat": lambda: stub.Heartbeat(
             pb.HeartbeatRequest(lease_id=lease_id), metadata=metadata, timeout=10
         ),
+        "PushOffset": lambda: stub.PushOffset(
+            pb.PushOffsetRequest(lease_id=lease_id, push_id=1), metadata=metadata, timeout=10
+        ),
         "Leave": lambda: stub.Leave(pb.LeaveRequest(lease_id=lease_id), metadata=metadata, timeout=10),
         "ServerReflectionInfo": lambda: list(
             reflection.ServerReflectionInfo(
@@ -197,6 +200,7 @@ def test_the_right_token_works_on_every_rpc_and_health_needs_none():
         results = _every_rpc(channel, auth, lease_id=reply.lease_id)
         assert not isinstance(results["PullModel"], grpc.RpcError)
         assert not isinstance(results["Heartbeat"], grpc.RpcError)
+        assert not isinstance(results["PushOffset"], grpc.RpcError)
         assert not isinstance(results["ServerReflectionInfo"], grpc.RpcError)
         assert results["Unknown"].code() == grpc.StatusCode.UNIMPLEMENTED  # past auth, then gRPC's own answer
         # with every head leased, a worker still joins, standing by with no heads

@@ -42,7 +42,7 @@ from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.worker.heartbeat import Heartbeat
 from lte.worker.hooks import RoundHooks
 from lte.worker.pulls import SnapshotPuller
-from lte.worker.pushes import round_factors_to_wire, send_update
+from lte.worker.pushes import PushSender, round_factors_to_wire
 from lte.worker.rpc import (
     JobDone,
     LeaseLost,
@@ -146,6 +146,7 @@ class Worker:
             say=self._say,
         )
         self.puller = SnapshotPuller(self.rpc, delta_snapshots=delta_snapshots, say=self._say)
+        self.pusher = PushSender(self.rpc, self.stub)
         self.lease_id = ""
         self.worker_id = ""
         self.job: JobConfig | None = None
@@ -155,7 +156,6 @@ class Worker:
         self.epoch = -1  # the lease epoch whose heads the turns hold
         self.room = 1
         self.next_rounds: dict[int, int] = {}
-        self.bytes_up = 0
         self.pushes = 0  # pushes acknowledged (a push of k heads counts once; head_rounds counts k)
         self.head_rounds = 0  # rounds of heads acknowledged (a push of k heads counts k)
         self.failure = ""  # why this worker could not train its lease; sent with Leave
@@ -313,9 +313,12 @@ class Worker:
             seconds=stats.seconds,
             num_tensors=len(encoded),
         )
-        reply = send_update(self.rpc, self.stub.PushUpdate, meta, encoded, job.max_chunk_bytes)
-        self.bytes_up += sum(len(e.payload) for e in encoded)
-        return reply
+        return self.pusher.send(meta, encoded, job.max_chunk_bytes)
+
+    @property
+    def bytes_up(self) -> int:
+        """Tensor bytes this worker put on the wire in pushes, a resent chunk counted again."""
+        return self.pusher.payload_sent
 
     def run(self) -> int:
         """Train until the job ends. Returns a process exit code."""

@@ -1,13 +1,16 @@
 """How the worker sends a push: the live factors rounded to what the uplink codec carries (so both
 sides hold the same ``B', A'``), the update streamed as a header and bounded chunks, under a
-deadline that grows with its bytes. Which heads a push carries and what its reply means is
+deadline that grows with its bytes, a broken one resumed from what the server holds. Which heads a push carries and what its reply means is
 ``Worker``'s part (``push``, ``_push_turn``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import secrets
+from collections.abc import Iterator
+from typing import Any
 
+import grpc
 import torch
 
 from lte.common.core.model_state import lte_layers
@@ -15,9 +18,9 @@ from lte.common.job.config import JobConfig
 from lte.common.job.trainer import LocalTrainer
 from lte.common.wire.chunks import tensor_chunks
 from lte.common.wire.codec import EncodedTensor, get_codec
-from lte.common.wire.protocol import PushMeta, Role, codec_for
+from lte.common.wire.protocol import PushMeta, Refusal, Role, codec_for
 from lte.proto import parameter_server_pb2 as pb
-from lte.worker.rpc import RpcCaller
+from lte.worker.rpc import RpcCaller, refusal
 
 # A push's deadline grows with its bytes: PUSH_BASE_S plus their time at PUSH_FLOOR_BPS (a fixed
 # 600 s failed every push of more than 75 MB on a 1 Mbit/s uplink, and retried it from the start)
@@ -46,25 +49,86 @@ def round_factors_to_wire(trainer: LocalTrainer, job: JobConfig) -> None:
                 p.copy_((sent.mT if layer.transposed else sent).to(p.device, p.dtype))
 
 
-def push_messages(
-    meta: PushMeta, encoded: list[EncodedTensor], max_chunk_bytes: int
-) -> Iterator[pb.UpdateChunk]:
-    """The ``PushUpdate`` stream: the header, then every tensor in chunks of ``max_chunk_bytes``."""
-    yield pb.UpdateChunk(header=meta.to_proto())
-    for enc in encoded:
-        for chunk in tensor_chunks(enc, max_chunk_bytes):
-            yield pb.UpdateChunk(tensor=chunk)
+class PushSender:
+    """Sends the worker's pushes: a header and bounded chunks under a deadline that grows with their
+    bytes, retried by ``rpc`` with the same round ids (the server applies a push at most once).
 
+    A push whose stream broke goes on where it stopped (wire protocol 3, ``server/partial_pushes.py``):
+    every try carries the push's ``push_id``; a retry first asks ``PushOffset`` how many chunks the
+    server holds and sends only the rest. An older server (no ``PushOffset``), or one that no longer
+    holds them (restarted, or dropped them: ``Refusal.RESUME_LOST``), gets the push whole."""
 
-def send_update(
-    rpc: RpcCaller, push_update: Callable, meta: PushMeta, encoded: list[EncodedTensor], max_chunk_bytes: int
-) -> pb.PushReply:
-    """One push (``push_update``: the stub's ``PushUpdate``), retried by ``rpc`` as a whole with the
-    same round ids (the server applies it at most once), under ``push_deadline_s`` of its bytes."""
-    timeout = push_deadline_s(sum(len(e.payload) for e in encoded))
-    return rpc.call(
-        lambda metadata: push_update(
-            push_messages(meta, encoded, max_chunk_bytes), metadata=metadata, timeout=timeout
-        ),
-        what="push",
-    )
+    def __init__(self, rpc: RpcCaller, stub: Any) -> None:
+        self.rpc, self.stub = rpc, stub
+        self.payload_sent = 0  # tensor bytes put on the wire, every try counted
+        self.resumed = 0  # tries that went on from chunks the server held
+
+    def send(self, meta: PushMeta, encoded: list[EncodedTensor], max_chunk_bytes: int) -> pb.PushReply:
+        """One push; raises what ``rpc.call`` raises (refusals as the worker's exceptions)."""
+        push_id = secrets.randbits(63) or 1
+        total = sum(len(e.payload) for e in encoded)
+        tries = 0
+
+        def attempt(metadata) -> pb.PushReply:
+            nonlocal tries
+            skip, held = self._held(meta.lease_id, push_id, metadata) if tries else (0, 0)
+            tries += 1
+            try:
+                return self._stream(meta, encoded, max_chunk_bytes, push_id, skip, total - held, metadata)
+            except grpc.RpcError as err:
+                if not skip or refusal(err) is not Refusal.RESUME_LOST:
+                    raise
+                self.rpc.say(f"push: {err.details()}")
+                return self._stream(meta, encoded, max_chunk_bytes, push_id, 0, total, metadata)
+
+        return self.rpc.call(attempt, what="push")
+
+    def _held(self, lease_id: str, push_id: int, metadata) -> tuple[int, int]:
+        """(chunks, bytes) of this push the server holds from an earlier try; (0, 0) from an older server."""
+        try:
+            reply = self.stub.PushOffset(
+                pb.PushOffsetRequest(lease_id=lease_id, push_id=push_id), metadata=metadata, timeout=30
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return 0, 0
+            raise
+        if reply.chunks_received:
+            self.resumed += 1
+            self.rpc.say(
+                f"push: the server holds {reply.chunks_received} chunks "
+                f"({reply.bytes_received / 1e6:.2f} MB) of it; sending the rest"
+            )
+        return reply.chunks_received, reply.bytes_received
+
+    def _stream(
+        self,
+        meta: PushMeta,
+        encoded: list[EncodedTensor],
+        max_chunk_bytes: int,
+        push_id: int,
+        skip: int,
+        remaining_bytes: int,
+        metadata,
+    ) -> pb.PushReply:
+        header = meta.to_proto()
+        header.push_id, header.resume_from = push_id, skip
+        return self.stub.PushUpdate(
+            self._messages(header, encoded, max_chunk_bytes, skip),
+            metadata=metadata,
+            timeout=push_deadline_s(max(0, remaining_bytes)),
+        )
+
+    def _messages(
+        self, header: pb.PushHeader, encoded: list[EncodedTensor], max_chunk_bytes: int, skip: int
+    ) -> Iterator[pb.UpdateChunk]:
+        """The ``PushUpdate`` stream: the header, then every tensor in chunks of ``max_chunk_bytes``
+        after the first ``skip`` chunk messages."""
+        yield pb.UpdateChunk(header=header)
+        number = 0
+        for enc in encoded:
+            for chunk in tensor_chunks(enc, max_chunk_bytes):
+                number += 1
+                if number > skip:
+                    self.payload_sent += len(chunk.data)
+                    yield pb.UpdateChunk(tensor=chunk)

@@ -71,6 +71,82 @@ def _cut(hosts: Hosts, seconds: float) -> None:
     _run(*hosts.exec_args(hosts.server), "nft", "delete", "table", "inet", "lwancut")
 
 
+def add_drop_args(p: argparse.ArgumentParser) -> None:
+    """The link, the cut and the output: the options drop_pull.py and drop_push.py share."""
+    p.add_argument("--rate", type=float, default=5.0, help="Mbit/s each way on the worker's link")
+    p.add_argument("--loss", type=float, default=0.02, help="fraction of packets dropped each way")
+    p.add_argument("--rtt-ms", type=float, default=40.0, help="round-trip time added to the link")
+    p.add_argument("--model", default="vit-tiny")
+    p.add_argument("--quant", default="int8", help="the snapshot's codec")
+    p.add_argument("--repeats", type=int, default=1, help="undisturbed and dropped runs of each")
+    p.add_argument("--cut-at", type=float, default=0.5, help="fraction of the undisturbed transfer's bytes")
+    p.add_argument("--cut-s", type=float, default=1.0, help="seconds of the outage")
+    p.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
+    p.add_argument("--json", required=True, help="where to write the results")
+
+
+def needs_root(prog: str) -> bool:
+    """True (and one line on stderr) when this process cannot build namespaces."""
+    if os.geteuid() != 0:
+        print(f"{prog}: error: network namespaces need root (run it with sudo)", file=sys.stderr)
+        return True
+    return False
+
+
+def pairs(args: argparse.Namespace, run, measure: str) -> list[dict]:
+    """``--repeats`` times an undisturbed ``run(name, None)``, then ``run(name, cut)`` with the cut
+    at ``--cut-at`` of the undisturbed run's ``measure`` (its bytes); every result printed."""
+    results = []
+    for i in range(args.repeats):
+        whole = run(f"whole{i}", None)
+        print(whole, flush=True)
+        dropped = run(f"dropped{i}", int(whole[measure] * args.cut_at))
+        print(dropped, flush=True)
+        results += [whole, dropped]
+    return results
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_meta(args: argparse.Namespace) -> dict:
+    """When, how and under what load a bench run ran (its JSON's ``meta``)."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %Y %H:%M UTC"),
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "python": sys.executable,
+        "load_start": load_average(),
+        **vars(args),
+    }
+
+
+def start_server(
+    hosts: Hosts, work: Path, env: dict, job_args: list[str], name: str = "run"
+) -> subprocess.Popen:
+    """``lte-server`` with ``job_args`` on the server host (run folder ``work/name``, log
+    ``work/name.server.log``), once it listens."""
+    server = subprocess.Popen(
+        [*hosts.exec_args(hosts.server), "nice", "-n", "5", str(BIN / "lte-server"), *job_args,
+         "--host", hosts.server_ip, "--port", str(PORT), "--out", str(work / name), "--threads", "1",
+         "--linger", "0", "--quiet", "--dashboard-port", "-1", "--lease-timeout", "600",
+         "--checkpoint-every", "0"],
+        stdout=(work / f"{name}.server.log").open("w"), stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    probe = f"import socket; socket.create_connection(({hosts.server_ip!r}, {PORT}), timeout=2).close()"
+    deadline = time.monotonic() + 600
+    while subprocess.run(
+        [*hosts.exec_args(hosts.server), sys.executable, "-c", probe], capture_output=True
+    ).returncode:
+        if time.monotonic() > deadline or server.poll() is not None:
+            stop_processes([server], timeout=30)
+            raise RuntimeError(
+                f"the server did not listen: {(work / f'{name}.server.log').read_text()[-2000:]}"
+            )
+        time.sleep(0.5)  # a poll against a deadline
+    return server
+
+
 def join(hosts: Hosts, work: Path, name: str, env: dict, cut_bytes: int | None, args) -> dict:
     log = work / f"{name}.log"
     ns = hosts.workers[0]
@@ -109,65 +185,24 @@ def join(hosts: Hosts, work: Path, name: str, env: dict, cut_bytes: int | None, 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rate", type=float, default=5.0, help="Mbit/s each way on the worker's link")
-    p.add_argument("--loss", type=float, default=0.02)
-    p.add_argument("--rtt-ms", type=float, default=40.0)
-    p.add_argument("--model", default="vit-tiny")
-    p.add_argument("--quant", default="int8")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--cut-at", type=float, default=0.5, help="fraction of the whole join's bytes")
-    p.add_argument("--cut-s", type=float, default=1.0, help="seconds of resets")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--json", required=True)
+    add_drop_args(p)
     args = p.parse_args()
-    if os.geteuid() != 0:
-        print(
-            "bench/wan/drop_pull.py: error: network namespaces need root (run it with sudo)", file=sys.stderr
-        )
+    if needs_root("bench/wan/drop_pull.py"):
         return 2
     work = Path(tempfile.mkdtemp(prefix="lte-drop-"))
     env = {**os.environ, "LTE_TOKEN": secrets.token_hex(16)}
-    load = lambda: " ".join(Path("/proc/loadavg").read_text().split()[:3])  # noqa: E731
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %Y %H:%M UTC"),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "python": sys.executable,
-        "load_start": load(),
-        **vars(args),
-    }
-    results = []
+    meta = run_meta(args)
     with Hosts(1, rate_mbit=args.rate, loss=args.loss, rtt_ms=args.rtt_ms) as hosts:
-        server = subprocess.Popen(
-            [*hosts.exec_args(hosts.server), "nice", "-n", "5", str(BIN / "lte-server"), "--model", args.model,
-             "--dataset", "fashion-mnist", "--heads", str(2 * args.repeats + 1), "--heads-per-worker", "1",
-             "--steps", "100000", "--quant", args.quant, "--host", hosts.server_ip, "--port", str(PORT),
-             "--out", str(work / "run"), "--threads", "1", "--linger", "0", "--quiet", "--dashboard-port", "-1",
-             "--lease-timeout", "600", "--checkpoint-every", "0"],
-            stdout=(work / "server.log").open("w"), stderr=subprocess.STDOUT, env=env,
+        server = start_server(
+            hosts, work, env,
+            ["--model", args.model, "--dataset", "fashion-mnist", "--heads", str(2 * args.repeats + 1),
+             "--heads-per-worker", "1", "--steps", "100000", "--quant", args.quant],
         )  # fmt: skip
         try:
-            probe = (
-                f"import socket; socket.create_connection(({hosts.server_ip!r}, {PORT}), timeout=2).close()"
-            )
-            deadline = time.monotonic() + 600
-            while subprocess.run(
-                [*hosts.exec_args(hosts.server), sys.executable, "-c", probe], capture_output=True
-            ).returncode:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(
-                        f"the server did not listen: {(work / 'server.log').read_text()[-2000:]}"
-                    )
-                time.sleep(0.5)
-            for i in range(args.repeats):
-                whole = join(hosts, work, f"whole{i}", env, None, args)
-                results.append(whole)
-                print(whole, flush=True)
-                dropped = join(hosts, work, f"dropped{i}", env, int(whole["rx_bytes"] * args.cut_at), args)
-                results.append(dropped)
-                print(dropped, flush=True)
+            results = pairs(args, lambda name, cut: join(hosts, work, name, env, cut, args), "rx_bytes")
         finally:
             stop_processes([server], timeout=30)
-    meta["load_end"] = load()
+    meta["load_end"] = load_average()
     Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     return 0
 

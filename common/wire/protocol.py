@@ -273,8 +273,9 @@ def decode_update(
 
 
 # -- the version handshake (issue 24, item 4) -----------------------------------------------------
-# The wire protocol's version: 2 added the handshake itself (WorkerInfo.protocol_version, job_fields).
-PROTOCOL_VERSION = 2
+# The wire protocol's version: 2 added the handshake itself (WorkerInfo.protocol_version, job_fields);
+# 3 resumable pushes (PushOffset, PushHeader.push_id and resume_from: server/partial_pushes.py).
+PROTOCOL_VERSION = 3
 # JobConfig fields every worker has known since the first wire protocol: a worker from before the
 # handshake (no job_fields) may join a job that uses no other field than these.
 CORE_JOB_FIELDS = frozenset(
@@ -359,6 +360,9 @@ class Refusal(enum.Enum):
     INCOMPATIBLE = (
         "incompatible"  # the worker's protocol lacks a job field in use (version handshake) [exit 2]
     )
+    # a resumed push whose earlier chunks the server no longer holds (server/partial_pushes.py)
+    # [send the push from its start]
+    RESUME_LOST = "resume-lost"
 
 
 # Refusals after which the worker registers again (its lease is gone).
