@@ -146,7 +146,7 @@ class Worker:
             say=self._say,
         )
         self.puller = SnapshotPuller(self.rpc, delta_snapshots=delta_snapshots, say=self._say)
-        self.pusher = PushSender(self.rpc, self.stub)
+        self.pusher = PushSender(self.rpc, lambda: self.stub)
         self.lease_id = ""
         self.worker_id = ""
         self.job: JobConfig | None = None

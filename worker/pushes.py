@@ -7,7 +7,7 @@ deadline that grows with its bytes, a broken one resumed from what the server ho
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -58,8 +58,9 @@ class PushSender:
     server holds and sends only the rest. An older server (no ``PushOffset``), or one that no longer
     holds them (restarted, or dropped them: ``Refusal.RESUME_LOST``), gets the push whole."""
 
-    def __init__(self, rpc: RpcCaller, stub: Any) -> None:
-        self.rpc, self.stub = rpc, stub
+    def __init__(self, rpc: RpcCaller, stub_of: Callable[[], Any]) -> None:
+        """``stub_of``: the worker's current stub (a bench may wrap the worker's channel after the start)."""
+        self.rpc, self.stub_of = rpc, stub_of
         self.payload_sent = 0  # tensor bytes put on the wire, every try counted
         self.resumed = 0  # tries that went on from chunks the server held
 
@@ -86,7 +87,7 @@ class PushSender:
     def _held(self, lease_id: str, push_id: int, metadata) -> tuple[int, int]:
         """(chunks, bytes) of this push the server holds from an earlier try; (0, 0) from an older server."""
         try:
-            reply = self.stub.PushOffset(
+            reply = self.stub_of().PushOffset(
                 pb.PushOffsetRequest(lease_id=lease_id, push_id=push_id), metadata=metadata, timeout=30
             )
         except grpc.RpcError as err:
@@ -113,7 +114,7 @@ class PushSender:
     ) -> pb.PushReply:
         header = meta.to_proto()
         header.push_id, header.resume_from = push_id, skip
-        return self.stub.PushUpdate(
+        return self.stub_of().PushUpdate(
             self._messages(header, encoded, max_chunk_bytes, skip),
             metadata=metadata,
             timeout=push_deadline_s(max(0, remaining_bytes)),
