@@ -183,6 +183,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 raise Refused(Refusal.MALFORMED, "a push must start with its PushHeader")
             if first.header.push_id < 0 or first.header.resume_from < 0:
                 raise Refused(Refusal.MALFORMED, "push_id and resume_from must be >= 0")
+            if first.header.resume_from and not first.header.push_id:
+                raise Refused(Refusal.MALFORMED, "resume_from needs the push's push_id")
             try:
                 header = PushMeta.from_proto(first.header, MAX_HEADS_PER_PUSH)
             except ValueError as exc:

@@ -192,7 +192,7 @@ def test_a_push_header_with_a_negative_push_id_or_resume_from_is_malformed():
     ):
         stub = pb_grpc.ParameterServerStub(channel)
         reply = stub.Register(pb.RegisterRequest(worker=pb.WorkerInfo(name="t")), timeout=10)
-        for fields in ({"push_id": -1}, {"push_id": 5, "resume_from": -2}):
+        for fields in ({"push_id": -1}, {"push_id": 5, "resume_from": -2}, {"resume_from": 3}):
             header = pb.PushHeader(lease_id=reply.lease_id, base_version=0, **fields)
             with pytest.raises(grpc.RpcError) as err:
                 stub.PushUpdate(iter([pb.UpdateChunk(header=header)]), timeout=10)

@@ -113,6 +113,7 @@ class SnapshotPuller:
             stream, first_s=wait_s + self.stall_s, stall_s=self.stall_s, stop=self.rpc.interrupted
         )  # not rpc.stop: a heartbeat that brings the job's end sets it, and that pull ends with it
         state: PartialPull | None = None
+        got = 0  # chunks this try received
         try:
             for msg in stream:
                 watchdog.progress()
@@ -122,6 +123,7 @@ class SnapshotPuller:
                 if state is None:
                     raise RuntimeError("server sent a pull reply without a header")
                 state.received += 1
+                got += 1
                 enc = state.assembler.add(msg.tensor)
                 self.bytes_down += len(msg.tensor.data)
                 if enc is None:
@@ -155,13 +157,17 @@ class SnapshotPuller:
             if state is not None and state.received > 0 and state.header.stream_id:
                 self.partial = state  # the next pull asks the server to go on from here
             now = time.monotonic()
+            if got:
+                self.failing_since = None  # chunks came in this try: the server is reachable
             self.failing_since = self.failing_since or now
             if now - self.failing_since > self.rpc.give_up_after_s:
                 raise
             delay = self.backoff.next_delay()  # the server may be restarting: back off, never spin
             kept = self.partial
-            got = f"; resuming after {kept.received} chunks" if kept is not None else ""
-            self.say(f"pull: {err.code().name.lower()} ({err.details()}); retrying in {delay:.1f} s{got}")
+            going_on = f"; resuming after {kept.received} chunks" if kept is not None else ""
+            self.say(
+                f"pull: {err.code().name.lower()} ({err.details()}); retrying in {delay:.1f} s{going_on}"
+            )
             self.rpc.stop.wait(delay)
             return None  # the caller's loop pulls again
         finally:

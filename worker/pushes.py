@@ -6,6 +6,7 @@ deadline that grows with its bytes, a broken one resumed from what the server ho
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -63,6 +64,7 @@ class PushSender:
         self.rpc, self.stub_of = rpc, stub_of
         self.payload_sent = 0  # tensor bytes put on the wire, every try counted
         self.resumed = 0  # tries that went on from chunks the server held
+        self.answered_at = -math.inf  # when this push's last PushOffset was answered
 
     def send(self, meta: PushMeta, encoded: list[EncodedTensor], max_chunk_bytes: int) -> pb.PushReply:
         """One push; raises what ``rpc.call`` raises (refusals as the worker's exceptions)."""
@@ -82,7 +84,8 @@ class PushSender:
                 self.rpc.say(f"push: {err.details()}")
                 return self._stream(meta, encoded, max_chunk_bytes, push_id, 0, total, metadata)
 
-        return self.rpc.call(attempt, what="push")
+        self.answered_at = -math.inf
+        return self.rpc.call(attempt, what="push", answered=lambda: self.answered_at)
 
     def _held(self, lease_id: str, push_id: int, metadata) -> tuple[int, int]:
         """(chunks, bytes) of this push the server holds from an earlier try; (0, 0) from an older server."""
@@ -94,6 +97,7 @@ class PushSender:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return 0, 0
             raise
+        self.answered_at = self.rpc.clock()  # the server is reachable: retry as long as it keeps so
         if reply.chunks_received:
             self.resumed += 1
             self.rpc.say(

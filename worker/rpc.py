@@ -169,11 +169,18 @@ class RpcCaller:
         self.server_address = server_address
         self.tls_files = tls_files  # (CA, client certificate, key): to name a failed handshake's cause
         self.say = say
+        self.clock: Callable[[], float] = time.monotonic  # tests put a fake clock here
 
-    def call(self, fn: Callable, *args, what: str, **kwargs) -> Any:
-        """Run one RPC, retrying transient failures with backoff until ``give_up_after_s``."""
+    def call(
+        self, fn: Callable, *args, what: str, answered: Callable[[], float] | None = None, **kwargs
+    ) -> Any:
+        """Run one RPC, retrying transient failures with backoff for ``give_up_after_s`` after the
+        first failure. ``answered``: when the server last answered a part of this call (monotonic
+        seconds; a resumable push's ``PushOffset``): a failure after that starts the window again,
+        so a long transfer over a link that drops now and then is retried for as long as each try
+        reaches the server, and an unreachable server is still given up on."""
         backoff = Backoff()
-        deadline = time.monotonic() + self.give_up_after_s
+        failing_since: float | None = None
         while True:
             self.check_parent()
             try:
@@ -183,7 +190,10 @@ class RpcCaller:
                 raise_refusal(err)
                 code = err.code()
                 self.check_tls(err)
-                if code not in RETRYABLE or time.monotonic() > deadline or self.stop.is_set():
+                now = self.clock()
+                if failing_since is None or (answered is not None and answered() > failing_since):
+                    failing_since = now  # the first failure, or the server answered since the last one
+                if code not in RETRYABLE or now - failing_since > self.give_up_after_s or self.stop.is_set():
                     raise
                 delay = backoff.next_delay()
                 self.say(f"{what}: {code.name.lower()} ({err.details()}); retrying in {delay:.1f} s")
