@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--give-up-after",
         type=float,
         default=300.0,
-        help="seconds to keep retrying an unreachable server [300]",
+        help="seconds to keep retrying a server that does not answer, from the first failure "
+        "(a transfer that moved bytes starts it again) [300]",
     )
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by lte-server --local-workers
     parser.add_argument(
