@@ -45,6 +45,11 @@ STATUS_OF = {
 }
 
 
+class EndedEarly(Refused):
+    """The push's stream ended before the push was whole. gRPC may end a stream whose connection
+    dropped as if the worker had closed it, so a resumable push's chunks are kept for the retry."""
+
+
 def head_assignments(heads: list[HeadState], has_factors: dict[int, bool]) -> list[pb.HeadAssignment]:
     return [
         pb.HeadAssignment(
@@ -198,6 +203,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             tensors, total_bytes = self._read_push(messages, push, header)
             broke = False
             result = self.c.apply_push(header, tensors, push, total_bytes)
+        except EndedEarly as exc:  # a dropped connection can end the stream as if the worker had
+            self._abort(context, exc)  # closed it: keep what came (broke), refuse the push itself
         except Refused as exc:
             broke = False
             self._abort(context, exc)
@@ -233,11 +240,14 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             tensor = decode_tensor(enc, max_elements=max(1, math.prod(push.expected[enc.name]))).float()
             push.check_tensor(enc.name, tensor, enc.codec)
             tensors[enc.name] = tensor
-        assembler.finish()
+        try:
+            assembler.finish()
+        except WireError as exc:
+            raise EndedEarly(Refusal.MALFORMED, str(exc)) from None
         missing = sorted(set(push.expected) - set(tensors))
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise Refused(Refusal.MALFORMED, f"push is missing tensors {missing[:3]}{more}")
+            raise EndedEarly(Refusal.MALFORMED, f"push is missing tensors {missing[:3]}{more}")
         if header.num_tensors != len(push.expected):
             raise Refused(
                 Refusal.MALFORMED,
