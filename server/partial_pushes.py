@@ -13,14 +13,16 @@ there), per gRPC stream instead of per byte range.
 
 Bounds: one partial push per lease (a new push of the lease replaces its old one); one kept after
 its stream broke is dropped ``keep_s`` seconds later, and the kept ones together hold at most
-``max_kept_bytes`` (the oldest dropped first). A push read to its end, applied or refused, leaves
-nothing behind.
+``max_kept_bytes``, counted as stored (the oldest dropped first). A push being read holds at most
+what it carries: the assembler bounds its bytes, and refuses empty chunks inside a tensor, which
+would count nothing. A push read to its end, applied or refused, leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -44,17 +46,51 @@ def push_identity(header: pb.PushHeader) -> bytes:
     return copy.SerializeToString(deterministic=True)
 
 
+CHUNK_OVERHEAD = 16  # bytes counted per kept chunk besides its serialised size (its two offsets)
+
+
 @dataclass
 class PartialPush:
-    """The chunks of one push read so far, and which stream reads it now."""
+    """The chunks of one push read so far, and which stream reads it now. The chunks are kept
+    serialised end to end (chunk ``i`` is ``blob[ends[i - 1]:ends[i]]``), not as messages: a message
+    object costs hundreds of bytes however few it carries, so a stream of tiny chunks would hold
+    far more memory than it counts."""
 
     lease_id: str
     push_id: int
     identity: bytes
-    chunks: list[pb.TensorChunk] = field(default_factory=list)
-    nbytes: int = 0
+    blob: bytearray = field(default_factory=bytearray)
+    ends: array = field(default_factory=lambda: array("Q"))
+    payload_ends: array = field(default_factory=lambda: array("Q"))  # payload bytes up to chunk i
     reader: int = 0  # the stream that appends to it (0: none, the push is kept for a retry)
     kept_since: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.ends)
+
+    @property
+    def payload(self) -> int:
+        return self.payload_ends[-1] if self.payload_ends else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, as stored."""
+        return len(self.blob) + CHUNK_OVERHEAD * len(self.ends)
+
+    def append(self, chunk: pb.TensorChunk) -> None:
+        self.blob += chunk.SerializeToString()
+        self.ends.append(len(self.blob))
+        self.payload_ends.append(self.payload + len(chunk.data))
+
+    def chunk(self, i: int) -> pb.TensorChunk:
+        start = self.ends[i - 1] if i else 0
+        return pb.TensorChunk.FromString(bytes(self.blob[start : self.ends[i]]))
+
+    def truncate(self, count: int) -> None:
+        del self.blob[self.ends[count - 1] if count else 0 :]
+        del self.ends[count:]
+        del self.payload_ends[count:]
 
 
 class PartialPushes:
@@ -80,11 +116,11 @@ class PartialPushes:
             partial = self._by_lease.get(lease_id)
             if partial is None or partial.push_id != push_id:
                 return 0, 0
-            return len(partial.chunks), partial.nbytes
+            return partial.count, partial.payload
 
-    def open(self, header: pb.PushHeader) -> tuple[PartialPush, int, list[pb.TensorChunk]]:
+    def open(self, header: pb.PushHeader) -> tuple[PartialPush, int, int]:
         """Start reading the push of ``header`` (its ``push_id`` > 0): ``(partial, reader, held)``,
-        ``held`` the chunks kept of an earlier try that this one skips (``header.resume_from`` of them).
+        ``held`` the chunks kept of an earlier try that this one skips (``header.resume_from``).
 
         Raises ``Refused(RESUME_LOST)`` when ``resume_from`` > 0 and the server does not hold that many
         chunks of this very push (dropped meanwhile, or another header): the worker sends it whole."""
@@ -96,39 +132,42 @@ class PartialPushes:
             partial = self._by_lease.get(header.lease_id)
             same = partial is not None and partial.push_id == header.push_id and partial.identity == identity
             if header.resume_from > 0:
-                if partial is None or not same or header.resume_from > len(partial.chunks):
-                    held = 0 if partial is None or not same else len(partial.chunks)
+                if partial is None or not same or header.resume_from > partial.count:
+                    held = 0 if partial is None or not same else partial.count
                     raise Refused(
                         Refusal.RESUME_LOST,
                         f"push {header.push_id} asks to resume after {header.resume_from} chunks; the server holds "
                         f"{held}: send the push from its start",
                     )
                 assert partial is not None
-                del partial.chunks[header.resume_from :]
-                partial.nbytes = sum(len(c.data) for c in partial.chunks)
+                partial.truncate(header.resume_from)
                 self.resumed += 1
             else:
                 partial = PartialPush(header.lease_id, header.push_id, identity)
                 self._by_lease[header.lease_id] = partial
             partial.reader = reader
-            return partial, reader, list(partial.chunks)
+            return partial, reader, partial.count
 
     def read(
-        self, partial: PartialPush, reader: int, held: list[pb.TensorChunk], stream: Iterable[pb.UpdateChunk]
+        self, partial: PartialPush, reader: int, held: int, stream: Iterable[pb.UpdateChunk]
     ) -> Iterator[pb.UpdateChunk]:
-        """The push's chunk messages: the ``held`` ones, then ``stream``'s, each kept as it is read.
+        """The push's chunk messages: its first ``held`` kept ones, then ``stream``'s, each kept as
+        it is read.
 
         Raises ``Superseded`` when a retry took the push over; what ``stream`` raises when it breaks
         passes through, and the chunks read stay kept for the retry (``close``)."""
-        for chunk in held:
+        for i in range(held):
+            with self._lock:
+                if partial.reader != reader:
+                    raise Superseded()
+                chunk = partial.chunk(i)
             yield pb.UpdateChunk(tensor=chunk)
         for msg in stream:
             with self._lock:
                 if partial.reader != reader:
                     raise Superseded()
                 if msg.HasField("tensor"):
-                    partial.chunks.append(msg.tensor)
-                    partial.nbytes += len(msg.tensor.data)
+                    partial.append(msg.tensor)
             yield msg
 
     def close(self, partial: PartialPush, reader: int, *, keep: bool) -> None:
@@ -147,7 +186,12 @@ class PartialPushes:
     def held(self) -> list[tuple[str, int, int, int]]:
         """``(lease_id, push_id, chunk messages, payload bytes)`` of every push held, read now or kept."""
         with self._lock:
-            return [(p.lease_id, p.push_id, len(p.chunks), p.nbytes) for p in self._by_lease.values()]
+            return [(p.lease_id, p.push_id, p.count, p.payload) for p in self._by_lease.values()]
+
+    def kept_bytes(self) -> int:
+        """Bytes held (as stored) by the pushes kept for a retry; at most ``max_kept_bytes``."""
+        with self._lock:
+            return sum(p.nbytes for p in self._by_lease.values() if p.reader == 0)
 
     def clear(self) -> None:
         """Drop every push held (what a restarted server holds)."""

@@ -202,6 +202,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 messages = self.partial_pushes.read(partial, reader, held, request_iterator)
             tensors, total_bytes = self._read_push(messages, push, header)
             broke = False
+            if opened is not None:  # read whole: its chunks are not needed through the merge
+                self.partial_pushes.close(*opened, keep=False)
+                opened = None
             result = self.c.apply_push(header, tensors, push, total_bytes)
         except EndedEarly as exc:  # a dropped connection can end the stream as if the worker had
             self._abort(context, exc)  # closed it: keep what came (broke), refuse the push itself

@@ -35,6 +35,7 @@ DELIBERATE = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.OUT_OF_RANGE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,  # a resume the server cannot honour (RESUME_LOST)
 }
 FUZZ = settings(
     deadline=None,

@@ -8,16 +8,19 @@ kept (a restarted server holds none), the retry sends the push whole, as before.
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
+from lte.common.wire.chunks import TensorAssembler, WireError
 from lte.common.wire.protocol import Refusal, Refused
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
-from lte.server.partial_pushes import PartialPushes, push_identity
+from lte.server.partial_pushes import CHUNK_OVERHEAD, PartialPushes, push_identity
 from lte.worker.client import Worker
 from tests.cluster import digits_job, run_in_thread, running_server
-from tests.faults import CuttingProxy, master_hash
+from tests.faults import SYNTHETIC, CuttingProxy, master_hash, push_messages, random_factors, wait_until
 
 TIMEOUT_S = 180
 # one worker trains both heads: each sync round is closed by one push of about 60 chunks
@@ -99,7 +102,7 @@ def test_a_resume_takes_only_the_chunks_of_the_same_push_and_a_broken_stream_kee
     clock = [0.0]
     partials = PartialPushes(keep_s=100, max_kept_bytes=1000, clock=lambda: clock[0])
     partial, reader, held = partials.open(_header())
-    assert held == []
+    assert held == 0
     stream = partials.read(partial, reader, held, iter([_chunk(10), _chunk(20), _chunk(30)]))
     assert len(list(stream)) == 3 and partials.offset("L", 7) == (3, 60)
     partials.close(partial, reader, keep=True)  # its stream broke
@@ -118,10 +121,10 @@ def test_a_resume_takes_only_the_chunks_of_the_same_push_and_a_broken_stream_kee
 
     # a resume after 2: the third chunk (in flight at the cut) comes again from the new stream
     partial2, reader2, held2 = partials.open(_header(resume_from=2))
-    assert [len(c.data) for c in held2] == [10, 20] and partials.resumed == 1
+    assert held2 == 2 and partials.resumed == 1
     # the stream that broke unnoticed reads on: it stops, and does not touch the retry's chunks
     with pytest.raises(Exception) as superseded:
-        list(partials.read(partial, reader, [], iter([_chunk(99)])))
+        list(partials.read(partial, reader, 0, iter([_chunk(99)])))
     assert type(superseded.value).__name__ == "Superseded"
     out = list(partials.read(partial2, reader2, held2, iter([_chunk(30)])))
     assert [len(m.tensor.data) for m in out] == [10, 20, 30]
@@ -132,13 +135,13 @@ def test_a_resume_takes_only_the_chunks_of_the_same_push_and_a_broken_stream_kee
 
 def test_kept_pushes_are_dropped_after_keep_s_and_beyond_max_kept_bytes_oldest_first():
     clock = [0.0]
-    partials = PartialPushes(keep_s=100, max_kept_bytes=100, clock=lambda: clock[0])
+    partials = PartialPushes(keep_s=100, max_kept_bytes=130, clock=lambda: clock[0])  # 2 of the 3 below
     for i, lease in enumerate(("a", "b", "c")):
         clock[0] = float(i)
         partial, reader, held = partials.open(_header(lease=lease))
         list(partials.read(partial, reader, held, iter([_chunk(40)])))
         partials.close(partial, reader, keep=True)
-    assert sorted(lease for lease, *_ in partials.held()) == ["b", "c"]  # 120 B > 100: the oldest went
+    assert sorted(lease for lease, *_ in partials.held()) == ["b", "c"]  # 3 x 58 B > 130: the oldest went
     clock[0] = 101.5
     assert partials.offset("b", 7) == (0, 0) and partials.offset("c", 7) == (1, 40)  # b kept since 1 s
     # a new push of a lease replaces the lease's kept one
@@ -202,3 +205,61 @@ def test_a_push_header_with_a_negative_push_id_or_resume_from_is_malformed():
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         offset = stub.PushOffset(pb.PushOffsetRequest(lease_id=reply.lease_id, push_id=5), timeout=10)
         assert (offset.chunks_received, offset.bytes_received) == (0, 0)
+
+
+def test_kept_chunks_are_counted_as_stored_and_an_empty_chunk_inside_a_tensor_is_refused():
+    partials = PartialPushes()
+    partial, reader, held = partials.open(_header())
+    list(partials.read(partial, reader, held, (_chunk(1) for _ in range(1000))))
+    partials.close(partial, reader, keep=True)
+    assert partials.offset("L", 7) == (1000, 1000)  # payload bytes
+    assert partials.kept_bytes() >= 1000 * (1 + CHUNK_OVERHEAD)  # what they hold, not what they carry
+    # an empty chunk after a tensor's first counts nothing against the byte limits: refused
+    assembler = TensorAssembler(max_chunk_bytes=64, max_tensor_bytes=64, max_total_bytes=64, max_tensors=1)
+    header = pb.TensorHeader(
+        name="t", dtype="float32", shape=[4], codec="fp32", raw_nbytes=16, payload_nbytes=16
+    )
+    assert assembler.add(pb.TensorChunk(header=header, data=bytes(8))) is None
+    with pytest.raises(WireError, match="empty chunk inside tensor 't'"):
+        assembler.add(pb.TensorChunk(data=b""))
+
+
+@pytest.mark.server
+def test_a_push_the_worker_cancels_half_way_is_kept_every_time():
+    """gRPC can end a cancelled request stream as if the client had closed it (StopIteration, not an
+    error): the push then reads as one that ended early, and its chunks must still be kept. Before
+    the fix 5 of 20 such cancels lost them (review of 2026-12-07)."""
+    job = digits_job(heads=1, steps=1000, mode="async", uplink="fp32", max_chunk_bytes=4096)
+    with (
+        running_server(job, heads_per_worker=1, lease_timeout_s=600, guard=SYNTHETIC) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        assert server.service is not None
+        partials = server.service.partial_pushes
+        stub = pb_grpc.ParameterServerStub(channel)
+        reply = stub.Register(pb.RegisterRequest(worker=pb.WorkerInfo(name="t", max_heads=1)), timeout=30)
+        head = reply.heads[0].head_id
+        factors = random_factors(server.coordinator, [head])
+        messages = push_messages(reply.lease_id, {head: 0}, 0, factors, codec="fp32", max_chunk_bytes=4096)
+        assert len(messages) > 8
+        for push_id in range(1, 11):
+            held = _cancel_half_way(stub, partials, reply.lease_id, messages, push_id)
+            assert held == len(messages) // 2 - 1, push_id
+
+
+def _cancel_half_way(stub, partials: PartialPushes, lease_id: str, messages, push_id: int) -> int:
+    """Send the header and the first half of the chunks, go idle, cancel; the chunks then held."""
+    messages[0].header.push_id = push_id
+    half = len(messages) // 2
+    gate = threading.Event()
+
+    def stream():
+        yield from messages[:half]
+        gate.wait(60)  # idle, the way a sender behind a dead link is
+
+    call = stub.PushUpdate.future(stream(), timeout=60)
+    wait_until(lambda: partials.offset(lease_id, push_id)[0] == half - 1, 30, "the first half")
+    call.cancel()
+    gate.set()
+    wait_until(lambda: partials.kept_bytes() > 0, 30, "the push to be kept")
+    return partials.offset(lease_id, push_id)[0]

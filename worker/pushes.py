@@ -81,6 +81,7 @@ class PushSender:
             except grpc.RpcError as err:
                 if not skip or refusal(err) is not Refusal.RESUME_LOST:
                     raise
+                self.resumed -= 1  # the server no longer held them
                 self.rpc.say(f"push: {err.details()}")
                 return self._stream(meta, encoded, max_chunk_bytes, push_id, 0, total, metadata)
 

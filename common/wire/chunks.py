@@ -64,6 +64,10 @@ class TensorAssembler:
             header = self._start(chunk.header)
         elif self._header is None:
             raise WireError("a tensor chunk without a header arrived outside any tensor")
+        elif not chunk.data:
+            # only a tensor's first chunk may be empty (an empty tensor): empty ones after it would
+            # cost memory and time without bound while counting nothing against the byte limits
+            raise WireError(f"an empty chunk inside tensor {self._header.name!r}")
         else:
             header = self._header
         self._received += len(chunk.data)
