@@ -15,7 +15,9 @@
    ``||D||^2 = <B^T B, A A^T> - 2 <B^T B', A A'^T> + <B'^T B', A' A'^T>``. Divided by the round's
    summed learning rates (so warm-up and decay do not look like outliers), it may be at most
    ``ratio`` (30) times the median of the last ``window`` (64) accepted ones of that layer, once
-   there are ``min_history`` (4). A replica's delta is checked the same way (and, for trained
+   there are ``min_history`` (4), plus what the uplink's rounding of ``B`` and ``A`` alone can add
+   (``(2 e + e^2) ||B|| ||A||``, ``e`` the codec's relative rounding), which does not shrink with the
+   learning rate. A replica's delta is checked the same way (and, for trained
    parameters, by the step bound); a buffer's (running statistics) by its plain norm, not per unit
    of lr: the data moves it, not the learning rate.
 
@@ -217,13 +219,22 @@ class UpdateGuard:
         return gain * norm * (1.0 + 1e-6)
 
     def _median_check(
-        self, verdict: Verdict, key: tuple[int, str], hkey: str, what: str, norm: float, lr_sum: float
+        self,
+        verdict: Verdict,
+        key: tuple[int, str],
+        hkey: str,
+        what: str,
+        norm: float,
+        lr_sum: float,
+        floor: float = 0.0,
     ) -> None:
+        """``norm`` within ``ratio`` x the median per unit of lr, times ``lr_sum``, plus ``floor`` (what
+        the uplink's rounding alone can add: it does not shrink with the learning rate)."""
         unit = norm / max(lr_sum, 1e-300)
         verdict.norms.setdefault(hkey, []).append(unit)
         median = self.median(hkey)
-        if median is not None and not unit <= self.settings.ratio * median:
-            bound = self.settings.ratio * median * lr_sum
+        if median is not None and not norm <= self.settings.ratio * median * lr_sum + floor:
+            bound = self.settings.ratio * median * lr_sum + floor
             verdict._flag(
                 key, f"{what} contribution norm", norm, bound, bound / norm if math.isfinite(norm) else 0.0
             )
@@ -277,7 +288,15 @@ class UpdateGuard:
                 norm = contribution_norm(b, a, bp, ap)
                 share = self.job.scale / self.job.heads * norm
                 verdict.impact = max(verdict.impact, share / ((master_norms or {}).get(layer, 0.0) + 1e-12))
-                self._median_check(verdict, (h, layer), layer, f"head {h} layer {layer}", norm, lr_sum)
+                # the uplink rounds each entry of B and A by up to `rounding` of it: ||round(B) round(A) -
+                # B A|| <= (2 e + e^2) ||B|| ||A||, whatever the round's lr (near the end of the cosine,
+                # one entry on a rounding boundary flips by an ulp and is thousands of medians per lr)
+                floor = (
+                    (2 * self.rounding + self.rounding**2)
+                    * float(b.double().norm())
+                    * float(a.double().norm())
+                )
+                self._median_check(verdict, (h, layer), layer, f"head {h} layer {layer}", norm, lr_sum, floor)
         lr_sum = max(lr_sums.values(), default=0.0)
         for name, delta in replicas.items():
             if name in trained_replicas:
