@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  0    the job finished\n"
         "  1    an error (the last line says which)\n"
         "  2    a bad flag, credential or data, or a lease it cannot train\n"
-        "  4    the job was over before this worker joined\n"
+        "  4    the job was over before this worker trained a round\n"
         "  130  interrupted (Ctrl+C or SIGTERM)\n\n"
         "a worker that joins a full job stands by and takes heads as they free up",
         formatter_class=argparse.RawDescriptionHelpFormatter,
