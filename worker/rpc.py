@@ -195,7 +195,8 @@ class RpcCaller:
                     failing_since = now  # the first failure, or the server answered since the last one
                 if code not in RETRYABLE or now - failing_since > self.give_up_after_s or self.stop.is_set():
                     raise
-                delay = backoff.next_delay()
+                # the last wait ends with the window: one more try, then give up on time
+                delay = min(backoff.next_delay(), failing_since + self.give_up_after_s - now + 0.01)
                 self.say(f"{what}: {code.name.lower()} ({err.details()}); retrying in {delay:.1f} s")
                 if self.stop.wait(delay):
                     raise
