@@ -18,7 +18,7 @@ def check_worker_args(args: argparse.Namespace) -> None:
     parse_server_address(args.server)
     check_range("max_heads", args.max_heads, low=0, note="0 takes as many as the server gives")
     check_range("threads", args.threads, low=0, note="0 is torch's default")
-    check_range("give_up_after", args.give_up_after, low=0, low_open=True, note="seconds")
+    check_range("give_up_after", args.give_up_after, low=0, low_open=True, note="a time in seconds")
     for key in ("data", "data_dir"):  # found now, not after joining a job and leasing its heads
         folder = getattr(args, key)
         if folder and not Path(folder).is_dir():

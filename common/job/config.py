@@ -335,10 +335,14 @@ class ServerSettings:
         note="0 means N / local workers, or N",
     )
     lease_timeout: float = _setting(
-        30.0, "seconds without a heartbeat before a lease expires [30]", low=0, low_open=True, note="seconds"
+        30.0,
+        "seconds without a heartbeat before a lease expires [30]",
+        low=0,
+        low_open=True,
+        note="a time in seconds",
     )
     heartbeat_interval: float = _setting(
-        5.0, "seconds between worker heartbeats [5]", low=0, low_open=True, note="seconds"
+        5.0, "seconds between worker heartbeats [5]", low=0, low_open=True, note="a time in seconds"
     )
     straggler_factor: float = _setting(
         4.0,
