@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lte.common.job.checks import ConfigError, check_range, one_line_errors, read_toml
+from lte.common.job.checks import ConfigError, OneLineArgumentParser, check_range, one_line_errors, read_toml
 
 # lte.common.data.datasets, text, run_metadata, trainer and hf import torch: imported where used, so that
 # `lte-eval --help` and its argument errors start without it (python -X importtime, 2026-12-07,
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lte-eval",
         description="Evaluate a model exported by lte-server (model.safetensors, or the run folder\n"
         "holding it) on a dataset's test split, with the preprocessing stored in the\nfile.",

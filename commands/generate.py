@@ -20,6 +20,7 @@ import torch
 
 from lte.common.core.hf import load_hf_folder, sample_tokens
 from lte.common.data.text import Tokenizer, load_tokenizer
+from lte.common.job.checks import OneLineArgumentParser
 from lte.common.job.config import job_from_dict
 from lte.common.job.models import GPT
 from lte.common.job.trainer import build_job_model
@@ -62,7 +63,7 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="lte-generate", description="Sample text from an exported LTE language model."
     )
     p.add_argument(

@@ -21,10 +21,11 @@ from lte.common.data.text import (
     stream_token_files,
     write_token_files,
 )
+from lte.common.job.checks import OneLineArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lte-prepare-text",
         description="Turn text files into token files (train.bin, val.bin, meta.json) for --dataset text.",
         epilog='example: bible -f "Genesis 1:1-Revelation 22:21" > kjv.txt && lte-prepare-text kjv.txt --out data/kjv',

@@ -29,7 +29,7 @@ from lte.common.data.datasets import (
     stacked_batch,
 )
 from lte.common.data.images import BadImageError
-from lte.common.job.checks import ConfigError, check_range, one_line_errors
+from lte.common.job.checks import ConfigError, OneLineArgumentParser, check_range, one_line_errors
 from lte.common.job.config import (
     EXPLAIN_HELP,
     SERVER_TYPES,
@@ -292,7 +292,7 @@ def _progress_fields(record: dict[str, Any], samples: int, start: float) -> dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lte-sim",
         description="Train a model from scratch with LoRA-the-Explorer in one process (or, with\n"
         "--full, with standard training on the same samples).",

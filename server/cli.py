@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lte.common.data.datasets import dataset_metadata, eval_subset, load_job_dataset
-from lte.common.job.checks import ConfigError, flag, one_line_errors
+from lte.common.job.checks import ConfigError, OneLineArgumentParser, flag, one_line_errors
 from lte.common.job.config import (
     EXPLAIN_HELP,
     MASKED,
@@ -50,7 +50,7 @@ SERVER_EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lte-server",
         description=textwrap.fill(
             "Parameter server for LoRA-the-Explorer: holds the full-precision weights, leases LoRA heads "

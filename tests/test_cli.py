@@ -119,3 +119,27 @@ def test_json_logs_and_tensorboard_scalars_of_a_real_local_cluster(tmp_path):
     tags = events.Tags()["scalars"]
     assert "train/train_loss" in tags and "eval/test_accuracy" in tags
     assert len(events.Scalars("train/train_loss")) == 2  # one per version: 20 steps / T 10
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "names"),
+    [
+        ("lte.server.cli", ["--mode", "foo"], "argument --mode: invalid choice: 'foo'"),
+        ("lte.worker.cli", ["--server", "127.0.0.1:1", "--bogus"], "unrecognized arguments: --bogus"),
+        ("lte.commands.sim", ["--steps"], "argument --steps: expected one argument"),
+        ("lte.commands.eval", ["--bogus"], "the following arguments are required: RUN_OR_MODEL"),
+        ("lte.commands.generate", ["--bogus"], "the following arguments are required: --model"),
+        ("lte.commands.prepare_text", ["--bogus"], "the following arguments are required: inputs, --out"),
+    ],
+)
+def test_a_command_line_argparse_refuses_is_one_line_and_exit_2(module, argv, names):
+    """argparse's own errors printed the whole usage first (41 lines for `lte-server --mode foo`)."""
+    run = subprocess.run(
+        [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0] and "--help" in lines[0], run.stderr

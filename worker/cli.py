@@ -13,14 +13,14 @@ import threading
 
 import torch
 
-from lte.common.job.checks import one_line_errors
+from lte.common.job.checks import OneLineArgumentParser, one_line_errors
 from lte.common.job.precision import PRECISIONS
 from lte.common.job.signals import stop_signals
 from lte.worker.startup import TOKEN_HINT, check_resolves, check_worker_args, rpc_hint
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lte-worker",
         description=textwrap.fill(
             "Join an lte-server job: train the LoRA heads it leases to this machine on a quantised copy "

@@ -8,6 +8,7 @@ Nothing here imports torch or opens a socket.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import os
@@ -18,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -309,6 +310,15 @@ def trace_path(prog: str) -> Path:
     """Where an unexpected error's full traceback goes: ``$LTE_TRACE_DIR`` or the temp folder."""
     folder = Path(os.environ.get("LTE_TRACE_DIR") or tempfile.gettempdir())
     return folder / f"{prog}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.trace"
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, whose errors (an unknown flag, a bad choice, a missing value) are one line and exit
+    2: ``lte-server: error: argument --mode: invalid choice: 'foo' (choose from ...)``; argparse's
+    own prints the whole usage first (40 lines for lte-server). ``--help`` still prints it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def one_line_errors(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
