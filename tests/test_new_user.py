@@ -124,6 +124,17 @@ def test_a_host_name_that_does_not_resolve_is_a_configuration_error_within_secon
     assert len(err) == 1 and "'no-such-host.invalid' does not resolve" in err[0], err
 
 
+def test_a_give_up_after_shorter_than_the_resolve_bound_is_the_bound():
+    """A worker told --give-up-after 3 waited the resolve check's full 10 s (README walk-through)."""
+    from lte.common.job.checks import ConfigError
+    from lte.worker.startup import check_resolves
+
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"does not resolve \(.*, for 0\.5 s\)"):
+        check_resolves("no-such-host.invalid:50051", bound_s=30.0, poll_s=0.1, at_most_s=0.5)
+    assert time.monotonic() - started < 20  # far below the 30 s bound (a slow resolver's one try aside)
+
+
 def test_the_exported_model_respects_the_umask(tmp_path):
     """Issue 25: model.safetensors was written 0600 whatever the umask."""
     c = Coordinator(digits_job(heads=2), DIGITS)

@@ -265,7 +265,8 @@ def _run(args: argparse.Namespace, watch: StopWatch) -> int:
         metadata = bearer_metadata(token_from(args.token))
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
         device = pick_device(args.device)
-        check_resolves(args.server)  # a mistyped host: exit 2 within seconds, not 300 s of retries
+        # a mistyped host: exit 2 within seconds, not 300 s of retries (nor longer than --give-up-after)
+        check_resolves(args.server, at_most_s=args.give_up_after)
     except (ValueError, OSError) as exc:
         print(f"lte-worker: error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import socket
 import time
 from pathlib import Path
@@ -48,14 +49,18 @@ def rpc_hint(err: grpc.RpcError) -> str:
 RESOLVE_BOUND_S = 10.0  # a name that does not resolve for this long is a typo, not an outage
 
 
-def check_resolves(address: str, bound_s: float = RESOLVE_BOUND_S, poll_s: float = 1.0) -> None:
-    """The host of ``--server host:port`` resolves, within ``bound_s`` seconds (a DNS answer that
-    comes late, e.g. a container name being registered, is waited for; an outage of the server
-    itself is not this check's business: the worker retries that for --give-up-after).
+def check_resolves(
+    address: str, bound_s: float = RESOLVE_BOUND_S, poll_s: float = 1.0, *, at_most_s: float = math.inf
+) -> None:
+    """The host of ``--server host:port`` resolves, within ``bound_s`` seconds or ``at_most_s`` (the
+    worker's --give-up-after), whichever is shorter (a DNS answer that comes late, e.g. a container
+    name being registered, is waited for; an outage of the server itself is not this check's
+    business: the worker retries that for --give-up-after).
 
     Raises ConfigError naming the host (issue 25: a mistyped name was retried for 300 s).
     """
     host, port = parse_server_address(address)
+    bound_s = min(bound_s, at_most_s)
     deadline = time.monotonic() + bound_s
     while True:
         try:
