@@ -153,6 +153,24 @@ def tensorboard_sink(directory: str):
     return write
 
 
+def port_in_use(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on (another process holds it), or "" when it can (or
+    ``port`` is 0). A plain bind, closed at once: a race with another starter is still possible, and
+    gRPC then says so itself."""
+    if port == 0:
+        return ""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return ""
+
+
 class ServerRun:
     """A whole server run of ``job`` on ``dataset`` with ``settings`` (those of the command line,
     placeholders such as ``eval_every = -1`` still in; ``settings.resolved(job)`` is what runs)."""
@@ -196,6 +214,12 @@ class ServerRun:
             credentials = server_credentials(srv.tls_cert, srv.tls_key, srv.tls_ca)
         except (ValueError, OSError) as exc:
             raise StartError(str(exc)) from None
+        taken = port_in_use(srv.host, srv.port)
+        if taken:  # before the model is built, and before gRPC prints its own native error line
+            raise StartError(
+                f"--port {srv.port}: cannot listen on {format_address(srv.host, srv.port)} "
+                f"({taken}); pick another, or 0 for a free one"
+            )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         c = self.coordinator = Coordinator(
             job,

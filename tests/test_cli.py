@@ -68,6 +68,22 @@ def test_a_dashboard_port_in_use_is_one_line_naming_the_option_and_the_way_out(t
     assert not (tmp_path / "run").exists()  # a refused start leaves no run folder
 
 
+@pytest.mark.server
+def test_a_grpc_port_in_use_is_one_line_naming_the_option_before_the_model_is_built(tmp_path, capfd):
+    """The README walk-through: a taken --port printed gRPC's native `E1207 ... add_port.cc` line
+    before lte-server's, and no way out."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["--port", str(port), "--dashboard-port", "-1", "--out", str(tmp_path / "run")])
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"lte-server: error: --port {port}: cannot listen on 127.0.0.1:{port} "), err
+    assert "0 for a free one" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_relative_data_dir_is_resolved_absolute_so_the_config_starts_from_any_folder(
     tmp_path, monkeypatch, capsys
 ):
