@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -51,15 +53,21 @@ def test_rpc_threads_reach_the_server_and_too_few_are_refused(tmp_path, capsys):
     assert "at least 2 handler threads" in capsys.readouterr().err
 
 
+@contextlib.contextmanager
+def _a_taken_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another socket listens on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
 @pytest.mark.server
 def test_a_dashboard_port_in_use_is_one_line_naming_the_option_and_the_way_out(tmp_path, capsys):
     """A second `make cluster` while the first one's dashboard lingers on 8080: the line named the
     dashboard twice ("dashboard: dashboard cannot listen ...") and not the flag, nor how to pass
     another one through make."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with _a_taken_port() as port:
         code = main(["--dashboard-port", str(port), "--port", "0", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
@@ -72,10 +80,7 @@ def test_a_dashboard_port_in_use_is_one_line_naming_the_option_and_the_way_out(t
 def test_a_grpc_port_in_use_is_one_line_naming_the_option_before_the_model_is_built(tmp_path, capfd):
     """The README walk-through: a taken --port printed gRPC's native `E1207 ... add_port.cc` line
     before lte-server's, and no way out."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with _a_taken_port() as port:
         code = main(["--port", str(port), "--dashboard-port", "-1", "--out", str(tmp_path / "run")])
     err = capfd.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
