@@ -142,6 +142,7 @@ def test_json_logs_and_tensorboard_scalars_of_a_real_local_cluster(tmp_path):
     assert len(events.Scalars("train/train_loss")) == 2  # one per version: 20 steps / T 10
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("module", "argv", "names"),
     [
