@@ -4,6 +4,7 @@ The CLI and the tests share it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -153,12 +154,11 @@ def tensorboard_sink(directory: str):
     return write
 
 
-def port_in_use(host: str, port: int) -> str:
-    """Why ``host:port`` cannot be listened on (another process holds it), or "" when it can (or
-    ``port`` is 0). A plain bind, closed at once: a race with another starter is still possible, and
-    gRPC then says so itself."""
-    if port == 0:
-        return ""
+def listen_problem(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on, naming the option to change, or "" when it can (a
+    plain bind, closed at once: a race with another starter is still possible, and gRPC then says
+    so itself). Port 0 is never taken; the host is still checked."""
+    where = format_address(host, port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -166,8 +166,14 @@ def port_in_use(host: str, port: int) -> str:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(address)
+    except socket.gaierror as exc:
+        return f"--host {host}: cannot listen on {where} ({exc.strerror}); give a local name or address"
     except OSError as exc:
-        return exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                f"--port {port}: cannot listen on {where} ({exc.strerror}); pick another, or 0 for a free one"
+            )
+        return f"--host {host}: cannot listen on {where} ({exc.strerror or exc}); give an address of this machine"
     return ""
 
 
@@ -214,12 +220,9 @@ class ServerRun:
             credentials = server_credentials(srv.tls_cert, srv.tls_key, srv.tls_ca)
         except (ValueError, OSError) as exc:
             raise StartError(str(exc)) from None
-        taken = port_in_use(srv.host, srv.port)
-        if taken:  # before the model is built, and before gRPC prints its own native error line
-            raise StartError(
-                f"--port {srv.port}: cannot listen on {format_address(srv.host, srv.port)} "
-                f"({taken}); pick another, or 0 for a free one"
-            )
+        problem = listen_problem(srv.host, srv.port)
+        if problem:  # before the model is built, and before gRPC prints its own native error line
+            raise StartError(problem)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         c = self.coordinator = Coordinator(
             job,

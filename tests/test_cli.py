@@ -89,6 +89,16 @@ def test_a_grpc_port_in_use_is_one_line_naming_the_option_before_the_model_is_bu
     assert not (tmp_path / "run").exists()
 
 
+def test_a_host_this_machine_does_not_have_is_named_as_the_host_not_the_port(tmp_path, capsys, monkeypatch):
+    """The taken-port check first blamed --port for `--host nosuch.invalid` (review of the change)."""
+    monkeypatch.setenv("LTE_TOKEN", "a-secret-of-sufficient-length")
+    code = main(["--host", "nosuch.invalid", "--dashboard-port", "-1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("lte-server: error: --host nosuch.invalid: cannot listen on "), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_relative_data_dir_is_resolved_absolute_so_the_config_starts_from_any_folder(
     tmp_path, monkeypatch, capsys
 ):

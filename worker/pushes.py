@@ -1,7 +1,7 @@
 """How the worker sends a push: the live factors rounded to what the uplink codec carries (so both
 sides hold the same ``B', A'``), the update streamed as a header and bounded chunks, under a
-deadline that grows with its bytes, a broken one resumed from what the server holds. Which heads a push carries and what its reply means is
-``Worker``'s part (``push``, ``_push_turn``).
+deadline that grows with its bytes, a broken one resumed from what the server holds. Which heads a
+push carries and what its reply means is ``Worker``'s part (``push``, ``_push_turn``).
 """
 
 from __future__ import annotations
@@ -133,6 +133,10 @@ class PushSender:
         yield pb.UpdateChunk(header=header)
         number = 0
         for enc in encoded:
+            chunks = max(1, -(-len(enc.payload) // max_chunk_bytes))  # tensor_chunks' count
+            if number + chunks <= skip:  # all held by the server: not even cut into chunks
+                number += chunks
+                continue
             for chunk in tensor_chunks(enc, max_chunk_bytes):
                 number += 1
                 if number > skip:
