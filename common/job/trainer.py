@@ -53,6 +53,11 @@ def build_job_model(job: JobConfig, seed: int | None = None) -> nn.Module:
         patch_size=job.patch_size or None,
         context=job.context or None,
     )
+    config = getattr(model, "config", None)
+    if job.context and not hasattr(config, "context"):
+        # a language model without the zoo GPT's config.context (a factory's, a transformers
+        # model): the job's windows, which evaluation and lte-generate read (model_context)
+        vars(model)["lte_context"] = int(job.context)  # a plain attribute (nn.Module's own for an int)
     return model.to(job.torch_dtype)
 
 
@@ -120,7 +125,7 @@ def evaluate(
     of an evaluation is bounded by the image size, not by the test split's.
     """
     if isinstance(dataset, TokenDataset):  # task "lm": perplexity and bits per byte over val tokens
-        return dict(evaluate_lm(model, dataset, _model_context(model), device=device))
+        return dict(evaluate_lm(model, dataset, model_context(model), device=device))
     n = len(dataset.test_y)
     if n == 0:
         _log.warning("the %s test split has no samples: no test metrics", dataset.name)
@@ -151,9 +156,10 @@ def evaluate(
     return result
 
 
-def _model_context(model: nn.Module) -> int:
-    """The windows a language model is evaluated on: the zoo GPT's ``config.context``, the job's
-    context set on a ``hf:`` model at build (``lte_context``), else a transformers config's positions."""
+def model_context(model: nn.Module) -> int:
+    """The windows (tokens) a language model is evaluated and sampled on: the zoo GPT's
+    ``config.context``, the job's context set on any other model at build (``lte_context``), else a
+    transformers config's positions. Raises ``ValueError`` when none of these is there."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "context"):
         return int(config.context)
