@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from lte.common.core.hf import is_transformers_model, load_hf_folder, sample_tokens
-from lte.common.core.outputs import forward_logits, generate_tokens
+from lte.common.core.outputs import forward_logits, generate_tokens, model_context
 from lte.common.data.text import Tokenizer, load_tokenizer
 from lte.common.job.checks import OneLineArgumentParser
 from lte.common.job.config import job_from_dict
-from lte.common.job.trainer import build_job_model, model_context
+from lte.common.job.trainer import build_job_model
 
 
 def load_exported(path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:

@@ -434,6 +434,20 @@ def test_lte_generate_samples_from_a_factory_lm_returning_a_tuple_or_a_dict(
     assert capsys.readouterr().out == tok.decode(greedy[0].tolist()) + "\n"
 
 
+def test_the_servers_evaluation_sample_comes_from_a_factory_lm_too(byte_data):
+    """The dashboard's text sample was {} for a model without a GPT-style generate method."""
+    from lte.common.data.text import SAMPLE_NEW_TOKENS, evaluation_sample
+
+    data = load_text(str(byte_data), eval_tokens=256)
+    job = JobConfig(model="tests.test_lm:dict_lm", dataset="text", context=16).with_dataset(data)
+    model = build_job_model(job)
+    first = evaluation_sample(model, data, seed=4)
+    assert first["sample"].startswith(first["sample_prompt"]) and model.training  # left as it was
+    assert len(first["sample"].encode()) >= len(first["sample_prompt"].encode()) + SAMPLE_NEW_TOKENS // 4
+    assert evaluation_sample(model, data, seed=4) == first  # seeded by the version
+    assert evaluation_sample(model, data, seed=5) != first
+
+
 def test_lte_generate_refuses_an_export_that_is_not_a_language_model_in_one_line(tmp_path, capsys):
     from safetensors.torch import save_file as save
 

@@ -5,7 +5,8 @@ lte's zoo models return a tensor; Hugging Face ``transformers`` models return a 
 ``forward_logits`` is the one call the trainer, the evaluation, the start-up check and
 ``lte-generate`` make: a transformers model gets ``use_cache=False`` (training and evaluation run
 whole windows; a key/value cache would only cost memory) under the keyword its forward takes.
-``generate_tokens`` samples text from any causal language model through that call.
+``generate_tokens`` samples text from any causal language model through that call, over the
+windows ``model_context`` finds on the model.
 """
 
 from __future__ import annotations
@@ -66,6 +67,24 @@ def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kwargs: dict[str, object] = {"use_cache": False} if cache else {}
     out = model(**{keyword: x}, **kwargs) if keyword else model(x, **kwargs)
     return logits_of(out)
+
+
+def model_context(model: nn.Module) -> int:
+    """The windows (tokens) a language model is evaluated and sampled on: the zoo GPT's
+    ``config.context``, the job's context set on any other model at build (``lte_context``), else a
+    transformers config's positions. Raises ``ValueError`` when none of these is there."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "context"):
+        return int(config.context)
+    lte_context = getattr(model, "lte_context", None)
+    if isinstance(lte_context, int):
+        return lte_context
+    for key in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(config, key, None), int):
+            return int(getattr(config, key))
+    raise ValueError(
+        "a language model must carry config.context (as the zoo GPT does) or a transformers config"
+    )
 
 
 @torch.no_grad()

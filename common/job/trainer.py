@@ -21,7 +21,7 @@ from lte.common.core.model_state import (
     lte_layers,
     trainable_parameters,
 )
-from lte.common.core.outputs import forward_logits
+from lte.common.core.outputs import forward_logits, model_context
 from lte.common.core.policy import (
     classify_model,
     expect_stacked_batch,
@@ -154,24 +154,6 @@ def evaluate(
     if dataset.task == "classification":
         result["test_accuracy"] = correct / max(1, total)
     return result
-
-
-def model_context(model: nn.Module) -> int:
-    """The windows (tokens) a language model is evaluated and sampled on: the zoo GPT's
-    ``config.context``, the job's context set on any other model at build (``lte_context``), else a
-    transformers config's positions. Raises ``ValueError`` when none of these is there."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "context"):
-        return int(config.context)
-    lte_context = getattr(model, "lte_context", None)
-    if isinstance(lte_context, int):
-        return lte_context
-    for key in ("n_positions", "max_position_embeddings"):
-        if isinstance(getattr(config, key, None), int):
-            return int(getattr(config, key))
-    raise ValueError(
-        "a language model must carry config.context (as the zoo GPT does) or a transformers config"
-    )
 
 
 @dataclass
