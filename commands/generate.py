@@ -2,10 +2,14 @@
 
     lte-generate --model runs/kjv/model.safetensors --prompt "In the beginning" --max-new-tokens 200
 
-The safetensors file is the plain zoo GPT's state dict that ``lte-server --export`` (or
-``lte-sim --export``) writes, with the job in its metadata; the tokenizer (``meta.json``, and
-``tokenizer.json`` for BPE) lies beside it. Nothing of the LTE layers is needed. A ``hf:`` job's
-export folder ``hf/`` (or its ``model.safetensors``) loads with transformers' ``from_pretrained``.
+The safetensors file is the plain model's state dict that ``lte-server --export`` (or
+``lte-sim --export``) writes for any language-model job (the zoo GPT, a ``hf:`` model, a factory's
+model returning a tensor, a ``ModelOutput``, a dict or a tuple whose first element is the logits),
+with the job in its metadata: the model is rebuilt from that job (a factory's module must be
+importable), sampled over the job's context through the trainer's own ``forward_logits``, and the
+tokenizer (``meta.json``, and ``tokenizer.json`` for BPE) lies beside it. Nothing of the LTE layers
+is needed. A transformers export folder ``hf/`` loads with ``from_pretrained`` and samples with
+transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -14,23 +18,25 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from lte.common.core.hf import load_hf_folder, sample_tokens
+from lte.common.core.hf import is_transformers_model, load_hf_folder, sample_tokens
+from lte.common.core.outputs import forward_logits, generate_tokens, model_context
 from lte.common.data.text import Tokenizer, load_tokenizer
 from lte.common.job.checks import OneLineArgumentParser
 from lte.common.job.config import job_from_dict
-from lte.common.job.models import GPT
 from lte.common.job.trainer import build_job_model
 
 
 def load_exported(path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:
-    """The zoo model of an export, weights loaded (strict), in eval mode, and its tokenizer; for a
+    """The plain model of an export, weights loaded (strict), in eval mode, and its tokenizer; for a
     transformers folder (``config.json`` in it or beside the file) the ``from_pretrained`` model.
 
-    Raises ``FileNotFoundError`` or ``ValueError`` naming the file and what is wrong.
+    Any language-model job's export loads: the zoo GPT, a ``hf:`` model, a factory's model (its
+    module importable here); the job's context is set on the model (``model_context`` reads it).
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the file and what is wrong (an export
+    that is not a language model's, a model that cannot be rebuilt, weights that do not fit it).
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -50,14 +56,24 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:
     job = job_from_dict(json.loads(meta["lte_job"]), source=str(path))
     if job.task != "lm":
         raise ValueError(
-            f"{path}: a {job.task or 'non-language'} model ({job.model}); lte-generate needs a GPT"
+            f"{path}: a {job.task or 'non-language'} model ({job.model}); lte-generate needs a language "
+            "model (the export of a --dataset text job)"
         )
-    with torch.device("meta"):
-        model = build_job_model(job)
-    if not isinstance(model, GPT):  # every "lm" model of the zoo is one
-        raise ValueError(f"{path}: a {job.model} model cannot generate text; lte-generate needs a GPT")
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(load_file(str(path)), strict=True)
+    try:
+        if ":" in job.model:  # a hf: model or a factory's: built as the job built it
+            model = build_job_model(job)
+        else:  # the zoo GPT: no memory for the random init the weights replace
+            with torch.device("meta"):
+                model = build_job_model(job)
+            model = model.to_empty(device="cpu")
+    except (ImportError, AttributeError, TypeError) as exc:  # a factory missing here, or changed
+        first = " ".join(str(exc).split())
+        raise ValueError(f"{path}: cannot rebuild the job's model {job.model}: {first}") from None
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ValueError(f"{path}: the weights do not fit the job's model {job.model}: {first}") from None
     model.eval()
     return model, load_tokenizer(path.parent)
 
@@ -67,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lte-generate", description="Sample text from an exported LTE language model."
     )
     p.add_argument(
-        "--model", required=True, help="model.safetensors of lte-server/lte-sim (tokenizer beside it)"
+        "--model",
+        required=True,
+        help="model.safetensors of a language model's lte-server/lte-sim job (tokenizer beside it), or its hf/ folder",
     )
     p.add_argument(
         "--prompt", default="", help="text to continue ['': starts from the first token of a newline]"
@@ -91,27 +109,47 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer.encode(args.prompt or "\n")
         if not ids:
             raise ValueError("--prompt encodes to no tokens")
-        vocab_size: Any = getattr(model.config, "vocab_size", 0)
-        if max(ids) >= int(vocab_size):
-            raise ValueError(f"the tokenizer beside {args.model} does not match the model's vocabulary")
-    except (ValueError, OSError) as exc:
+        vocab_size = vocabulary(model)
+        if max(ids) >= vocab_size:
+            raise ValueError(
+                f"the tokenizer beside {args.model} does not match the model's vocabulary of {vocab_size}"
+            )
+        context = None if is_transformers_folder(model) else model_context(model)
+    except (ValueError, OSError, TypeError) as exc:  # TypeError: a forward without logits
         print(f"lte-generate: error: {exc}", file=sys.stderr)
         return 2
-    gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.tensor([ids] * args.num_samples)
-    if isinstance(model, GPT):
-        out = model.generate(  # type: ignore[operator]
-            prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen
-        )
-    else:  # transformers' generate (the config's positions bound the length)
+    if context is None:  # a transformers folder: transformers' generate (its positions bound the length)
         out = sample_tokens(
             model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed
+        )
+    else:  # any export of an lte job: the trainer's forward_logits over the job's context
+        gen = torch.Generator().manual_seed(args.seed)
+        out = generate_tokens(
+            model,
+            prompt,
+            args.max_new_tokens,
+            context=context,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            generator=gen,
         )
     for i, row in enumerate(out.tolist()):
         if i:
             print("\n---")
         print(tokenizer.decode(row if args.prompt else row[len(ids) :]))
     return 0
+
+
+def vocabulary(model: torch.nn.Module) -> int:
+    """The model's vocabulary: the last dimension of its logits for one token (id 0)."""
+    with torch.no_grad():
+        return int(forward_logits(model, torch.zeros((1, 1), dtype=torch.long)).shape[-1])
+
+
+def is_transformers_folder(model: torch.nn.Module) -> bool:
+    """A model ``from_pretrained`` loaded from a folder (no job context set on it)."""
+    return is_transformers_model(model) and not isinstance(getattr(model, "lte_context", None), int)
 
 
 if __name__ == "__main__":

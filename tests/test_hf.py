@@ -233,24 +233,50 @@ def sim(args, capsys) -> tuple[int, str]:
 
 def test_bad_hf_models_are_refused_in_one_line(configs, byte_data, tmp_path, capsys, monkeypatch):
     base = ["--dataset", "text", "--data-dir", str(byte_data), "--context", "16", "--steps", "2", "--quiet"]
-    code, err = sim(["--model", "hf:gpt2", *base], capsys)  # a hub name: never downloaded
-    assert code == 2 and "lte never downloads" in err and len(err.strip().splitlines()) == 1
-    (tmp_path / "novocab").mkdir()
-    values = json.loads((configs["llama"] / "config.json").read_text())
-    del values["vocab_size"]
-    (tmp_path / "novocab" / "config.json").write_text(json.dumps(values))
-    code, err = sim(["--model", f"hf:{tmp_path / 'novocab'}", *base], capsys)
-    assert code == 2 and "no vocab_size" in err and len(err.strip().splitlines()) == 1
-    (tmp_path / "v300").mkdir()
-    (tmp_path / "v300" / "config.json").write_text(json.dumps({**values, "vocab_size": 300}))
-    code, err = sim(["--model", f"hf:{tmp_path / 'v300'}", *base], capsys)
-    assert code == 2 and "vocab_size 300 differs from the token files' vocabulary 256" in err
-    assert len(err.strip().splitlines()) == 1
+    for model, expected in bad_hf_models(configs, tmp_path):  # a hub name is never downloaded
+        code, err = sim(["--model", model, *base], capsys)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     code, err = sim(["--model", f"hf:{configs['llama']}", *base[:-5], "--context", "65", *base[-3:]], capsys)
     assert code == 2 and "longer than the config's 64 positions" in err, err
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     code, err = sim(["--model", f"hf:{configs['llama']}", *base], capsys)
     assert code == 2 and "pip install 'lte[hf]'" in err and len(err.strip().splitlines()) == 1
+
+
+def bad_hf_models(configs, folder: Path) -> list[tuple[str, str]]:
+    """(``--model`` value, what its one-line refusal says): a hub name, a config without
+    vocab_size, a vocabulary other than the byte token files' 256."""
+    values = json.loads((configs["llama"] / "config.json").read_text())
+    del values["vocab_size"]
+    for name, config in (("novocab", values), ("v300", {**values, "vocab_size": 300})):
+        (folder / name).mkdir()
+        (folder / name / "config.json").write_text(json.dumps(config))
+    return [
+        ("hf:gpt2", "lte never downloads"),
+        (f"hf:{folder / 'novocab'}", "no vocab_size"),
+        (f"hf:{folder / 'v300'}", "vocab_size 300 differs from the token files' vocabulary 256"),
+    ]
+
+
+def test_bad_hf_models_are_refused_by_lte_server_in_one_line_before_a_run_folder(
+    configs, byte_data, tmp_path, capsys, monkeypatch
+):
+    """The same refusals as lte-sim's, through lte-server's command line: exit 2, one line, and no
+    run folder left behind (checked before the server listens or writes anything)."""
+    from lte.server.cli import main as server_main
+
+    run = tmp_path / "run"
+    base = ["--dataset", "text", "--data-dir", str(byte_data), "--context", "16", "--steps", "2", "--quiet"]
+    base += ["--port", "0", "--dashboard-port", "-1", "--out", str(run)]
+    cases = bad_hf_models(configs, tmp_path)
+    for model, expected in [*cases, (f"hf:{configs['llama']}", "pip install 'lte[hf]'")]:
+        if expected.startswith("pip"):
+            monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+        code = server_main(["--model", model, *base])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith("lte-server: error: ") and expected in err, err
+        assert not run.exists(), model
 
 
 def test_a_factory_is_told_the_context_and_the_vocabulary():
@@ -337,6 +363,80 @@ def test_the_hf_export_folder_loads_with_transformers_and_lte(configs, byte_data
     assert eval_main([str(folder), "--data-dir", str(byte_data), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["test_loss"] == pytest.approx(result["test_loss"], rel=1e-6)
+
+
+def test_lte_generate_samples_from_a_hf_jobs_model_safetensors(configs, byte_data, tmp_path, capsys):
+    """lte-generate read only the hf/ folder: the lte export beside it was refused ("a hf:... model
+    cannot generate text; lte-generate needs a GPT")."""
+    from safetensors.torch import load_file
+
+    from lte.commands.generate import main as generate_main
+    from lte.common.core.outputs import generate_tokens
+    from lte.common.job.trainer import build_job_model
+
+    out = tmp_path / "run" / "model.safetensors"
+    args = ["--model", f"hf:{configs['llama']}", "--dataset", "text", "--data-dir", str(byte_data)]
+    args += ["--context", "16", "--heads", "2", "--rank", "4", "--steps", "2", "--merge-every", "2"]
+    assert sim_main([*args, "--batch-size", "2", "--quiet", "--export", str(out)]) == 0
+    capsys.readouterr()
+    job = hf_job(configs, byte_data, "llama")
+    ref = build_job_model(job, seed=99)
+    ref.load_state_dict(load_file(str(out)), strict=True)
+    ref.eval()
+    prompt = torch.tensor([ByteTokenizer().encode("And God")])
+    # 20 new tokens past the job's 16-token windows (the config allows 64 positions)
+    expected = generate_tokens(ref, prompt, 20, context=16, temperature=0.8, top_k=40,
+                               generator=torch.Generator().manual_seed(5))  # fmt: skip
+    gen = ["--model", str(out), "--prompt", "And God", "--max-new-tokens", "20", "--seed", "5"]
+    assert generate_main(gen) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == ByteTokenizer().decode(expected[0].tolist()) + "\n"
+    greedy = generate_tokens(ref, prompt, 1, context=16, temperature=0)
+    assert int(greedy[0, -1]) == int(ref(prompt).logits[0, -1].argmax())
+
+
+def llama_factory(vocab_size: int, context: int) -> nn.Module:
+    """A user's factory returning a transformers model (not ``hf:PATH``): tied Llama, 2 layers."""
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**TINY, "vocab_size": vocab_size}, hidden_size=64, intermediate_size=128,
+                                 max_position_embeddings=max(64, context), tie_word_embeddings=True)
+    )  # fmt: skip
+
+
+def test_a_factory_returning_a_transformers_model_gets_the_hf_folder(byte_data, tmp_path, capsys):
+    """The hf/ folder was written for hf:PATH jobs only."""
+    from safetensors.torch import load_file
+
+    from lte.commands.generate import main as generate_main
+    from lte.common.job.trainer import build_job_model
+
+    out = tmp_path / "run" / "model.safetensors"
+    args = ["--model", "tests.test_hf:llama_factory", "--dataset", "text", "--data-dir", str(byte_data)]
+    args += ["--context", "16", "--heads", "2", "--rank", "4", "--steps", "4", "--merge-every", "2"]
+    assert sim_main([*args, "--batch-size", "2", "--quiet", "--export", str(out)]) == 0
+    capsys.readouterr()
+    folder = out.parent / "hf"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "meta.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.vocab_size == 256
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight  # the tie, as transformers expects it
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert tok("And God")["input_ids"] == ByteTokenizer().encode("And God")
+    job = JobConfig(model="tests.test_hf:llama_factory", dataset="text", context=16).with_dataset(
+        load_text(str(byte_data), eval_tokens=256)
+    )
+    ref = build_job_model(job, seed=99)
+    ref.load_state_dict(load_file(str(out)), strict=True)
+    ref.eval()
+    ids = torch.tensor([ByteTokenizer().encode(TEXT[:16]), ByteTokenizer().encode(TEXT[16:32])])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, forward_logits(ref, ids))
+        assert not torch.equal(ref.model.norm.weight, torch.ones(64))  # it trained
+    # both exports generate: the lte one through the job's factory, the folder through transformers
+    assert generate_main(["--model", str(out), "--prompt", "And", "--max-new-tokens", "4"]) == 0
+    assert generate_main(["--model", str(folder), "--prompt", "And", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("And") >= 2
 
 
 @pytest.mark.process

@@ -376,6 +376,93 @@ def test_lte_generate_samples_from_an_lte_sim_export(byte_data, tmp_path, capsys
     assert "no such model file" in capsys.readouterr().err
 
 
+class _FactoryLM(torch.nn.Module):
+    """A user's language model that returns a tuple or a dict: token and learned position tables
+    (``context`` positions: a longer window fails), a head over the vocabulary."""
+
+    def __init__(self, vocab_size: int, context: int, output: str):
+        super().__init__()
+        self.output = output
+        self.embed = torch.nn.Embedding(vocab_size, 16)
+        self.pos = torch.nn.Parameter(torch.zeros(context, 16))
+        self.head = torch.nn.Linear(16, vocab_size)
+
+    def forward(self, ids: torch.Tensor):
+        h = self.embed(ids) + self.pos[: ids.shape[1]]  # [B, L, 16]; L > context: a shape error
+        logits = self.head(torch.tanh(h))
+        return (logits, h) if self.output == "tuple" else {"hidden": h, "logits": logits}
+
+
+def tuple_lm(vocab_size: int, context: int) -> torch.nn.Module:
+    return _FactoryLM(vocab_size, context, "tuple")
+
+
+def dict_lm(vocab_size: int, context: int) -> torch.nn.Module:
+    return _FactoryLM(vocab_size, context, "dict")
+
+
+@pytest.mark.parametrize("factory", ["tuple_lm", "dict_lm"])
+def test_lte_generate_samples_from_a_factory_lm_returning_a_tuple_or_a_dict(
+    factory, byte_data, tmp_path, capsys
+):
+    """lte-generate refused every export but the zoo GPT's ("lte-generate needs a GPT")."""
+    from lte.commands.generate import load_exported
+    from lte.commands.generate import main as generate_main
+    from lte.common.core.outputs import generate_tokens
+
+    out = tmp_path / "run" / "model.safetensors"
+    base = ["--model", f"tests.test_lm:{factory}", "--dataset", "text", "--data-dir", str(byte_data)]
+    base += ["--context", "16", "--heads", "2", "--rank", "4", "--steps", "2", "--merge-every", "2"]
+    assert sim_main([*base, "--batch-size", "2", "--quiet", "--export", str(out)]) == 0
+    capsys.readouterr()
+    # 30 new tokens: past the 16 positions, so only the job's context windows can produce them
+    args = ["--model", str(out), "--prompt", "In the", "--max-new-tokens", "30", "--seed", "1"]
+    assert generate_main(args) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    model, tok = load_exported(out)
+    assert isinstance(model, _FactoryLM) and not model.training
+    prompt = torch.tensor([tok.encode("In the")])
+    expected = generate_tokens(model, prompt, 30, context=16, temperature=0.8, top_k=40,
+                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert expected.shape == (1, 6 + 30) and text == tok.decode(expected[0].tolist()) + "\n"
+    with torch.no_grad():
+        output = model(prompt)
+    logits = output[0] if factory == "tuple_lm" else output["logits"]
+    greedy = generate_tokens(model, prompt, 3, context=16, temperature=0)
+    assert int(greedy[0, 6]) == int(logits[0, -1].argmax())  # the logits, not the hidden state
+    assert generate_main([*args[:4], "--temperature", "0", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out == tok.decode(greedy[0].tolist()) + "\n"
+
+
+def test_the_servers_evaluation_sample_comes_from_a_factory_lm_too(byte_data):
+    """The dashboard's text sample was {} for a model without a GPT-style generate method."""
+    from lte.common.data.text import SAMPLE_NEW_TOKENS, evaluation_sample
+
+    data = load_text(str(byte_data), eval_tokens=256)
+    job = JobConfig(model="tests.test_lm:dict_lm", dataset="text", context=16).with_dataset(data)
+    model = build_job_model(job)
+    first = evaluation_sample(model, data, seed=4)
+    assert first["sample"].startswith(first["sample_prompt"]) and model.training  # left as it was
+    assert len(first["sample"].encode()) >= len(first["sample_prompt"].encode()) + SAMPLE_NEW_TOKENS // 4
+    assert evaluation_sample(model, data, seed=4) == first  # seeded by the version
+    assert evaluation_sample(model, data, seed=5) != first
+
+
+def test_lte_generate_refuses_an_export_that_is_not_a_language_model_in_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file as save
+
+    from lte.commands.generate import main as generate_main
+    from lte.common.job.run_metadata import resolved_job
+
+    job = JobConfig(model="mlp", dataset="fashion-mnist", num_classes=10, image_size=28, in_channels=1)
+    path = tmp_path / "model.safetensors"
+    save({"w": torch.zeros(1)}, str(path), metadata={"lte_job": json.dumps(resolved_job(job))})
+    assert generate_main(["--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lte-generate needs a language model" in err, err
+    assert err.startswith(f"lte-generate: error: {path}: a non-language model (mlp)"), err
+
+
 @pytest.mark.slow
 def test_lte_eval_finds_a_runs_relative_token_folder_from_anywhere_and_names_what_is_missing(
     byte_data, tmp_path, monkeypatch, capsys

@@ -5,6 +5,8 @@ lte's zoo models return a tensor; Hugging Face ``transformers`` models return a 
 ``forward_logits`` is the one call the trainer, the evaluation, the start-up check and
 ``lte-generate`` make: a transformers model gets ``use_cache=False`` (training and evaluation run
 whole windows; a key/value cache would only cost memory) under the keyword its forward takes.
+``generate_tokens`` samples text from any causal language model through that call, over the
+windows ``model_context`` finds on the model.
 """
 
 from __future__ import annotations
@@ -65,3 +67,57 @@ def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kwargs: dict[str, object] = {"use_cache": False} if cache else {}
     out = model(**{keyword: x}, **kwargs) if keyword else model(x, **kwargs)
     return logits_of(out)
+
+
+def model_context(model: nn.Module) -> int:
+    """The windows (tokens) a language model is evaluated and sampled on: the zoo GPT's
+    ``config.context``, the job's context set on any other model at build (``lte_context``), else a
+    transformers config's positions. Raises ``ValueError`` when none of these is there."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "context"):
+        return int(config.context)
+    lte_context = getattr(model, "lte_context", None)
+    if isinstance(lte_context, int):
+        return lte_context
+    for key in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(config, key, None), int):
+            return int(getattr(config, key))
+    raise ValueError(
+        "a language model must carry config.context (as the zoo GPT does) or a transformers config"
+    )
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    context: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Append ``max_new_tokens`` sampled tokens to ``ids [B, L]`` (returns ``[B, L + max_new_tokens]``).
+
+    Each step reads the logits ``[B, L', V]`` of the last ``context`` tokens through
+    ``forward_logits`` and draws the next token from ``softmax(logits[:, -1] / temperature)``
+    restricted to the ``top_k`` most likely (0: the whole vocabulary); ``temperature`` 0 takes the
+    most likely token (greedy). No key/value cache: every step runs the whole window, as the
+    training did. The model should be in eval mode. Raises ``ValueError`` for ``context < 1``.
+    """
+    if context < 1:
+        raise ValueError(f"context must be >= 1 tokens, got {context}")
+    for _ in range(max_new_tokens):
+        logits = forward_logits(model, ids[:, -context:])[:, -1, :]
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits.float(), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lte.common.core.hf import is_transformers_model, sample_tokens
-from lte.common.core.outputs import forward_logits
+from lte.common.core.outputs import forward_logits, generate_tokens, model_context
 from lte.common.data.seeds import generator, mixed_seed
 
 META_FILE = "meta.json"
@@ -367,10 +367,10 @@ def evaluation_sample(
     tokens of val.bin from its first line start (``sample_prompt_start``), continued by
     ``SAMPLE_NEW_TOKENS`` sampled tokens (temperature 0.8, top-k 40, generator seeded with
     ``seed``) from the model's current weights; ``sample`` holds the prompt and the continuation.
-    ``{}`` for other data or a model that cannot generate. The server calls it after each
-    evaluation, on its evaluator thread."""
-    generate = getattr(model, "generate", None)
-    if getattr(dataset, "task", "") != "lm" or generate is None:
+    ``{}`` for other data. A transformers model samples with its ``generate`` (``sample_tokens``);
+    any other (the zoo GPT, a factory's) with ``generate_tokens`` over its ``model_context``, through
+    the trainer's ``forward_logits``. The server calls it after each evaluation, on its evaluator thread."""
+    if getattr(dataset, "task", "") != "lm":
         return {}
     was_training = model.training
     model.eval()
@@ -381,7 +381,15 @@ def evaluation_sample(
         out = sample_tokens(model, prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, seed=seed)
     else:
         gen = torch.Generator(device=device).manual_seed(int(seed))
-        out = generate(prompt, SAMPLE_NEW_TOKENS, temperature=0.8, top_k=40, generator=gen)
+        out = generate_tokens(
+            model,
+            prompt,
+            SAMPLE_NEW_TOKENS,
+            context=model_context(model),
+            temperature=0.8,
+            top_k=40,
+            generator=gen,
+        )
     model.train(was_training)
     return {
         "sample": tokenizer.decode(out[0].tolist()),

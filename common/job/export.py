@@ -2,8 +2,8 @@
 
 ``export_model`` writes the merged model as a plain safetensors ``state_dict`` (the zoo model's names)
 with the resolved job, the preprocessing and the versions in its metadata (``run_metadata``), mode
-0666 less the umask; for token data the tokenizer beside it; for a ``hf:`` model also ``hf/``, a
-transformers folder: ``config.json``, ``model.safetensors`` (transformers' names; tied weights as
+0666 less the umask; for token data the tokenizer beside it; for a transformers model (``hf:PATH``,
+or a factory returning a ``PreTrainedModel``) also ``hf/``, a transformers folder: ``config.json``, ``model.safetensors`` (transformers' names; tied weights as
 transformers saves them) and the tokenizer files, so ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` load it.
 """
@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from lte.common.core.hf import HF_FOLDER, is_hf, require_transformers
+from lte.common.core.hf import HF_FOLDER, is_transformers_model, require_transformers
 from lte.common.data.text import BYTES_ID, META_FILE, TOKENIZER_FILE, copy_tokenizer
 from lte.common.job.config import JobConfig
 from lte.common.job.run_metadata import export_metadata, share_as_umask
@@ -56,15 +56,20 @@ def export_hf_folder(
     dataset: Any,
     metadata: Mapping[str, str],
 ) -> Path | None:
-    """Beside the lte export ``model_file`` of a ``hf:`` job, the folder ``hf/``: ``config.json`` and
-    ``model.safetensors`` written by transformers' ``save_pretrained`` (its names; a tied output
-    layer saved once, as transformers does), the lte metadata added to that file (``lte-eval`` and
-    ``lte-generate`` read the job there), and the token data's tokenizer as transformers files.
-    ``state``: the plain model's weights (the master). Returns the folder; None for another model.
+    """Beside the lte export ``model_file`` of a job whose model is a transformers ``PreTrainedModel``
+    (``hf:PATH``, or a factory returning one), the folder ``hf/``: ``config.json`` (the model's
+    ``config``) and ``model.safetensors`` written by transformers' ``save_pretrained`` (its names; a
+    tied output layer saved once, as transformers does), the lte metadata added to that file
+    (``lte-eval`` and ``lte-generate`` read the job there), and the token data's tokenizer as
+    transformers files. ``state``: the plain model's weights (the master). Returns the folder; None
+    for another model (a zoo model is not even built).
     """
-    if not is_hf(job.model):
+    if ":" not in job.model:  # a zoo model: never a transformers one
         return None
-    model = build_job_model(job)
+    with torch.random.fork_rng(devices=[]):  # the build seeds torch: the caller's generator is left as it was
+        model = build_job_model(job)
+    if not is_transformers_model(model):
+        return None
     model.load_state_dict({k: v.detach().to("cpu") for k, v in state.items()}, strict=True)
     folder = Path(model_file).parent / HF_FOLDER
     folder.mkdir(parents=True, exist_ok=True)

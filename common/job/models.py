@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lte.common.core.hf import build_hf_model
+from lte.common.core.outputs import generate_tokens
 
 MODEL_NAMES = (
     "mlp",
@@ -382,20 +383,17 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``ids [B, L]``; ``temperature`` 0 is greedy,
-        ``top_k`` 0 samples from the whole vocabulary. The model should be in eval mode."""
-        for _ in range(max_new_tokens):
-            logits = self(ids[:, -self.config.context :])[:, -1, :]
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits.float(), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            ids = torch.cat([ids, nxt], dim=1)
-        return ids
+        ``top_k`` 0 samples from the whole vocabulary. The model should be in eval mode
+        (``lte.common.core.outputs.generate_tokens`` over the last ``config.context`` tokens)."""
+        return generate_tokens(
+            self,
+            ids,
+            max_new_tokens,
+            context=self.config.context,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+        )
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from lte.common.core.model_state import (
     lte_layers,
     trainable_parameters,
 )
-from lte.common.core.outputs import forward_logits
+from lte.common.core.outputs import forward_logits, model_context
 from lte.common.core.policy import (
     classify_model,
     expect_stacked_batch,
@@ -53,6 +53,11 @@ def build_job_model(job: JobConfig, seed: int | None = None) -> nn.Module:
         patch_size=job.patch_size or None,
         context=job.context or None,
     )
+    config = getattr(model, "config", None)
+    if job.context and not hasattr(config, "context"):
+        # a language model without the zoo GPT's config.context (a factory's, a transformers
+        # model): the job's windows, which evaluation and lte-generate read (model_context)
+        vars(model)["lte_context"] = int(job.context)  # a plain attribute (nn.Module's own for an int)
     return model.to(job.torch_dtype)
 
 
@@ -120,7 +125,7 @@ def evaluate(
     of an evaluation is bounded by the image size, not by the test split's.
     """
     if isinstance(dataset, TokenDataset):  # task "lm": perplexity and bits per byte over val tokens
-        return dict(evaluate_lm(model, dataset, _model_context(model), device=device))
+        return dict(evaluate_lm(model, dataset, model_context(model), device=device))
     n = len(dataset.test_y)
     if n == 0:
         _log.warning("the %s test split has no samples: no test metrics", dataset.name)
@@ -149,23 +154,6 @@ def evaluate(
     if dataset.task == "classification":
         result["test_accuracy"] = correct / max(1, total)
     return result
-
-
-def _model_context(model: nn.Module) -> int:
-    """The windows a language model is evaluated on: the zoo GPT's ``config.context``, the job's
-    context set on a ``hf:`` model at build (``lte_context``), else a transformers config's positions."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "context"):
-        return int(config.context)
-    lte_context = getattr(model, "lte_context", None)
-    if isinstance(lte_context, int):
-        return lte_context
-    for key in ("n_positions", "max_position_embeddings"):
-        if isinstance(getattr(config, key, None), int):
-            return int(getattr(config, key))
-    raise ValueError(
-        "a language model must carry config.context (as the zoo GPT does) or a transformers config"
-    )
 
 
 @dataclass
