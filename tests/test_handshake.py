@@ -96,6 +96,7 @@ def test_the_fingerprint_names_the_module_that_differs(factories):
     assert fingerprint_difference(("", ""), gelu, job.model) is None  # an older server sends none
 
 
+@pytest.mark.process
 @pytest.mark.server
 def test_a_worker_process_with_relu_where_the_server_has_gelu_is_refused_on_both_sides(
     factories, tmp_path, caplog
