@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -345,7 +346,7 @@ def check_sim_args(args: argparse.Namespace, job: JobConfig) -> None:
     if job.mode != "sync":
         raise ConfigError(
             f"--mode {job.mode}: lte-sim emulates sync aggregation only; run {job.mode} aggregation on "
-            f"lte-server (e.g. lte-server --mode {job.mode} --local-workers 2)"
+            f"lte-server (e.g. {shlex.join(['lte-server', '--mode', job.mode, '--local-workers', '2'])})"
         )
     if args.full and args.diloco:
         raise ConfigError("--full and --diloco: pick one baseline")

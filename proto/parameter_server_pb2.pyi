@@ -139,7 +139,7 @@ class HeadAssignment(_message.Message):
     def __init__(self, head_id: _Optional[int] = ..., next_round: _Optional[int] = ..., steps_done: _Optional[int] = ..., has_factors: _Optional[bool] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "lease_id", "heads", "job", "heartbeat_interval_s", "lease_timeout_s", "version", "room", "lease_epoch", "model_fingerprint", "model_tree")
+    __slots__ = ("worker_id", "lease_id", "heads", "job", "heartbeat_interval_s", "lease_timeout_s", "version", "room", "lease_epoch", "model_fingerprint", "model_tree", "protocol_version")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class RegisterReply(_message.Message):
     LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TREE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     lease_id: str
     heads: _containers.RepeatedCompositeFieldContainer[HeadAssignment]
@@ -162,10 +163,11 @@ class RegisterReply(_message.Message):
     lease_epoch: int
     model_fingerprint: str
     model_tree: str
-    def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., job: _Optional[_Union[JobConfig, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., version: _Optional[int] = ..., room: _Optional[int] = ..., lease_epoch: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model_tree: _Optional[str] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadAssignment, _Mapping]]] = ..., job: _Optional[_Union[JobConfig, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., version: _Optional[int] = ..., room: _Optional[int] = ..., lease_epoch: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model_tree: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors", "lease_epoch", "delta_protocol", "resume_stream", "resume_from")
+    __slots__ = ("lease_id", "have_version", "wait_newer_s", "head_factors", "lease_epoch", "delta_protocol", "resume_stream", "resume_from", "model_fingerprint", "model_tree")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_NEWER_S_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +176,8 @@ class PullRequest(_message.Message):
     DELTA_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     RESUME_STREAM_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TREE_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     have_version: int
     wait_newer_s: float
@@ -182,7 +186,9 @@ class PullRequest(_message.Message):
     delta_protocol: int
     resume_stream: int
     resume_from: int
-    def __init__(self, lease_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_newer_s: _Optional[float] = ..., head_factors: _Optional[_Iterable[int]] = ..., lease_epoch: _Optional[int] = ..., delta_protocol: _Optional[int] = ..., resume_stream: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
+    model_fingerprint: str
+    model_tree: str
+    def __init__(self, lease_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_newer_s: _Optional[float] = ..., head_factors: _Optional[_Iterable[int]] = ..., lease_epoch: _Optional[int] = ..., delta_protocol: _Optional[int] = ..., resume_stream: _Optional[int] = ..., resume_from: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model_tree: _Optional[str] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "codec", "zstd", "raw_nbytes", "payload_nbytes", "delta", "raw_crc32")
@@ -257,7 +263,7 @@ class HeadRound(_message.Message):
     def __init__(self, head_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("lease_id", "base_version", "heads", "steps", "samples", "train_loss", "num_tensors", "seconds", "push_id", "resume_from")
+    __slots__ = ("lease_id", "base_version", "heads", "steps", "samples", "train_loss", "num_tensors", "seconds", "push_id", "resume_from", "model_fingerprint")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +274,7 @@ class PushHeader(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     base_version: int
     heads: _containers.RepeatedCompositeFieldContainer[HeadRound]
@@ -278,7 +285,8 @@ class PushHeader(_message.Message):
     seconds: float
     push_id: int
     resume_from: int
-    def __init__(self, lease_id: _Optional[str] = ..., base_version: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadRound, _Mapping]]] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_tensors: _Optional[int] = ..., seconds: _Optional[float] = ..., push_id: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
+    model_fingerprint: str
+    def __init__(self, lease_id: _Optional[str] = ..., base_version: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadRound, _Mapping]]] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_tensors: _Optional[int] = ..., seconds: _Optional[float] = ..., push_id: _Optional[int] = ..., resume_from: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "tensor")

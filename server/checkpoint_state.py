@@ -86,6 +86,8 @@ class Checkpoints:
                     "history": c.history,
                     "evals": c.evals,
                     "done": c.done,
+                    # [peer host, name, problem]: a quarantine holds for the job, across restarts
+                    "quarantined": [[*identity, why] for identity, why in c.lease_table.quarantined.items()],
                 }
                 version = c.version
             if not all_master_finite(tensors):
@@ -139,6 +141,9 @@ def restore(c: Coordinator, state: dict[str, Any], tensors: Mapping[str, torch.T
         c.history, c.evaluations.evals = list(state["history"]), list(state["evals"])
         elapsed = float(state.get("elapsed_s", 0.0))  # an old server's wall-clock value may be < 0
         c.done = bool(state.get("done", False))
+        for entry in state.get("quarantined", []):  # [peer host, name, problem]; none before issue 24
+            if isinstance(entry, list) and len(entry) == 3:
+                c.lease_table.quarantined[(str(entry[0]), str(entry[1]))] = str(entry[2])
         c.timer.resume(elapsed if math.isfinite(elapsed) and elapsed > 0 else 0.0, c.done, c.progress()[0])
         c.snapshots.invalidate()
         c.guard.remember_master(c.master)

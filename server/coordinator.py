@@ -137,7 +137,10 @@ class Coordinator:
             guard or GuardSettings(), job, transposed=transposed_layers(self.model, self.layer_names)
         )
         self.guard.remember_master(self.master)
-        self.fingerprint = model_fingerprint(job)  # (fingerprint, module tree): sent with each registration
+        # (fingerprint, module tree): sent with each registration; a worker of wire protocol 4 or later
+        # sends its own with every pull and push, checked by ``check_model``
+        self.fingerprint = model_fingerprint(job)
+        self.models_refused = 0  # leases ended because the worker's model was not the server's
         self._trained_replicas = frozenset(n for n, _ in self.model.named_parameters()) & set(
             self.replica_names
         )
@@ -181,10 +184,13 @@ class Coordinator:
 
     # -- leases and the head scheduler ------------------------------------------------------------
     def register(self, worker: dict[str, Any]) -> tuple[Lease, list[HeadState]]:
-        """A new lease; the scheduler gives it free heads (maybe none yet: it stands by for them)."""
+        """A new lease; the scheduler gives it free heads (maybe none yet: it stands by for them).
+        ``Refused``: the worker's protocol cannot train the job (INCOMPATIBLE), it was quarantined
+        earlier in this job (QUARANTINED, ``LeaseTable.check_not_quarantined``), the job is over."""
         room = min(int(worker.get("max_heads") or 0) or self.heads_per_worker, self.heads_per_worker)
         push_check.check_handshake(self.job, worker)
         with self.lock:
+            self.lease_table.check_not_quarantined(worker)  # told so even after the job's end
             if self.done:
                 raise Refused(Refusal.JOB_DONE, "the job has finished; nothing left to train")
             lease = self.lease_table.add(worker, room)
@@ -244,10 +250,37 @@ class Coordinator:
             return lease, self.lease_table.heads_of(lease), has_factors
 
     # -- pulls ---------------------------------------------------------------------------------
-    def begin_pull(self, lease_id: str, head_factors: Sequence[int] = ()) -> tuple[Lease, list]:
+    def check_model(self, lease: Lease, fingerprint: str, tree: str = "") -> None:
+        """The version handshake's model check, before a pull or a push touches anything: a worker
+        of wire protocol 4 or later must send the fingerprint of the model it built, equal to the
+        server's (``push_check.model_refusal``). Else its lease ends (failed, its heads back to the
+        pool), one line is logged naming the worker and what differs, and ``Refused(MODEL_DIFFERS)``."""
+        why = push_check.model_refusal(lease.worker, self.fingerprint, fingerprint, tree, self.job.model)
+        if why is None:
+            return
+        with self.lock:
+            if lease.live:
+                lease.failure = f"its model is not the server's: {why}"
+                self.lease_table.release(lease, LeaseState.FAILED)
+                self.lease_table.schedule(self.clock())
+                self.models_refused += 1
+                _log.warning(
+                    "refused worker %s (%s) on %s: %s",
+                    lease.worker_id,
+                    lease.worker.get("name", ""),
+                    lease.worker.get("hostname", "") or lease.worker.get("peer", ""),
+                    lease.failure,
+                )
+        raise Refused(Refusal.MODEL_DIFFERS, f"this worker's model is not the server's: {why}")
+
+    def begin_pull(
+        self, lease_id: str, head_factors: Sequence[int] = (), model: tuple[str, str] = ("", "")
+    ) -> tuple[Lease, list]:
         """The live lease of a pull and the last merged factors of ``head_factors`` (heads it holds),
-        so a moved head continues exactly; ``Refused`` for another lease's or an unknown head."""
+        so a moved head continues exactly; ``Refused`` for another lease's or an unknown head, or a
+        worker whose ``model`` (fingerprint, tree: ``check_model``) is not the server's."""
         lease, _, _ = self.lease_view(lease_id)
+        self.check_model(lease, *model)
         if not head_factors:
             return lease, []
         with self.lock:
@@ -305,6 +338,7 @@ class Coordinator:
         """Cheap checks before any tensor is read: lease, heads, version bounds (``push_check``).
         The push to read: what it must carry and may weigh; ``Refused`` otherwise."""
         with self.lock:
+            self.check_model(self.lease_table.get(header.lease_id), header.model_fingerprint)
             return self.push_check.begin(header, self.lease_table, self.version)
 
     def apply_push(

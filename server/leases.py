@@ -26,6 +26,15 @@ from lte.server.scheduler import HeadState, Lease, Policy, RoundTimes
 _log = logging.getLogger("lte.server")
 
 
+def worker_identity(worker: Mapping[str, Any]) -> tuple[str, str]:
+    """Who a worker is, for a quarantine that outlives its lease: (the host the server saw the
+    registration come from, the worker's name). The peer host alone would also shut out the honest
+    workers of the same machine; the name alone (``--name``, default ``hostname:pid``) the honest
+    workers of another machine that picked the same one. Not an authentication: every worker holds
+    the same token, so a box that changes its name or address is a new worker (RELIABILITY.md)."""
+    return str(worker.get("peer_host") or ""), str(worker.get("name") or "")
+
+
 class LeaseTable:
     """The heads (``heads``: head id -> ``HeadState``) and the leases (``leases``: lease id ->
     ``Lease``, in registration order; ended leases are kept, at most ``max_ended_leases`` of them,
@@ -50,6 +59,8 @@ class LeaseTable:
         self.registrations = 0
         self.heads_moved = 0  # heads taken from stragglers or moved to balance the load
         self.late_pushes_refused = 0  # pushes of heads moved away from their worker meanwhile
+        # worker_identity -> why it was quarantined: such a worker may not register again in this job
+        self.quarantined: dict[tuple[str, str], str] = {}
 
     def add(self, worker: Mapping[str, Any], room: int) -> Lease:
         """A new lease for ``worker`` (its registration fields) with room for ``room`` heads; the
@@ -164,9 +175,26 @@ class LeaseTable:
         if lease is None:
             return None
         lease.failure = problem
+        self.quarantined[worker_identity(lease.worker)] = problem
         if lease.live:
             self.release(lease, LeaseState.QUARANTINED)
         return lease
+
+    def check_not_quarantined(self, worker: Mapping[str, Any]) -> None:
+        """A registration of a worker quarantined earlier in this job (``worker_identity``) is refused
+        (``QUARANTINED``), logged in one line: a quarantine holds for the job, not for one lease."""
+        identity = worker_identity(worker)
+        problem = self.quarantined.get(identity)
+        if problem is None:
+            return
+        host, name = identity
+        _log.warning(
+            "refused worker %s from %s: it was quarantined in this job (%s)", name, host or "?", problem
+        )
+        raise Refused(
+            Refusal.QUARANTINED,
+            f"worker {name!r} from {host or '?'} was quarantined in this job ({problem}); it may not rejoin it",
+        )
 
     def check_holds(self, lease: Lease, head_ids: Iterable[int]) -> None:
         """Each head is ``lease``'s now: one it held before was moved away (``HEAD_MOVED``), one it

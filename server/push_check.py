@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from lte.common.job.config import UPLINK_CODECS, JobConfig
+from lte.common.job.fingerprint import fingerprint_difference
 from lte.common.wire.protocol import (
+    FINGERPRINT_PROTOCOL,
     PushMeta,
     Refusal,
     Refused,
@@ -191,3 +193,38 @@ def check_handshake(job: JobConfig, worker: Mapping[str, Any]) -> None:
     if why is not None:
         _log.warning("refused worker %s on %s: %s", worker.get("name", ""), worker.get("hostname", ""), why)
         raise Refused(Refusal.INCOMPATIBLE, why)
+
+
+MAX_FINGERPRINT_CHARS = (
+    512  # a fingerprint is ~60 characters ("tree <16 hex> factory <16 hex> code <16 hex>")
+)
+MAX_TREE_CHARS = 8 << 20  # a module tree: one short line per module and tensor
+
+
+def model_refusal(
+    worker: Mapping[str, Any], server: tuple[str, str], fingerprint: str, tree: str, spec: str
+) -> str | None:
+    """Why the worker (its registration fields ``worker``) may not pull or push for this job, whose
+    model the server fingerprinted as ``server`` (fingerprint, tree): it speaks wire protocol
+    ``FINGERPRINT_PROTOCOL`` or later and sent no ``fingerprint``, or one that is not exactly the
+    server's. ``tree`` (sent with a pull of the whole base) lets the reason name the first module
+    that differs. None for a worker of an older protocol (it compared the server's fingerprint
+    itself) or an equal fingerprint. ``Refused(MALFORMED)`` for a fingerprint or tree over the bounds.
+
+    Not an authentication: a worker that echoes the server's fingerprint (RegisterReply) passes
+    whatever it trains; this catches other model code by mistake, the update guard a hostile push."""
+    if len(fingerprint) > MAX_FINGERPRINT_CHARS or len(tree) > MAX_TREE_CHARS:
+        raise Refused(
+            Refusal.MALFORMED,
+            f"model_fingerprint or model_tree is longer than {MAX_FINGERPRINT_CHARS} or {MAX_TREE_CHARS} characters",
+        )
+    protocol = int(worker.get("protocol_version") or 0)
+    if protocol < FINGERPRINT_PROTOCOL or fingerprint == server[0]:
+        return None
+    if not fingerprint:
+        return (
+            f"it sent no model fingerprint, though its wire protocol {protocol} carries one "
+            "(a modified or broken lte-worker)"
+        )
+    why = fingerprint_difference(server, (fingerprint, tree), spec, who="the worker")
+    return why or f"the model fingerprint differs (server {server[0]!r}, the worker {fingerprint[:200]!r})"

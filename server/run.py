@@ -32,7 +32,7 @@ from lte.server.finish import linger, linger_seconds
 from lte.server.grpc_server import ParameterServer, format_address
 from lte.server.guard import GuardSettings
 from lte.server.security import server_credentials
-from lte.server.startup import local_worker_command
+from lte.server.startup import local_worker_command, worker_hint
 from lte.server.status import status_document
 
 _log = logging.getLogger("lte.server")
@@ -312,10 +312,7 @@ class ServerRun:
             extra={"address": server.address, "run_dir": str(self.out_dir)},
         )
         if not local:
-            _log.info(
-                "start workers with: %s",
-                shlex.join(["lte-worker", "--server", format_address(public_host(srv.host), server.port)]),
-            )
+            _log.info("%s", worker_hint(format_address(public_host(srv.host), server.port), srv, token))
         if credentials is not None:  # the certificate names the host; local workers reach it as localhost
             local_host = "localhost"
         else:

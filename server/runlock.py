@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -130,5 +131,6 @@ def check_reused_out(folder: Path, *, overwrite: bool, resume: bool) -> None:
     if old:
         raise ConfigError(
             f"--out {folder}: the folder holds checkpoints of an earlier job (newest {old[-1].name}); "
-            f"add --resume {folder} to continue that job, --overwrite to replace it, or pick another --out"
+            f"add {shlex.join(['--resume', str(folder)])} to continue that job, --overwrite to replace it, "
+            "or pick another --out"
         )

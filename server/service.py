@@ -11,7 +11,14 @@ import torch
 
 from lte.common.wire.chunks import TensorAssembler, WireError
 from lte.common.wire.codec import CodecError, decode_tensor
-from lte.common.wire.protocol import REFUSAL_KEY, PushMeta, Refusal, Refused, job_to_proto
+from lte.common.wire.protocol import (
+    PROTOCOL_VERSION,
+    REFUSAL_KEY,
+    PushMeta,
+    Refusal,
+    Refused,
+    job_to_proto,
+)
 from lte.proto import parameter_server_pb2 as pb
 from lte.proto import parameter_server_pb2_grpc as pb_grpc
 from lte.server.coordinator import Coordinator
@@ -41,6 +48,7 @@ STATUS_OF = {
     Refusal.OUTLIER: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.QUARANTINED: grpc.StatusCode.PERMISSION_DENIED,
     Refusal.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.MODEL_DIFFERS: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.RESUME_LOST: grpc.StatusCode.ABORTED,
 }
 
@@ -105,6 +113,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 h for h in w.preferred_heads[:MAX_HEADS_PER_PUSH] if 0 <= h < self.c.job.heads
             ],
             "peer": context.peer(),
+            "peer_host": _peer_host(
+                context
+            ),  # with the name: who a quarantine shuts out (leases.worker_identity)
             "protocol_version": w.protocol_version,
             "job_fields": [name[:64] for name in w.job_fields[:1024]],
         }
@@ -124,6 +135,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             room=lease.room,
             model_fingerprint=self.c.fingerprint[0],
             model_tree=self.c.fingerprint[1],
+            protocol_version=PROTOCOL_VERSION,
             lease_epoch=lease.epoch,
         )
 
@@ -135,7 +147,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if request.resume_from < 0:
             self._malformed(context, f"resume_from must be >= 0, got {request.resume_from}")
         try:
-            lease, factor_msgs = self.c.begin_pull(request.lease_id, list(request.head_factors))
+            lease, factor_msgs = self.c.begin_pull(
+                request.lease_id,
+                list(request.head_factors),
+                (request.model_fingerprint, request.model_tree),
+            )
         except Refused as exc:
             self._abort(context, exc)
         wait_s = min(request.wait_newer_s, MAX_WAIT_S)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -118,3 +119,24 @@ WORKER_BOOT = (
 def local_worker_command(python: str, address: str) -> list[str]:
     """The command line of one local ``lte-worker`` that a ``./lte`` folder in the cwd cannot shadow."""
     return [python, "-c", WORKER_BOOT, "--server", address]
+
+
+def worker_hint(address: str, settings: ServerSettings, token: str | None) -> str:
+    """The "start workers with: ..." line for a server at ``address`` (host:port): a command that
+    works as pasted, quoted with ``shlex.join`` (a path with a space stays one argument). Over TLS
+    it carries ``--tls-ca`` with the file the local workers trust (``--tls-ca``, else the server's
+    own certificate), as an absolute path; what it cannot carry is named before the colon: the
+    token (never printed: the worker reads ``$LTE_TOKEN``) and a client certificate (mutual TLS)."""
+    argv = ["lte-worker", "--server", address]
+    if settings.tls_cert:
+        argv += ["--tls-ca", str(Path(settings.tls_ca or settings.tls_cert).resolve())]
+    needs = []
+    if token:
+        needs.append(f"the server's token in {TOKEN_ENV}")
+    if settings.tls_ca:
+        needs.append("--tls-cert and --tls-key of a client certificate that chains to --tls-ca")
+    return (
+        "start workers"
+        + (f" (they need {' and '.join(needs)})" if needs else "")
+        + f" with: {shlex.join(argv)}"
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import threading
 
 import pytest
@@ -45,8 +46,17 @@ _GUARDED = (
     ("uvicorn.server", "Server.startup", "server", "an HTTP server"),
 )
 _violations: pytest.StashKey[list[str]] = pytest.StashKey()
+_guard_events_key: pytest.StashKey[tuple] = pytest.StashKey()
+GUARD_EVENTS_ENV = "LTE_GUARD_EVENTS"  # lte.server.guard.EVENTS_ENV (imported late: torch)
 _guard_lock = threading.Lock()
 _check_tiers = False
+
+
+# The file every guard of the session's processes appends its events to (``LTE_GUARD_EVENTS``,
+# server/guard.py), set in this process's environment before collection, so that the ``lte-server``
+# processes that tests start with ``os.environ`` (or a copy of it) report there too; and the value
+# it replaced (a child pytest run in this process restores its parent's).
+_guard_events: dict[str, str | None] = {}
 
 
 def pytest_configure(config):
@@ -55,6 +65,25 @@ def pytest_configure(config):
     _check_tiers = os.environ.get("LTE_TIER_CHECK") == "1" or any(
         marker in expression for marker in ("process", "server")
     )
+    fd, path = tempfile.mkstemp(prefix="lte-guard-events-", suffix=".jsonl")
+    os.close(fd)
+    config.stash[_guard_events_key] = (path, os.environ.get(GUARD_EVENTS_ENV), dict(_guard_events))
+    _guard_events["path"] = path
+    os.environ[GUARD_EVENTS_ENV] = path
+
+
+def pytest_unconfigure(config):
+    path, before, outer = config.stash.get(_guard_events_key, (None, None, {}))
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    if before is None:
+        os.environ.pop(GUARD_EVENTS_ENV, None)
+    else:
+        os.environ[GUARD_EVENTS_ENV] = before
+    _guard_events.clear()
+    _guard_events.update(outer)
 
 
 @contextlib.contextmanager
@@ -153,15 +182,43 @@ def _lte_log_handlers():
     logger.propagate = propagate
 
 
+def other_processes_guard_events(path, offset: int) -> list[dict]:
+    """The guard events that processes other than this one appended to ``path`` after ``offset``."""
+    import json
+
+    with open(path, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    events = []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = {"pid": None, "what": line}  # a torn line still counts
+        if event.get("pid") != os.getpid():
+            events.append(event)
+    return events
+
+
 @pytest.fixture(autouse=True)
 def _update_guard_false_positives(request):
     """Every honest job of the suite: the update guard never refuses, clips or rolls back (issue 24).
     It counts in this process (tests/test_guard.py runs every zoo model through the server's merge
-    path); a test that poisons pushes on purpose is marked ``rogue``."""
+    path) and in every process a test starts that inherits ``LTE_GUARD_EVENTS`` (``lte-server``
+    subprocesses: their events are appended to the session's file, ``_guard_events``); a test that poisons pushes
+    on purpose is marked ``rogue``. A process started with an environment built from scratch is not
+    counted."""
     from lte.server.guard import guard_fired_total
 
+    path = _guard_events["path"]
     before = guard_fired_total()
+    offset = os.path.getsize(path)
     yield
     fired = guard_fired_total() - before
+    elsewhere = other_processes_guard_events(path, offset)
     if request.node.get_closest_marker("rogue") is None:
         assert fired == 0, f"the update guard fired {fired} time(s) in an honest test: a false positive"
+        assert not elsewhere, (
+            f"the update guard of another process (an lte-server the test started) fired {len(elsewhere)} "
+            f"time(s) in an honest test, a false positive: {elsewhere[0]}"
+        )

@@ -50,7 +50,7 @@ def run_through_server(
             tensors = {e.name: decode_tensor(e).float() for e in encode_update(heads, replica, job)}
             rounds = {h: c.heads[h].next_round for h in t.head_ids}  # an honest worker's ids agree
             meta = PushMeta(lease.lease_id, version, rounds, stats.steps, stats.samples, stats.train_loss,
-                            1.0, len(tensors))  # fmt: skip
+                            1.0, len(tensors), c.fingerprint[0])  # fmt: skip
             try:
                 push = c.begin_push(meta)
                 for name, tensor in tensors.items():

@@ -6,8 +6,10 @@ worker processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,8 +18,13 @@ from lte.commands.sim import run_lte
 from lte.common.data.text import ByteTokenizer, load_text, write_token_files
 from lte.common.job.config import JobConfig
 from lte.common.job.models import MODEL_NAMES
-from lte.common.wire.protocol import Refusal, Refused
+from lte.common.wire.protocol import PROTOCOL_VERSION, Refusal, Refused, refusal_of
+from lte.proto import parameter_server_pb2 as pb
+from lte.proto import parameter_server_pb2_grpc as pb_grpc
+from lte.server.checkpoint import load_checkpoint
+from lte.server.coordinator import Coordinator
 from lte.server.guard import GuardSettings, UpdateGuard, adam_step_bound, contribution_norm
+from lte.worker.client import Worker
 from lte.worker.hooks import poison_factors
 from tests.cluster import DIGITS, digits_job, running_server, worker_processes
 from tests.server_path import run_through_server
@@ -191,6 +198,43 @@ def test_a_merge_that_breaks_the_master_is_rolled_back_and_its_worker_quarantine
     c.checkpoints.directory = tmp_path  # a checkpoint folder after the job: save_checkpoint writes there
     path = c.save_checkpoint()
     assert path is not None and finite(load_file(str(path / "tensors.safetensors")))
+    # the quarantine holds for the worker, not for one lease: it registers again, and after a restart
+    resumed = Coordinator(job, DIGITS, guard=lax)
+    resumed.restore(*load_checkpoint(path))
+    for server in (c, resumed):
+        with pytest.raises(Refused) as again:
+            server.register(dict(quarantined[0].worker))
+        assert again.value.reason is Refusal.QUARANTINED, again.value
+        assert "worker 'w1' from ? was quarantined in this job (merge rolled back: " in again.value.message
+
+
+@pytest.mark.server
+def test_a_quarantined_worker_registering_again_is_refused_and_its_host_neighbours_are_not(capsys):
+    """Over gRPC: the quarantine names the worker by its name and the host the server saw it come
+    from; a quarantined lte-worker that registers again (a restart policy, a modified worker) is
+    refused with the reason and exits 2; another worker on the same host joins."""
+    job = digits_job(heads=2, steps=20)
+    fields = [f.name for f in dataclasses.fields(JobConfig)]
+    with running_server(job, lease_timeout_s=600) as server, grpc.insecure_channel(server.address) as channel:
+        c, stub = server.coordinator, pb_grpc.ParameterServerStub(channel)
+        info = pb.WorkerInfo(name="rogue", protocol_version=PROTOCOL_VERSION, job_fields=fields)
+        first = stub.Register(pb.RegisterRequest(worker=info), timeout=30)
+        with c.lock:  # what the guard does after its third outlier in a row (Coordinator._quarantine)
+            c.lease_table.quarantine(first.lease_id, "3 outlier pushes in a row")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Register(pb.RegisterRequest(worker=info), timeout=30)
+        assert refusal_of(err.value.trailing_metadata()) is Refusal.QUARANTINED
+        assert "worker 'rogue' from 127.0.0.1 was quarantined in this job (3 outlier pushes in a row)" in (
+            err.value.details()
+        )
+        assert Worker(server.address, name="rogue", give_up_after_s=30, show_progress=False).run() == 2
+        assert len(c.leases) == 1  # no second lease for it
+        neighbour = pb.WorkerInfo(name="honest", protocol_version=PROTOCOL_VERSION, job_fields=fields)
+        assert len(stub.Register(pb.RegisterRequest(worker=neighbour), timeout=30).heads) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith(
+        "lte-worker: error: the server quarantined this worker: worker 'rogue' from 127.0.0.1 was quarantined"
+    ), err_lines
 
 
 # -- a rogue worker process among two honest ones ---------------------------------------------------

@@ -1,23 +1,31 @@
 """The version handshake (issue 24, item 4): a worker that does not know a job field the job uses
 is refused at registration, and a worker whose model code differs from the server's (a ReLU where
-the server's factory has GELU, same shapes) refuses the job; one line on each side names what
-differs."""
+the server's factory has GELU, same shapes) is refused by the server at its first pull or push
+(wire protocol 4: the worker sends the fingerprint of the model it built); one line on each side
+names what differs."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from lte.common.job.config import JobConfig
 from lte.common.job.fingerprint import fingerprint_difference, model_fingerprint
-from lte.common.wire.protocol import CORE_JOB_FIELDS, handshake_refusal
+from lte.common.wire.failure import LeaseState
+from lte.common.wire.protocol import CORE_JOB_FIELDS, PROTOCOL_VERSION, Refusal, handshake_refusal, refusal_of
+from lte.proto import parameter_server_pb2 as pb
+from lte.proto import parameter_server_pb2_grpc as pb_grpc
+from lte.server import service as service_module
 from lte.worker.client import Worker
 from tests.cluster import digits_job, running_server
+from tests.faults import SYNTHETIC, master_hash, push_messages, random_factors
 
 FACTORY = """from torch import nn
 
@@ -88,6 +96,7 @@ def test_the_fingerprint_names_the_module_that_differs(factories):
     assert fingerprint_difference(("", ""), gelu, job.model) is None  # an older server sends none
 
 
+@pytest.mark.process
 @pytest.mark.server
 def test_a_worker_process_with_relu_where_the_server_has_gelu_is_refused_on_both_sides(
     factories, tmp_path, caplog
@@ -102,12 +111,109 @@ def test_a_worker_process_with_relu_where_the_server_has_gelu_is_refused_on_both
             capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
         )  # fmt: skip
         assert server.coordinator.version == 0
+        (lease,) = server.coordinator.leases.values()
+        assert lease.state == LeaseState.FAILED and not any(
+            h.lease_id for h in server.coordinator.heads.values()
+        )
     err = worker.stderr.strip().splitlines()
     assert worker.returncode == 2, worker.stderr
-    assert len(err) == 1 and "model code is not the server's" in err[0], err
-    assert "activation.GELU" in err[0] and "activation.ReLU" in err[0]
-    server_lines = [r.getMessage() for r in caplog.records if "could not train" in r.getMessage()]
-    assert len(server_lines) == 1 and "activation.GELU" in server_lines[0], server_lines
+    # the server refused it (wire protocol 4: the worker sends its fingerprint and leaves the check to it)
+    assert len(err) == 1 and err[0].startswith("lte-worker: error: the server refused this worker: "), err
+    assert "model is not the server's: the model differs: the server has " in err[0], err
+    assert "activation.GELU" in err[0] and "the worker 'module 2 torch.nn.modules.activation.ReLU'" in err[0]
+    server_lines = [
+        r.getMessage() for r in caplog.records if r.name == "lte.server" and r.levelno >= logging.WARNING
+    ]
+    assert len(server_lines) == 1 and server_lines[0].startswith(f"refused worker {lease.worker_id} "), (
+        server_lines
+    )
+    assert "activation.GELU" in server_lines[0] and "activation.ReLU" in server_lines[0]
+
+
+def _raw_worker(stub, protocol: int, name: str):
+    """Register as a worker of wire protocol ``protocol`` that knows every job field; the reply."""
+    fields = [f.name for f in dataclasses.fields(JobConfig)]
+    info = pb.WorkerInfo(name=name, protocol_version=protocol, job_fields=fields)
+    return stub.Register(pb.RegisterRequest(worker=info), timeout=30)
+
+
+def _refusal(call) -> tuple[grpc.StatusCode, str, Refusal | None]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details(), refusal_of(err.value.trailing_metadata())
+
+
+@pytest.mark.server
+def test_a_client_that_skips_the_workers_own_check_is_refused_by_the_server_before_anything_merges(caplog):
+    """A worker of wire protocol 4 that does not compare fingerprints itself (a modified lte-worker;
+    here a raw gRPC client) is refused by the server: a pull with another model's fingerprint, a push
+    with none, each before anything is sent or merged, its lease ended. The same push with the
+    server's fingerprint merges (the control); a protocol-3 worker (older, it compared itself) is
+    still served without one."""
+    job = digits_job(heads=2, steps=20)
+    with (
+        running_server(job, lease_timeout_s=600, guard=SYNTHETIC) as server,
+        grpc.insecure_channel(server.address) as channel,
+        caplog.at_level(logging.WARNING, logger="lte.server"),
+    ):
+        c, stub = server.coordinator, pb_grpc.ParameterServerStub(channel)
+        before = master_hash(c)
+        fingerprint, _ = c.fingerprint
+        reply = _raw_worker(stub, PROTOCOL_VERSION, "liar")
+        assert reply.protocol_version == PROTOCOL_VERSION and len(reply.heads) == 2
+        other = fingerprint.rsplit(" code ", 1)[0] + " code 0123456789abcdef"  # another forward
+        pull = pb.PullRequest(lease_id=reply.lease_id, have_version=-1, model_fingerprint=other)
+        code, details, reason = _refusal(lambda: list(stub.PullModel(pull, timeout=30)))
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, Refusal.MODEL_DIFFERS), details
+        assert (
+            "the code of the model's modules differs" in details
+            and "the worker code 0123456789abcdef" in details
+        )
+        assert c.leases[reply.lease_id].state == LeaseState.FAILED and c.bytes_down == 0
+
+        reply = _raw_worker(stub, PROTOCOL_VERSION, "liar")  # again, and push without a fingerprint
+        assert len(reply.heads) == 2
+        push = push_messages(reply.lease_id, {0: 0, 1: 0}, 0, random_factors(c, [0, 1]))
+        code, details, reason = _refusal(lambda: stub.PushUpdate(iter(push), timeout=30))
+        assert reason is Refusal.MODEL_DIFFERS and "sent no model fingerprint" in details, details
+        assert c.version == 0 and master_hash(c) == before and c.bytes_up == 0  # refused before any tensor
+        assert c.models_refused == 2
+
+        reply = _raw_worker(stub, PROTOCOL_VERSION, "honest")  # the control: the server's fingerprint
+        push = push_messages(reply.lease_id, {0: 0, 1: 0}, 0, random_factors(c, [0, 1]))
+        push[0].header.model_fingerprint = fingerprint
+        assert stub.PushUpdate(iter(push), timeout=30).applied and c.version == 1
+        older = _raw_worker(stub, 3, "older")  # compared the server's fingerprint itself: not asked for one
+        header = next(
+            iter(stub.PullModel(pb.PullRequest(lease_id=older.lease_id, have_version=1), timeout=30))
+        )
+        assert header.header.version == 1
+    lines = [
+        r.getMessage() for r in caplog.records if r.name == "lte.server" and r.levelno >= logging.WARNING
+    ]
+    assert len(lines) == 2 and all(
+        line.startswith("refused worker ") and "(liar)" in line for line in lines
+    ), lines
+
+
+@pytest.mark.server
+def test_against_a_server_that_does_not_check_fingerprints_the_worker_compares_itself(monkeypatch, capsys):
+    """A server of wire protocol 3 sends its fingerprint but does not check the workers': the worker
+    refuses a model that differs itself, naming the first difference, as before protocol 4."""
+    monkeypatch.setattr(service_module, "PROTOCOL_VERSION", 3)
+    job = digits_job(heads=2, steps=20)
+    with running_server(job) as server:
+        fingerprint, tree = server.coordinator.fingerprint
+        server.coordinator.fingerprint = (
+            "tree 0" + fingerprint[len("tree ") + 16 :],
+            "module <root> other.Net",
+        )
+        worker = Worker(server.address, quiet=True, give_up_after_s=30)
+        assert worker.run() == 2
+        assert server.coordinator.version == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this worker's model code is not the server's: the model differs" in err[0], err
+    assert "the server has 'module <root> other.Net'" in err[0]
 
 
 BLOCK = """import torch.nn.functional as F

@@ -31,6 +31,7 @@ from lte.common.job.version import __version__
 from lte.common.wire import grpc_options
 from lte.common.wire.failure import LeaseState, leave_reason, training_failure
 from lte.common.wire.protocol import (
+    FINGERPRINT_PROTOCOL,
     PROTOCOL_VERSION,
     PushMeta,
     Refusal,
@@ -44,9 +45,11 @@ from lte.worker.hooks import RoundHooks
 from lte.worker.pulls import SnapshotPuller
 from lte.worker.pushes import PushSender, round_factors_to_wire
 from lte.worker.rpc import (
+    Incompatible,
     JobDone,
     LeaseLost,
     ModelMismatch,
+    ModelRefused,
     OutlierRefused,
     Quarantined,
     Resync,
@@ -207,11 +210,13 @@ class Worker:
         )
         job = job_from_proto(reply.job)
         self.lease_id, self.worker_id = reply.lease_id, reply.worker_id
-        differs = fingerprint_difference(
-            (reply.model_fingerprint, reply.model_tree), model_fingerprint(job), job.model
-        )
-        if differs:  # raised as the worker's failure: its Leave tells the server the same line
-            raise ModelMismatch(f"this worker's model code is not the server's: {differs}")
+        self.puller.model = model_fingerprint(job)  # sent with every pull and push: the server checks it
+        if reply.protocol_version < FINGERPRINT_PROTOCOL:  # a server that does not check: compare here
+            differs = fingerprint_difference(
+                (reply.model_fingerprint, reply.model_tree), self.puller.model, job.model
+            )
+            if differs:  # raised as the worker's failure: its Leave tells the server the same line
+                raise ModelMismatch(f"this worker's model code is not the server's: {differs}")
         check_chunk_fits(job.max_chunk_bytes, grpc_options.MAX_MESSAGE_BYTES, side="worker")  # leaves
         self.heartbeat.interval_s = reply.heartbeat_interval_s
         self.heartbeat.view = None
@@ -312,6 +317,7 @@ class Worker:
             train_loss=stats.train_loss,
             seconds=stats.seconds,
             num_tensors=len(encoded),
+            model_fingerprint=self.puller.model[0],
         )
         return self.pusher.send(meta, encoded, job.max_chunk_bytes)
 
@@ -346,6 +352,10 @@ class Worker:
         except Quarantined as exc:
             print(f"lte-worker: error: the server quarantined this worker: {exc}", file=sys.stderr)
             self.lease_id = ""  # the lease is gone: nothing to give back
+            return 2
+        except (Incompatible, ModelRefused) as exc:  # the version handshake: the server said why
+            print(f"lte-worker: error: {exc}", file=sys.stderr)
+            self.lease_id = ""  # refused at registration, or the server ended the lease
             return 2
         except grpc.RpcError:
             raise

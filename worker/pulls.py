@@ -72,6 +72,9 @@ class SnapshotPuller:
         self.partial: PartialPull | None = None  # what a broken pull had received, to resume it
         self.backoff = Backoff()
         self.failing_since: float | None = None
+        # (fingerprint, module tree) of the model this worker built: sent with each pull (the tree
+        # only with the whole base) for the server's model check, wire protocol 4 (``Worker.register``)
+        self.model: tuple[str, str] = ("", "")
 
     def fetch(
         self,
@@ -105,6 +108,8 @@ class SnapshotPuller:
             delta_protocol=DELTA_PROTOCOL if self.delta_snapshots and self.codes else 0,
             resume_stream=partial.header.stream_id if partial is not None else 0,
             resume_from=partial.received if partial is not None else 0,
+            model_fingerprint=self.model[0],
+            model_tree=self.model[1] if version < 0 else "",  # with the whole base: names a difference
         )
         # No fixed deadline for the bytes (85 MB take 34 s at 20 Mbit/s, 340 s at 2): a pull that
         # moves nothing for stall_s is cancelled and retried; PULL_MAX_S only bounds the call.

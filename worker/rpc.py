@@ -61,6 +61,11 @@ class Incompatible(ValueError):
     """The server refused this worker: its protocol lacks a job field the job uses."""
 
 
+class ModelRefused(ValueError):
+    """The server refused this worker's pull or push: the model it built is not the server's (the
+    version handshake's fingerprint, wire protocol 4); the server ended its lease."""
+
+
 class OutlierRefused(Exception):
     """The server's update guard refused the push: its round is discarded, the heads go on."""
 
@@ -97,7 +102,7 @@ def refusal(err: grpc.RpcError) -> Refusal | None:
 def raise_refusal(err: grpc.RpcError) -> None:
     """Turn the server's reason into what the worker does next; other errors pass through.
 
-    Raises LeaseLost, Resync, JobDone, OutlierRefused, Quarantined or Incompatible."""
+    Raises LeaseLost, Resync, JobDone, OutlierRefused, Quarantined, Incompatible or ModelRefused."""
     reason = refusal(err)
     if reason in REREGISTER:
         raise LeaseLost(err.details()) from None
@@ -111,6 +116,8 @@ def raise_refusal(err: grpc.RpcError) -> None:
         raise Quarantined(err.details()) from None
     if reason is Refusal.INCOMPATIBLE:
         raise Incompatible(f"the server refused this worker: {err.details()}") from None
+    if reason is Refusal.MODEL_DIFFERS:
+        raise ModelRefused(f"the server refused this worker: {err.details()}") from None
 
 
 class StallWatchdog:

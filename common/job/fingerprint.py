@@ -123,27 +123,45 @@ def model_fingerprint(job: JobConfig) -> tuple[str, str]:
     return f"tree {digest} factory {factory} code {module_code_hash(model)}", tree
 
 
-def fingerprint_difference(server: tuple[str, str], here: tuple[str, str], spec: str) -> str | None:
+def fingerprint_difference(
+    server: tuple[str, str], here: tuple[str, str], spec: str, who: str = "this worker"
+) -> str | None:
     """None when the fingerprints agree (or the server sent none: an older server); else one phrase
-    naming the first difference of the module trees, or the factory source."""
+    naming the first difference of the module trees (when both trees are given; else the tree
+    hashes), or the factory source, or the modules' code. ``who`` names the side of ``here`` ("this
+    worker" on the worker; the server says "the worker")."""
     (server_fp, server_tree), (fp, tree) = server, here
     theirs_parts, mine_parts = server_fp.split(), fp.split()
     n = min(len(theirs_parts), len(mine_parts))  # a server from before the code hash sends fewer parts
     if not server_fp or theirs_parts[:n] == mine_parts[:n]:
         return None
-    theirs, mine = server_tree.splitlines(), tree.splitlines()
-    for a, b in zip(theirs, mine, strict=False):
-        if a != b:
-            return f"the model differs: the server has {a!r}, this worker {b!r}"
-    if len(theirs) != len(mine):
-        return f"the model differs: the server's has {len(theirs)} modules/tensors, this worker's {len(mine)}"
+
+    def part(parts: list[str], i: int) -> str:
+        return _short(parts[i]) if len(parts) > i else "(none)"
+
+    if theirs_parts[:2] != mine_parts[:2]:
+        if not tree or not server_tree:
+            return (
+                f"the model's module tree or parameter shapes differ (server tree {part(theirs_parts, 1)}, "
+                f"{who} tree {part(mine_parts, 1)})"
+            )
+        theirs, mine = server_tree.splitlines(), tree.splitlines()
+        for a, b in zip(theirs, mine, strict=False):
+            if a != b:
+                return f"the model differs: the server has {_short(a)!r}, {who} {_short(b)!r}"
+        return f"the model differs: the server's has {len(theirs)} modules/tensors, {who}'s {len(mine)}"
     if theirs_parts[2:4] != mine_parts[2:4]:
         return (
-            f"the source of the model factory {spec} differs (server {theirs_parts[3]}, "
-            f"this worker {mine_parts[3]})"
+            f"the source of the model factory {spec} differs (server {part(theirs_parts, 3)}, "
+            f"{who} {part(mine_parts, 3)})"
         )
     return (
-        f"the code of the model's modules differs (server code {theirs_parts[-1]}, this worker code "
-        f"{mine_parts[-1]}): the same model with another forward (a different lte release, edited model "
-        "code, or another transformers config)"
+        f"the code of the model's modules differs (server code {part(theirs_parts, 5)}, {who} code "
+        f"{part(mine_parts, 5)}): the same model with another forward (a different lte release, edited "
+        "model code, or another transformers config)"
     )
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters: a line of a log or an error stays one readable line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -190,6 +190,7 @@ class PushMeta:
     train_loss: float  # mean over the round
     seconds: float  # wall time of the local steps
     num_tensors: int = 0
+    model_fingerprint: str = ""  # of the model the worker trained (wire protocol 4; "": an older worker)
 
     def to_proto(self):
         return pb.PushHeader(
@@ -201,6 +202,7 @@ class PushMeta:
             train_loss=self.train_loss,
             num_tensors=self.num_tensors,
             seconds=self.seconds,
+            model_fingerprint=self.model_fingerprint,
         )
 
     @classmethod
@@ -224,6 +226,7 @@ class PushMeta:
             header.train_loss,
             header.seconds,
             header.num_tensors,
+            header.model_fingerprint,
         )
 
 
@@ -274,8 +277,13 @@ def decode_update(
 
 # -- the version handshake (issue 24, item 4) -----------------------------------------------------
 # The wire protocol's version: 2 added the handshake itself (WorkerInfo.protocol_version, job_fields);
-# 3 resumable pushes (PushOffset, PushHeader.push_id and resume_from: server/partial_pushes.py).
-PROTOCOL_VERSION = 3
+# 3 resumable pushes (PushOffset, PushHeader.push_id and resume_from: server/partial_pushes.py);
+# 4 the worker's model fingerprint on its pulls and pushes, checked by the server (FINGERPRINT_PROTOCOL).
+PROTOCOL_VERSION = 4
+# From this wire protocol on a worker sends the fingerprint of the model it built with every pull and
+# push (PullRequest/PushHeader.model_fingerprint) and the server refuses one whose fingerprint is
+# missing or not its own (Refusal.MODEL_DIFFERS); an older worker compares the server's itself.
+FINGERPRINT_PROTOCOL = 4
 # JobConfig fields every worker has known since the first wire protocol: a worker from before the
 # handshake (no job_fields) may join a job that uses no other field than these.
 CORE_JOB_FIELDS = frozenset(
@@ -360,6 +368,9 @@ class Refusal(enum.Enum):
     INCOMPATIBLE = (
         "incompatible"  # the worker's protocol lacks a job field in use (version handshake) [exit 2]
     )
+    # the model the worker built differs from the server's, or it sent no fingerprint though its
+    # protocol has one (version handshake, FINGERPRINT_PROTOCOL); its lease is ended [exit 2]
+    MODEL_DIFFERS = "model-differs"
     # a resumed push whose earlier chunks the server no longer holds (server/partial_pushes.py)
     # [send the push from its start]
     RESUME_LOST = "resume-lost"
