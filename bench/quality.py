@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 except ValueError as exc:
                     raise ValueError(f"--run {run_label(run)!r}: {exc}") from None
             dataset = load_dataset(args.dataset, args.data_dir, seed=0)
+            args.results.parent.mkdir(parents=True, exist_ok=True)  # README's runs/q.jsonl on a fresh clone
         except (ValueError, FileNotFoundError, OSError) as exc:
             print(f"quality: error: {exc}", file=sys.stderr)
             return 2
