@@ -58,7 +58,7 @@ def test_quality_harness_trains_both_kinds_resumes_and_tabulates(tmp_path, capsy
         ("full lr=0.01", s, 60) for s in (0, 1)
     ]
     table = capsys.readouterr().out.split("command:")[-2]  # the table of this run: the subset's only
-    assert "| `full lr=0.01` (best full) | 20 | 0 1 |" in table and "lte rank=4" not in table
+    assert "| `full lr=0.01` (best full) | 20 | 0 1 |" in table and "| `lte rank=4" not in table
     with pytest.raises(SystemExit):
         quality.main(["--results", str(results), "--run", "lte nosuchfield=1"])
 
