@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 # tier (tests/conftest.py): every block runs, or parses through, a real command
 pytestmark = pytest.mark.process
@@ -177,6 +178,7 @@ def test_multi_machine_blocks_run_on_loopback(tmp_path):
         syntax = subprocess.run(["bash", "-n"], input=body, capture_output=True, text=True, timeout=30)
         assert syntax.returncode == 0, syntax.stderr
     server = "\n".join(commands(coordinator))
+    assert server.splitlines()[-1].startswith("lte-server "), server  # the cut goes on its line
     server = substitute(server, "--host 0.0.0.0", "--host 127.0.0.1")  # loopback only
     server = substitute(server, "--port 50051", "--port 0")
     server += " --steps 10 --dashboard-port -1 --linger 0 --out runs/multi"
@@ -203,8 +205,6 @@ def test_multi_machine_blocks_run_on_loopback(tmp_path):
         script = substitute(script, ". .venv/bin/activate", f". {shlex.quote(str(BIN / 'activate'))}")
         script = substitute(script, "the-token-printed-on-the-coordinator", token)
         script = substitute(script, "coordinator:50051", address)
-        import torch
-
         if not torch.cuda.is_available():
             script = substitute(script, "--device cuda:0", "--device cpu")
         for i in range(2):  # two boxes of 4 heads each, as the README says
@@ -230,6 +230,8 @@ def test_multi_machine_blocks_run_on_loopback(tmp_path):
                 p.wait()
     summary = json.loads((tmp_path / "runs" / "multi" / "summary.json").read_text())
     assert summary["test_accuracy"] is not None and summary["version"] >= 1, summary
+    checked = read(tmp_path / "box-0.log").splitlines()[0]  # the block's torch check ran
+    assert re.fullmatch(r"\S+ (True|False)", checked), checked
 
 
 @pytest.mark.timeout(BOUND_S * 2)
