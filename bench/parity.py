@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table-only", action="store_true", help="no training: the table of --results")
     p.add_argument("--data-dir", help="Fashion-MNIST folder [the dataset's default]")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--eval-samples", type=int, default=0, help="bench/quality.py's: a test subset (0: all) [0]"
+    )
     args = p.parse_args(argv)
     try:
         runs = [quality.parse_run(text) for text in (args.run or DEFAULT_RUNS)]
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         str(args.threads),
     ]
     qargs += ["--results", str(args.results), "--seeds", *map(str, args.seeds)]
+    qargs += ["--eval-samples", str(args.eval_samples)]
     if args.data_dir:
         qargs += ["--data-dir", args.data_dir]
     for run in runs:  # the base job's rank, alpha and lr, unless the run sets its own
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in quality.load_results(args.results)
         if r.get("base_model", r["model"]) == MODEL
         and r["base_steps"] == args.steps
+        and r.get("eval_samples", 0) == args.eval_samples
         and r["label"] in {quality.run_label(x) for x in runs}
     ]
     plain = {"kind": "lte", "x": 1.0, "job": {k: base[k] for k in ("rank", "alpha", "lr")}}

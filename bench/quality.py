@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from lte.commands.sim import run_full, run_lte
-from lte.common.data.datasets import load_dataset
+from lte.common.data.datasets import eval_subset, load_dataset
 from lte.common.job.config import JobConfig
 
 KINDS = ("full", "lte")
@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
     p.add_argument("--device", default="cpu")
     p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=0,
+        help="test on a fixed class-balanced subset of K test images, as lte-server's option (0: all) [0];"
+        " a result is only compared and skipped with results of the same K",
+    )
+    p.add_argument(
         "--precision",
         default="fp32",
         choices=("fp32", "bf16", "fp16", "auto"),
@@ -206,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_job(base, run, args.seeds[0])
                 except ValueError as exc:
                     raise ValueError(f"--run {run_label(run)!r}: {exc}") from None
-            dataset = load_dataset(args.dataset, args.data_dir, seed=0)
+            dataset = eval_subset(load_dataset(args.dataset, args.data_dir, seed=0), args.eval_samples, 0)
+            args.results.parent.mkdir(parents=True, exist_ok=True)  # README's runs/q.jsonl on a fresh clone
         except (ValueError, FileNotFoundError, OSError) as exc:
             print(f"quality: error: {exc}", file=sys.stderr)
             return 2
@@ -215,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                 done = {
                     (r["label"], r["seed"], r["base_steps"], r.get("base_model", r["model"]))
                     for r in load_results(args.results)
+                    if r.get("eval_samples", 0) == args.eval_samples
                 }
                 if (run_label(run), seed, args.steps, args.model) in done:
                     continue
-                record = train_one(base, run, seed, dataset, args.device)
+                record = {
+                    **train_one(base, run, seed, dataset, args.device),
+                    "eval_samples": args.eval_samples,
+                }
                 with args.results.open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 score = (
@@ -230,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     records = [
         r
         for r in load_results(args.results)
-        if r.get("base_model", r["model"]) == args.model and r["base_steps"] == args.steps
+        if r.get("base_model", r["model"]) == args.model
+        and r["base_steps"] == args.steps
+        and r.get("eval_samples", 0) == args.eval_samples
     ]
     dataset_name = records[0]["dataset"] if records else args.dataset
     print(f"\n{args.model} on {dataset_name}, {args.steps} steps at 1.0x (results: {args.results})\n")

@@ -474,6 +474,9 @@ class ServerRun:
                 signal.signal(sig, _already_stopping)
             c.begin_stop()
             _log.warning("interrupted; saving a checkpoint, stopping workers and the server")
+            # an evaluation in progress is cancelled and joined first: none of its lines may follow
+            # the resume line, nor its loader processes outlive the save (issue 25)
+            c.stop_background()
             path = final_checkpoint(c.save_checkpoint, c.export, self.out_dir)
             if path:
                 _log.warning(

@@ -51,6 +51,14 @@ def test_quality_harness_trains_both_kinds_resumes_and_tabulates(tmp_path, capsy
     assert "| `full lr=0.01` (best full) | 20 | 0 1 |" in out
     assert quality.main(argv) == 0  # everything is in the file already: nothing retrains
     assert len(results.read_text().splitlines()) == 4
+    # a test subset (README's quick run of the benchmark block) is another result: trained, kept apart
+    assert quality.main([*argv[:-4], "--run", "full lr=1e-2", "--eval-samples", "60"]) == 0
+    subset = [json.loads(line) for line in results.read_text().splitlines()][4:]
+    assert [(r["label"], r["seed"], r["eval_samples"]) for r in subset] == [
+        ("full lr=0.01", s, 60) for s in (0, 1)
+    ]
+    table = capsys.readouterr().out.split("command:")[-2]  # the table of this run: the subset's only
+    assert "| `full lr=0.01` (best full) | 20 | 0 1 |" in table and "| `lte rank=4" not in table
     with pytest.raises(SystemExit):
         quality.main(["--results", str(results), "--run", "lte nosuchfield=1"])
 
