@@ -324,3 +324,47 @@ def test_a_head_move_racing_a_round_never_pushes_a_turn_the_lease_dropped():
         assert out.get("result") == 0, out
     assert c.version == job.rounds
     assert c.lease_table.late_pushes_refused >= 1  # the first turn's push was the one refused
+
+
+def test_a_push_after_a_head_moved_away_claims_only_its_own_heads_samples():
+    """Async, one round per head, one worker training all 4 heads in one turn: just before its
+    push an idle worker registers and the scheduler moves head 0 to it (``balance_idle_workers``).
+    The push is refused (head moved), the worker adopts the server's view and pushes heads 1-3 with
+    the same round's factors; it used to claim the samples of all 4 heads trained (the server's
+    total came to 5 head-rounds' worth for a job of 4). The idle worker never trains: it leaves
+    once heads 1-3 merged, head 0 goes back to the first worker, and the job ends. Each head's
+    round is merged once and the samples are the job's ``heads x steps x batch_size``."""
+    import threading
+
+    from lte.worker.hooks import RoundHooks
+
+    job = digits_job(heads=4, steps=10, merge_every=10, mode="async")  # 1 round per head
+    with running_server(job, heads_per_worker=4, turn_grace_s=0, straggler_factor=0) as server:
+        c = server.coordinator
+        idle: dict = {}
+
+        class IdleWorkerJoinsBeforeFirstPush(RoundHooks):
+            def before_push(self, pushes: int, stop: threading.Event) -> bool:
+                if not idle:
+                    idle["lease"], _ = c.register({"name": "idle", "max_heads": 1})  # takes head 0
+                return True
+
+        worker = Worker(server.address, quiet=True, max_heads=4, hooks=IdleWorkerJoinsBeforeFirstPush())
+        thread, out = run_in_thread(worker.run)
+        wait_until(lambda: idle or not thread.is_alive(), TIMEOUT_S, "the worker's first push")
+        assert idle["lease"].head_ids == [0], idle["lease"].head_ids  # moved to the idle worker
+        wait_until(
+            lambda: all(c.heads[h].next_round == 1 for h in (1, 2, 3)) or not thread.is_alive(),
+            TIMEOUT_S,
+            "heads 1-3 merged",
+        )
+        assert thread.is_alive(), out
+        c.leave(idle["lease"].lease_id)  # head 0 comes back to the worker; the job ends
+        wait_until(lambda: c.done or not thread.is_alive(), TIMEOUT_S, "the job's end")
+        thread.join(timeout=60)
+        assert out.get("result") == 0, out
+    assert c.lease_table.late_pushes_refused == 1  # the 4-head push, refused once
+    assert c.head_rounds_applied == job.heads == worker.head_rounds  # each head's round merged once
+    assert c.version == 2  # heads 1-3 in one push, head 0 in another
+    assert c.samples == job.heads * job.steps * job.batch_size, c.samples
+    assert sum(lease.samples for lease in c.leases.values()) == c.samples

@@ -56,7 +56,7 @@ from lte.worker.rpc import (
     RpcCaller,
     refusal,
 )
-from lte.worker.turns import TrainerOptions, Turn, load_pulled, regroup_turns
+from lte.worker.turns import TrainerOptions, Turn, load_pulled, pushed_share, regroup_turns
 
 EXIT_JOB_OVER = 4  # the job had finished before this worker could train a round
 LEAVE_TIMEOUT_S = 5.0  # the Leave that gives the lease back (2 s was short for a loaded server)
@@ -443,12 +443,14 @@ class Worker:
 
         ``_adopt`` may drop a turn between its training and its push (a head move racing the round:
         another turn's refused push took the server's view); such a turn is never pushed, since its
-        heads' round ids (``next_rounds``) are the lease's no more."""
+        heads' round ids (``next_rounds``) are the lease's no more. A push after such a move claims
+        only its own heads' samples (``pushed_share``)."""
+        trained = len(turn.head_ids)  # the heads ``stats`` counts
         while True:
             if turn not in self.turns:
                 return None
             try:
-                reply = self.push(turn, stats)
+                reply = self.push(turn, pushed_share(stats, trained, len(turn.head_ids)))
             except Resync as exc:
                 self._say(
                     f"push of heads {turn.head_ids} refused ({exc}); taking the server's view of the lease"

@@ -7,7 +7,7 @@ state of the heads that stay.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,7 +15,7 @@ from lte.common.core.quant import QuantizedTensor
 from lte.common.data.datasets import Dataset
 from lte.common.data.text import TokenDataset
 from lte.common.job.config import JobConfig
-from lte.common.job.trainer import LocalTrainer
+from lte.common.job.trainer import LocalTrainer, RoundStats
 from lte.common.wire.protocol import group_head_factors
 from lte.proto import parameter_server_pb2 as pb
 
@@ -67,6 +67,17 @@ class TrainerOptions:
             cache_frozen=self.cache_frozen,
             loader_workers=self.loader_workers,
         )
+
+
+def pushed_share(stats: RoundStats, trained: int, pushed: int) -> RoundStats:
+    """The round's ``stats`` for the ``pushed`` heads of the ``trained`` ones it counted: a head moved
+    away between the training and the push (the lease adopted the server's view) is not pushed, so its
+    samples are not claimed (``PushHeader.samples``: samples seen by the heads of this push).
+    ``steps`` are per head and stay; ``train_loss`` stays the mean over every head trained (the
+    trainer keeps no per-head loss). ``ValueError`` unless ``0 < pushed <= trained``."""
+    if not 0 < pushed <= trained:
+        raise ValueError(f"pushed heads must be in [1, {trained}], got {pushed}")
+    return replace(stats, samples=stats.samples * pushed // trained)
 
 
 def load_pulled(
