@@ -8,8 +8,8 @@ model returning a tensor, a ``ModelOutput``, a dict or a tuple whose first eleme
 with the job in its metadata: the model is rebuilt from that job (a factory's module must be
 importable), sampled over the job's context through the trainer's own ``forward_logits``, and the
 tokenizer (``meta.json``, and ``tokenizer.json`` for BPE) lies beside it. Nothing of the LTE layers
-is needed. A transformers export folder ``hf/`` loads with ``from_pretrained`` and samples with
-transformers' ``generate``.
+is needed. A transformers export folder ``hf/`` loads with ``from_pretrained`` and samples the same
+way, over its config's positions; a run folder stands for its ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lte.common.core.hf import is_transformers_model, load_hf_folder, sample_tokens
+from lte.common.core.hf import load_hf_folder
 from lte.common.core.outputs import forward_logits, generate_tokens, model_context
 from lte.common.data.text import Tokenizer, load_tokenizer
 from lte.common.job.checks import OneLineArgumentParser
@@ -38,17 +38,24 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, Tokenizer]:
     Raises ``FileNotFoundError`` or ``ValueError`` naming the file and what is wrong (an export
     that is not a language model's, a model that cannot be rebuilt, weights that do not fit it).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if (folder / "config.json").is_file():  # a Hugging Face folder (lte's hf/ export)
         return load_hf_folder(folder), load_tokenizer(folder)
+    if path.is_dir() and (path / "model.safetensors").is_file():  # a run folder, as lte-eval takes
+        path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except SafetensorError as exc:
+        raise ValueError(
+            f"{path}: not a safetensors file ({exc}); give the model.safetensors of a run"
+        ) from None
     if "lte_job" not in meta:
         raise ValueError(
             f"{path}: no 'lte_job' metadata; export the model with lte-server or lte-sim --export"
@@ -114,26 +121,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"the tokenizer beside {args.model} does not match the model's vocabulary of {vocab_size}"
             )
-        context = None if is_transformers_folder(model) else model_context(model)
+        context = model_context(model)  # a transformers folder: its config's positions
     except (ValueError, OSError, TypeError) as exc:  # TypeError: a forward without logits
         print(f"lte-generate: error: {exc}", file=sys.stderr)
         return 2
     prompt = torch.tensor([ids] * args.num_samples)
-    if context is None:  # a transformers folder: transformers' generate (its positions bound the length)
-        out = sample_tokens(
-            model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed
-        )
-    else:  # any export of an lte job: the trainer's forward_logits over the job's context
-        gen = torch.Generator().manual_seed(args.seed)
-        out = generate_tokens(
-            model,
-            prompt,
-            args.max_new_tokens,
-            context=context,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            generator=gen,
-        )
+    # every export samples the same way: the trainer's forward_logits over the last `context`
+    # tokens, so a prompt at the positions' end or --max-new-tokens 0 is no special case
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate_tokens(
+        model,
+        prompt,
+        args.max_new_tokens,
+        context=context,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        generator=gen,
+    )
     for i, row in enumerate(out.tolist()):
         if i:
             print("\n---")
@@ -145,11 +149,6 @@ def vocabulary(model: torch.nn.Module) -> int:
     """The model's vocabulary: the last dimension of its logits for one token (id 0)."""
     with torch.no_grad():
         return int(forward_logits(model, torch.zeros((1, 1), dtype=torch.long)).shape[-1])
-
-
-def is_transformers_folder(model: torch.nn.Module) -> bool:
-    """A model ``from_pretrained`` loaded from a folder (no job context set on it)."""
-    return is_transformers_model(model) and not isinstance(getattr(model, "lte_context", None), int)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +31,7 @@ from lte.server.finish import linger, linger_seconds
 from lte.server.grpc_server import ParameterServer, format_address
 from lte.server.guard import GuardSettings
 from lte.server.security import server_credentials
-from lte.server.startup import local_worker_command, worker_hint
+from lte.server.startup import local_worker_command, program, worker_hint
 from lte.server.status import status_document
 
 _log = logging.getLogger("lte.server")
@@ -90,27 +89,15 @@ def local_data_args(settings: ServerSettings) -> list[str]:
     return args
 
 
-def server_program() -> str:
-    """How to name this environment's ``lte-server`` in a printed command: ``lte-server`` when the
-    PATH the server was started with finds this very one (an activated ``.venv``), else its absolute
-    path (``make cluster`` runs ``.venv/bin/lte-server`` with ``.venv/bin`` off the PATH, where a bare
-    ``lte-server`` is "command not found" or another install's)."""
-    own = Path(sys.executable).absolute().parent / "lte-server"
-    if not own.is_file():
-        return "lte-server"
-    found = shutil.which("lte-server")
-    if found is not None and Path(found).resolve() == own.resolve():
-        return "lte-server"
-    return str(own)
-
-
 def resume_command(run_dir: Path) -> str:
     """The command that continues the job of ``run_dir`` from its newest checkpoint, shell-quoted
     (a folder name with a space or a quote pastes as one word), with absolute paths (it pastes from any
     folder, not only the one the server started in, and runs in a shell that did not activate the
-    ``.venv``: see ``server_program``): its config.toml holds the resolved job."""
+    ``.venv``: see ``program``): its config.toml holds the resolved job."""
     run_dir = Path(run_dir).absolute()
-    return shlex.join([server_program(), "--config", str(run_dir / "config.toml"), "--resume", str(run_dir)])
+    return shlex.join(
+        [program("lte-server"), "--config", str(run_dir / "config.toml"), "--resume", str(run_dir)]
+    )
 
 
 def _interrupt(signum, frame) -> None:

@@ -131,6 +131,6 @@ def check_reused_out(folder: Path, *, overwrite: bool, resume: bool) -> None:
     if old:
         raise ConfigError(
             f"--out {folder}: the folder holds checkpoints of an earlier job (newest {old[-1].name}); "
-            f"add {shlex.join(['--resume', str(folder)])} to continue that job, --overwrite to replace it, "
+            f"add {shlex.join(['--resume', str(Path(folder).absolute())])} to continue that job, --overwrite to replace it, "
             "or pick another --out"
         )

@@ -11,6 +11,7 @@ import os
 import secrets
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -121,13 +122,27 @@ def local_worker_command(python: str, address: str) -> list[str]:
     return [python, "-c", WORKER_BOOT, "--server", address]
 
 
+def program(name: str) -> str:
+    """How to name this environment's command ``name`` (``lte-server``, ``lte-worker``) in a printed
+    command: ``name`` when the PATH this process was started with finds this very one (an activated
+    ``.venv``), else its absolute path (``make cluster`` runs ``.venv/bin/lte-server`` with
+    ``.venv/bin`` off the PATH, where a bare name is "command not found" or another install's)."""
+    own = Path(sys.executable).absolute().parent / name
+    if not own.is_file():
+        return name
+    found = shutil.which(name)
+    if found is not None and Path(found).resolve() == own.resolve():
+        return name
+    return str(own)
+
+
 def worker_hint(address: str, settings: ServerSettings, token: str | None) -> str:
     """The "start workers with: ..." line for a server at ``address`` (host:port): a command that
     works as pasted, quoted with ``shlex.join`` (a path with a space stays one argument). Over TLS
     it carries ``--tls-ca`` with the file the local workers trust (``--tls-ca``, else the server's
     own certificate), as an absolute path; what it cannot carry is named before the colon: the
     token (never printed: the worker reads ``$LTE_TOKEN``) and a client certificate (mutual TLS)."""
-    argv = ["lte-worker", "--server", address]
+    argv = [program("lte-worker"), "--server", address]
     if settings.tls_cert:
         argv += ["--tls-ca", str(Path(settings.tls_ca or settings.tls_cert).resolve())]
     needs = []

@@ -80,6 +80,32 @@ def delay_push(seconds: float) -> list[str]:
     return ["--delay-push", str(seconds)]
 
 
+def group_gone(pgid: int) -> bool:
+    """Whether no process of the process group ``pgid`` is left (a group leader's pid is its pgid)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def server_with_stderr(
+    argv: list[str], *, cwd: Path, env: Mapping[str, str]
+) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """Start ``argv`` (an ``lte-server`` command) with its stderr lines collected, as they come, into
+    the returned list by the returned daemon thread (join it after the process exits to have every
+    line); stdout is discarded. The caller stops the process by its pid."""
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    assert proc.stderr is not None
+    stream = proc.stderr
+    reader = threading.Thread(target=lambda: lines.extend(stream), daemon=True)
+    reader.start()
+    return proc, lines, reader
+
+
 def kill9(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
     """SIGKILL one process by its pid and reap it; returns its exit status (-9)."""
     if proc.poll() is None:

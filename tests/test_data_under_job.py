@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from lte.common.data.datasets import load_dataset
 from lte.common.job.config import JobConfig
 from lte.server.coordinator import Coordinator
-from tests.faults import wait_until
+from tests.faults import server_with_stderr, wait_until
 from tests.test_image_data import write_classes
 
 BIN = Path(sys.executable).parent
@@ -34,20 +33,16 @@ def test_a_deleted_evaluation_split_is_one_warning_per_evaluation_and_a_non_zero
     env = {**{k: v for k, v in os.environ.items() if k != "LTE_TOKEN"}, "OMP_NUM_THREADS": "1"}
     job = ["--dataset", "imagefolder", "--image-size", "8", "--heads", "2", "--rank", "4", "--steps", "12",
            "--merge-every", "2", "--batch-size", "4", "--eval-every", "1"]  # fmt: skip
-    server = subprocess.Popen(
+    server, lines, reader = server_with_stderr(
         [str(BIN / "lte-server"), "--data-dir", str(data), *job, "--port", "0", "--dashboard-port", "-1",
          "--out", str(tmp_path / "run"), "--linger", "0"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=env,
     )  # fmt: skip
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
     worker = None
     try:
         hint = wait_until(
             lambda: (
-                next((ln for ln in lines if "start workers with: lte-worker --server" in ln), None)
-                or server.poll() is not None
+                next((ln for ln in lines if "start workers with: " in ln), None) or server.poll() is not None
             ),
             240,
             "the server's address",

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import pytest
 from lte.server.guard import EVENTS_ENV
 from tests.cluster import worker_processes
 from tests.conftest import other_processes_guard_events
-from tests.faults import wait_until
+from tests.faults import server_with_stderr, wait_until
 
 pytestmark = pytest.mark.process  # child pytest runs and lte-server processes
 
@@ -73,15 +71,12 @@ def test_the_events_of_an_lte_server_subprocess_reach_the_suites_count(tmp_path)
     path = os.environ[EVENTS_ENV]
     offset = os.path.getsize(path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen(
+    server, lines, reader = server_with_stderr(
         [str(BIN / "lte-server"), "--dataset", "digits", "--heads", "1", "--rank", "4", "--steps", "40",
          "--merge-every", "2", "--batch-size", "8", "--port", "0", "--dashboard-port", "-1",
          "--out", str(tmp_path / "run"), "--linger", "0"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=env,
     )  # fmt: skip
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
     try:
         hint = wait_until(
             lambda: (

@@ -19,6 +19,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from safetensors.torch import load_file  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from lte.commands.sim import main as sim_main  # noqa: E402
@@ -38,6 +39,7 @@ from lte.common.core.policy import (  # noqa: E402
 from lte.common.data.text import ByteTokenizer, load_text, write_token_files  # noqa: E402
 from lte.common.job.config import JobConfig  # noqa: E402
 from lte.common.job.model_check import explain_rows, explain_summary  # noqa: E402
+from lte.common.job.trainer import build_job_model  # noqa: E402
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
         "and darkness was upon the face of the deep. Caf\u00e9 \u2014 \u00fcber.\n") * 60  # fmt: skip
@@ -325,12 +327,20 @@ def test_sync_over_the_network_reproduces_the_emulator(configs, byte_data, tmp_p
                            torch.ones(64))  # fmt: skip  # it trained
 
 
+TWO_WINDOWS = torch.tensor([ByteTokenizer().encode(TEXT[:16]), ByteTokenizer().encode(TEXT[16:32])])
+
+
+def export_model_of(job: JobConfig, export: Path) -> nn.Module:
+    """The job's model (lte's own build, another seed's init) holding the weights of an lte export, in eval mode."""
+    model = build_job_model(job, seed=99)
+    model.load_state_dict(load_file(str(export)), strict=True)
+    return model.eval()
+
+
 def test_the_hf_export_folder_loads_with_transformers_and_lte(configs, byte_data, tmp_path, capsys):
-    from safetensors.torch import load_file
 
     from lte.commands.eval import main as eval_main
     from lte.commands.generate import main as generate_main
-    from lte.common.job.trainer import build_job_model
 
     out = tmp_path / "run" / "model.safetensors"
     args = ["--model", f"hf:{configs['gpt2']}", "--dataset", "text", "--data-dir", str(byte_data)]
@@ -349,14 +359,11 @@ def test_the_hf_export_folder_loads_with_transformers_and_lte(configs, byte_data
         tok(text)["input_ids"] == ByteTokenizer().encode(text) and tok.decode(tok(text)["input_ids"]) == text
     )
     job = hf_job(configs, byte_data, "gpt2")
-    ref = build_job_model(job, seed=99)
-    ref.load_state_dict(load_file(str(out)), strict=True)
-    ref.eval()
-    ids = torch.tensor([ByteTokenizer().encode(TEXT[:16]), ByteTokenizer().encode(TEXT[16:32])])
+    ref = export_model_of(job, out)
     with torch.no_grad():
-        assert torch.equal(hf(ids).logits, forward_logits(ref, ids))
+        assert torch.equal(hf(TWO_WINDOWS).logits, forward_logits(ref, TWO_WINDOWS))
     assert hf.lm_head.weight is hf.transformer.wte.weight  # transformers tied them again
-    generated = hf.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    generated = hf.generate(TWO_WINDOWS[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 21)
     assert generate_main(["--model", str(folder), "--prompt", "And God", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("And God")
@@ -394,6 +401,39 @@ def test_lte_generate_samples_from_a_hf_jobs_model_safetensors(configs, byte_dat
     assert int(greedy[0, -1]) == int(ref(prompt).logits[0, -1].argmax())
 
 
+def test_lte_generate_samples_an_hf_folder_as_its_lte_export_and_refuses_other_files_in_one_line(
+    configs, byte_data, tmp_path, capsys
+):
+    """A review found the hf/ folder cut short at its positions (71 characters where the lte export
+    gave 135), a traceback for a prompt that fills the positions or --max-new-tokens 0, and one for
+    a file that is not safetensors; a run folder was "no such model file" though lte-eval takes it."""
+    from lte.commands.generate import main as generate_main
+
+    out = tmp_path / "run" / "model.safetensors"
+    args = ["--model", f"hf:{configs['gpt2']}", "--dataset", "text", "--data-dir", str(byte_data)]
+    args += ["--context", "16", "--heads", "2", "--rank", "4", "--steps", "2", "--merge-every", "2"]
+    assert sim_main([*args, "--batch-size", "2", "--quiet", "--export", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads((out.parent / "hf" / "config.json").read_text())["n_positions"] == 64
+    texts = {}
+    for model in (out.parent / "hf", out, out.parent):  # the folder, the export, the run folder
+        gen = ["--model", str(model), "--prompt", "And God", "--max-new-tokens", "80", "--temperature", "0"]
+        assert generate_main(gen) == 0, capsys.readouterr().err
+        texts[model.name] = capsys.readouterr().out
+    # the same length from every form (the export slides the job's 16-token window, the folder its
+    # config's 64 positions, so the greedy texts differ past 16 tokens); the run folder is its export
+    assert {len(t) for t in texts.values()} == {len("And God") + 80 + 1}, texts
+    assert texts["run"] == texts["model.safetensors"]
+    full = "In the beginning " * 4  # 68 tokens: past the 64 positions
+    for extra in (["--max-new-tokens", "5"], ["--max-new-tokens", "0"]):
+        assert generate_main(["--model", str(out.parent / "hf"), "--prompt", full, *extra]) == 0
+        assert capsys.readouterr().out.startswith(full)
+    (tmp_path / "notes.toml").write_text("steps = 4\n")
+    assert generate_main(["--model", str(tmp_path / "notes.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a safetensors file" in err[0], err
+
+
 def llama_factory(vocab_size: int, context: int) -> nn.Module:
     """A user's factory returning a transformers model (not ``hf:PATH``): tied Llama, 2 layers."""
     return transformers.LlamaForCausalLM(
@@ -404,10 +444,8 @@ def llama_factory(vocab_size: int, context: int) -> nn.Module:
 
 def test_a_factory_returning_a_transformers_model_gets_the_hf_folder(byte_data, tmp_path, capsys):
     """The hf/ folder was written for hf:PATH jobs only."""
-    from safetensors.torch import load_file
 
     from lte.commands.generate import main as generate_main
-    from lte.common.job.trainer import build_job_model
 
     out = tmp_path / "run" / "model.safetensors"
     args = ["--model", "tests.test_hf:llama_factory", "--dataset", "text", "--data-dir", str(byte_data)]
@@ -426,12 +464,9 @@ def test_a_factory_returning_a_transformers_model_gets_the_hf_folder(byte_data, 
     job = JobConfig(model="tests.test_hf:llama_factory", dataset="text", context=16).with_dataset(
         load_text(str(byte_data), eval_tokens=256)
     )
-    ref = build_job_model(job, seed=99)
-    ref.load_state_dict(load_file(str(out)), strict=True)
-    ref.eval()
-    ids = torch.tensor([ByteTokenizer().encode(TEXT[:16]), ByteTokenizer().encode(TEXT[16:32])])
+    ref = export_model_of(job, out)
     with torch.no_grad():
-        assert torch.equal(hf(ids).logits, forward_logits(ref, ids))
+        assert torch.equal(hf(TWO_WINDOWS).logits, forward_logits(ref, TWO_WINDOWS))
         assert not torch.equal(ref.model.norm.weight, torch.ones(64))  # it trained
     # both exports generate: the lte one through the job's factory, the folder through transformers
     assert generate_main(["--model", str(out), "--prompt", "And", "--max-new-tokens", "4"]) == 0

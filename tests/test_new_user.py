@@ -18,7 +18,7 @@ from lte.common.wire.protocol import PushMeta
 from lte.server.coordinator import Coordinator
 from lte.server.status import job_status
 from tests.cluster import DIGITS, digits_job
-from tests.faults import FakeClock, wait_until
+from tests.faults import FakeClock, group_gone, wait_until
 
 BOUND_S = 240  # every wait on a loaded 2-core machine
 REPO = Path(__file__).resolve().parents[1]
@@ -164,14 +164,6 @@ def server_command(out: Path, *extra: str) -> list[str]:
         "--port", "0", "--dashboard-port", "-1", "--checkpoint-every", "1", "--linger", "0",
         "--out", str(out), *extra,
     ]  # fmt: skip
-
-
-def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def stop_group(proc: subprocess.Popen) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from lte.common.data.text import ByteTokenizer, write_token_files
-from tests.faults import wait_until
+from tests.faults import group_gone, wait_until
 
 pytestmark = pytest.mark.process
 
@@ -66,14 +66,6 @@ FAMILIES = {
         + ["--data-dir", str(text_folder(tmp / "text"))]
     ),
 }
-
-
-def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 class Output:

@@ -11,7 +11,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,8 @@ from lte.common.job.checks import ConfigError
 from lte.common.job.config import JobConfig, ServerSettings
 from lte.server.checkpoint import save_checkpoint
 from lte.server.runlock import check_reused_out
-from lte.server.startup import worker_hint
-from tests.faults import wait_until
+from lte.server.startup import program, worker_hint
+from tests.faults import server_with_stderr, wait_until
 
 BIN = Path(sys.executable).parent
 TOKEN = "pasted-command-token-0123456789"
@@ -36,6 +35,28 @@ def test_the_resume_advice_for_a_reused_out_with_a_space_pastes_as_one_argument(
     advice = re.search(r"add (.*) to continue that job", str(err.value))
     assert advice is not None, err.value
     assert shlex.split(advice.group(1)) == ["--resume", str(out)], advice.group(1)
+
+
+def test_the_resume_advice_names_the_folder_absolute_so_a_leading_dash_is_no_option(tmp_path, monkeypatch):
+    """A review: ``--out ./-x`` was advised as ``--resume -x``, which argparse reads as an option."""
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(tmp_path / "-x" / "checkpoints", 3, {"version": 3}, {})
+    with pytest.raises(ConfigError) as err:
+        check_reused_out(Path("./-x"), overwrite=False, resume=False)
+    advice = re.search(r"add (.*) to continue that job", str(err.value))
+    assert advice is not None and shlex.split(advice.group(1)) == ["--resume", str(tmp_path / "-x")], (
+        err.value
+    )
+
+
+def test_a_printed_program_is_its_bare_name_only_where_the_path_finds_this_one(monkeypatch):
+    """``start workers with:`` followed ``continue with:``'s rule only for lte-server: under ``make
+    cluster`` (.venv/bin off the PATH) it printed a bare ``lte-worker`` that the shell did not find."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert program("lte-worker") == str(BIN / "lte-worker")
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}/usr/bin:/bin")
+    assert program("lte-worker") == "lte-worker"
+    assert program("no-such-lte-command") == "no-such-lte-command"
 
 
 def test_lte_sims_advice_for_another_mode_is_a_quoted_command():
@@ -53,10 +74,10 @@ def _command(line: str) -> list[str]:
 def test_the_start_workers_line_carries_the_ca_quoted_and_names_what_it_cannot_carry(tmp_path):
     folder = tmp_path / "certs dir"
     plain = worker_hint("h:1", ServerSettings(), None)
-    assert plain == "start workers with: lte-worker --server h:1"
+    assert plain == f"start workers with: {shlex.join([program('lte-worker'), '--server', 'h:1'])}"
     tls = worker_hint("h:1", ServerSettings(tls_cert=str(folder / "s.pem"), tls_key="k.pem"), TOKEN)
     assert tls.startswith("start workers (they need the server's token in LTE_TOKEN) with: "), tls
-    assert _command(tls) == ["lte-worker", "--server", "h:1", "--tls-ca", str(folder / "s.pem")]
+    assert _command(tls) == [program("lte-worker"), "--server", "h:1", "--tls-ca", str(folder / "s.pem")]
     assert TOKEN not in tls
     mutual = ServerSettings(tls_cert=str(folder / "s.pem"), tls_key="k.pem", tls_ca=str(folder / "ca.pem"))
     line = worker_hint("h:1", mutual, None)
@@ -112,14 +133,11 @@ def test_the_start_workers_line_of_a_tls_server_with_a_token_works_as_pasted(tmp
     env = {**os.environ, "LTE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     job = ["--dataset", "digits", "--heads", "2", "--rank", "4", "--steps", "4", "--merge-every", "2",
            "--batch-size", "4"]  # fmt: skip
-    server = subprocess.Popen(
+    server, lines, reader = server_with_stderr(
         [str(BIN / "lte-server"), *job, "--host", "127.0.0.1", "--port", "0", "--dashboard-port", "-1",
          "--tls-cert", cert, "--tls-key", key, "--out", str(tmp_path / "run"), "--linger", "0"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=env,
     )  # fmt: skip
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
     worker = None
     try:
         hint = wait_until(
@@ -128,10 +146,12 @@ def test_the_start_workers_line_of_a_tls_server_with_a_token_works_as_pasted(tmp
             "the start workers line",
         )
         assert server.poll() is None, "".join(lines)
-        assert "(they need the server's token in LTE_TOKEN) with: lte-worker" in hint and TOKEN not in hint
+        assert "(they need the server's token in LTE_TOKEN) with: " in hint and TOKEN not in hint
         argv = _command(hint.strip())
         assert argv[argv.index("--tls-ca") + 1] == cert, argv
-        argv[0] = str(BIN / argv[0])  # the venv's lte-worker, as a shell with it activated runs it
+        # the bare name where the server's PATH finds this venv's lte-worker, else its absolute path
+        assert argv[0] in ("lte-worker", str(BIN / "lte-worker")), argv
+        argv[0] = str(BIN / "lte-worker")  # as a shell with the venv activated runs the bare name
         worker = subprocess.run(
             [*argv, "--quiet", "--threads", "1"], env=env, capture_output=True, text=True, timeout=600
         )
