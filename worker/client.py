@@ -244,9 +244,14 @@ class Worker:
         """Make the turns hold exactly the lease's ``heads`` (``regroup_turns``, worker/turns.py) and
         fetch what new turns need: the base, whole, with moved heads' factors."""
         self.room = max(1, room)
-        self.next_rounds = {h.head_id: h.next_round for h in heads}
+        before, self.next_rounds = self.next_rounds, {h.head_id: h.next_round for h in heads}
+        # a head whose round moved on at the server since our view was trained by another worker
+        # (moved away and back while this one was stuck): what this worker holds of it is stale
+        elsewhere = set() if fresh else {h for h, r in self.next_rounds.items() if before.get(h, r) != r}
         build = partial(self.trainer_options.build, *self._joined())  # (head ids, steps done) -> trainer
-        self.turns, moved = regroup_turns(self.turns, heads, self.room, fresh=fresh, build=build)
+        self.turns, moved = regroup_turns(
+            self.turns, heads, self.room, fresh=fresh, build=build, trained_elsewhere=elsewhere
+        )
         self.epoch = epoch
         if moved is not None:
             self.version = -1  # new turns need the base: pull it whole, with moved heads' factors

@@ -6,7 +6,7 @@ state of the heads that stay.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
 import torch
@@ -101,18 +101,22 @@ def regroup_turns(
     *,
     fresh: bool,
     build: Callable[[list[int], list[int]], LocalTrainer],
+    trained_elsewhere: Collection[int] = (),
 ) -> tuple[list[Turn], list[int] | None]:
     """The turns that hold exactly the lease's ``heads``: the heads moved away are dropped (the
     others keep their state exactly) and new heads get new turns (``build(head_ids, steps_done)``
     makes their trainer), those at the same step together, at most ``room`` to a turn. ``fresh``:
     a new lease on the same heads (server restart, expiry), whose view of steps and merges wins.
+    ``trained_elsewhere``: held heads whose round moved on at the server since this worker's view
+    (moved away, trained by another worker, moved back): their local state is stale, so they are
+    dropped from their turns and come back as new heads, factors pulled.
 
     Returns the turns and the heads whose factors the next pull must bring, or None when no pull is
     needed (no new turn and not ``fresh``; otherwise the new turns need the base, pulled whole)."""
     held = {h.head_id: h for h in heads}
     kept: list[Turn] = []
     for turn in turns:
-        stay = [i for i, h in enumerate(turn.head_ids) if h in held]
+        stay = [i for i, h in enumerate(turn.head_ids) if h in held and h not in trained_elsewhere]
         if not stay:
             continue
         if len(stay) < len(turn.head_ids):
