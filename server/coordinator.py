@@ -364,7 +364,8 @@ class Coordinator:
             if self.done:
                 raise Refused(Refusal.JOB_DONE, "the job has finished; the push was not applied")
             rounds = {h: self.heads[h].next_round for h in header.head_rounds}
-            if push_check.is_retry(header.head_rounds, rounds, self.guard.refused_rounds):
+            pusher = (lease.lease_id, header.push_id)
+            if push_check.is_retry(header.head_rounds, self.heads, pusher, self.guard.refused_rounds):
                 return self._reply(False, 0, 0.0)
             self.lease_table.check_holds(lease, header.head_rounds)
             push_check.check_rounds(header.head_rounds, rounds, self.schedule.rounds_planned)
@@ -383,7 +384,11 @@ class Coordinator:
             now = self.clock()
             lr_start = min(lr_at(self.heads[h].steps_done, self.job) for h in header.head_rounds)
             self.lease_table.advance(
-                header.head_rounds, header.steps, now, waits=not refuse or self.job.mode == "sync"
+                header.head_rounds,
+                header.steps,
+                now,
+                waits=not refuse or self.job.mode == "sync",
+                pusher=pusher,
             )
             push = screened_push(lease.lease_id, header, heads, replica, weight, lr_start, verdict, refuse)
             ready = (not refuse or self.job.mode == "sync") and self.aggregator.add(push)

@@ -25,6 +25,10 @@ from lte.server.scheduler import HeadState, Lease, Policy, RoundTimes
 
 _log = logging.getLogger("lte.server")
 
+# rounds per head whose pusher is kept: a retry repeats a worker's last push of the head, and a head
+# moves on by at most a few rounds before that worker hears of it
+COUNTED_KEPT = 8
+
 
 def worker_identity(worker: Mapping[str, Any]) -> tuple[str, str]:
     """Who a worker is, for a quarantine that outlives its lease: (the host the server saw the
@@ -210,12 +214,18 @@ class LeaseTable:
         if other:
             raise Refused(Refusal.HEAD_NOT_LEASED, f"heads {other} are not leased to this worker")
 
-    def advance(self, head_ids: Iterable[int], steps: int, now: float, waits: bool) -> None:
+    def advance(
+        self, head_ids: Iterable[int], steps: int, now: float, waits: bool, pusher: tuple[str, int] = ("", 0)
+    ) -> None:
         """A push of ``head_ids`` arrived: their round counts and steps move on, their round time is
-        measured; ``waits``: their round is pending (a refused round waits only in sync mode)."""
+        measured; ``waits``: their round is pending (a refused round waits only in sync mode).
+        ``pusher``: the push's ``(lease id, push id)``, kept per round counted (the last
+        ``COUNTED_KEPT``), so that only that lease's retry of it is a duplicate (``push_check.is_retry``)."""
         for h in head_ids:
             head = self.heads[h]
             self.round_times.add(now - head.waiting_since)
+            head.counted_by[head.next_round] = pusher
+            head.counted_by.pop(head.next_round - COUNTED_KEPT, None)
             head.next_round += 1
             head.steps_done += steps
             head.pending = waits
@@ -227,6 +237,7 @@ class LeaseTable:
         for h in head_ids:
             head = self.heads[h]
             head.next_round -= 1
+            head.counted_by.pop(head.next_round, None)  # the round is the next holder's to push
             head.steps_done -= steps
             head.pending = False
 

@@ -32,7 +32,7 @@ from lte.common.wire.protocol import (
 )
 from lte.server.aggregation import all_finite
 from lte.server.leases import LeaseTable
-from lte.server.scheduler import Lease
+from lte.server.scheduler import HeadState, Lease
 
 _log = logging.getLogger("lte.server")
 
@@ -94,12 +94,19 @@ class PushCheck:
 
     def begin(self, header: PushMeta, leases: LeaseTable, version: int) -> IncomingPush:
         """Cheap checks before any tensor is read (under the coordinator's lock): the lease, the heads
-        (named, in range, held by it), the version bounds; the push to read, ``Refused`` otherwise."""
+        (named, in range, held by it), the version bounds; the push to read, ``Refused`` otherwise.
+        A retry of a push already counted (``is_retry``) need not hold its heads any more: its reply
+        was lost, and a head moved away since must not turn "applied" into "refused"."""
         lease = leases.get(header.lease_id)
         if not header.head_rounds:
             raise Refused(Refusal.MALFORMED, "push names no heads")
         self.check_head_ids(header.head_rounds)
-        leases.check_holds(lease, header.head_rounds)
+        counted = all(
+            leases.heads[h].counted_by.get(r) == (lease.lease_id, header.push_id)
+            for h, r in header.head_rounds.items()
+        )
+        if not counted:
+            leases.check_holds(lease, header.head_rounds)
         self.check_fields(header, version)
         return self.incoming(lease, header)
 
@@ -152,14 +159,21 @@ class IncomingPush:
 
 
 def is_retry(
-    head_rounds: Mapping[int, int], next_rounds: Mapping[int, int], refused: Mapping[int, int]
+    head_rounds: Mapping[int, int],
+    heads: Mapping[int, HeadState],
+    pusher: tuple[str, int],
+    refused: Mapping[int, int],
 ) -> bool:
-    """Whether every head's round id is one the server has already counted (a retried push: the
-    reply is "duplicate", nothing is applied). A retry of a round the update guard refused gets the
-    same answer again (``Refusal.OUTLIER``)."""
-    if not all(head_rounds[h] < next_rounds[h] for h in next_rounds):
+    """Whether the push is one the server has already counted: every head's round id is counted,
+    each by this very push (``pusher``: lease id and push id, ``HeadState.counted_by``). The reply
+    is "duplicate", nothing is applied, and the worker goes on as if its push had been applied. A
+    round counted from another worker's push (the head moved away, was trained there and moved
+    back) is not a retry: ``check_rounds`` refuses it as out of step and the worker takes the
+    server's view. A retry of a round the update guard refused gets the same answer again
+    (``Refusal.OUTLIER``)."""
+    if not all(heads[h].counted_by.get(r) == pusher for h, r in head_rounds.items()):
         return False
-    again = [h for h in next_rounds if refused.get(h) == head_rounds[h]]
+    again = [h for h in head_rounds if refused.get(h) == head_rounds[h]]
     if again:
         raise Refused(Refusal.OUTLIER, f"heads {again}: this round was refused as an outlier")
     return True

@@ -42,6 +42,9 @@ class HeadState:
     waiting_since: float = 0.0  # when the server began waiting for this head's next push
     free_since: float = 0.0  # when it last became free (turns wait a grace period for a worker with room)
     pending: bool = False  # its push sits in the open round (sync) or the buffer
+    # round id -> (lease id, push id) of the push that counted it, the last COUNTED_KEPT rounds: a
+    # retry is only a push the same lease sent (``push_check.is_retry``); not kept in checkpoints
+    counted_by: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -57,6 +57,21 @@ def worker_processes(
         stop_processes(procs)
 
 
+def move_heads(c: Coordinator, heads: list[int], src_lease_id: str, dst_lease_id: str) -> None:
+    """Move ``heads`` from one live lease to another as the scheduler's revoke and assign do
+    (``LeaseTable.schedule``): both leases' epochs move on, the new holder's ``held_before`` grows."""
+    with c.lock:
+        src, dst = c.leases[src_lease_id], c.leases[dst_lease_id]
+        for h in heads:
+            src.head_ids.remove(h)
+            src.epoch += 1
+            dst.head_ids.append(h)
+            dst.held_before.add(h)
+            dst.epoch += 1
+            c.heads[h].lease_id = dst.lease_id
+        c.changed.notify_all()
+
+
 def run_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
     """Run ``fn`` in a daemon thread; the dict receives its result or exception."""
     out: dict = {}

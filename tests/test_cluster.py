@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from lte.commands.sim import run_lte
 from lte.common.wire.codec import get_codec
 from lte.worker.client import Worker
-from tests.cluster import DIGITS, digits_job, run_in_thread, running_server, worker_processes
+from tests.cluster import DIGITS, digits_job, move_heads, run_in_thread, running_server, worker_processes
 from tests.faults import SYNTHETIC, wait_until
 
 pytestmark = [pytest.mark.process, pytest.mark.server]  # tier: see tests/conftest.py
@@ -295,18 +295,11 @@ def test_a_head_move_racing_a_round_never_pushes_a_turn_the_lease_dropped():
         class MoveHeadsBeforeFirstPush(RoundHooks):
             def before_push(self, pushes: int, stop: threading.Event) -> bool:
                 if not moved.is_set():
-                    with c.lock:  # as the scheduler's revoke and assign do, to a lease that never trains
+                    with c.lock:  # to a lease that never trains
                         own = next(l for l in c.leases.values() if l.live and l.head_ids)
                         lease, _ = c.register({"name": "thief", "max_heads": 2})
-                        for h in list(own.head_ids):
-                            own.head_ids.remove(h)
-                            own.epoch += 1
-                            lease.head_ids.append(h)
-                            lease.held_before.add(h)
-                            lease.epoch += 1
-                            c.heads[h].lease_id = lease.lease_id
+                        move_heads(c, list(own.head_ids), own.lease_id, lease.lease_id)
                         thief["lease"] = lease
-                        c.changed.notify_all()
                     moved.set()
                 return True
 

@@ -191,6 +191,7 @@ class PushMeta:
     seconds: float  # wall time of the local steps
     num_tensors: int = 0
     model_fingerprint: str = ""  # of the model the worker trained (wire protocol 4; "": an older worker)
+    push_id: int = 0  # the same on every retry of one push (wire protocol 3; 0: not resumable)
 
     def to_proto(self):
         return pb.PushHeader(
@@ -203,6 +204,7 @@ class PushMeta:
             num_tensors=self.num_tensors,
             seconds=self.seconds,
             model_fingerprint=self.model_fingerprint,
+            push_id=self.push_id,
         )
 
     @classmethod
@@ -227,6 +229,7 @@ class PushMeta:
             header.seconds,
             header.num_tensors,
             header.model_fingerprint,
+            header.push_id,
         )
 
 
