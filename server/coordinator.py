@@ -408,7 +408,7 @@ class Coordinator:
                 self._quarantine(lease.lease_id, f"{lease.outliers_in_row} outlier pushes in a row")
             self.lease_table.schedule(now)
             if refuse:
-                raise self.guard.refusal(header.head_rounds, verdict)
+                raise self.guard.refusal(header.head_rounds, verdict, pusher)
             return self._reply(True, staleness, weight)
 
     def _reply(self, applied: bool, staleness: int, weight: float) -> dict[str, Any]:

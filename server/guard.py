@@ -190,7 +190,10 @@ class UpdateGuard:
         self.quarantined: list[str] = []  # worker ids
         self.events: deque[dict] = deque(maxlen=100)  # the newest, for the dashboard
         self.master_norms: dict[str, float] = {}  # ||W|| per tensor before the next merge (guard on only)
-        self.refused_rounds: dict[int, int] = {}  # head -> its round refused (a retried push: refused again)
+        # head -> (round id, pusher: lease id and push id) of its last round refused: the retry of
+        # that very push is refused again; another worker's push of the round (rewound when the
+        # refused push's lease ended) is not
+        self.refused_rounds: dict[int, tuple[int, tuple[str, int]]] = {}
 
     def remember_master(self, master: Mapping[str, torch.Tensor]) -> None:
         """Take ``||W||`` of the master now as the next merge's growth bound (guard on only)."""
@@ -361,10 +364,10 @@ class UpdateGuard:
             self.note_outlier(lease.worker_id, name, sorted(lr_sums), verdict, refuse, version),
         )
 
-    def refusal(self, head_rounds: Mapping[int, int], verdict: Verdict) -> Refused:
-        """The ``OUTLIER`` refusal of a push of ``head_rounds`` (head -> round id); remembers the rounds,
-        so a retried push of them gets the same answer (``push_check.is_retry``)."""
-        self.refused_rounds.update(head_rounds)
+    def refusal(self, head_rounds: Mapping[int, int], verdict: Verdict, pusher: tuple[str, int]) -> Refused:
+        """The ``OUTLIER`` refusal of a push of ``head_rounds`` (head -> round id) from ``pusher`` (lease
+        id, push id); remembers them, so a retry of that push gets the same answer (``push_check.is_retry``)."""
+        self.refused_rounds.update({h: (r, pusher) for h, r in head_rounds.items()})
         return Refused(
             Refusal.OUTLIER,
             f"push of heads {sorted(head_rounds)} refused by the update guard: "

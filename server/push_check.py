@@ -162,18 +162,18 @@ def is_retry(
     head_rounds: Mapping[int, int],
     heads: Mapping[int, HeadState],
     pusher: tuple[str, int],
-    refused: Mapping[int, int],
+    refused: Mapping[int, tuple[int, tuple[str, int]]],
 ) -> bool:
     """Whether the push is one the server has already counted: every head's round id is counted,
     each by this very push (``pusher``: lease id and push id, ``HeadState.counted_by``). The reply
     is "duplicate", nothing is applied, and the worker goes on as if its push had been applied. A
     round counted from another worker's push (the head moved away, was trained there and moved
     back) is not a retry: ``check_rounds`` refuses it as out of step and the worker takes the
-    server's view. A retry of a round the update guard refused gets the same answer again
-    (``Refusal.OUTLIER``)."""
+    server's view. A retry of a push the update guard refused gets the same answer again
+    (``Refusal.OUTLIER``; ``refused``: head -> the round id and pusher of its last refused round)."""
     if not all(heads[h].counted_by.get(r) == pusher for h, r in head_rounds.items()):
         return False
-    again = [h for h in head_rounds if refused.get(h) == head_rounds[h]]
+    again = [h for h in head_rounds if refused.get(h) == (head_rounds[h], pusher)]
     if again:
         raise Refused(Refusal.OUTLIER, f"heads {again}: this round was refused as an outlier")
     return True

@@ -18,17 +18,19 @@ import threading
 
 import grpc
 import pytest
+import torch
 
 from lte.common.core.model_state import lte_layers
-from lte.common.wire.protocol import Refusal, Refused
+from lte.common.wire.protocol import PushMeta, Refusal, Refused
 from lte.server import push_check
 from lte.server.coordinator import Coordinator
 from lte.server.grpc_server import ParameterServer
 from lte.server.leases import COUNTED_KEPT, LeaseTable
-from lte.server.scheduler import HeadState, Policy
+from lte.server.scheduler import HeadState, Lease, Policy
 from lte.worker.client import Worker
 from lte.worker.turns import Turn
 from tests.cluster import DIGITS, digits_job, move_heads
+from tests.faults import FakeClock
 
 
 def test_only_the_push_that_counted_a_round_is_its_retry():
@@ -44,8 +46,10 @@ def test_only_the_push_that_counted_a_round_is_its_retry():
     assert not push_check.is_retry({0: 0}, heads, ("L1", 7), {})  # a round whose pusher is not kept
     assert not push_check.is_retry({0: 2, 1: 0}, heads, ("L1", 7), {})  # every head must be counted by it
     with pytest.raises(Refused) as refused:  # the update guard refused that round: the same answer again
-        push_check.is_retry({0: 2}, heads, ("L1", 7), {0: 2})
+        push_check.is_retry({0: 2}, heads, ("L1", 7), {0: (2, ("L1", 7))})
     assert refused.value.reason is Refusal.OUTLIER
+    # the guard refused another lease's push of that round (since taken back): this one is a retry
+    assert push_check.is_retry({0: 2}, heads, ("L1", 7), {0: (2, ("L0", 3))})
 
 
 def test_the_lease_table_keeps_each_rounds_pusher_and_forgets_a_round_taken_back():
@@ -204,3 +208,49 @@ def test_a_retried_push_whose_reply_was_lost_is_acknowledged_after_one_of_its_he
             assert _out_of_step(a, c) == 0.0  # its B', A' are the round the server merged
         finally:
             _leave(a, b)
+
+
+@pytest.mark.rogue
+@pytest.mark.parametrize("end", ["leave", "expire", "quarantine"])
+def test_a_round_refused_by_the_guard_and_taken_back_does_not_refuse_the_next_holders_retry(end):
+    """Sync mode: a refused push waits in the open round; when its lease ends the round is taken back
+    and the head's next holder pushes it. A retry of that honest push (its reply lost) used to be
+    refused as the outlier's, and the worker rolled back a round the server had merged."""
+    clock = FakeClock()
+    c = Coordinator(
+        digits_job(heads=2, mode="sync"), None, lease_timeout_s=30, heartbeat_interval_s=1, clock=clock
+    )
+    rogue, _ = c.register({"name": "rogue", "max_heads": 1, "peer_host": "h1"})
+    other, _ = c.register({"name": "other", "max_heads": 1, "peer_host": "h2"})
+    push_ids = iter(range(1, 1000))
+
+    def push(lease: Lease, value: float) -> tuple[PushMeta, dict[str, torch.Tensor]]:
+        rounds = {h: c.heads[h].next_round for h in lease.head_ids}
+        meta = PushMeta(lease.lease_id, c.version, rounds, 10, 160, 1.0, 0.1, push_id=next(push_ids))
+        return meta, {n: torch.full(s, value) for n, s in c.expected_tensors(list(rounds)).items()}
+
+    head = rogue.head_ids[0]
+    refusals = c.guard.settings.quarantine_after if end == "quarantine" else 1
+    for i in range(refusals):
+        with pytest.raises(Refused) as refused:
+            c.apply_push(*push(rogue, 1e3))
+        assert refused.value.reason is Refusal.OUTLIER
+        if i < refusals - 1:
+            c.apply_push(*push(other, 0.0))  # the other head's round: the sync round closes
+    if end == "leave":
+        c.leave(rogue.lease_id)
+    elif end == "expire":
+        clock.advance(20)
+        c.heartbeat(other.lease_id, c.version, 0.0, "waiting")
+        clock.advance(11)  # the rogue's lease is 31 s silent, the other's 11 s
+        c.run_scheduler()
+    assert not rogue.live and other.live
+    assert c.heads[head].next_round == refusals - 1  # the refused round was taken back
+    if c.heads[head].lease_id is None:
+        c.register({"name": "honest", "max_heads": 1, "peer_host": "h3"})
+    holder = c.leases[c.heads[head].lease_id]  # the head's next holder: a new worker, or the other
+    assert holder is not rogue and head in holder.head_ids
+    meta, tensors = push(holder, 0.0)
+    assert c.apply_push(meta, tensors)["applied"]
+    again = c.apply_push(meta, tensors)  # its reply was lost: the retry
+    assert again["duplicate"] and not again["applied"]
