@@ -84,11 +84,12 @@ def run_lte(hosts: Hosts, args, mode: str, work: Path) -> dict:
     d = MODEL_DEFAULTS.get(args.model, MODEL_DEFAULTS["mlp"])
     out = work / f"lte-{mode}"
     k = len(hosts.workers)
+    heads, head_batch = lte_heads(args)
     server_argv = [
         str(BIN / "lte-server"), "--model", args.model, "--dataset", args.dataset,
-        "--heads", str(k), "--heads-per-worker", "1", "--rank", str(args.rank or d["rank"]),
+        "--heads", str(heads), "--heads-per-worker", str(heads // k), "--rank", str(args.rank or d["rank"]),
         "--alpha", str(args.alpha or d["alpha"]), "--lr", str(args.lr_lte or d["lr_lte"]),
-        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--merge-every", str(args.merge_every),
+        "--steps", str(args.steps), "--batch-size", str(head_batch), "--merge-every", str(args.merge_every),
         "--mode", mode, "--quant", args.quant, "--uplink", args.uplink, "--seed", str(args.seed),
         "--eval-every", str(args.eval_every_rounds), "--eval-samples", str(args.eval_samples),
         "--host", hosts.server_ip, "--port", str(PORT), "--out", str(out), "--threads", "1",
@@ -105,7 +106,7 @@ def run_lte(hosts: Hosts, args, mode: str, work: Path) -> dict:
         offset = time.monotonic() - t0
         for i, ns in enumerate(hosts.workers):
             worker = [str(BIN / "lte-worker"), "--server", f"{hosts.server_ip}:{PORT}", "--threads", "1",
-                      "--max-heads", "1", "--log-format", "json", "--name", f"w{i}", "--loader-workers", "0"]  # fmt: skip
+                      "--max-heads", str(heads // k), "--log-format", "json", "--name", f"w{i}", "--loader-workers", "0"]  # fmt: skip
             procs.append(_start(hosts, ns, worker, work / f"lte-{mode}-worker{i}.log", env=token))
         rc = procs[0].wait(timeout=args.timeout)
         wall = time.monotonic() - t0
@@ -124,6 +125,18 @@ def run_lte(hosts: Hosts, args, mode: str, work: Path) -> dict:
     result["leases_lost"] = text.count("lease lost")
     result["retries"] = text.count("retrying in")
     return result
+
+
+def lte_heads(args) -> tuple[int, int]:
+    """LTE's N (``--lte-heads``, 0: one head per worker) and each head's batch: ``--batch-size`` x
+    workers / N, so that LTE sees the samples DDP and DiLoCo see in the same number of steps."""
+    heads = args.lte_heads or args.workers
+    if heads < 1 or heads % args.workers or (args.batch_size * args.workers) % heads:
+        raise SystemExit(
+            f"run.py: error: --lte-heads {heads} must be a multiple of --workers {args.workers} and divide "
+            f"--batch-size x workers = {args.batch_size * args.workers}"
+        )
+    return heads, args.batch_size * args.workers // heads
 
 
 def run_baseline(hosts: Hosts, args, method: str, work: Path) -> dict:
@@ -169,14 +182,20 @@ def time_to(curve: list[dict], target: float) -> float | None:
     return next((c["time"] for c in curve if c["acc"] >= target), None)
 
 
+def lte_line(meta: dict) -> str:
+    """LTE's heads and their batch, as run (a run saved before ``--lte-heads``: one head per worker)."""
+    heads, batch = meta.get("lte_heads") or (meta["workers"], meta["batch_size"])
+    return f"N = {heads} heads of batch {batch}"
+
+
 def render(results: list[dict], meta: dict) -> list[str]:
     scope = meta.get("rtt_scope", "LTE's gRPC only")  # runs saved before every method got the RTT
     lines = [
         f"## Over shaped links: time to accuracy, {meta['model']} (bench/wan, issue 23)",
         "",
-        f"{meta['date']}, {meta['machine']}; the machine was shared with other engineers' runs "
-        f"(load average {meta['load_start']} at the start, {meta['load_end']} at the end), so "
-        "the seconds are this loaded machine's and only their ratios within one run compare.",
+        f"{meta['date']}, {meta['machine']}; load average {meta['load_start']} at the start, "
+        f"{meta['load_end']} at the end (this run's own processes count in it); the seconds are this "
+        "machine's, and only their ratios within one run compare.",
         "",
         "```",
         meta["command"],
@@ -184,7 +203,8 @@ def render(results: list[dict], meta: dict) -> list[str]:
         "",
         f"{meta['workers']} worker hosts, {meta['model']} on {meta['dataset']}, {meta['steps']} local steps "
         f"of batch {meta['batch_size']} per worker ({meta['steps'] * meta['batch_size'] * meta['workers']} "
-        f"samples), T = H = {meta['merge_every']}; LTE {meta['quant']} snapshots, {meta['uplink']} uplink; "
+        f"samples), T = H = {meta['merge_every']}; LTE {lte_line(meta)}, {meta['quant']} snapshots, "
+        f"{meta['uplink']} uplink; "
         f"RTT +{meta['rtt_ms']} ms ({scope}), loss {meta['loss'] * 100:g} %.",
         "",
     ]
@@ -233,6 +253,13 @@ def main() -> int:
     p.add_argument("--model", default="mlp")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--steps", type=int, default=200, help="local steps per worker")
+    p.add_argument(
+        "--lte-heads",
+        type=int,
+        default=0,
+        help="LTE's N heads, spread evenly over the workers (0: one per worker); each head's batch is "
+        "--batch-size x workers / N, so every method sees the same samples",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--merge-every", type=int, default=10, help="LTE's T and DiLoCo's H")
     p.add_argument(
@@ -276,6 +303,7 @@ def main() -> int:
             "rtt_scope": "every TCP connection a worker host opens, all methods",
             **{k: getattr(args, k) for k in ("workers", "model", "dataset", "steps", "batch_size", "merge_every",
                                               "quant", "uplink", "rtt_ms", "loss", "target_drop")},
+            "lte_heads": lte_heads(args),
         }  # fmt: skip
         results = []
         tmp = args.work_dir or tempfile.mkdtemp(prefix="lte-wan-")
