@@ -101,11 +101,7 @@ class PushCheck:
         if not header.head_rounds:
             raise Refused(Refusal.MALFORMED, "push names no heads")
         self.check_head_ids(header.head_rounds)
-        counted = all(
-            leases.heads[h].counted_by.get(r) == (lease.lease_id, header.push_id)
-            for h, r in header.head_rounds.items()
-        )
-        if not counted:
+        if not counted_by(header.head_rounds, leases.heads, (lease.lease_id, header.push_id)):
             leases.check_holds(lease, header.head_rounds)
         self.check_fields(header, version)
         return self.incoming(lease, header)
@@ -158,6 +154,13 @@ class IncomingPush:
         check_tensor(name, tensor, codec, self.expected)
 
 
+def counted_by(
+    head_rounds: Mapping[int, int], heads: Mapping[int, HeadState], pusher: tuple[str, int]
+) -> bool:
+    """Whether every head's round of the push was counted by ``pusher`` (lease id, push id)."""
+    return all(heads[h].counted_by.get(r) == pusher for h, r in head_rounds.items())
+
+
 def is_retry(
     head_rounds: Mapping[int, int],
     heads: Mapping[int, HeadState],
@@ -171,7 +174,7 @@ def is_retry(
     back) is not a retry: ``check_rounds`` refuses it as out of step and the worker takes the
     server's view. A retry of a push the update guard refused gets the same answer again
     (``Refusal.OUTLIER``; ``refused``: head -> the round id and pusher of its last refused round)."""
-    if not all(heads[h].counted_by.get(r) == pusher for h, r in head_rounds.items()):
+    if not counted_by(head_rounds, heads, pusher):
         return False
     again = [h for h in head_rounds if refused.get(h) == (head_rounds[h], pusher)]
     if again:
