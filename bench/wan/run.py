@@ -132,10 +132,12 @@ def lte_heads(args) -> tuple[int, int]:
     workers / N, so that LTE sees the samples DDP and DiLoCo see in the same number of steps."""
     heads = args.lte_heads or args.workers
     if heads < 1 or heads % args.workers or (args.batch_size * args.workers) % heads:
-        raise SystemExit(
-            f"run.py: error: --lte-heads {heads} must be a multiple of --workers {args.workers} and divide "
-            f"--batch-size x workers = {args.batch_size * args.workers}"
+        print(
+            f"run.py: error: --lte-heads {heads} must be a positive multiple of --workers {args.workers} "
+            f"and divide --batch-size x workers = {args.batch_size * args.workers}",
+            file=sys.stderr,
         )
+        raise SystemExit(2)
     return heads, args.batch_size * args.workers // heads
 
 
